@@ -1,0 +1,49 @@
+"""Numbers shared by every backend: gate order, telemetry thresholds and the telemetry memory layout.
+
+The Triton kernels import this module (and nothing else from fastlstm), so it must stay free of torch and triton.
+docs/telemetry.md defines what each quantity means.
+"""
+
+GATES = ("i", "f", "g", "o")  # nn.LSTM's order of the four gate blocks in W_ih, W_hh and the biases
+
+# A sigmoid gate is saturated outside [SIGMOID_LOW, 1 - SIGMOID_LOW]; the tanh candidate g when |g| > TANH_HIGH.
+SIGMOID_LOW = 0.05
+TANH_HIGH = 0.95
+
+# Columns of Telemetry.stats, a float64 [slots, NUM_STATS] tensor (slot = layer * num_directions + direction).
+STAT_SATURATED = 0  # columns 0..3: saturated counts of gates i, f, g, o
+STAT_ELEMENTS = 4  # counted (sequence, timestep, unit) triples
+STAT_FORGET_SUM = 5  # sum of sigma(f)
+STAT_CELL_ABSMAX = 6  # max |c_t|, kept with an atomic max (values are >= 0, NaN propagates)
+NUM_STATS = 7
+
+# Rows of Telemetry.grad, a float64 [slots, 2, capacity] tensor indexed by timestep.
+GRAD_SUMSQ = 0  # sum over backward passes of ||dL/dh_t||^2
+GRAD_PASSES = 1  # number of backward passes that reached t
+
+# Telemetry.marks, int64 [2]: the first non-finite key (atomic min) and the launch counter.
+MARK_FIRST_NONFINITE = 0
+MARK_LAUNCHES = 1
+NO_NONFINITE = 2**63 - 1
+
+# Bit layout of a non-finite key, most significant first, so that the numeric minimum is the first event in
+# execution order: launch sequence number, step in the pass's own time order, tensor in checking order, then
+# the stage and slot, which only identify the event.
+SLOT_BITS = 8
+STAGE_BITS = 1
+TENSOR_BITS = 3
+STEP_BITS = 24
+SEQ_BITS = 63 - SLOT_BITS - STAGE_BITS - TENSOR_BITS - STEP_BITS
+TENSOR_SHIFT = SLOT_BITS + STAGE_BITS
+STEP_SHIFT = TENSOR_SHIFT + TENSOR_BITS
+SEQ_SHIFT = STEP_SHIFT + STEP_BITS
+STEP_MAX = 2**STEP_BITS - 1  # a descending pass stores STEP_MAX - t, so its earlier steps have smaller keys
+SEQ_MAX = 2**SEQ_BITS - 1
+MAX_SLOTS = 2**SLOT_BITS
+
+STAGE_FORWARD = 0
+STAGE_BACKWARD = 1
+STAGES = ("forward", "backward")
+# Tensors in the order a step computes them (docs/telemetry.md).
+FORWARD_TENSORS = ("input", "gates", "cell", "hidden")
+BACKWARD_TENSORS = ("grad_output", "grad_hidden", "grad_cell", "grad_gates")

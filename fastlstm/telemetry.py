@@ -1,0 +1,240 @@
+"""Telemetry counters on the device, and their lazy, host-side reading.
+
+The backends write into the tensors held here (see docs/telemetry.md for the definitions and constants.py for the
+layout); this module only allocates them, hands each layer its slice, and turns a copy of them into a `Snapshot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import constants as C
+
+
+class LayerProbe(NamedTuple):
+    """Where one layer and direction writes its telemetry during one pass."""
+
+    stats: torch.Tensor  # float64 [NUM_STATS], this slot's row
+    grad: torch.Tensor  # float64 [2, capacity], this slot's per-timestep gradient rows
+    marks: torch.Tensor  # int64 [2], shared by all slots: first non-finite key, launch counter
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFinite:
+    """The first NaN/inf of a window, where it arose."""
+
+    layer: int
+    direction: int
+    timestep: int
+    stage: str  # "forward" | "backward"
+    tensor: str  # one of constants.FORWARD_TENSORS / BACKWARD_TENSORS
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTelemetry:
+    layer: int
+    direction: int
+    elements: int
+    gate_saturation: dict  # gate -> fraction, or None when the window saw no element
+    forget_gate_mean: float | None
+    cell_absmax: float | None
+    grad_norm_per_step: np.ndarray  # float64 [timesteps], nan where no backward pass reached
+    backward_passes: np.ndarray  # int64 [timesteps]
+
+    def to_dict(self) -> dict:
+        return {
+            "layer": self.layer,
+            "direction": self.direction,
+            "elements": self.elements,
+            "gate_saturation": dict(self.gate_saturation),
+            "forget_gate_mean": self.forget_gate_mean,
+            "cell_absmax": _json_float(self.cell_absmax),
+            "grad_norm_per_step": [_json_float(v) for v in self.grad_norm_per_step.tolist()],
+            "backward_passes": self.backward_passes.tolist(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    layers: list  # LayerTelemetry, indexed by layer * num_directions + direction
+    first_nonfinite: NonFinite | None
+    launches: int  # kernel launches (one per layer, direction and pass) recorded in the window
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "first_nonfinite": None if self.first_nonfinite is None else self.first_nonfinite.to_dict(),
+            "launches": self.launches,
+        }
+
+
+def _json_float(value):
+    """JSON has no NaN or infinity: keep them readable as strings rather than breaking the encoder."""
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)
+
+
+def decode_nonfinite_key(key: int, num_directions: int) -> NonFinite | None:
+    if key == C.NO_NONFINITE:
+        return None
+    slot = key & (C.MAX_SLOTS - 1)
+    stage = (key >> C.SLOT_BITS) & 1
+    tensor = (key >> C.TENSOR_SHIFT) & (2**C.TENSOR_BITS - 1)
+    order = (key >> C.STEP_SHIFT) & C.STEP_MAX
+    direction = slot % num_directions
+    ascending = (stage == C.STAGE_FORWARD) == (direction == 0)
+    names = C.FORWARD_TENSORS if stage == C.STAGE_FORWARD else C.BACKWARD_TENSORS
+    return NonFinite(
+        layer=slot // num_directions,
+        direction=direction,
+        timestep=order if ascending else C.STEP_MAX - order,
+        stage=C.STAGES[stage],
+        tensor=names[tensor],
+    )
+
+
+def _layer_from_rows(slot: int, num_directions: int, stats: np.ndarray, grad: np.ndarray) -> LayerTelemetry:
+    elements = int(stats[C.STAT_ELEMENTS])
+    seen = elements > 0
+    passes = grad[C.GRAD_PASSES].astype(np.int64)
+    reached = np.flatnonzero(passes)
+    steps = int(reached[-1]) + 1 if reached.size else 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms = np.sqrt(grad[C.GRAD_SUMSQ, :steps] / passes[:steps])
+    rms[passes[:steps] == 0] = np.nan
+    return LayerTelemetry(
+        layer=slot // num_directions,
+        direction=slot % num_directions,
+        elements=elements,
+        gate_saturation={
+            gate: (float(stats[C.STAT_SATURATED + k]) / elements if seen else None) for k, gate in enumerate(C.GATES)
+        },
+        forget_gate_mean=float(stats[C.STAT_FORGET_SUM]) / elements if seen else None,
+        cell_absmax=float(stats[C.STAT_CELL_ABSMAX]) if seen else None,
+        grad_norm_per_step=rms,
+        backward_passes=passes[:steps],
+    )
+
+
+class _Capture(NamedTuple):
+    host: tuple  # (stats, grad, marks) on the host, possibly still being filled
+    done: torch.cuda.Event | None  # None when the copy was synchronous
+
+
+class Telemetry:
+    """The telemetry window of one `fastlstm.LSTM`: device counters plus lazy reading (docs/telemetry.md)."""
+
+    def __init__(self, num_layers: int, num_directions: int, enabled: bool = True):
+        if num_layers * num_directions > C.MAX_SLOTS:
+            raise ValueError(f"telemetry supports at most {C.MAX_SLOTS} layer-directions")
+        self.num_layers = num_layers
+        self.num_directions = num_directions
+        self.enabled = enabled
+        self.stats = self.grad = self.marks = None
+        self._pending: _Capture | None = None
+        self._latest: Snapshot | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_layers * self.num_directions
+
+    # ---- writing side (backends) ----
+
+    def probe(self, layer: int, direction: int, device: torch.device, steps: int) -> LayerProbe:
+        """This layer-direction's slice of the counters, allocated on `device` with room for `steps` timesteps."""
+        self._ensure(device, steps)
+        slot = layer * self.num_directions + direction
+        return LayerProbe(self.stats[slot], self.grad[slot], self.marks, slot)
+
+    def _ensure(self, device: torch.device, steps: int) -> None:
+        if self.stats is None or self.stats.device != device:
+            # A new device starts a new window: the old counters cannot be merged without a copy across devices.
+            self.stats = torch.zeros(self.num_slots, C.NUM_STATS, dtype=torch.float64, device=device)
+            self.grad = torch.zeros(self.num_slots, 2, 0, dtype=torch.float64, device=device)
+            self.marks = torch.tensor([C.NO_NONFINITE, 0], dtype=torch.int64, device=device)
+        capacity = self.grad.shape[-1]
+        if steps > capacity:
+            grown = torch.zeros(self.num_slots, 2, 1 << (steps - 1).bit_length(), dtype=torch.float64, device=device)
+            grown[..., :capacity] = self.grad
+            self.grad = grown
+
+    # ---- reading side ----
+
+    def reset(self) -> None:
+        """Start a new window. Stream-ordered device writes only; never synchronises."""
+        if self.stats is None:
+            return
+        self.stats.zero_()
+        self.grad.zero_()
+        self.marks.copy_(torch.tensor([C.NO_NONFINITE, 0], dtype=torch.int64), non_blocking=True)
+
+    def snapshot(self, reset: bool = False) -> Snapshot:
+        """The current window, read with one host synchronisation."""
+        capture = self._capture(reset, blocking=True)
+        self._latest = self._decode(capture)
+        return self._latest
+
+    def poll(self, reset: bool = False) -> Snapshot | None:
+        """The newest snapshot whose copy finished since the previous poll, or None. Never blocks.
+
+        Each call also starts a device-to-host copy when none is in flight, so calling it once per training step
+        yields a snapshot every step or two without the step ever waiting for the GPU.
+        """
+        finished = None
+        if self._pending is not None and (self._pending.done is None or self._pending.done.query()):
+            finished = self._decode(self._pending)
+            self._latest = finished
+            self._pending = None
+        if self._pending is None:
+            self._pending = self._capture(reset, blocking=False)
+            if finished is None and self._pending.done is None:  # CPU: the copy is already complete
+                finished = self._latest = self._decode(self._pending)
+                self._pending = None
+        return finished
+
+    @property
+    def latest(self) -> Snapshot | None:
+        """The last snapshot decoded by `snapshot()` or `poll()`."""
+        return self._latest
+
+    def _capture(self, reset: bool, blocking: bool) -> _Capture:
+        if self.stats is None:
+            return _Capture(None, None)
+        on_gpu = self.stats.is_cuda
+        if on_gpu and not blocking:
+            host = tuple(t.to("cpu", non_blocking=True) for t in (self.stats, self.grad, self.marks))
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = tuple(t.cpu() for t in (self.stats, self.grad, self.marks))
+            done = None
+        if reset:
+            self.reset()
+        return _Capture(host, done)
+
+    def _decode(self, capture: _Capture) -> Snapshot:
+        if capture.host is None:
+            empty_stats = np.zeros(C.NUM_STATS)
+            empty_grad = np.zeros((2, 0))
+            layers = [_layer_from_rows(s, self.num_directions, empty_stats, empty_grad) for s in range(self.num_slots)]
+            return Snapshot(layers, None, 0)
+        stats, grad, marks = (t.numpy() for t in capture.host)
+        layers = [_layer_from_rows(s, self.num_directions, stats[s], grad[s]) for s in range(self.num_slots)]
+        key = int(marks[C.MARK_FIRST_NONFINITE])
+        return Snapshot(layers, decode_nonfinite_key(key, self.num_directions), int(marks[C.MARK_LAUNCHES]))
+
+    # Events and in-flight copies belong to one process: drop them when the module is copied or pickled.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pending"] = None
+        return state
