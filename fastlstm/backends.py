@@ -24,10 +24,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve(name: str, device: torch.device):
-    """The backend module for `name` on `device`. "auto": the kernels on CUDA, the reference elsewhere."""
+# Storage dtypes the kernels run; "auto" sends anything else (float64) to the reference backend.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype):
+    """The backend module for `name`. "auto": the kernels for CUDA tensors of a kernel dtype, else the reference."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_importable() else "reference"
+        use_kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
+        name = "triton" if use_kernels else "reference"
     if name == "reference":
         return reference
     if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):

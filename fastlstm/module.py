@@ -132,7 +132,7 @@ class LSTM(nn.RNNBase):
         return out, (h_n, c_n)
 
     def _run_layers(self, x, h0, c0, weights, lengths):
-        backend = resolve(self.backend, x.device)
+        backend = resolve(self.backend, x.device, x.dtype)
         num_directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         layer_input = x

@@ -58,18 +58,18 @@ class _LSTMLayer(torch.autograd.Function):
             probe,
         )
         needs = ctx.needs_input_grad
-        dgates = grads.grad_gates.to(x.dtype).reshape(steps * batch, -1)
+        dgates = grads.grad_gates.to(x.dtype).flatten(0, 1)
         grad_x = (dgates @ w_ih).view_as(x) if needs[0] else None
-        grad_w_ih = dgates.t() @ x.reshape(steps * batch, -1) if needs[3] else None
+        grad_w_ih = dgates.t() @ x.flatten(0, 1) if needs[3] else None
         grad_w_hh = None
         if needs[4]:
             h_prev = _previous_hidden(out, h0, lengths, reverse)
-            grad_w_hh = dgates.t() @ h_prev.reshape(steps * batch, -1)
+            grad_w_hh = dgates.t() @ h_prev.flatten(0, 1)
         grad_bias = grads.grad_gates.sum(dim=(0, 1)).to(x.dtype) if has_bias and (needs[5] or needs[6]) else None
         grad_w_hr = None
         if w_hr is not None and needs[7]:
-            hidden_grad = grads.grad_hidden.reshape(steps * batch, -1)
-            grad_w_hr = (hidden_grad.t() @ grads.hidden_full.reshape(steps * batch, -1)).to(x.dtype)
+            hidden_grad = grads.grad_hidden.flatten(0, 1)
+            grad_w_hr = (hidden_grad.t() @ grads.hidden_full.flatten(0, 1)).to(x.dtype)
         return (
             grad_x,
             grads.grad_h0.to(h0.dtype) if needs[1] else None,

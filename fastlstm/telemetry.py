@@ -216,7 +216,8 @@ class Telemetry:
             done = torch.cuda.Event()
             done.record()
         else:
-            host = tuple(t.cpu() for t in (self.stats, self.grad, self.marks))
+            # copy=True: for CPU counters .cpu() would return the counters themselves, which reset() then zeroes.
+            host = tuple(t.to("cpu", copy=True) for t in (self.stats, self.grad, self.marks))
             done = None
         if reset:
             self.reset()

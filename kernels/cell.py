@@ -1,0 +1,101 @@
+"""Gate math and in-register telemetry shared by the forward and backward recurrence kernels.
+
+Everything here is computed in float32 on values the kernels already hold; nothing touches memory except the
+final atomics in `flush_*`. Written without libdevice so the same code runs under TRITON_INTERPRET=1.
+"""
+
+import triton
+import triton.language as tl
+
+from fastlstm import constants as C
+
+SIGMOID_LOW = tl.constexpr(C.SIGMOID_LOW)
+SIGMOID_HIGH = tl.constexpr(1.0 - C.SIGMOID_LOW)
+TANH_HIGH = tl.constexpr(C.TANH_HIGH)
+STEP_MAX = tl.constexpr(C.STEP_MAX)
+SEQ_MAX = tl.constexpr(C.SEQ_MAX)
+SEQ_SHIFT = tl.constexpr(C.SEQ_SHIFT)
+STEP_SHIFT = tl.constexpr(C.STEP_SHIFT)
+TENSOR_SHIFT = tl.constexpr(C.TENSOR_SHIFT)
+MARK_FIRST = tl.constexpr(C.MARK_FIRST_NONFINITE)
+MARK_LAUNCHES = tl.constexpr(C.MARK_LAUNCHES)
+STAT_SATURATED = tl.constexpr(C.STAT_SATURATED)
+STAT_ELEMENTS = tl.constexpr(C.STAT_ELEMENTS)
+STAT_FORGET_SUM = tl.constexpr(C.STAT_FORGET_SUM)
+STAT_CELL_ABSMAX = tl.constexpr(C.STAT_CELL_ABSMAX)
+# "No non-finite seen yet" for the per-element first-event codes (step * 4 + tensor, int32).
+NO_EVENT = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # exp of a non-positive argument never overflows, so this is exact in sign and stable for large |x|.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def nonfinite(x):
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def any_nonfinite(a, b, c, d):
+    return nonfinite(a) | nonfinite(b) | nonfinite(c) | nonfinite(d)
+
+
+@triton.jit
+def note_nonfinite(first, x, mask, code):
+    """Keep, per element, the smallest event code at which `x` was NaN/inf (codes grow with execution order)."""
+    return tl.minimum(first, tl.where(mask & nonfinite(x), code, NO_EVENT))
+
+
+@triton.jit
+def sigmoid_saturated(a, mask):
+    return tl.where(mask & ((a < SIGMOID_LOW) | (a > SIGMOID_HIGH)), 1.0, 0.0)
+
+
+@triton.jit
+def tanh_saturated(a, mask):
+    return tl.where(mask & (tl.abs(a) > TANH_HIGH), 1.0, 0.0)
+
+
+@triton.jit
+def flush_first_nonfinite(marks_ptr, first, steps, key_base, ASCENDING: tl.constexpr):
+    """Turn the per-element first codes into this program's earliest event and fold it into the window's key.
+
+    A code is processing_step * 4 + tensor; the key orders by launch, then by the step's place in the pass's time
+    order (constants.py), then by tensor.
+    """
+    code = tl.min(tl.reshape(first, (first.numel,)), axis=0)
+    step = code // 4
+    tensor = code % 4
+    if ASCENDING:
+        order = step.to(tl.int64)
+    else:
+        order = (step - (steps - 1) + STEP_MAX).to(tl.int64)
+    seq = tl.minimum(tl.load(marks_ptr + MARK_LAUNCHES), SEQ_MAX)
+    key = (seq << SEQ_SHIFT) + (order << STEP_SHIFT) + (tensor.to(tl.int64) << TENSOR_SHIFT) + key_base
+    tl.atomic_min(marks_ptr + MARK_FIRST, key, mask=code != NO_EVENT)
+
+
+@triton.jit
+def flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, elements):
+    """Add this program's counts and sums to its slot's float64 row; max |c| goes through an int64 atomic max on
+    the bit pattern, which orders non-negative doubles (and NaN above infinity) like their values."""
+    tl.atomic_add(stats_ptr + STAT_SATURATED + 0, tl.sum(tl.sum(sat_i.to(tl.float64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + STAT_SATURATED + 1, tl.sum(tl.sum(sat_f.to(tl.float64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + STAT_SATURATED + 2, tl.sum(tl.sum(sat_g.to(tl.float64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + STAT_SATURATED + 3, tl.sum(tl.sum(sat_o.to(tl.float64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + STAT_ELEMENTS, elements.to(tl.float64))
+    tl.atomic_add(stats_ptr + STAT_FORGET_SUM, tl.sum(tl.sum(forget.to(tl.float64), axis=1), axis=0))
+    has_nan = tl.max(tl.max((absmax != absmax).to(tl.int32), axis=1), axis=0) > 0
+    largest = tl.where(has_nan, float("nan"), tl.max(tl.max(absmax, axis=1), axis=0)).to(tl.float64)
+    bits_ptr = (stats_ptr + STAT_CELL_ABSMAX).to(tl.pointer_type(tl.int64), bitcast=True)
+    tl.atomic_max(bits_ptr, largest.to(tl.int64, bitcast=True))

@@ -1,0 +1,147 @@
+"""Backward recurrence of one LSTM layer-direction: walks the forward's steps in reverse inside one kernel.
+
+Produces the gate pre-activation gradients of every step (the weight and input gradients are GEMMs over them,
+done by the caller) and the gradients of h0 and c0. The carried gradients dL/dh and dL/dc live in the grad_h0 and
+grad_c0 buffers themselves, which therefore hold their final values when the loop ends. As in the forward, each
+program owns BLOCK_B sequences and every unit, with a block-wide barrier between the phases of a step.
+
+Per step t (docs: reference.py's recurrence_backward, the specification):
+  dh_t   = grad_out[t] + carried dh            (only with a projection: dh_full = dh_t @ W_hr, via dhfull scratch)
+  dc_t   = carried dc + dh_full * o * (1 - tanh(c_t)^2)
+  dgates = [dc*g*i(1-i), dc*c_{t-1}*f(1-f), dc*i*(1-g^2), dh_full*tanh(c_t)*o(1-o)], zero outside the sequence
+  carried dh <- dgates @ W_hh, carried dc <- dc_t * f   (unchanged outside the sequence)
+"""
+
+import triton
+import triton.language as tl
+
+from .cell import NO_EVENT, any_nonfinite, flush_first_nonfinite, note_nonfinite, tanh
+
+
+@triton.jit
+def lstm_backward_kernel(
+    grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    dgates_ptr, dh_ptr, dc_ptr, dhidden_ptr, dhfull_ptr,
+    gradnorm_ptr, marks_ptr, key_base,
+    T, B, H, P,
+    REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
+    else:
+        length = tl.where(row_ok, T, 0)
+    dot_dtype = w_hh_ptr.dtype.element_ty
+    if TELEMETRY:
+        first = tl.full((BLOCK_B, BLOCK_H), NO_EVENT, tl.int32)
+
+    for p in range(0, T):
+        # The forward visited t in increasing order unless REVERSE; undo that order.
+        if REVERSE:
+            t = p
+            t_prev = t + 1
+        else:
+            t = T - 1 - p
+            t_prev = t - 1
+        active = row_ok & (t < length)
+        has_prev = (t_prev >= 0) & (t_prev < T)
+        row_step = t.to(tl.int64) * B + rows
+        prev_row_step = t_prev.to(tl.int64) * B + rows
+        code = p * 4
+        sumsq = 0.0
+
+        if HAS_PROJ:
+            # Phase A: dh_t over the P projected units, kept for dW_hr, then dh_full = dh_t @ W_hr.
+            for q0 in range(0, P, BLOCK_H):
+                outs = q0 + tl.arange(0, BLOCK_H)
+                out_ok = outs < P
+                counted = active[:, None] & out_ok[None, :]
+                g_out = tl.load(grad_out_ptr + row_step[:, None] * P + outs[None, :], mask=counted, other=0.0).to(tl.float32)
+                carried = tl.load(dh_ptr + rows[:, None] * P + outs[None, :], mask=counted, other=0.0)
+                dh = g_out + carried
+                tl.store(dhidden_ptr + row_step[:, None] * P + outs[None, :], dh, mask=row_ok[:, None] & out_ok[None, :])
+                if TELEMETRY:
+                    sumsq += tl.sum(tl.sum(dh * dh, axis=1), axis=0)
+                    first = note_nonfinite(first, g_out, counted, code)
+                    first = note_nonfinite(first, dh, counted, code + 1)
+            tl.debug_barrier()
+            for j0 in range(0, H, BLOCK_H):
+                units = j0 + tl.arange(0, BLOCK_H)
+                unit_ok = units < H
+                acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+                for k0 in range(0, P, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < P
+                    dh_k = tl.load(dhidden_ptr + row_step[:, None] * P + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(w_hr_ptr + ks[:, None].to(tl.int64) * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+                    acc = tl.dot(dh_k.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+                tl.store(dhfull_ptr + rows[:, None] * H + units[None, :], acc, mask=row_ok[:, None] & unit_ok[None, :])
+            tl.debug_barrier()
+
+        # Phase B: gate gradients of each unit tile, and the carried dc.
+        for j0 in range(0, H, BLOCK_H):
+            units = j0 + tl.arange(0, BLOCK_H)
+            unit_ok = units < H
+            tile_ok = row_ok[:, None] & unit_ok[None, :]
+            counted = active[:, None] & unit_ok[None, :]
+            if HAS_PROJ:
+                dh_full = tl.load(dhfull_ptr + rows[:, None] * H + units[None, :], mask=counted, other=0.0)
+            else:
+                g_out = tl.load(grad_out_ptr + row_step[:, None] * P + units[None, :], mask=counted, other=0.0).to(tl.float32)
+                dh_full = g_out + tl.load(dh_ptr + rows[:, None] * P + units[None, :], mask=counted, other=0.0)
+                if TELEMETRY:
+                    sumsq += tl.sum(tl.sum(dh_full * dh_full, axis=1), axis=0)
+                    first = note_nonfinite(first, g_out, counted, code)
+                    first = note_nonfinite(first, dh_full, counted, code + 1)
+            g_tile = gates_ptr + row_step[:, None] * (4 * H) + units[None, :]
+            gate_i = tl.load(g_tile, mask=tile_ok, other=0.0)
+            gate_f = tl.load(g_tile + H, mask=tile_ok, other=0.0)
+            gate_g = tl.load(g_tile + 2 * H, mask=tile_ok, other=0.0)
+            gate_o = tl.load(g_tile + 3 * H, mask=tile_ok, other=0.0)
+            c_t = tl.load(cells_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
+            c_prev = tl.load(cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0)
+            c_prev += tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
+            dc_carried = tl.load(dc_ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
+
+            tanh_c = tanh(c_t)
+            dc = dc_carried + dh_full * gate_o * (1.0 - tanh_c * tanh_c)
+            keep = active[:, None]
+            d_i = tl.where(keep, dc * gate_g * gate_i * (1.0 - gate_i), 0.0)
+            d_f = tl.where(keep, dc * c_prev * gate_f * (1.0 - gate_f), 0.0)
+            d_g = tl.where(keep, dc * gate_i * (1.0 - gate_g * gate_g), 0.0)
+            d_o = tl.where(keep, dh_full * tanh_c * gate_o * (1.0 - gate_o), 0.0)
+            d_tile = dgates_ptr + row_step[:, None] * (4 * H) + units[None, :]
+            tl.store(d_tile, d_i, mask=tile_ok)
+            tl.store(d_tile + H, d_f, mask=tile_ok)
+            tl.store(d_tile + 2 * H, d_g, mask=tile_ok)
+            tl.store(d_tile + 3 * H, d_o, mask=tile_ok)
+            tl.store(dc_ptr + rows[:, None] * H + units[None, :], tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok)
+            if TELEMETRY:
+                first = note_nonfinite(first, dc, counted, code + 2)
+                d_bad = any_nonfinite(d_i, d_f, d_g, d_o)
+                first = tl.minimum(first, tl.where(counted & d_bad, code + 3, NO_EVENT))
+        if TELEMETRY:
+            tl.atomic_add(gradnorm_ptr + t, sumsq.to(tl.float64))
+        tl.debug_barrier()
+
+        # Phase C: carried dh <- dgates_t @ W_hh (K = 4H), for the sequences still running.
+        for q0 in range(0, P, BLOCK_H):
+            outs = q0 + tl.arange(0, BLOCK_H)
+            out_ok = outs < P
+            acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+            for k0 in range(0, 4 * H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < 4 * H
+                d_k = tl.load(dgates_ptr + row_step[:, None] * (4 * H) + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_hh_ptr + ks[:, None].to(tl.int64) * P + outs[None, :], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
+                acc = tl.dot(d_k.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+            dh_tile = dh_ptr + rows[:, None] * P + outs[None, :]
+            tile_ok = row_ok[:, None] & out_ok[None, :]
+            carried = tl.load(dh_tile, mask=tile_ok, other=0.0)
+            tl.store(dh_tile, tl.where(active[:, None], acc, carried), mask=tile_ok)
+        tl.debug_barrier()
+
+    if TELEMETRY:
+        flush_first_nonfinite(marks_ptr, first, T, key_base, REVERSE)

@@ -1,0 +1,193 @@
+"""Forward recurrence of one LSTM layer-direction: the whole time loop inside one kernel.
+
+Each program owns BLOCK_B sequences and every hidden unit. Per step it computes the four gate blocks of a
+BLOCK_H-unit tile as `h_{t-1} @ W_hhᵀ` (tl.dot over BLOCK_K chunks) plus the precomputed input projection, updates
+the cell, and writes h_t into the output, which is where the next step reads it back from; a block-wide barrier
+between steps makes those writes visible to every warp of the program. Programs never talk to each other.
+
+Layouts (all contiguous; storage dtype = fp32, fp16 or bf16; state and saved tensors in fp32):
+  xw [T, B, 4H] · h0 [B, P] · c0 [B, H] · w_hh [4H, P] · w_hr [P, H] · lengths [B] int64
+  out [T, B, P] · gates [T, B, 4H] activated, fp32 · cells [T, B, H] carried c_t, fp32 · h_n [B, P] · c_n [B, H]
+  hfull [B, H] fp32 scratch for o * tanh(c) before the projection
+"""
+
+import triton
+import triton.language as tl
+
+from .cell import (
+    NO_EVENT,
+    any_nonfinite,
+    flush_first_nonfinite,
+    flush_forward_stats,
+    note_nonfinite,
+    sigmoid,
+    sigmoid_saturated,
+    tanh,
+    tanh_saturated,
+)
+
+
+@triton.jit
+def _load_gate_weights(w_ptr, gate, units, unit_ok, ks, k_ok, H, P):
+    """W_hh[gate * H + units, ks] transposed to [BLOCK_K, BLOCK_H], the right operand of h @ W_hhᵀ."""
+    rows = (gate * H + units).to(tl.int64)
+    return tl.load(w_ptr + rows[None, :] * P + ks[:, None], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+
+
+@triton.jit
+def lstm_forward_kernel(
+    xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    out_ptr, gates_ptr, cells_ptr, hfull_ptr, hn_ptr, cn_ptr,
+    stats_ptr, marks_ptr, key_base,
+    T, B, H, P,
+    REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    if HAS_LENGTHS:
+        # Clamped so that a bad length can never index outside [0, T).
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
+    else:
+        length = tl.where(row_ok, T, 0)
+    dot_dtype = w_hh_ptr.dtype.element_ty
+
+    if TELEMETRY:
+        sat_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        sat_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        sat_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        sat_o = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        forget = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        absmax = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        first = tl.full((BLOCK_B, BLOCK_H), NO_EVENT, tl.int32)
+
+    for p in range(0, T):
+        if REVERSE:
+            t = T - 1 - p
+            t_prev = t + 1
+        else:
+            t = p
+            t_prev = t - 1
+        active = row_ok & (t < length)
+        # h_{t-1} is the previous output row while the sequence was already running, else h0.
+        from_prev = row_ok & (p > 0) & (t_prev < length)
+        from_h0 = row_ok & ~from_prev
+        row_step = t.to(tl.int64) * B + rows
+        prev_row_step = t_prev.to(tl.int64) * B + rows
+        code = p * 4
+
+        for j0 in range(0, H, BLOCK_H):
+            units = j0 + tl.arange(0, BLOCK_H)
+            unit_ok = units < H
+            tile_ok = row_ok[:, None] & unit_ok[None, :]
+            acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+            acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+            acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+            acc_o = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+            for k0 in range(0, P, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < P
+                h_prev = tl.load(
+                    out_ptr + prev_row_step[:, None] * P + ks[None, :], mask=from_prev[:, None] & k_ok[None, :], other=0.0
+                ).to(tl.float32)
+                h_prev += tl.load(
+                    h0_ptr + rows[:, None] * P + ks[None, :], mask=from_h0[:, None] & k_ok[None, :], other=0.0
+                ).to(tl.float32)
+                h_prev = h_prev.to(dot_dtype)
+                acc_i = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 0, units, unit_ok, ks, k_ok, H, P), acc_i, input_precision=DOT_PRECISION)
+                acc_f = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 1, units, unit_ok, ks, k_ok, H, P), acc_f, input_precision=DOT_PRECISION)
+                acc_g = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 2, units, unit_ok, ks, k_ok, H, P), acc_g, input_precision=DOT_PRECISION)
+                acc_o = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 3, units, unit_ok, ks, k_ok, H, P), acc_o, input_precision=DOT_PRECISION)
+
+            x_tile = xw_ptr + row_step[:, None] * (4 * H) + units[None, :]
+            x_i = tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32)
+            x_f = tl.load(x_tile + H, mask=tile_ok, other=0.0).to(tl.float32)
+            x_g = tl.load(x_tile + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+            x_o = tl.load(x_tile + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+            pre_i = acc_i + x_i
+            pre_f = acc_f + x_f
+            pre_g = acc_g + x_g
+            pre_o = acc_o + x_o
+            gate_i = sigmoid(pre_i)
+            gate_f = sigmoid(pre_f)
+            gate_g = tanh(pre_g)
+            gate_o = sigmoid(pre_o)
+
+            c_prev = tl.load(
+                cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & (p > 0), other=0.0
+            ) + tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & (p == 0), other=0.0).to(tl.float32)
+            c_new = gate_f * c_prev + gate_i * gate_g
+            h_full = gate_o * tanh(c_new)
+            keep = active[:, None]
+            c_kept = tl.where(keep, c_new, c_prev)
+            tl.store(cells_ptr + row_step[:, None] * H + units[None, :], c_kept, mask=tile_ok)
+            g_tile = gates_ptr + row_step[:, None] * (4 * H) + units[None, :]
+            tl.store(g_tile, gate_i, mask=tile_ok)
+            tl.store(g_tile + H, gate_f, mask=tile_ok)
+            tl.store(g_tile + 2 * H, gate_g, mask=tile_ok)
+            tl.store(g_tile + 3 * H, gate_o, mask=tile_ok)
+            if HAS_PROJ:
+                tl.store(hfull_ptr + rows[:, None] * H + units[None, :], h_full, mask=tile_ok)
+            else:
+                h_out = tl.where(keep, h_full, 0.0)
+                tl.store(out_ptr + row_step[:, None] * P + units[None, :], h_out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+            if TELEMETRY:
+                counted = keep & unit_ok[None, :]
+                sat_i += sigmoid_saturated(gate_i, counted)
+                sat_f += sigmoid_saturated(gate_f, counted)
+                sat_g += tanh_saturated(gate_g, counted)
+                sat_o += sigmoid_saturated(gate_o, counted)
+                forget += tl.where(counted, gate_f, 0.0)
+                absmax = tl.maximum(absmax, tl.where(counted, tl.abs(c_new), 0.0), propagate_nan=tl.PropagateNan.ALL)
+                x_bad = any_nonfinite(x_i, x_f, x_g, x_o)
+                pre_bad = any_nonfinite(pre_i, pre_f, pre_g, pre_o)
+                first = tl.minimum(first, tl.where(counted & x_bad, code, NO_EVENT))
+                first = tl.minimum(first, tl.where(counted & pre_bad, code + 1, NO_EVENT))
+                first = note_nonfinite(first, c_new, counted, code + 2)
+                if not HAS_PROJ:
+                    first = note_nonfinite(first, h_full, counted, code + 3)
+        tl.debug_barrier()
+
+        if HAS_PROJ:
+            # h_t = (o * tanh(c_t)) @ W_hrᵀ, once every unit of the step is in hfull.
+            for q0 in range(0, P, BLOCK_H):
+                outs = q0 + tl.arange(0, BLOCK_H)
+                out_ok = outs < P
+                acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < H
+                    hf = tl.load(hfull_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(w_hr_ptr + outs[None, :].to(tl.int64) * H + ks[:, None], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
+                    acc = tl.dot(hf.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+                h_out = tl.where(active[:, None], acc, 0.0)
+                tl.store(out_ptr + row_step[:, None] * P + outs[None, :], h_out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+                if TELEMETRY:
+                    first = note_nonfinite(first, acc, active[:, None] & out_ok[None, :], code + 3)
+            tl.debug_barrier()
+
+    # Final states: each sequence's last step in its own time order (t = length-1 forward, t = 0 reverse).
+    if REVERSE:
+        t_last = tl.zeros((BLOCK_B,), tl.int32)
+    else:
+        t_last = length - 1
+    ran = row_ok & (length > 0)
+    last_row_step = t_last.to(tl.int64) * B + rows
+    for q0 in range(0, P, BLOCK_H):
+        outs = q0 + tl.arange(0, BLOCK_H)
+        out_ok = outs < P
+        h_last = tl.load(out_ptr + last_row_step[:, None] * P + outs[None, :], mask=ran[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
+        h_last += tl.load(h0_ptr + rows[:, None] * P + outs[None, :], mask=(row_ok & ~ran)[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(hn_ptr + rows[:, None] * P + outs[None, :], h_last.to(hn_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+    for j0 in range(0, H, BLOCK_H):
+        units = j0 + tl.arange(0, BLOCK_H)
+        unit_ok = units < H
+        c_last = tl.load(cells_ptr + last_row_step[:, None] * H + units[None, :], mask=ran[:, None] & unit_ok[None, :], other=0.0)
+        c_last += tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=(row_ok & ~ran)[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(cn_ptr + rows[:, None] * H + units[None, :], c_last.to(cn_ptr.dtype.element_ty), mask=row_ok[:, None] & unit_ok[None, :])
+
+    if TELEMETRY:
+        elements = tl.sum(length, axis=0).to(tl.float64) * H
+        flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, elements)
+        flush_first_nonfinite(marks_ptr, first, T, key_base, not REVERSE)
