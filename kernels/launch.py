@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from fastlstm import constants as C
 from fastlstm.reference import BackwardResult, ForwardResult
@@ -30,20 +31,20 @@ class KernelConfig(NamedTuple):
     block_h: int  # hidden units (or projected units) per tile
     block_k: int  # reduction chunk of the tl.dot calls
     num_warps: int
+    num_stages: int  # software pipelining depth of the reduction loops
 
 
 def select_config(hidden: int, proj: int, batch: int, dtype: torch.dtype) -> KernelConfig:
-    """Tile sizes from the problem shape (documented in the README's kernel section).
+    """Tile sizes for a problem (the README's kernel section explains the choice).
 
-    tl.dot needs every dimension >= 16 on the GPU, so 16 is the floor everywhere. Wider batch tiles use the tensor
-    cores better but leave SMs idle when B is small, so a batch tile grows only once there are more sequences than
-    ~2 per SM; unit tiles grow with the hidden size to cut loop overhead.
+    tl.dot needs every dimension >= 16 on the GPU. A program owns all units of its BLOCK_B sequences, so wider
+    tiles only add registers. The AOT matrix (kernels/aot.py: ptxas for sm_80 and sm_90) showed BLOCK_B=32,
+    BLOCK_H=64, BLOCK_K=32, 4 warps or pipelined reduction loops each spilling in some variant, while 16 x 32 tiles
+    with 16-wide reductions on 8 warps, unpipelined, fit all of them. Large batches get more programs rather than
+    larger tiles, which also fills more SMs. The arguments are kept so shape-dependent choices can come back once
+    GPU measurements justify them.
     """
-    block_b = 16 if batch <= 256 else 32
-    block_h = 32 if max(hidden, proj) <= 256 else 64
-    block_k = 32
-    num_warps = 4 if block_b * block_h <= 1024 else 8
-    return KernelConfig(block_b, block_h, block_k, num_warps)
+    return KernelConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -51,6 +52,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The tl.dot operand type: the storage type, except bf16 under the interpreter, whose bf16 dot returns garbage
+    (triton 3.6), so those tests run the dot in fp32 while every load, store and conversion stays bf16."""
+    if dtype == torch.bfloat16 and _interpreting():
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def check_supported(xw: torch.Tensor) -> None:
@@ -108,8 +117,8 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
             stats, marks, key_base,
             steps, batch, hidden, proj,
             REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
-            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype),
-            num_warps=cfg.num_warps,
+            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return ForwardResult(out, h_n, c_n, (gates, cells))
 
@@ -138,8 +147,8 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
             gradnorm, marks, key_base,
             steps, batch, hidden, proj,
             REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
-            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(w_hh.dtype),
-            num_warps=cfg.num_warps,
+            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     hidden_full = None
     if w_hr is not None:

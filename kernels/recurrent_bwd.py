@@ -26,6 +26,7 @@ def lstm_backward_kernel(
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -33,7 +34,6 @@ def lstm_backward_kernel(
         length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
     else:
         length = tl.where(row_ok, T, 0)
-    dot_dtype = w_hh_ptr.dtype.element_ty
     if TELEMETRY:
         first = tl.full((BLOCK_B, BLOCK_H), NO_EVENT, tl.int32)
 
@@ -76,7 +76,7 @@ def lstm_backward_kernel(
                     k_ok = ks < P
                     dh_k = tl.load(dhidden_ptr + row_step[:, None] * P + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     w = tl.load(w_hr_ptr + ks[:, None].to(tl.int64) * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
-                    acc = tl.dot(dh_k.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(dh_k.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
                 tl.store(dhfull_ptr + rows[:, None] * H + units[None, :], acc, mask=row_ok[:, None] & unit_ok[None, :])
             tl.debug_barrier()
 
@@ -136,7 +136,7 @@ def lstm_backward_kernel(
                 k_ok = ks < 4 * H
                 d_k = tl.load(dgates_ptr + row_step[:, None] * (4 * H) + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_hh_ptr + ks[:, None].to(tl.int64) * P + outs[None, :], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
-                acc = tl.dot(d_k.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(d_k.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
             dh_tile = dh_ptr + rows[:, None] * P + outs[None, :]
             tile_ok = row_ok[:, None] & out_ok[None, :]
             carried = tl.load(dh_tile, mask=tile_ok, other=0.0)

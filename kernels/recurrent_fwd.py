@@ -28,10 +28,11 @@ from .cell import (
 
 
 @triton.jit
-def _load_gate_weights(w_ptr, gate, units, unit_ok, ks, k_ok, H, P):
-    """W_hh[gate * H + units, ks] transposed to [BLOCK_K, BLOCK_H], the right operand of h @ W_hhᵀ."""
+def _gate_dot(acc, h_prev, w_ptr, gate, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + h_prev @ W_hh[gate * H + units, ks]ᵀ for one gate block and one reduction chunk."""
     rows = (gate * H + units).to(tl.int64)
-    return tl.load(w_ptr + rows[None, :] * P + ks[:, None], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + rows[None, :] * P + ks[:, None], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+    return tl.dot(h_prev, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -42,6 +43,7 @@ def lstm_forward_kernel(
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -50,7 +52,6 @@ def lstm_forward_kernel(
         length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
     else:
         length = tl.where(row_ok, T, 0)
-    dot_dtype = w_hh_ptr.dtype.element_ty
 
     if TELEMETRY:
         sat_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -93,11 +94,11 @@ def lstm_forward_kernel(
                 h_prev += tl.load(
                     h0_ptr + rows[:, None] * P + ks[None, :], mask=from_h0[:, None] & k_ok[None, :], other=0.0
                 ).to(tl.float32)
-                h_prev = h_prev.to(dot_dtype)
-                acc_i = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 0, units, unit_ok, ks, k_ok, H, P), acc_i, input_precision=DOT_PRECISION)
-                acc_f = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 1, units, unit_ok, ks, k_ok, H, P), acc_f, input_precision=DOT_PRECISION)
-                acc_g = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 2, units, unit_ok, ks, k_ok, H, P), acc_g, input_precision=DOT_PRECISION)
-                acc_o = tl.dot(h_prev, _load_gate_weights(w_hh_ptr, 3, units, unit_ok, ks, k_ok, H, P), acc_o, input_precision=DOT_PRECISION)
+                h_prev = h_prev.to(DOT_DTYPE)
+                acc_i = _gate_dot(acc_i, h_prev, w_hh_ptr, 0, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE, DOT_PRECISION)
+                acc_f = _gate_dot(acc_f, h_prev, w_hh_ptr, 1, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE, DOT_PRECISION)
+                acc_g = _gate_dot(acc_g, h_prev, w_hh_ptr, 2, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE, DOT_PRECISION)
+                acc_o = _gate_dot(acc_o, h_prev, w_hh_ptr, 3, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE, DOT_PRECISION)
 
             x_tile = xw_ptr + row_step[:, None] * (4 * H) + units[None, :]
             x_i = tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32)
@@ -160,7 +161,7 @@ def lstm_forward_kernel(
                     k_ok = ks < H
                     hf = tl.load(hfull_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     w = tl.load(w_hr_ptr + outs[None, :].to(tl.int64) * H + ks[:, None], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
-                    acc = tl.dot(hf.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(hf.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
                 h_out = tl.where(active[:, None], acc, 0.0)
                 tl.store(out_ptr + row_step[:, None] * P + outs[None, :], h_out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
                 if TELEMETRY:

@@ -1,0 +1,199 @@
+"""Ahead-of-time compile check of every kernel variant the launcher can select, for sm_80 and sm_90, without a GPU.
+
+For each variant it runs triton.compile against a GPUTarget, reads registers and spills from the ptxas log and the
+shared memory from the metadata, and fails on a compile error, any spill, or shared memory above the chip's limit
+(triton does not check that at compile time). `fastlstm aot` prints the table; CI runs the same matrix in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
+
+# Per-block shared memory limits (bytes): A100 163 KiB, H100/H200 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+# Hidden/batch sizes whose configurations together cover every branch of launch.select_config.
+CONFIG_PROBES = ((64, 1), (64, 1024), (2048, 1), (2048, 1024))
+
+
+class Variant(NamedTuple):
+    kernel: str  # "forward" | "backward"
+    dtype: str
+    reverse: bool
+    lengths: bool
+    proj: bool
+    telemetry: bool
+    block_b: int
+    block_h: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    precision: str
+
+    @property
+    def name(self) -> str:
+        flags = "".join(
+            tag for tag, on in (("R", self.reverse), ("L", self.lengths), ("P", self.proj), ("T", self.telemetry)) if on
+        )
+        return (
+            f"{self.kernel}-{self.dtype}-{self.precision}-{flags or '_'}"
+            f"-b{self.block_b}h{self.block_h}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        )
+
+
+class Result(NamedTuple):
+    variant: Variant
+    arch: int
+    registers: int | None
+    spill_bytes: int | None
+    shared_bytes: int | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.error is None
+            and self.spill_bytes == 0
+            and self.shared_bytes is not None
+            and self.shared_bytes <= SHARED_LIMIT[self.arch]
+        )
+
+
+def variants(quick: bool = False) -> list[Variant]:
+    """Every (kernel, dtype, flags, config) the launcher can produce; `quick` keeps the flag combinations that
+    change the kernel's resources the most (all flags on / all off)."""
+    import torch
+
+    from .launch import select_config
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    configs = sorted({select_config(h, h, b, torch_dtype[d]) + (d,) for h, b in CONFIG_PROBES for d in DTYPES})
+    flag_sets = list(itertools.product((False, True), repeat=4))
+    if quick:
+        flag_sets = [(False,) * 4, (True,) * 4]
+    result = []
+    for kernel, (*config, dtype), flags in itertools.product(("forward", "backward"), configs, flag_sets):
+        precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        for precision in precisions:
+            result.append(Variant(kernel, dtype, *flags, *config, precision))
+    return result
+
+
+def _signature(variant: Variant):
+    """The argument types and constexpr values of one variant, in the kernel's argument order."""
+    import triton.language as tl
+
+    from .recurrent_bwd import lstm_backward_kernel
+    from .recurrent_fwd import lstm_forward_kernel
+
+    d = "*" + variant.dtype
+    constexprs = {
+        "REVERSE": variant.reverse,
+        "HAS_LENGTHS": variant.lengths,
+        "HAS_PROJ": variant.proj,
+        "TELEMETRY": variant.telemetry,
+        "BLOCK_B": variant.block_b,
+        "BLOCK_H": variant.block_h,
+        "BLOCK_K": variant.block_k,
+        "DOT_PRECISION": variant.precision,
+        "DOT_DTYPE": {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
+    }
+    ints = {"T": "i32", "B": "i32", "H": "i32", "P": "i32", "key_base": "i64"}
+    if variant.kernel == "forward":
+        fn = lstm_forward_kernel
+        pointers = {
+            "xw_ptr": d, "h0_ptr": d, "c0_ptr": d, "w_hh_ptr": d, "w_hr_ptr": d, "lengths_ptr": "*i64",
+            "out_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "hfull_ptr": "*fp32", "hn_ptr": d, "cn_ptr": d,
+            "stats_ptr": "*fp64", "marks_ptr": "*i64",
+        }  # fmt: skip
+    else:
+        fn = lstm_backward_kernel
+        pointers = {
+            "grad_out_ptr": d, "c0_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "w_hh_ptr": d,
+            "w_hr_ptr": d, "lengths_ptr": "*i64", "dgates_ptr": "*fp32", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
+            "dhidden_ptr": "*fp32", "dhfull_ptr": "*fp32", "gradnorm_ptr": "*fp64", "marks_ptr": "*i64",
+        }  # fmt: skip
+    signature = {}
+    for name in fn.arg_names:
+        signature[name] = pointers.get(name) or ints.get(name) or "constexpr"
+    return fn, signature, constexprs
+
+
+def compile_variant(variant: Variant, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs = _signature(variant)
+    log = io.StringIO()
+    try:
+        triton.knobs.nvidia.dump_ptxas_log = True
+        triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and so its log
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+            )
+    except Exception as exc:  # any compiler failure is a result to report, not a crash of the whole matrix
+        return Result(variant, arch, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    text = log.getvalue()
+    registers = _last_int(r"Used (\d+) registers", text)
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
+    return Result(variant, arch, registers, sum(spills) if spills else None, compiled.metadata.shared, None)
+
+
+def _last_int(pattern: str, text: str) -> int | None:
+    found = re.findall(pattern, text)
+    return int(found[-1]) if found else None
+
+
+def _compile_pair(args):
+    return compile_variant(*args)
+
+
+def run_matrix(quick: bool = False, jobs: int = 2) -> list[Result]:
+    work = [(v, arch) for v in variants(quick) for arch in ARCHS]
+    if jobs <= 1:
+        return [compile_variant(v, a) for v, a in work]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_pair, work, chunksize=4))
+
+
+def format_table(results: list[Result]) -> str:
+    lines = [f"{'variant':<52} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
+    for r in results:
+        status = "ok" if r.ok else (r.error or "SPILL/SHARED")
+        lines.append(
+            f"{r.variant.name:<52} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
+            f"{_cell(r.shared_bytes):>8}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the all-flags-off and all-flags-on variants")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
+    args = parser.parse_args(argv)
+    results = run_matrix(quick=args.quick, jobs=args.jobs)
+    print(format_table(results))
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} of {len(results)} variant/arch compiles pass")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
