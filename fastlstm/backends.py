@@ -28,19 +28,25 @@ def triton_interpreted() -> bool:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype):
-    """The backend module for `name`. "auto": the kernels for CUDA tensors of a kernel dtype, else the reference."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs: "auto" means the kernels for CUDA tensors of a kernel dtype, else the reference."""
     if name == "auto":
         use_kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
-        name = "triton" if use_kernels else "reference"
+        return "triton" if use_kernels else "reference"
+    if name == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+            )
+        if not _triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
+    return name
+
+
+def backend_module(name: str):
+    """The module with recurrence_forward/recurrence_backward for a resolved backend name."""
     if name == "reference":
         return reference
-    if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
-        )
-    if not _triton_importable():
-        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
     from .kernels import launch
 
     return launch

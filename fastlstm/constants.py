@@ -15,31 +15,31 @@ STAT_SATURATED = 0  # columns 0..3: saturated counts of gates i, f, g, o
 STAT_ELEMENTS = 4  # counted (sequence, timestep, unit) triples
 STAT_FORGET_SUM = 5  # sum of sigma(f)
 STAT_CELL_ABSMAX = 6  # max |c_t|, kept with an atomic max (values are >= 0, NaN propagates)
-NUM_STATS = 7
+STAT_LAUNCHES = 7  # forward launches of this slot
+NUM_STATS = 8
 
 # Rows of Telemetry.grad, a float64 [slots, 2, capacity] tensor indexed by timestep.
 GRAD_SUMSQ = 0  # sum over backward passes of ||dL/dh_t||^2
 GRAD_PASSES = 1  # number of backward passes that reached t
 
-# Telemetry.marks, int64 [2]: the first non-finite key (atomic min) and the launch counter.
-MARK_FIRST_NONFINITE = 0
-MARK_LAUNCHES = 1
+# The first non-finite value of a window is one int64 per stage (forward, backward), kept with an atomic minimum.
+# A forward writes only forward tensors and a backward only backward ones, which torch.compile requires of tensors
+# that both passes update. The key's fields, most significant first, make the numeric minimum the first event in
+# execution order: the pass (module forward call), the stage, the launch's place in the stage (forward: bottom-up,
+# backward: top-down, direction 0 before 1), the step in the launch's own time order, the tensor in checking order.
 NO_NONFINITE = 2**63 - 1
-
-# Bit layout of a non-finite key, most significant first, so that the numeric minimum is the first event in
-# execution order: launch sequence number, step in the pass's own time order, tensor in checking order, then
-# the stage and slot, which only identify the event.
-SLOT_BITS = 8
-STAGE_BITS = 1
 TENSOR_BITS = 3
 STEP_BITS = 24
-SEQ_BITS = 63 - SLOT_BITS - STAGE_BITS - TENSOR_BITS - STEP_BITS
-TENSOR_SHIFT = SLOT_BITS + STAGE_BITS
-STEP_SHIFT = TENSOR_SHIFT + TENSOR_BITS
-SEQ_SHIFT = STEP_SHIFT + STEP_BITS
-STEP_MAX = 2**STEP_BITS - 1  # a descending pass stores STEP_MAX - t, so its earlier steps have smaller keys
+ORDER_BITS = 8
+STAGE_BITS = 1
+SEQ_BITS = 63 - TENSOR_BITS - STEP_BITS - ORDER_BITS - STAGE_BITS
+STEP_SHIFT = TENSOR_BITS
+ORDER_SHIFT = STEP_SHIFT + STEP_BITS
+STAGE_SHIFT = ORDER_SHIFT + ORDER_BITS
+SEQ_SHIFT = STAGE_SHIFT + STAGE_BITS
+STEP_MAX = 2**STEP_BITS - 1  # a descending launch stores STEP_MAX - t, so its earlier steps have smaller keys
 SEQ_MAX = 2**SEQ_BITS - 1
-MAX_SLOTS = 2**SLOT_BITS
+MAX_SLOTS = 2**ORDER_BITS
 
 STAGE_FORWARD = 0
 STAGE_BACKWARD = 1

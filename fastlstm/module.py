@@ -57,6 +57,14 @@ class LSTM(nn.RNNBase):
             device=device, dtype=dtype,
         )  # fmt: skip
         self.telemetry = Telemetry(num_layers, 2 if bidirectional else 1, enabled=bool(telemetry))
+        self.telemetry.allocate(self.weight_ih_l0.device)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        telemetry = self.__dict__.get("telemetry")  # absent while nn.RNNBase.__init__ runs
+        if telemetry is not None:
+            telemetry.allocate(self.weight_ih_l0.device)
+        return result
 
     @classmethod
     def from_torch(cls, module: nn.LSTM, *, backend: str = "auto", telemetry: bool = True) -> LSTM:
@@ -134,16 +142,19 @@ class LSTM(nn.RNNBase):
     def _run_layers(self, x, h0, c0, weights, lengths):
         backend = resolve(self.backend, x.device, x.dtype)
         num_directions = 2 if self.bidirectional else 1
+        # docs/telemetry.md: nothing is recorded when telemetry is off or the batch is empty.
+        record = self.telemetry.enabled and x.shape[1] > 0
+        seq = self.telemetry.begin_pass(x.device, x.shape[0]) if record else None
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
                 slot = layer * num_directions + direction
+                probe = self.telemetry.probe(layer, direction, seq) if record else None
                 out, h, c = lstm_layer(
-                    layer_input, h0[slot], c0[slot], weights[slot], lengths, direction == 1,
-                    backend, self.telemetry, layer, direction,
-                )  # fmt: skip
+                    layer_input, h0[slot], c0[slot], weights[slot], lengths, direction == 1, backend, probe
+                )
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)

@@ -162,12 +162,13 @@ def _previous(states: torch.Tensor, t: int, reverse: bool, initial: torch.Tensor
 
 def _record_forward(probe, xw, gates, cells, out, pre_nonfinite, active, reverse: bool) -> None:
     steps, batch, _ = gates.shape
+    probe.target[C.STAT_LAUNCHES] += 1
     if steps * batch > 0:
-        _record_forward_stats(probe.stats, gates, cells, active)
+        _record_forward_stats(probe.target, gates, cells, active)
     flags = torch.stack(
         (_row_nonfinite(xw), pre_nonfinite, _row_nonfinite(cells), _row_nonfinite(out)), dim=-1
     )  # [T, B, 4] in FORWARD_TENSORS order
-    _record_first_nonfinite(probe, flags, active, C.STAGE_FORWARD, ascending=not reverse)
+    _record_first_nonfinite(probe, flags, active, ascending=not reverse)
 
 
 def _record_forward_stats(stats, gates, cells, active) -> None:
@@ -193,22 +194,20 @@ def _record_forward_stats(stats, gates, cells, active) -> None:
 
 def _record_backward(probe, grad_out, grad_gates, sumsq, step_nonfinite, active, reverse: bool) -> None:
     steps = grad_gates.shape[0]
-    probe.grad[C.GRAD_SUMSQ, :steps] += sumsq
-    probe.grad[C.GRAD_PASSES, :steps] += 1
+    probe.target[C.GRAD_SUMSQ, :steps] += sumsq
+    probe.target[C.GRAD_PASSES, :steps] += 1
     flags = torch.cat(
         (_row_nonfinite(grad_out).unsqueeze(-1), step_nonfinite, _row_nonfinite(grad_gates).unsqueeze(-1)), dim=-1
     )  # [T, B, 4] in BACKWARD_TENSORS order
-    _record_first_nonfinite(probe, flags, active, C.STAGE_BACKWARD, ascending=reverse)
+    _record_first_nonfinite(probe, flags, active, ascending=reverse)
 
 
 def _row_nonfinite(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).all(dim=-1)
 
 
-def _record_first_nonfinite(probe, flags, active, stage: int, ascending: bool) -> None:
-    """Fold [T, B, tensors] non-finite flags into the window's first-event key with a device-side minimum."""
-    marks = probe.marks
-    marks[C.MARK_LAUNCHES] += 1
+def _record_first_nonfinite(probe, flags, active, ascending: bool) -> None:
+    """Fold [T, B, tensors] non-finite flags into the stage's first-event key with a device-side minimum."""
     if active is not None:
         flags = flags & active.unsqueeze(-1)
     per_step = flags.any(dim=1)  # [T, tensors]
@@ -216,13 +215,6 @@ def _record_first_nonfinite(probe, flags, active, stage: int, ascending: bool) -
     time = torch.arange(steps, device=flags.device, dtype=torch.int64)
     order = time if ascending else C.STEP_MAX - time
     tensor_ids = torch.arange(tensors, device=flags.device, dtype=torch.int64)
-    seq = marks[C.MARK_LAUNCHES].clamp(max=C.SEQ_MAX)
-    keys = (
-        (seq << C.SEQ_SHIFT)
-        + (order.unsqueeze(1) << C.STEP_SHIFT)
-        + (tensor_ids << C.TENSOR_SHIFT)
-        + (stage << C.SLOT_BITS)
-        + probe.slot
-    )
+    keys = (probe.seq << C.SEQ_SHIFT) + probe.key + (order.unsqueeze(1) << C.STEP_SHIFT) + tensor_ids
     first = torch.where(per_step, keys, C.NO_NONFINITE).amin()
-    marks[C.MARK_FIRST_NONFINITE] = torch.minimum(marks[C.MARK_FIRST_NONFINITE], first)
+    probe.first.copy_(torch.minimum(probe.first, first))

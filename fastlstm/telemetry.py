@@ -16,13 +16,20 @@ import torch
 from . import constants as C
 
 
-class LayerProbe(NamedTuple):
-    """Where one layer and direction writes its telemetry during one pass."""
+class StageProbe(NamedTuple):
+    """Where one launch (one layer-direction, one stage) writes its telemetry; what the backends receive."""
 
-    stats: torch.Tensor  # float64 [NUM_STATS], this slot's row
-    grad: torch.Tensor  # float64 [2, capacity], this slot's per-timestep gradient rows
-    marks: torch.Tensor  # int64 [2], shared by all slots: first non-finite key, launch counter
-    slot: int
+    target: torch.Tensor  # forward: the slot's float64 [NUM_STATS] row; backward: its float64 [2, capacity] rows
+    first: torch.Tensor  # int64 [1]: the stage's first non-finite key (atomic min)
+    seq: torch.Tensor  # int64 [1]: the pass number, the key's most significant field
+    key: int  # the key's stage and launch-order fields
+
+
+class LayerProbe(NamedTuple):
+    """Both stages' probes of one layer-direction in one pass."""
+
+    forward: StageProbe
+    backward: StageProbe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +63,7 @@ class LayerTelemetry:
             "direction": self.direction,
             "elements": self.elements,
             "gate_saturation": dict(self.gate_saturation),
-            "forget_gate_mean": self.forget_gate_mean,
+            "forget_gate_mean": _json_float(self.forget_gate_mean),  # NaN once a NaN reached the forget gate
             "cell_absmax": _json_float(self.cell_absmax),
             "grad_norm_per_step": [_json_float(v) for v in self.grad_norm_per_step.tolist()],
             "backward_passes": self.backward_passes.tolist(),
@@ -84,20 +91,27 @@ def _json_float(value):
     return str(value)
 
 
-def decode_nonfinite_key(key: int, num_directions: int) -> NonFinite | None:
+def launch_key(stage: int, order: int) -> int:
+    return (stage << C.STAGE_SHIFT) | (order << C.ORDER_SHIFT)
+
+
+def decode_nonfinite_key(key: int, num_layers: int, num_directions: int) -> NonFinite | None:
     if key == C.NO_NONFINITE:
         return None
-    slot = key & (C.MAX_SLOTS - 1)
-    stage = (key >> C.SLOT_BITS) & 1
-    tensor = (key >> C.TENSOR_SHIFT) & (2**C.TENSOR_BITS - 1)
-    order = (key >> C.STEP_SHIFT) & C.STEP_MAX
-    direction = slot % num_directions
+    stage = (key >> C.STAGE_SHIFT) & 1
+    order = (key >> C.ORDER_SHIFT) & (C.MAX_SLOTS - 1)
+    step = (key >> C.STEP_SHIFT) & C.STEP_MAX
+    tensor = key & (2**C.TENSOR_BITS - 1)
+    direction = order % num_directions
+    layer = order // num_directions
+    if stage == C.STAGE_BACKWARD:
+        layer = num_layers - 1 - layer  # the backward runs top-down
     ascending = (stage == C.STAGE_FORWARD) == (direction == 0)
     names = C.FORWARD_TENSORS if stage == C.STAGE_FORWARD else C.BACKWARD_TENSORS
     return NonFinite(
-        layer=slot // num_directions,
+        layer=layer,
         direction=direction,
-        timestep=order if ascending else C.STEP_MAX - order,
+        timestep=step if ascending else C.STEP_MAX - step,
         stage=C.STAGES[stage],
         tensor=names[tensor],
     )
@@ -131,6 +145,10 @@ class _Capture(NamedTuple):
     done: torch.cuda.Event | None  # None when the copy was synchronous
 
 
+# Timesteps the per-step gradient rows hold before they grow (by doubling).
+INITIAL_STEPS = 1024
+
+
 class Telemetry:
     """The telemetry window of one `fastlstm.LSTM`: device counters plus lazy reading (docs/telemetry.md)."""
 
@@ -140,7 +158,7 @@ class Telemetry:
         self.num_layers = num_layers
         self.num_directions = num_directions
         self.enabled = enabled
-        self.stats = self.grad = self.marks = None
+        self.stats = self.grad = self.first_forward = self.first_backward = self.passes = None
         self._pending: _Capture | None = None
         self._latest: Snapshot | None = None
 
@@ -148,22 +166,45 @@ class Telemetry:
     def num_slots(self) -> int:
         return self.num_layers * self.num_directions
 
-    # ---- writing side (backends) ----
+    # ---- writing side (the module and the backends) ----
 
-    def probe(self, layer: int, direction: int, device: torch.device, steps: int) -> LayerProbe:
-        """This layer-direction's slice of the counters, allocated on `device` with room for `steps` timesteps."""
+    def allocate(self, device: torch.device) -> None:
+        """Put the counters on `device` (a new window if they were elsewhere). The module calls this when it is
+        built or moved, so that no forward pass has to create them: under torch.compile a tensor created inside
+        the graph could not also be updated by the backward."""
+        if self.stats is None or self.stats.device != device:
+            self._ensure(device, INITIAL_STEPS)
+
+    def begin_pass(self, device: torch.device, steps: int) -> torch.Tensor:
+        """Count a new forward pass of the module; returns its number (a device scalar) for the non-finite keys."""
         self._ensure(device, steps)
+        self.passes += 1
+        return self.passes.clamp(max=C.SEQ_MAX)
+
+    def probe(self, layer: int, direction: int, seq: torch.Tensor) -> LayerProbe:
+        """Where this layer-direction writes in the pass `seq` (from begin_pass)."""
         slot = layer * self.num_directions + direction
-        return LayerProbe(self.stats[slot], self.grad[slot], self.marks, slot)
+        backward_order = (self.num_layers - 1 - layer) * self.num_directions + direction
+        return LayerProbe(
+            StageProbe(self.stats[slot], self.first_forward, seq, launch_key(C.STAGE_FORWARD, slot)),
+            StageProbe(self.grad[slot], self.first_backward, seq, launch_key(C.STAGE_BACKWARD, backward_order)),
+        )
 
     def _ensure(self, device: torch.device, steps: int) -> None:
         if self.stats is None or self.stats.device != device:
             # A new device starts a new window: the old counters cannot be merged without a copy across devices.
-            self.stats = torch.zeros(self.num_slots, C.NUM_STATS, dtype=torch.float64, device=device)
-            self.grad = torch.zeros(self.num_slots, 2, 0, dtype=torch.float64, device=device)
-            self.marks = torch.tensor([C.NO_NONFINITE, 0], dtype=torch.int64, device=device)
+            def zeros(*shape, dtype=torch.float64):
+                return torch.zeros(*shape, dtype=dtype, device=device)
+
+            self.stats = zeros(self.num_slots, C.NUM_STATS)
+            self.grad = zeros(self.num_slots, 2, 0)
+            self.first_forward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
+            self.first_backward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
+            self.passes = zeros(1, dtype=torch.int64)
         capacity = self.grad.shape[-1]
         if steps > capacity:
+            # A backward whose forward ran before this growth still holds the old rows, and its gradient norms are
+            # lost; doubling makes that rare (it needs a longer sequence between a forward and its backward).
             grown = torch.zeros(self.num_slots, 2, 1 << (steps - 1).bit_length(), dtype=torch.float64, device=device)
             grown[..., :capacity] = self.grad
             self.grad = grown
@@ -176,7 +217,9 @@ class Telemetry:
             return
         self.stats.zero_()
         self.grad.zero_()
-        self.marks.copy_(torch.tensor([C.NO_NONFINITE, 0], dtype=torch.int64), non_blocking=True)
+        self.first_forward.fill_(C.NO_NONFINITE)
+        self.first_backward.fill_(C.NO_NONFINITE)
+        self.passes.zero_()
 
     def snapshot(self, reset: bool = False) -> Snapshot:
         """The current window, read with one host synchronisation."""
@@ -207,17 +250,20 @@ class Telemetry:
         """The last snapshot decoded by `snapshot()` or `poll()`."""
         return self._latest
 
+    def _counters(self) -> tuple:
+        return (self.stats, self.grad, self.first_forward, self.first_backward)
+
     def _capture(self, reset: bool, blocking: bool) -> _Capture:
         if self.stats is None:
             return _Capture(None, None)
         on_gpu = self.stats.is_cuda
         if on_gpu and not blocking:
-            host = tuple(t.to("cpu", non_blocking=True) for t in (self.stats, self.grad, self.marks))
+            host = tuple(t.to("cpu", non_blocking=True) for t in self._counters())
             done = torch.cuda.Event()
             done.record()
         else:
             # copy=True: for CPU counters .cpu() would return the counters themselves, which reset() then zeroes.
-            host = tuple(t.to("cpu", copy=True) for t in (self.stats, self.grad, self.marks))
+            host = tuple(t.to("cpu", copy=True) for t in self._counters())
             done = None
         if reset:
             self.reset()
@@ -229,10 +275,12 @@ class Telemetry:
             empty_grad = np.zeros((2, 0))
             layers = [_layer_from_rows(s, self.num_directions, empty_stats, empty_grad) for s in range(self.num_slots)]
             return Snapshot(layers, None, 0)
-        stats, grad, marks = (t.numpy() for t in capture.host)
+        stats, grad, first_forward, first_backward = (t.numpy() for t in capture.host)
         layers = [_layer_from_rows(s, self.num_directions, stats[s], grad[s]) for s in range(self.num_slots)]
-        key = int(marks[C.MARK_FIRST_NONFINITE])
-        return Snapshot(layers, decode_nonfinite_key(key, self.num_directions), int(marks[C.MARK_LAUNCHES]))
+        key = min(int(first_forward[0]), int(first_backward[0]))
+        backward_launches = grad[:, C.GRAD_PASSES, 0].sum() if grad.shape[-1] else 0
+        launches = int(stats[:, C.STAT_LAUNCHES].sum() + backward_launches)
+        return Snapshot(layers, decode_nonfinite_key(key, self.num_layers, self.num_directions), launches)
 
     # Events and in-flight copies belong to one process: drop them when the module is copied or pickled.
     def __getstate__(self):

@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import io
 import itertools
+import multiprocessing
+import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +38,7 @@ class Variant(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    maxnreg: int
     precision: str
 
     @property
@@ -45,7 +48,7 @@ class Variant(NamedTuple):
         )
         return (
             f"{self.kernel}-{self.dtype}-{self.precision}-{flags or '_'}"
-            f"-b{self.block_b}h{self.block_h}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+            f"-b{self.block_b}h{self.block_h}k{self.block_k}w{self.num_warps}s{self.num_stages}r{self.maxnreg}"
         )
 
 
@@ -112,14 +115,14 @@ def _signature(variant: Variant):
         pointers = {
             "xw_ptr": d, "h0_ptr": d, "c0_ptr": d, "w_hh_ptr": d, "w_hr_ptr": d, "lengths_ptr": "*i64",
             "out_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "hfull_ptr": "*fp32", "hn_ptr": d, "cn_ptr": d,
-            "stats_ptr": "*fp64", "marks_ptr": "*i64",
+            "stats_ptr": "*fp64", "first_ptr": "*i64", "seq_ptr": "*i64",
         }  # fmt: skip
     else:
         fn = lstm_backward_kernel
         pointers = {
             "grad_out_ptr": d, "c0_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "w_hh_ptr": d,
             "w_hr_ptr": d, "lengths_ptr": "*i64", "dgates_ptr": "*fp32", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-            "dhidden_ptr": "*fp32", "dhfull_ptr": "*fp32", "gradnorm_ptr": "*fp64", "marks_ptr": "*i64",
+            "dhidden_ptr": "*fp32", "dhfull_ptr": "*fp32", "gradnorm_ptr": "*fp64", "first_ptr": "*i64", "seq_ptr": "*i64",
         }  # fmt: skip
     signature = {}
     for name in fn.arg_names:
@@ -141,7 +144,7 @@ def compile_variant(variant: Variant, arch: int) -> Result:
             compiled = triton.compile(
                 ASTSource(fn, signature, constexprs),
                 target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+                options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, "maxnreg": variant.maxnreg},
             )
     except Exception as exc:  # any compiler failure is a result to report, not a crash of the whole matrix
         return Result(variant, arch, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -160,11 +163,16 @@ def _compile_pair(args):
     return compile_variant(*args)
 
 
+def _compiler_process():
+    # The kernels must be real JIT functions here, even when the caller runs the interpreter (the test suite does):
+    # workers start fresh (spawn) and clear the switch before anything imports triton.
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
 def run_matrix(quick: bool = False, jobs: int = 2) -> list[Result]:
     work = [(v, arch) for v in variants(quick) for arch in ARCHS]
-    if jobs <= 1:
-        return [compile_variant(v, a) for v, a in work]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, initializer=_compiler_process) as pool:
         return list(pool.map(_compile_pair, work, chunksize=4))
 
 

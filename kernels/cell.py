@@ -13,12 +13,8 @@ SIGMOID_LOW = tl.constexpr(C.SIGMOID_LOW)
 SIGMOID_HIGH = tl.constexpr(1.0 - C.SIGMOID_LOW)
 TANH_HIGH = tl.constexpr(C.TANH_HIGH)
 STEP_MAX = tl.constexpr(C.STEP_MAX)
-SEQ_MAX = tl.constexpr(C.SEQ_MAX)
 SEQ_SHIFT = tl.constexpr(C.SEQ_SHIFT)
 STEP_SHIFT = tl.constexpr(C.STEP_SHIFT)
-TENSOR_SHIFT = tl.constexpr(C.TENSOR_SHIFT)
-MARK_FIRST = tl.constexpr(C.MARK_FIRST_NONFINITE)
-MARK_LAUNCHES = tl.constexpr(C.MARK_LAUNCHES)
 STAT_SATURATED = tl.constexpr(C.STAT_SATURATED)
 STAT_ELEMENTS = tl.constexpr(C.STAT_ELEMENTS)
 STAT_FORGET_SUM = tl.constexpr(C.STAT_FORGET_SUM)
@@ -67,11 +63,11 @@ def tanh_saturated(a, mask):
 
 
 @triton.jit
-def flush_first_nonfinite(marks_ptr, first, steps, key_base, ASCENDING: tl.constexpr):
-    """Turn the per-element first codes into this program's earliest event and fold it into the window's key.
+def flush_first_nonfinite(first_ptr, seq_ptr, first, steps, key_base, ASCENDING: tl.constexpr):
+    """Turn the per-element first codes into this program's earliest event and fold it into the stage's key.
 
-    A code is processing_step * 4 + tensor; the key orders by launch, then by the step's place in the pass's time
-    order (constants.py), then by tensor.
+    A code is processing_step * 4 + tensor; the key orders by pass, stage, launch, then by the step's place in the
+    launch's time order, then by tensor (constants.py).
     """
     code = tl.min(tl.reshape(first, (first.numel,)), axis=0)
     step = code // 4
@@ -80,9 +76,9 @@ def flush_first_nonfinite(marks_ptr, first, steps, key_base, ASCENDING: tl.const
         order = step.to(tl.int64)
     else:
         order = (step - (steps - 1) + STEP_MAX).to(tl.int64)
-    seq = tl.minimum(tl.load(marks_ptr + MARK_LAUNCHES), SEQ_MAX)
-    key = (seq << SEQ_SHIFT) + (order << STEP_SHIFT) + (tensor.to(tl.int64) << TENSOR_SHIFT) + key_base
-    tl.atomic_min(marks_ptr + MARK_FIRST, key, mask=code != NO_EVENT)
+    seq = tl.load(seq_ptr)
+    key = (seq << SEQ_SHIFT) + key_base + (order << STEP_SHIFT) + tensor.to(tl.int64)
+    tl.atomic_min(first_ptr, key, mask=code != NO_EVENT)
 
 
 @triton.jit

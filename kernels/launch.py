@@ -32,6 +32,7 @@ class KernelConfig(NamedTuple):
     block_k: int  # reduction chunk of the tl.dot calls
     num_warps: int
     num_stages: int  # software pipelining depth of the reduction loops
+    maxnreg: int  # register cap handed to ptxas
 
 
 def select_config(hidden: int, proj: int, batch: int, dtype: torch.dtype) -> KernelConfig:
@@ -40,11 +41,12 @@ def select_config(hidden: int, proj: int, batch: int, dtype: torch.dtype) -> Ker
     tl.dot needs every dimension >= 16 on the GPU. A program owns all units of its BLOCK_B sequences, so wider
     tiles only add registers. The AOT matrix (kernels/aot.py: ptxas for sm_80 and sm_90) showed BLOCK_B=32,
     BLOCK_H=64, BLOCK_K=32, 4 warps or pipelined reduction loops each spilling in some variant, while 16 x 32 tiles
-    with 16-wide reductions on 8 warps, unpipelined, fit all of them. Large batches get more programs rather than
+    with 16-wide reductions on 8 warps, unpipelined, fit all of them once ptxas may use 255 registers (its own
+    default capped some variants at 128 and spilled). Large batches get more programs rather than
     larger tiles, which also fills more SMs. The arguments are kept so shape-dependent choices can come back once
     GPU measurements justify them.
     """
-    return KernelConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1)
+    return KernelConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -82,17 +84,11 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _key_base(stage: int, slot: int) -> int:
-    return (stage << C.SLOT_BITS) | slot
-
-
-def _telemetry_args(probe, stage, placeholder):
-    """(stats-or-gradnorm pointer, marks pointer, key base); the launch counter is bumped in stream order first."""
+def _telemetry_args(probe, placeholder):
+    """(stats-or-gradnorm pointer, first-key pointer, pass-number pointer, key base) of a StageProbe."""
     if probe is None:
-        return placeholder, placeholder, 0
-    probe.marks[C.MARK_LAUNCHES] += 1
-    target = probe.stats if stage == C.STAGE_FORWARD else probe.grad[C.GRAD_SUMSQ]
-    return target, probe.marks, _key_base(stage, probe.slot)
+        return placeholder, placeholder, placeholder, 0
+    return probe.target, probe.first, probe.seq, probe.key
 
 
 def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
@@ -108,17 +104,19 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
     hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
-    stats, marks, key_base = _telemetry_args(probe, C.STAGE_FORWARD, gates)
+    stats, first, seq, key_base = _telemetry_args(probe, gates)
+    if probe is not None:
+        probe.target[C.STAT_LAUNCHES] += 1
     if batch > 0:
         cfg = select_config(hidden, proj, batch, dtype)
         lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
             xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
             out, gates, cells, hfull, h_n, c_n,
-            stats, marks, key_base,
+            stats, first, seq, key_base,
             steps, batch, hidden, proj,
             REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
             BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )  # fmt: skip
     return ForwardResult(out, h_n, c_n, (gates, cells))
 
@@ -136,19 +134,19 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
-    gradnorm, marks, key_base = _telemetry_args(probe, C.STAGE_BACKWARD, dgates)
+    grad_rows, first, seq, key_base = _telemetry_args(probe, dgates)
     if probe is not None:
-        probe.grad[C.GRAD_PASSES, :steps] += 1
+        grad_rows[C.GRAD_PASSES, :steps] += 1
     if batch > 0:
         cfg = select_config(hidden, proj, batch, grad_out.dtype)
         lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
             grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr, gates if lengths is None else lengths,
             dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-            gradnorm, marks, key_base,
+            grad_rows if probe is None else grad_rows[C.GRAD_SUMSQ], first, seq, key_base,
             steps, batch, hidden, proj,
             REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
             BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )  # fmt: skip
     hidden_full = None
     if w_hr is not None:

@@ -22,7 +22,7 @@ from .cell import NO_EVENT, any_nonfinite, flush_first_nonfinite, note_nonfinite
 def lstm_backward_kernel(
     grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     dgates_ptr, dh_ptr, dc_ptr, dhidden_ptr, dhfull_ptr,
-    gradnorm_ptr, marks_ptr, key_base,
+    gradnorm_ptr, first_ptr, seq_ptr, key_base,
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -144,4 +144,4 @@ def lstm_backward_kernel(
         tl.debug_barrier()
 
     if TELEMETRY:
-        flush_first_nonfinite(marks_ptr, first, T, key_base, REVERSE)
+        flush_first_nonfinite(first_ptr, seq_ptr, first, T, key_base, REVERSE)

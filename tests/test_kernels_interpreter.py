@@ -68,15 +68,14 @@ def random_problem(steps, batch, hidden, proj, dtype, with_lengths, scale=0.4):
 
 def run_backend(backend, problem, grads, reverse):
     telemetry = Telemetry(1, 1)
-    steps = problem["xw"].shape[0]
-    probe = telemetry.probe(0, 0, torch.device("cpu"), steps)
+    probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), problem["xw"].shape[0]))
     fwd = backend.recurrence_forward(
         problem["xw"], problem["h0"], problem["c0"], problem["w_hh"], problem["w_hr"], problem["lengths"], reverse,
-        probe,
+        probe.forward,
     )  # fmt: skip
     bwd = backend.recurrence_backward(
         grads["grad_out"], grads["grad_hn"], grads["grad_cn"], problem["c0"], fwd.saved, problem["w_hh"],
-        problem["w_hr"], problem["lengths"], reverse, telemetry.probe(0, 0, torch.device("cpu"), steps),
+        problem["w_hr"], problem["lengths"], reverse, probe.backward,
     )  # fmt: skip
     return fwd, bwd, telemetry.snapshot()
 
@@ -185,9 +184,8 @@ def test_telemetry_off_gives_identical_results():
     problem, grads = random_problem(3, 4, 8, 0, torch.float32, with_lengths=True)
     on = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=None)
     telemetry = Telemetry(1, 1)
-    with_probe = launch.recurrence_forward(
-        **_forward_args(problem), reverse=False, probe=telemetry.probe(0, 0, torch.device("cpu"), 3)
-    )
+    probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), 3))
+    with_probe = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=probe.forward)
     assert torch.equal(on.out, with_probe.out)
     assert torch.equal(on.saved[1], with_probe.saved[1])
 

@@ -1,0 +1,103 @@
+"""GPU checks of the Triton backend: parity with nn.LSTM (cuDNN) at real sizes, torch.compile, and no host syncs.
+
+They run with the same test command on a machine with CUDA and skip cleanly elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# Relative-error budgets of DESIGN.md §6; fp32 is compared with TF32 disabled on both sides.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def rel(actual, expected):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def pair(input_size, hidden, dtype, **kwargs):
+    ref = nn.LSTM(input_size, hidden, device="cuda", **kwargs)
+    fast = fastlstm.LSTM(input_size, hidden, device="cuda", backend="triton", **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(dtype), fast.to(dtype)
+
+
+def forward_backward(model, x, weights):
+    out, (h_n, c_n) = model(x)
+    data = out.data if hasattr(out, "batch_sizes") else out
+    loss = (data.float() * weights).sum() + h_n.float().sum() + c_n.float().pow(2).sum()
+    grads = torch.autograd.grad(loss, [x.data if hasattr(x, "batch_sizes") else x, *model.parameters()])
+    return data, h_n, c_n, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "hidden,steps,batch", [(256, 128, 16), (1024, 128, 16), (256, 1024, 64), (512, 256, 256)], ids=str
+)
+def test_parity_with_cudnn(dtype, hidden, steps, batch):
+    ref, fast = pair(64, hidden, dtype)
+    x = torch.randn(steps, batch, 64, device="cuda", dtype=dtype, requires_grad=True)
+    weights = torch.randn(steps, batch, hidden, device="cuda")
+    expected = forward_backward(ref, x, weights)
+    actual = forward_backward(fast, x, weights)
+    tol = TOLERANCE[dtype]
+    for name, e, a in zip(("out", "h_n", "c_n"), expected[:3], actual[:3]):
+        assert rel(a, e) <= tol, name
+    for k, (e, a) in enumerate(zip(expected[3], actual[3])):
+        assert rel(a, e) <= tol, f"gradient {k}"
+
+
+def test_parity_bidirectional_projection_packed():
+    ref, fast = pair(32, 256, torch.float32, num_layers=2, bidirectional=True, proj_size=64)
+    lengths = torch.randint(1, 200, (32,))
+    lengths[0] = 200
+    x = torch.randn(200, 32, 32, device="cuda", requires_grad=True)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    weights = torch.randn(int(lengths.sum()), 128, device="cuda")
+    expected = forward_backward(ref, packed, weights)
+    actual = forward_backward(fast, packed, weights)
+    for e, a in zip(expected[:3], actual[:3]):
+        assert rel(a, e) <= 1e-5
+    for e, a in zip(expected[3], actual[3]):
+        assert rel(a, e) <= 1e-5
+
+
+def test_training_step_never_synchronises():
+    model = fastlstm.LSTM(16, 128, num_layers=2, device="cuda", backend="triton")
+    x = torch.randn(64, 8, 16, device="cuda")
+    model(x)[0].sum().backward()  # warm-up: compilation and allocation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = model(x)
+        out.square().mean().backward()
+        model.telemetry.poll()
+        model.telemetry.reset()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_compile_matches_eager():
+    model = fastlstm.LSTM(16, 64, device="cuda", backend="triton")
+    x = torch.randn(32, 4, 16, device="cuda")
+    compiled = torch.compile(model)
+    eager_out, _ = model(x)
+    compiled_out, _ = compiled(x)
+    assert rel(compiled_out, eager_out) <= 1e-6
