@@ -246,6 +246,17 @@ class Telemetry:
         return finished
 
     @property
+    def in_flight(self) -> bool:
+        """Whether a copy started by poll() has not been returned yet."""
+        return self._pending is not None
+
+    def wait(self) -> None:
+        """Block until the copy poll() started has arrived, so that the next poll() returns it. For callers that
+        need window boundaries at fixed steps (exact resume); poll() alone never waits."""
+        if self._pending is not None and self._pending.done is not None:
+            self._pending.done.synchronize()
+
+    @property
     def latest(self) -> Snapshot | None:
         """The last snapshot decoded by `snapshot()` or `poll()`."""
         return self._latest
