@@ -1,0 +1,574 @@
+"""`Monitor` and `History`: what a training loop and its LSTMs did, recorded without host synchronisation.
+
+A `Monitor` attaches to a model (every `fastlstm.LSTM` inside it, named by module path) and to any training loop
+through `monitor.step(loss=...)`. The step only queues device tensors; they are read in batches, with one
+device-to-host copy every `read_every` steps (or when the history is requested). Telemetry windows and input
+statistics are closed every `every` steps. The result is a `History` in the JSON format of docs/history.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .module import LSTM
+
+HISTORY_FORMAT = "fastlstm.history/1"
+EVENT_KINDS = ("nonfinite_step_skipped", "nonfinite_stop", "truncation", "checkpoint", "resume")
+_LISTS = ("steps", "evals", "telemetry", "inputs", "targets", "events")
+
+
+# ---- JSON: NaN and infinities travel as strings (docs/history.md) ----
+
+
+def to_json_safe(value):
+    """A copy of `value` that json.dumps accepts: non-finite floats become "nan"/"inf"/"-inf", numpy values become
+    Python ones, tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [to_json_safe(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    return value
+
+
+_NONFINITE_STRINGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def from_json_safe(value):
+    """The inverse of `to_json_safe` for values (dict keys are left alone)."""
+    if isinstance(value, dict):
+        return {k: from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_safe(v) for v in value]
+    if isinstance(value, str) and value in _NONFINITE_STRINGS:
+        return _NONFINITE_STRINGS[value]
+    return value
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a torn one:
+    a temporary file in the same directory, fsync, os.replace, then fsync of the directory entry."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# ---- History ----
+
+
+class History:
+    """A training run as recorded by a `Monitor`: the lists of docs/history.md, each ordered by step.
+
+    Entries are plain dicts. Keys this version does not know (in a file, or added by the TBPTT trainer such as
+    `truncation_estimates` and `dependency`) are kept in `extra` and written back unchanged.
+    """
+
+    def __init__(self):
+        self.lstms: dict = {}
+        self.steps: list = []
+        self.evals: list = []
+        self.telemetry: list = []
+        self.inputs: list = []
+        self.targets: list = []
+        self.events: list = []
+        self.extra: dict = {}
+
+    def add(self, key: str, entry: dict) -> None:
+        """Append to one of the lists, standard or extra."""
+        (getattr(self, key) if key in _LISTS else self.extra.setdefault(key, [])).append(entry)
+
+    def event(self, step: int, kind: str, detail: dict | None = None) -> dict:
+        entry = {"step": int(step), "kind": kind, "detail": detail or {}}
+        self.events.append(entry)
+        return entry
+
+    def events_of(self, kind: str) -> list:
+        return [e for e in _by_step(self.events) if e["kind"] == kind]
+
+    def losses(self) -> list:
+        """[(step, loss)] of the training steps whose loss has been read."""
+        return [(e["step"], e["loss"]) for e in _by_step(self.steps) if e.get("loss") is not None]
+
+    def to_dict(self) -> dict:
+        d = {"format": HISTORY_FORMAT, "lstms": self.lstms}
+        for key in _LISTS:
+            d[key] = _by_step(getattr(self, key))
+        for key, value in self.extra.items():
+            d[key] = _by_step(value) if _is_step_list(value) else value
+        return to_json_safe(d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write(path, json.dumps(self.to_dict()).encode())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        fmt = d.get("format", HISTORY_FORMAT)  # a hand-built dict may omit it
+        if not isinstance(fmt, str) or not fmt.startswith("fastlstm.history/1"):
+            raise ValueError(f"not a fastlstm history (format {fmt!r}, expected {HISTORY_FORMAT!r})")
+        d = from_json_safe(d)
+        history = cls()
+        history.lstms = dict(d.get("lstms") or {})
+        for key in _LISTS:
+            setattr(history, key, list(d.get(key) or []))
+        history.extra = {k: v for k, v in d.items() if k not in _LISTS and k not in ("format", "lstms")}
+        return history
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> History:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{key}={len(getattr(self, key))}" for key in _LISTS)
+        return f"History(lstms={list(self.lstms)}, {sizes})"
+
+
+def _is_step_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(e, dict) and "step" in e for e in value)
+
+
+def _by_step(entries: list) -> list:
+    # Entries can be appended out of order (values read lazily); sorted() is stable, so ties keep their order.
+    return sorted(entries, key=lambda e: e["step"])
+
+
+# ---- Device-side accumulation and batched reads ----
+
+
+class _FeatureStats:
+    """Per-feature count, sum, sum of squares, min and max of vectors, accumulated with device operations only.
+
+    The count is a host integer (it only depends on shapes). Sums are float64 so that long windows stay exact
+    enough for a standard deviation. A change in the number of features closes the current accumulation.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.moments = None  # float64 [4, F]: sum, sum of squares, min, max
+        self.closed: list = []  # (count, moments) closed early by a change of feature count
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        x = x.detach()
+        x = x.reshape(-1, x.shape[-1] if x.dim() > 1 else 1).to(torch.float64)
+        current = torch.stack((x.sum(0), (x * x).sum(0), x.amin(0), x.amax(0)))
+        if self.moments is not None and self.moments.shape != current.shape:
+            self.closed.append((self.count, self.moments))
+            self.count, self.moments = 0, None
+        if self.moments is None:
+            self.moments = current
+        else:
+            m = self.moments
+            # torch.minimum/maximum propagate NaN, so a NaN input shows in min/max as it does in the sums.
+            self.moments = torch.stack(
+                (m[0] + current[0], m[1] + current[1], torch.minimum(m[2], current[2]), torch.maximum(m[3], current[3]))
+            )
+        self.count += x.shape[0]
+
+    def take(self) -> list:
+        """[(count, moments)] accumulated since the previous take, and start again."""
+        taken = self.closed + ([(self.count, self.moments)] if self.count else [])
+        self.count, self.moments, self.closed = 0, None, []
+        return taken
+
+
+def stats_entry(count: int, moments: np.ndarray) -> dict:
+    """The count/mean/std/min/max record of docs/history.md from the accumulated moments."""
+    mean = moments[0] / count
+    with np.errstate(invalid="ignore"):
+        std = np.sqrt(np.maximum(moments[1] / count - mean * mean, 0.0))
+    std = np.where(np.isnan(mean), np.nan, std)
+    return {
+        "count": int(count),
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "min": moments[2].tolist(),
+        "max": moments[3].tolist(),
+    }
+
+
+class DeferredReads:
+    """Device tensors whose values are wanted later, read together with one device-to-host copy.
+
+    `add(tensors, callback)` queues; `start()` launches one non-blocking copy of everything queued; `finish()`
+    waits for that copy (normally long done by then) and calls each callback with numpy arrays.
+    """
+
+    def __init__(self):
+        self._queue: list = []
+        self._inflight = None  # ([(tensor indices, host copy)], tensor count, CUDA event or None, layout)
+
+    def add(self, tensors, callback: Callable) -> None:
+        self._queue.append(([t.detach() for t in tensors], callback))
+
+    def start(self) -> None:
+        self._finish_inflight()  # started one read period ago: long finished on the device
+        if not self._queue:
+            return
+        queue, self._queue = self._queue, []
+        tensors = [t for ts, _ in queue for t in ts]
+        by_device: dict = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        copies, done = [], None
+        for indices in by_device.values():
+            flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in indices])
+            if flat.is_cuda:
+                flat = flat.to("cpu", non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()  # after every copy so far: one event covers them all (one stream)
+            # On the CPU torch.cat made a fresh tensor: later in-place updates of the sources cannot reach it.
+            copies.append((indices, flat))
+        layout = [([tuple(t.shape) for t in ts], callback) for ts, callback in queue]
+        self._inflight = (copies, len(tensors), done, layout)
+
+    def finish(self) -> None:
+        self.start()
+        self._finish_inflight()
+
+    def _finish_inflight(self) -> None:
+        if self._inflight is None:
+            return
+        copies, count, done, layout = self._inflight
+        self._inflight = None
+        if done is not None:
+            done.synchronize()
+        shapes = [shape for tensor_shapes, _ in layout for shape in tensor_shapes]
+        values = [None] * count
+        for indices, flat in copies:
+            host = flat.numpy()
+            offset = 0
+            for i in indices:
+                size = int(np.prod(shapes[i])) if shapes[i] else 1
+                values[i] = host[offset : offset + size].reshape(shapes[i])
+                offset += size
+        position = 0
+        for shapes, callback in layout:
+            callback(*values[position : position + len(shapes)])
+            position += len(shapes)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel / DataParallel wrappers, so names stay the same."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def find_lstms(model: nn.Module) -> dict:
+    """{module path: fastlstm.LSTM} inside `model`; the model itself, if it is one, is called "lstm"."""
+    return {name or "lstm": m for name, m in unwrap_model(model).named_modules() if isinstance(m, LSTM)}
+
+
+# ---- Monitor ----
+
+
+class Monitor:
+    """Records a training loop into a `History` without host synchronisation in the step.
+
+    Args:
+      model:       any nn.Module; every fastlstm.LSTM inside it is monitored, named by its module path.
+      optimizer:   optional; the learning rate of its first parameter group is recorded when `step()` gets none.
+      every:       close a telemetry window (one `telemetry` and one `inputs` entry per LSTM) every this many steps.
+      read_every:  read the queued device values (losses, norms, flags, statistics) every this many steps, with one
+                   device-to-host copy; defaults to `every`.
+      input_stats: record per-feature statistics of what each LSTM received (a forward pre-hook, device sums only).
+      grad_norm:   when `step()` gets no grad_norm, record the 2-norm of the model's current `.grad`s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer=None,
+        every: int = 10,
+        read_every: int | None = None,
+        input_stats: bool = True,
+        grad_norm: bool = True,
+    ):
+        if every < 1 or (read_every is not None and read_every < 1):
+            raise ValueError("every and read_every must be >= 1")
+        self.model = model
+        self.optimizer = optimizer
+        self.every = int(every)
+        self.read_every = int(read_every or every)
+        self.track_grad_norm = grad_norm
+        self.lstms = find_lstms(model)
+        self._history = History()
+        self._history.lstms = {name: _describe(m) for name, m in self.lstms.items()}
+        self.listeners: list = []  # called with [(lstm name, first step, last step, Snapshot)] per closed window
+        self.skipped_steps: list = []  # steps read back as skipped, in the order they were read
+        self._step = 0
+        self._window_first = 0
+        self._inflight: dict = {}  # LSTM name -> (first, last) of the telemetry window whose copy is in flight
+        self._reads = DeferredReads()
+        self._paused = 0
+        self._input_stats = {name: _FeatureStats() for name in self.lstms} if input_stats else {}
+        self._target_stats = _FeatureStats()
+        self._unresolved: list = []  # skipped-step events still waiting for their telemetry window
+        self._hooks = [
+            m.register_forward_pre_hook(self._make_input_hook(name), with_kwargs=True)
+            for name, m in self.lstms.items()
+            if input_stats
+        ]
+
+    # ---- the training loop's side ----
+
+    @property
+    def step_count(self) -> int:
+        """The index the next `step()` call will record."""
+        return self._step
+
+    def step(
+        self,
+        loss=None,
+        *,
+        val_loss=None,
+        lr=None,
+        subset_losses=None,
+        targets=None,
+        grad_norm=None,
+        skipped=None,
+        epoch=None,
+    ) -> int:
+        """Record one optimizer step; returns its index. Tensors (loss, grad_norm, skipped, val_loss, subset
+        losses) are kept on the device and read later in a batch."""
+        n = self._step
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+        if grad_norm is None and self.track_grad_norm:
+            grad_norm = _current_grad_norm(self.model)
+        entry = {"step": n, "loss": None, "lr": None, "grad_norm": None, "skipped": False}
+        self._history.steps.append(entry)
+        self._defer_scalars(entry, loss=loss, lr=lr, grad_norm=grad_norm)
+        if isinstance(skipped, torch.Tensor):
+            self._reads.add([skipped], lambda v, n=n, e=entry: self._read_skipped(e, n, bool(v)))
+        elif skipped:
+            self._read_skipped(entry, n, True)
+        if targets is not None:
+            self._target_stats.add(targets)
+        if val_loss is not None or subset_losses:
+            self.evaluate(val_loss, subset_losses=subset_losses, epoch=epoch, step=n)
+        self._step += 1
+        if self._step % self.every == 0:
+            self.boundary()
+        if self._step % self.read_every == 0:
+            self._reads.start()
+            self._resolve_skipped()
+        return n
+
+    def evaluate(self, val_loss=None, *, subset_losses=None, epoch=None, step=None) -> None:
+        """Record a validation result at `step` (default: the last recorded step)."""
+        step = self._step - 1 if step is None else int(step)
+        entry = {"step": max(step, 0), "epoch": epoch, "val_loss": None}
+        self._history.evals.append(entry)
+        self._defer_scalars(entry, val_loss=val_loss)
+        if subset_losses:
+            entry["subset_losses"] = {}
+            for name, value in subset_losses.items():
+                self._defer_scalars(entry["subset_losses"], **{str(name): value})
+
+    def event(self, kind: str, detail: dict | None = None, step: int | None = None) -> dict:
+        """Record a discrete event (kinds in EVENT_KINDS, or your own) at `step` (default: the next step)."""
+        return self._history.event(self._step if step is None else step, kind, detail)
+
+    def defer(self, tensors, callback: Callable) -> None:
+        """Read `tensors` with the next batch and call `callback(*numpy_arrays)` then."""
+        self._reads.add(tensors, callback)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Input statistics ignore forward passes inside this block (re-runs, validation)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    # ---- windows and reads ----
+
+    def boundary(self) -> None:
+        """Close the current telemetry / statistics window at the last recorded step. Never waits for the device
+        except for a telemetry copy started a whole window ago."""
+        last = self._step - 1
+        window = (self._window_first, last)
+        closed = []
+        for name, lstm in self.lstms.items():
+            tel = lstm.telemetry
+            previous = self._inflight.pop(name, None)
+            tel.wait()  # the copy started a whole window ago: keeps boundaries at fixed steps
+            snap = tel.poll(reset=True)
+            if previous is not None:  # CUDA: poll returned the window captured at the previous boundary
+                closed.append((name, *previous, snap))
+            elif snap is not None:  # CPU: the copy is synchronous, poll returned this window
+                closed.append((name, *window, snap))
+            if tel.in_flight:
+                self._inflight[name] = window
+        self._record_windows(closed)
+        for name, stats in self._input_stats.items():
+            for count, moments in stats.take():
+                self._defer_stats("inputs", {"step": last, "lstm": name}, count, moments)
+        for count, moments in self._target_stats.take():
+            self._defer_stats("targets", {"step": last}, count, moments)
+        self._window_first = self._step
+
+    def flush(self) -> History:
+        """Close the current window and read everything still on the device (one host synchronisation)."""
+        self.boundary()
+        closed = []
+        for name, (first, last) in list(self._inflight.items()):
+            tel = self.lstms[name].telemetry
+            tel.wait()  # the copy started a whole window ago: keeps boundaries at fixed steps
+            closed.append((name, first, last, tel.poll(reset=True)))
+            del self._inflight[name]
+            if tel.in_flight:  # that poll started a copy of the empty window since the boundary
+                self._inflight[name] = (self._step, self._step - 1)
+        self._record_windows(closed)
+        self._reads.finish()
+        self._resolve_skipped(final=True)
+        return self._history
+
+    @property
+    def history(self) -> History:
+        """The recorded history, with everything still on the device read first (`flush()`)."""
+        return self.flush()
+
+    @property
+    def live_history(self) -> History:
+        """The history as recorded so far, without reading anything (values in flight are missing)."""
+        return self._history
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue recording after a restart (call `flush()` first)."""
+        self.flush()
+        return {
+            "step": self._step,
+            "window_first": self._window_first,
+            "skipped_steps": list(self.skipped_steps),
+            "history": self._history.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._step = int(state["step"])
+        self._window_first = int(state["window_first"])
+        self.skipped_steps = list(state["skipped_steps"])
+        lstms = self._history.lstms
+        self._history = History.from_dict(state["history"])
+        self._history.lstms = {**self._history.lstms, **lstms}
+
+    # ---- internals ----
+
+    def _make_input_hook(self, name: str):
+        def hook(module, args, kwargs):
+            if self._paused:
+                return
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, PackedSequence):
+                x = x.data
+            if isinstance(x, torch.Tensor):
+                self._input_stats[name].add(x)
+
+        return hook
+
+    def _defer_scalars(self, target: dict, **values) -> None:
+        """Set target[key] = value now for host numbers, or when the batch is read for tensors."""
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                self._reads.add([value], lambda v, t=target, k=key: t.__setitem__(k, float(v)))
+            elif value is not None:
+                target[key] = float(value)
+
+    def _defer_stats(self, key: str, entry: dict, count: int, moments: torch.Tensor) -> None:
+        self._reads.add([moments], lambda m: self._history.add(key, {**entry, **stats_entry(count, m)}))
+
+    def _record_windows(self, closed: list) -> None:
+        kept = []
+        for name, first, last, snap in closed:
+            if snap is None or snap.launches == 0:  # nothing ran in the window
+                continue
+            self._history.telemetry.append(
+                {"step": last, "first_step": first, "lstm": name, "snapshot": snap.to_dict()}
+            )
+            kept.append((name, first, last, snap))
+        if kept:
+            for listener in self.listeners:
+                listener(kept)
+
+    def _read_skipped(self, entry: dict, step: int, skipped: bool) -> None:
+        entry["skipped"] = skipped
+        if skipped:
+            self.skipped_steps.append(step)
+            event = self._history.event(step, "nonfinite_step_skipped", {"first_nonfinite": None})
+            self._unresolved.append(event)
+
+    def _resolve_skipped(self, final: bool = False) -> None:
+        """Attach to each skipped-step event the first non-finite value of the telemetry windows covering it."""
+        waiting = []
+        for event in self._unresolved:
+            step = event["step"]
+            found = {}
+            for entry in self._history.telemetry:
+                if entry.get("first_step", -1) <= step <= entry["step"]:
+                    found[entry["lstm"]] = entry["snapshot"]["first_nonfinite"]
+            if not found and not final:
+                waiting.append(event)
+                continue
+            located = [dict(where, lstm=name) for name, where in found.items() if where is not None]
+            first = next((w for w in located if w["stage"] == "forward"), located[0] if located else None)
+            event["detail"] = {"first_nonfinite": first, "locations": found}
+        self._unresolved = waiting
+
+
+def _describe(lstm: LSTM) -> dict:
+    return {
+        "input_size": lstm.input_size,
+        "hidden_size": lstm.hidden_size,
+        "proj_size": lstm.proj_size,
+        "num_layers": lstm.num_layers,
+        "num_directions": 2 if lstm.bidirectional else 1,
+    }
+
+
+def _current_grad_norm(model: nn.Module):
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None

@@ -1,0 +1,1119 @@
+"""Truncated backpropagation through time, driven by the LSTMs' telemetry (docs/training.md).
+
+`TBPTTTrainer` walks long streams in chunks of k1 steps and backpropagates through windows of k2 >= k1 steps
+(Williams & Peng's TBPTT(k1, k2)); k1 == k2 is ordinary truncation. Around that loop:
+
+  * adaptive truncation: the per-timestep gradient norms of the telemetry give the decay of ‖∂L/∂h_{t-k}‖ with
+    the lag k; the trainer picks the smallest lag whose relative gradient bias is below a target (in the spirit of
+    Aicher, Foti & Fox, UAI 2019), smoothed and bounded;
+  * non-finite steps are skipped on the device: parameters and optimizer state stay bit-identical, nothing waits
+    for the GPU; the event and its first location are read later, in a batch;
+  * checkpoints hold everything needed to continue bit for bit, written atomically;
+  * under DistributedDataParallel the non-finite flag (and the adaptive estimate) is reduced across ranks.
+
+Sections: data and state helpers · non-finite skipping · truncation estimates · residual probe · evidence for the
+doctor · the trainer · checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import random
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .monitor import History, Monitor, atomic_write, find_lstms, unwrap_model
+
+CHECKPOINT_FORMAT = "fastlstm.tbptt/1"
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by `TBPTTTrainer.fit` with on_nonfinite="stop" once a non-finite step has been read back."""
+
+    def __init__(self, message: str, event: dict):
+        super().__init__(message)
+        self.event = event
+
+
+# ---- data and state helpers ----
+
+
+class _Streams(NamedTuple):
+    """One batch of streams: every row of `inputs`/`targets` is one long sequence, `lengths[b]` steps long."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    lengths: list  # host ints
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+
+class _Chunk(NamedTuple):
+    """One chunk: its new steps [first, end), its window [start, end), where the next window starts."""
+
+    start: int
+    first: int
+    end: int
+    next_start: int
+    rows: torch.Tensor | None  # indices of the rows still alive (None: all)
+    flat_index: torch.Tensor | None  # valid positions among the flattened chunk (None: all)
+    inputs: torch.Tensor  # the window's inputs
+    targets: torch.Tensor  # the chunk's targets
+
+
+def _as_batches(data, batch_first: bool) -> list:
+    """Normalise `(inputs, targets[, lengths])` or a sequence of such tuples into a list of `_Streams`."""
+    if isinstance(data, (tuple, list)) and 2 <= len(data) <= 3 and isinstance(data[0], torch.Tensor):
+        data = [data]
+    batches = []
+    for item in data:
+        inputs, targets, *rest = item
+        lengths = rest[0] if rest else None
+        if inputs.dim() < 2 or targets.dim() < 2:
+            raise ValueError("inputs and targets need a batch and a time dimension")
+        rows, steps = (inputs.shape[0], inputs.shape[1]) if batch_first else (inputs.shape[1], inputs.shape[0])
+        if tuple(targets.shape[:2]) != tuple(inputs.shape[:2]):
+            raise ValueError(f"targets {tuple(targets.shape)} do not match inputs {tuple(inputs.shape)} in batch/time")
+        if lengths is None:
+            lengths = [steps] * rows
+        else:  # read once, before training: lengths belong on the host
+            lengths = [int(v) for v in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+            if len(lengths) != rows or min(lengths) < 1 or max(lengths) > steps:
+                raise ValueError(f"lengths must be {rows} values in [1, {steps}]")
+        batches.append(_Streams(inputs, targets, lengths))
+    if not batches:
+        raise ValueError("no data")
+    return batches
+
+
+def _map_tensors(fn: Callable, obj):
+    """Apply `fn` to every tensor of a nested tuple/list/dict (a model's recurrent state)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(fn, v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _tensors(obj) -> list:
+    found = []
+    _map_tensors(found.append, obj)
+    return found
+
+
+def detach_state(state):
+    return _map_tensors(lambda t: t.detach(), state)
+
+
+def select_rows(state, index: torch.Tensor):
+    """Keep the rows `index` of a state in nn.LSTM's layout (batch on dimension 1)."""
+    return _map_tensors(lambda t: t.index_select(1, index) if t.dim() >= 2 else t, state)
+
+
+def reset_nonfinite_rows(state):
+    """Rows (streams) whose state holds a NaN/inf restart from zeros, as at the start of a stream: a poisoned
+    input would otherwise poison every later chunk of that stream. Device operations only."""
+    tensors = [t for t in _tensors(state) if t.dim() >= 2 and t.is_floating_point()]
+    if not tensors:
+        return state
+    ok = None
+    for t in tensors:
+        row_ok = torch.isfinite(t).transpose(0, 1).reshape(t.shape[1], -1).all(dim=1)
+        ok = row_ok if ok is None else ok & row_ok
+
+    def fix(t):
+        if t.dim() < 2 or not t.is_floating_point():
+            return t
+        shape = [1] * t.dim()
+        shape[1] = -1
+        return torch.where(ok.view(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    return _map_tensors(fix, state)
+
+
+# ---- non-finite skipping ----
+
+
+class StepGuard:
+    """`optimizer.step()` that becomes a no-op when a device flag is set, without reading the flag on the host.
+
+    Fused Adam/AdamW take the flag natively (`found_inf`, as under GradScaler). Any other optimizer steps as usual
+    and then every parameter and state tensor is put back with `torch.where(skip, before, after)`, which restores
+    the exact bits. State created by a skipped first step is reset to zeros (the initial state of Adam, AdamW,
+    RMSprop and momentum SGD without dampening).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.native = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+            g.get("fused") for g in optimizer.param_groups
+        )
+        self._warned = False
+
+    def step(self, skip: torch.Tensor) -> None:
+        if self.native:
+            self.optimizer.found_inf = skip.to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            before = [p.detach().clone() for p in params]
+            state_before = [_tensor_state(self.optimizer.state.get(p), clone=True) for p in params]
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old in zip(params, before):
+                p.copy_(torch.where(skip, old, p))
+            for p, old_state in zip(params, state_before):
+                for key, value in (self.optimizer.state.get(p) or {}).items():
+                    self._restore(skip, key, value, old_state.get(key))
+
+    def _restore(self, skip, key, value, old) -> None:
+        if not isinstance(value, torch.Tensor) or value.device != skip.device:
+            # A host value (Adam's `step` without capturable=True on a GPU) cannot follow a device flag without
+            # a synchronisation; the parameters are still restored exactly.
+            if not self._warned:
+                warnings.warn(
+                    f"optimizer state {key!r} is not a tensor on {skip.device}: it advances on skipped "
+                    "steps (use fused=True or capturable=True for exact skips)",
+                    stacklevel=3,
+                )
+                self._warned = True
+            return
+        value.copy_(torch.where(skip, torch.zeros_like(value) if old is None else old, value))
+
+
+def _tensor_state(state, clone: bool) -> dict:
+    if not state:
+        return {}
+    return {k: (v.clone() if clone else v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+# ---- truncation estimates from the gradient norms ----
+
+
+class DependencyEstimate(NamedTuple):
+    rate: float  # fitted per-step decay of ‖∂L/∂h_{t-k}‖ over the last half of the measured lags (>= 1: none)
+    dependency: float  # smallest lag whose relative gradient bias is <= the target (inf without decay)
+    bias: float  # relative gradient bias of the truncation that was measured (mass beyond its last lag)
+
+
+def estimate_dependency(lag_profile, target_bias: float) -> DependencyEstimate | None:
+    """How far back gradients matter, from g[k] = ‖∂L/∂h‖ at lag k = 0..m before the first loss of a window.
+
+    The relative bias of truncating at lag k is the gradient mass beyond k over the total, with the measured
+    values up to m and a geometric tail beyond m (rate fitted on the last half of the profile):
+    bias(k) = (Σ_{k<j<=m} g_j + T) / (Σ_{j<=m} g_j + T), T = g_m·β/(1-β). Returns None when the profile is too
+    short (m < 2) or not usable (non-finite, zero).
+    """
+    g = np.asarray(lag_profile, dtype=np.float64)
+    if g.size < 3 or not np.all(np.isfinite(g)) or g[0] <= 0:
+        return None
+    g = np.maximum(g, g[0] * 1e-12)  # logs of exact zeros
+    m = g.size - 1
+    lags = np.arange(max(1, m // 2), m + 1)
+    slope = np.polyfit(lags, np.log(g[lags]), 1)[0]
+    rate = float(math.exp(slope))
+    if rate >= 1.0:
+        return DependencyEstimate(rate, math.inf, 1.0)
+    beyond = g[m] * rate / (1.0 - rate)
+    total = g.sum() + beyond
+    after = np.append(np.cumsum(g[::-1])[::-1][1:], 0.0) + beyond  # mass beyond lag k, k = 0..m
+    bias = after / total
+    within = np.flatnonzero(bias <= target_bias)
+    if within.size:
+        dependency = float(within[0])
+    else:  # beyond the measured lags: beyond·β^(k-m) <= target·total
+        dependency = float(m + math.ceil(math.log(target_bias * total / beyond) / math.log(rate)))
+    return DependencyEstimate(rate, dependency, float(bias[m]))
+
+
+class AdaptiveTruncation:
+    """Chooses the backpropagation lag (k2 - k1) from dependency estimates: an exponential moving average of the
+    gradient-decay estimates (starting from the initial lag), raised to the residual floor (the farthest lag at
+    which the residual probe still sees an unexplained dependency), rounded up, bounded to [k_min, k_max], and
+    changed only when it moves by at least max(1, lag / 8)."""
+
+    def __init__(
+        self, k_min: int, k_max: int, target_bias: float = 0.1, smoothing: float = 0.7, initial: int | None = None
+    ):
+        if not 2 <= k_min <= k_max:
+            raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+        if not 0 < target_bias < 1 or not 0 <= smoothing < 1:
+            raise ValueError("target_bias must be in (0, 1) and smoothing in [0, 1)")
+        self.k_min, self.k_max = int(k_min), int(k_max)
+        self.target_bias = float(target_bias)
+        self.smoothing = float(smoothing)
+        # Start long: a dependency the model has not learned yet cannot show in its gradients.
+        self.lag = int(min(max(initial if initial is not None else k_max, k_min), k_max))
+        self.dependency: float = float(self.lag)
+        self.rate: float | None = None
+        self.floor: int = 0
+
+    def observe(self, dependency: float | None, rate: float | None, floor: int | None = None) -> bool:
+        """Fold in one window's estimate (the largest over the monitored layers; None: no estimate) and the
+        latest residual floor (None: unchanged); True when the lag changed."""
+        s = self.smoothing
+        if dependency is not None:
+            dependency = min(dependency, 2.0 * self.k_max)  # infinity (no decay seen): "far beyond k_max"
+            self.dependency = s * self.dependency + (1 - s) * dependency
+        if rate is not None:
+            rate = min(rate, 1.0)
+            self.rate = rate if self.rate is None else s * self.rate + (1 - s) * rate
+        if floor is not None:
+            self.floor = int(floor)
+        wanted = max(math.ceil(self.dependency - 1e-9), self.floor)
+        target = int(min(max(wanted, self.k_min), self.k_max))
+        if abs(target - self.lag) >= max(1, self.lag // 8):
+            self.lag = target
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"lag": self.lag, "dependency": self.dependency, "rate": self.rate, "floor": self.floor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lag, self.dependency, self.rate = int(state["lag"]), float(state["dependency"]), state["rate"]
+        self.floor = int(state["floor"])
+
+
+# ---- residual probe: dependencies the model has not learned ----
+
+
+class ResidualProbe:
+    """Correlation between the loss gradient w.r.t. the model's outputs (the residual) and the inputs k steps
+    earlier, k = 0..lags, accumulated on the device.
+
+    The gradient norms only show dependencies the model already uses; a truncation shorter than the data's
+    dependency keeps the model from learning it, so its gradients look short. The residual still correlates with
+    the input it should have used: Σ e_t x_{t-k}ᵀ is the gradient a direct connection from lag k would receive.
+    Inputs and outputs wider than `dims` are reduced by a fixed random projection.
+    """
+
+    def __init__(self, lags: int, dims: int = 8):
+        self.lags = int(lags)
+        self.dims = int(dims)
+        self.count = 0
+        self.sums = None  # [cross (F, O, lags+1), residual energy (O,), input energy (F, lags+1)], float64
+        self._projections: dict = {}
+
+    def watch(self, pred: torch.Tensor, lagged_inputs: torch.Tensor, steps: int, flat_index, batch_first: bool):
+        """Register a hook on `pred` (the tensor given to the loss). lagged_inputs: [rows, lags + steps, F], the
+        inputs from `lags` steps before the chunk to its end, zero before the stream start."""
+        if not pred.requires_grad:
+            return
+        rows = lagged_inputs.shape[0]
+        self.count += pred.shape[0]
+
+        def hook(grad):
+            with torch.no_grad():
+                self._accumulate(grad, lagged_inputs, rows, steps, flat_index, batch_first)
+
+        pred.register_hook(hook)
+
+    def _accumulate(self, grad, x, rows, steps, flat_index, batch_first):
+        e = grad.detach().reshape(grad.shape[0], -1).float()
+        mask = None
+        if flat_index is not None:  # ragged chunk: scatter the valid positions back into the padded layout
+            full = e.new_zeros(rows * steps, e.shape[1])
+            e = full.index_copy_(0, flat_index, e)
+            mask = e.new_zeros(rows * steps).index_fill_(0, flat_index, 1.0)
+        e = e.view(rows, steps, -1) if batch_first else e.view(steps, rows, -1).transpose(0, 1)
+        if mask is None:
+            mask = e.new_ones(rows, steps)
+        else:
+            mask = mask.view(rows, steps) if batch_first else mask.view(steps, rows).t()
+        e = self._project("out", e)
+        x = self._project("in", x.float())
+        inputs = x.permute(2, 0, 1).contiguous()  # [F, rows, lags + steps]
+        # conv1d(input [F, rows, L+n], weight [O, rows, n])[f, o, j] = Σ_b Σ_t e[b,t,o]·x[b, j+t, f]; j = lags - k.
+        cross = F.conv1d(inputs, e.permute(2, 0, 1).contiguous()).flip(-1)
+        input_energy = F.conv1d(inputs * inputs, mask.unsqueeze(0)).flip(-1)[:, 0]
+        residual_energy = (e * e).sum(dim=(0, 1))
+        current = [cross.double(), residual_energy.double(), input_energy.double()]
+        self.sums = current if self.sums is None else [a + b for a, b in zip(self.sums, current)]
+
+    def _project(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        width = t.shape[-1]
+        if width <= self.dims:
+            return t
+        key = (kind, width, t.device)
+        if key not in self._projections:
+            # Its own generator: the global RNG (dropout) must not notice the probe.
+            gen = torch.Generator().manual_seed(1234 + width)
+            self._projections[key] = torch.randn(width, self.dims, generator=gen).to(t.device)
+        return t @ self._projections[key]
+
+    def take(self):
+        """(count, [cross, residual energy, input energy]) since the previous take, or None."""
+        if self.sums is None or self.count == 0:
+            self.sums, self.count = None, 0
+            return None
+        taken = (self.count, self.sums)
+        self.sums, self.count = None, 0
+        return taken
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "sums": self.sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.sums = int(state["count"]), state["sums"]
+
+
+def residual_dependencies(correlation, noise: float, *, z: float = 5.0, min_correlation: float = 0.05):
+    """Lags whose residual correlation is significant (above z·noise and min_correlation) and at least half the
+    largest one, ascending."""
+    r = np.nan_to_num(np.asarray(correlation, dtype=np.float64))
+    threshold = max(z * noise, min_correlation, 0.5 * r.max(initial=0.0))
+    return np.flatnonzero(r > threshold)
+
+
+def correlation_by_lag(cross: np.ndarray, residual_energy: np.ndarray, input_energy: np.ndarray) -> np.ndarray:
+    """max over (output, input feature) of |correlation| for each lag."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = np.sqrt(input_energy[:, None, :] * residual_energy[None, :, None])
+        corr = np.where(denom > 0, np.abs(cross) / denom, 0.0)
+    return np.nan_to_num(corr.max(axis=(0, 1)), nan=0.0)
+
+
+# ---- evidence for the doctor ----
+
+
+def truncation_evidence(
+    history, *, z: float = 5.0, min_correlation: float = 0.05, bias_threshold: float = 0.25
+) -> dict | None:
+    """Evidence that the truncation in force is shorter than the dependencies in the data, or None.
+
+    Two sources, the first that fires wins:
+      residual_correlation: in the latest `dependency` entry, the residual correlates with the input at some lag
+        >= k2 (no loss of a window reaches that far) above z/sqrt(count) and min_correlation, and at least half as
+        much as at any lag (`residual_dependencies`); the farthest such lag is the estimated dependency;
+      gradient_decay: over the latter half of the `truncation_estimates` for the k2 in force, the median relative
+        gradient bias (mass beyond the measured lag) exceeds bias_threshold.
+    Keys: k (k2 in force), k1, lag (k2 - k1), estimated_dependency (steps), source, lstm (name or None), step, and
+    correlation/noise or bias/rate.
+    """
+    h = history if isinstance(history, History) else History.from_dict(history)
+    truncations = h.events_of("truncation")
+    if not truncations:
+        return None
+    detail = truncations[-1]["detail"]
+    k1, k2 = int(detail["k1"]), int(detail["k2"])
+    base = {"k": k2, "k1": k1, "lag": k2 - k1}
+    single = next(iter(h.lstms)) if len(h.lstms) == 1 else None
+
+    probes = [e for e in h.extra.get("dependency", []) if e.get("count", 0) > 0 and int(e.get("k2", -1)) == k2]
+    if probes:
+        latest = max(probes, key=lambda e: e["step"])
+        r = np.nan_to_num(np.asarray(latest["correlation"], dtype=np.float64))
+        significant = residual_dependencies(r, float(latest["noise"]), z=z, min_correlation=min_correlation)
+        beyond = significant[significant >= k2]
+        if beyond.size:
+            lag = int(beyond[-1])
+            return {
+                **base,
+                "estimated_dependency": lag,
+                "source": "residual_correlation",
+                "lstm": single,
+                "step": latest["step"],
+                "correlation": float(r[lag]),
+                "noise": float(latest["noise"]),
+            }
+
+    estimates = sorted(
+        (e for e in h.extra.get("truncation_estimates", []) if int(e["k2"]) == k2), key=lambda e: e["step"]
+    )
+    recent = estimates[len(estimates) // 2 :]
+    if recent:
+        bias = float(np.median([e["bias"] for e in recent]))
+        if bias > bias_threshold:
+            dependency = float(np.median([e["estimated_dependency"] for e in recent]))
+            worst = max(recent, key=lambda e: e["bias"])
+            return {
+                **base,
+                "estimated_dependency": dependency,
+                "source": "gradient_decay",
+                "lstm": worst["lstm"],
+                "step": recent[-1]["step"],
+                "bias": bias,
+                "rate": float(np.median([e["rate"] for e in recent])),
+            }
+    return None
+
+
+# ---- the trainer ----
+
+
+class TBPTTTrainer:
+    """Truncated-BPTT training of `model` on long streams (docs/training.md).
+
+    Args:
+      model:      callable as `model(inputs, state) -> (outputs, state)`; `state` is None at a stream start, and
+                  any nest of tensors in nn.LSTM's layout (batch on dimension 1) afterwards, e.g. a bare
+                  fastlstm.LSTM. May be wrapped in DistributedDataParallel.
+      optimizer, loss_fn: `loss_fn(outputs, targets)` gets the chunk's valid positions flattened to [N, ...].
+      k1:         steps per chunk (one optimizer step per chunk).
+      k2:         steps backpropagated per window, >= k1 (default k1). Ignored when adaptive.
+      adaptive:   choose k2 = k1 + lag with the lag in [k_min, k_max] from the telemetry (default bounds 2, 8·k1).
+      target_bias, smoothing, k_init: the adaptive controller (see AdaptiveTruncation).
+      scheduler:  an LR scheduler stepped per chunk (scheduler_interval="chunk") or per epoch ("epoch");
+                  ReduceLROnPlateau is stepped with the validation loss.
+      clip_grad_norm: clip the global gradient 2-norm to this value.
+      on_nonfinite: "skip" (skip the step on the device and continue) or "stop" (skip every step from the first
+                  non-finite one and raise NonFiniteError at the next batched read).
+      telemetry_every, read_every: the Monitor's window and read periods, in chunks.
+      dependency_lags: lags of the residual probe (None: automatic, 0: off).
+      validate_every: validate every this many chunks (and at each epoch end) when fit gets val_data.
+      checkpoint_path, checkpoint_every: save a checkpoint every this many chunks (and at the end of fit).
+      batch_first: layout of the data; default: that of the first fastlstm.LSTM in the model.
+      shuffle, seed: visit the batches of streams in a per-epoch permutation drawn from (seed, epoch).
+      process_group: for the cross-rank reductions under DDP (default: the world).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        *,
+        k1: int,
+        k2: int | None = None,
+        adaptive: bool = False,
+        k_min: int = 2,
+        k_max: int | None = None,
+        k_init: int | None = None,
+        target_bias: float = 0.1,
+        smoothing: float = 0.7,
+        scheduler=None,
+        scheduler_interval: str = "chunk",
+        clip_grad_norm: float | None = None,
+        on_nonfinite: str = "skip",
+        telemetry_every: int = 10,
+        read_every: int = 50,
+        dependency_lags: int | None = None,
+        validate_every: int | None = None,
+        val_chunk: int | None = None,
+        checkpoint_path: str | None = None,
+        checkpoint_every: int | None = None,
+        batch_first: bool | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        process_group=None,
+        monitor: Monitor | None = None,
+    ):
+        if k1 < 1:
+            raise ValueError("k1 must be >= 1")
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError("on_nonfinite must be 'skip' or 'stop'")
+        if scheduler_interval not in ("chunk", "epoch"):
+            raise ValueError("scheduler_interval must be 'chunk' or 'epoch'")
+        self.model = model
+        self.core = unwrap_model(model)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.k1 = int(k1)
+        self.adaptive = None
+        if adaptive:
+            k_max = int(k_max if k_max is not None else 8 * self.k1)
+            self.adaptive = AdaptiveTruncation(k_min, k_max, target_bias, smoothing, k_init)
+            self._lag = self.adaptive.lag
+        else:
+            k2 = self.k1 if k2 is None else int(k2)
+            if k2 < self.k1:
+                raise ValueError(f"k2 ({k2}) must be >= k1 ({self.k1})")
+            self._lag = k2 - self.k1
+        self.target_bias = float(target_bias)
+        self.scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.clip_grad_norm = clip_grad_norm
+        self.on_nonfinite = on_nonfinite
+        self.validate_every = validate_every
+        self.val_chunk = val_chunk
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
+        self.shuffle, self.seed = shuffle, int(seed)
+        self.process_group = process_group
+        self.lstms = find_lstms(model)
+        if batch_first is None:
+            batch_first = next(iter(self.lstms.values())).batch_first if self.lstms else False
+        self.batch_first = bool(batch_first)
+        self.monitor = monitor or Monitor(model, every=telemetry_every, read_every=read_every, grad_norm=False)
+        self.monitor.listeners.append(self._on_telemetry)
+        if dependency_lags is None:
+            longest = self.k1 + (self.adaptive.k_max if self.adaptive else self._lag)
+            dependency_lags = min(256, max(32, 4 * longest))
+        self.probe = ResidualProbe(dependency_lags) if dependency_lags else None
+        self._guard = StepGuard(optimizer)
+        self._params = [p for p in self.core.parameters() if p.requires_grad]
+        self._latched = None  # on_nonfinite="stop": device flag, set from the first non-finite step on
+        self._pos = [0, 0, 0]  # epoch, batch (index into the epoch's order), time step within the batch's streams
+        self._chunks = 0
+        self._reset_streams()
+        self._geometry: dict = {}  # step -> (overlap, window length), to keep telemetry windows of one shape
+        self._estimates: list = []  # (dependency, rate) collected since the last adaptive decision
+        self._residual_floor = None  # farthest significant residual lag of the latest probe entry
+        self._row_index_cache: dict = {}
+        self.monitor.event("truncation", self._truncation_detail(), step=self.monitor.step_count)
+
+    # ---- public ----
+
+    @property
+    def k2(self) -> int:
+        return self.k1 + self._lag
+
+    @property
+    def history(self) -> History:
+        return self.monitor.history
+
+    @property
+    def chunks(self) -> int:
+        """Chunks (optimizer steps) trained so far, over all fit calls and resumes."""
+        return self._chunks
+
+    def fit(self, data, epochs: int = 1, *, val_data=None, max_chunks: int | None = None) -> History:
+        """Train until `epochs` epochs are complete, continuing from where the trainer stands (after a resume,
+        or a previous call stopped by `max_chunks`). Pass the same data every time. Returns the history; with
+        max_chunks, the live one (values still in flight are read by `trainer.history`)."""
+        batches = _as_batches(data, self.batch_first)
+        trained = 0
+        while self._pos[0] < epochs:
+            order = self._batch_order(len(batches), self._pos[0])
+            while self._pos[1] < len(batches):
+                streams = batches[order[self._pos[1]]]
+                while self._pos[2] < streams.longest:
+                    if max_chunks is not None and trained >= max_chunks:
+                        return self.monitor.live_history
+                    self._train_chunk(streams)
+                    trained += 1
+                    self._after_chunk(val_data)
+                self._pos[1] += 1
+                self._pos[2] = 0
+                self._reset_streams()
+            self._end_epoch(val_data)
+        if self.checkpoint_path is not None:
+            self.save_checkpoint()
+        return self.monitor.history
+
+    def validate(self, val_data) -> tuple:
+        """(validation loss, {subset: loss}) as device tensors: the position-weighted mean of loss_fn over the
+        streams, run in eval mode by chunks without gradients. `val_data` is streams data, or a dict of named
+        subsets of it (whose losses become `subset_losses`)."""
+        subsets = val_data if isinstance(val_data, dict) else {None: val_data}
+        was_training = self.model.training
+        self.model.eval()
+        totals = {}
+        try:
+            with torch.no_grad(), self._quiet():
+                for name, data in subsets.items():
+                    totals[name] = self._validation_sums(_as_batches(data, self.batch_first))
+        finally:
+            self.model.train(was_training)
+        totals = self._all_reduce_sums(totals)
+        losses = {name: total / count for name, (total, count) in totals.items()}
+        overall = sum(total for total, _ in totals.values()) / sum(count for _, count in totals.values())
+        return overall, ({} if None in subsets else losses)
+
+    # ---- one chunk ----
+
+    def _train_chunk(self, streams: _Streams) -> None:
+        chunk = self._plan(streams)
+        carry = None
+        if chunk.start < chunk.next_start < chunk.end:  # the next window starts inside this one
+            carry = self._carry_pass(self._time(chunk.inputs, 0, chunk.next_start - chunk.start), self._start_state)
+        loss, target, state = self._window_loss(streams, chunk)
+        mean_loss, norm, skip, lr = self._optimizer_step(loss)
+        if chunk.next_start == chunk.end:
+            new_start = detach_state(state)
+        else:
+            new_start = carry if chunk.next_start > chunk.start else self._start_state
+        self._start_state = None if new_start is None else reset_nonfinite_rows(new_start)
+        self._start_pos = chunk.next_start
+        self._pos[2] = chunk.end
+        self._chunks += 1
+        step = self.monitor.step_count
+        # Recorded before step(), which may close the telemetry window that this chunk ends.
+        self._geometry[step] = (chunk.first - chunk.start, chunk.end - chunk.start)
+        if self.probe is not None and (step + 1) % self.monitor.read_every == 0:
+            self._record_probe(step)  # queued now, it travels with the batch that step() is about to read
+        self.monitor.step(loss=mean_loss, lr=lr, grad_norm=norm, skipped=skip, targets=target.detach())
+
+    def _plan(self, streams: _Streams) -> _Chunk:
+        """Where the chunk and its window lie, the rows still alive, and their inputs and targets."""
+        s = self._pos[2]
+        rows = [b for b, length in enumerate(streams.lengths) if length > s]
+        n = min(self.k1, max(streams.lengths[b] for b in rows) - s)
+        device = streams.inputs.device
+        index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
+        self._align_rows(rows, device)
+        w = self._start_pos
+        valid = [min(streams.lengths[b] - s, n) for b in rows]
+        return _Chunk(
+            start=w,
+            first=s,
+            end=s + n,
+            next_start=max(w, s + n - self._lag),
+            rows=index,
+            flat_index=None if min(valid) == n else self._flat_index(valid, n, device),
+            inputs=self._slice(streams.inputs, index, w, s + n),
+            targets=self._slice(streams.targets, index, s, s + n),
+        )
+
+    def _window_loss(self, streams: _Streams, chunk: _Chunk) -> tuple:
+        """Forward over the window from the carried state; the loss on the chunk's valid positions."""
+        out, state = self.model(chunk.inputs, self._start_state)
+        offset = chunk.first - chunk.start
+        pred = self._flatten(self._time(out, offset, offset + chunk.end - chunk.first))
+        target = self._flatten(chunk.targets)
+        if chunk.flat_index is not None:
+            pred, target = pred.index_select(0, chunk.flat_index), target.index_select(0, chunk.flat_index)
+        if self.probe is not None and self._probe_applies(streams):
+            steps = chunk.end - chunk.first
+            lagged = self._lagged_inputs(streams, chunk.rows, chunk.first, steps)
+            self.probe.watch(pred, lagged, steps, chunk.flat_index, self.batch_first)
+        return self.loss_fn(pred, target), target, state
+
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple:
+        """Backward, norm, non-finite flag, clipping, then the step (or its skip) and the scheduler, all on the
+        device. Returns (loss as reported, gradient norm, skip flag, learning rate used)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+        reduced = self._reduce_flag(loss.detach(), bad)  # asynchronous across ranks; waited just before the step
+        if self.clip_grad_norm is not None and grads:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.clip_grad_norm, norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        mean_loss, skip = reduced()
+        if self.on_nonfinite == "stop":
+            skip = skip if self._latched is None else skip | self._latched
+            self._latched = skip
+        self._guard.step(skip)
+        if self.scheduler is not None and self.scheduler_interval == "chunk" and not _is_plateau(self.scheduler):
+            self.scheduler.step()
+        return mean_loss, norm, skip, lr
+
+    def _after_chunk(self, val_data) -> None:
+        monitor = self.monitor
+        if monitor.step_count % monitor.every == 0:
+            self._adapt()
+            # A window still to be decoded spans at most the last two periods (one more on CUDA, where a
+            # window is decoded at the next boundary).
+            horizon = monitor.step_count - 3 * monitor.every
+            self._geometry = {k: v for k, v in self._geometry.items() if k >= horizon}
+        if self.on_nonfinite == "stop" and monitor.skipped_steps:
+            self._stop()
+        if val_data is not None and self.validate_every and self._chunks % self.validate_every == 0:
+            self._record_validation(val_data)
+        if self.checkpoint_path is not None and self.checkpoint_every and self._chunks % self.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _end_epoch(self, val_data) -> None:
+        epoch = self._pos[0]
+        if val_data is not None:
+            self._record_validation(val_data, epoch=epoch + 1)
+        if self.scheduler is not None and self.scheduler_interval == "epoch" and not _is_plateau(self.scheduler):
+            self.scheduler.step()
+        self._pos = [epoch + 1, 0, 0]
+        self._reset_streams()
+
+    def _carry_pass(self, x, state):
+        """Forward over the first steps of the window, for the next window's start state: no gradient, no
+        telemetry, no input statistics (the window's own forward records them)."""
+        with torch.no_grad(), self._quiet():
+            _, carry = self.core(x, state)
+        return detach_state(carry)
+
+    # ---- truncation ----
+
+    def _on_telemetry(self, windows: list) -> None:
+        """Monitor listener: estimate the dependency from every closed telemetry window of one geometry."""
+        for name, first, last, snap in windows:
+            geometry = self._uniform_geometry(first, last)
+            if geometry is None or geometry[0] < 2:
+                continue
+            overlap, length = geometry
+            for layer in snap.layers:
+                g = layer.grad_norm_per_step
+                if layer.direction != 0 or g.size <= overlap:
+                    continue
+                estimate = estimate_dependency(g[overlap::-1], self.target_bias)
+                if estimate is None:
+                    continue
+                self.monitor.live_history.add(
+                    "truncation_estimates",
+                    {
+                        "step": last,
+                        "first_step": first,
+                        "lstm": name,
+                        "layer": layer.layer,
+                        "k1": length - overlap,
+                        "k2": length,
+                        "lag": overlap,
+                        "rate": estimate.rate,
+                        "estimated_dependency": estimate.dependency,
+                        "bias": estimate.bias,
+                    },
+                )
+                self._estimates.append((estimate.dependency, estimate.rate))
+
+    def _uniform_geometry(self, first: int, last: int):
+        shapes = {self._geometry.get(step) for step in range(first, last + 1)}
+        return shapes.pop() if len(shapes) == 1 and None not in shapes else None
+
+    def _adapt(self) -> None:
+        """At a telemetry boundary: fold the collected estimates and the residual floor into the controller. Every
+        rank takes the same decision: the values are reduced with a max first."""
+        if self.adaptive is None:
+            self._estimates.clear()
+            return
+        dependency = max((d for d, _ in self._estimates), default=-1.0)
+        rate = max((r for _, r in self._estimates), default=-1.0)
+        floor = -1.0 if self._residual_floor is None else float(self._residual_floor)
+        self._estimates.clear()
+        self._residual_floor = None
+        if self._world() > 1:
+            values = torch.tensor([min(dependency, 1e30), rate, floor], dtype=torch.float64, device=self._device())
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.process_group)
+            dependency, rate, floor = values.tolist()  # a periodic read, once per telemetry window
+        if self.adaptive.observe(
+            dependency if dependency >= 0 else None, rate if rate >= 0 else None, int(floor) if floor >= 0 else None
+        ):
+            self._lag = self.adaptive.lag
+            self.monitor.event("truncation", self._truncation_detail())
+
+    def _truncation_detail(self) -> dict:
+        detail = {"k1": self.k1, "k2": self.k2, "adaptive": self.adaptive is not None}
+        if self.adaptive is not None:
+            a = self.adaptive
+            detail.update(
+                lag=a.lag,
+                k_min=a.k_min,
+                k_max=a.k_max,
+                target_bias=a.target_bias,
+                estimated_dependency=a.dependency,
+                rate=a.rate,
+                residual_floor=a.floor,
+            )
+        return detail
+
+    # ---- residual probe ----
+
+    def _probe_applies(self, streams: _Streams) -> bool:
+        return streams.inputs.dim() == 3 and streams.inputs.is_floating_point()
+
+    def _lagged_inputs(self, streams: _Streams, index, s: int, n: int) -> torch.Tensor:
+        lags = self.probe.lags
+        lo = max(0, s - lags)
+        x = self._slice(streams.inputs, index, lo, s + n).detach()
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        return F.pad(x, (0, 0, lags - (s - lo), 0))  # zeros before the stream start
+
+    def _record_probe(self, step: int) -> None:
+        taken = self.probe.take()
+        if taken is None:
+            return
+        count, sums = taken
+        entry = {
+            "step": step,
+            "count": count,
+            "k1": self.k1,
+            "k2": self.k2,
+            "lags": self.probe.lags,
+            "noise": 1.0 / math.sqrt(count),
+        }
+
+        def record(cross, residual_energy, input_energy):
+            r = correlation_by_lag(cross, residual_energy, input_energy)
+            entry["correlation"] = r.tolist()
+            self.monitor.live_history.add("dependency", entry)
+            significant = residual_dependencies(r, entry["noise"])
+            self._residual_floor = int(significant[-1]) if significant.size else 0
+
+        self.monitor.defer(sums, record)
+
+    # ---- non-finite ----
+
+    def _reduce_flag(self, loss: torch.Tensor, bad: torch.Tensor) -> Callable:
+        """Start the cross-rank reduction of (loss, non-finite flag); the returned function waits for it."""
+        world = self._world()
+        if world == 1:
+            return lambda: (loss, bad)
+        both = torch.stack((loss.to(torch.float64), bad.to(torch.float64)))
+        work = dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+
+        def finish():
+            work.wait()  # on NCCL this orders the stream, it does not block the host
+            return both[0] / world, both[1] > 0
+
+        return finish
+
+    def _stop(self) -> None:
+        self.monitor.flush()
+        first = min(self.monitor.skipped_steps)
+        skipped = self.monitor.live_history.events_of("nonfinite_step_skipped")
+        where = next((e["detail"].get("first_nonfinite") for e in skipped if e["step"] == first), None)
+        event = self.monitor.event("nonfinite_stop", {"first_step": first, "first_nonfinite": where})
+        if self.checkpoint_path is not None:
+            self.save_checkpoint()
+        raise NonFiniteError(f"non-finite loss or gradient at step {first}; no update applied since", event)
+
+    # ---- validation ----
+
+    def _record_validation(self, val_data, epoch: int | None = None) -> None:
+        loss, subsets = self.validate(val_data)
+        self.monitor.evaluate(loss, subset_losses=subsets or None, epoch=epoch)
+        if self.scheduler is not None and _is_plateau(self.scheduler):
+            self.scheduler.step(float(loss))  # ReduceLROnPlateau needs the number: one read per validation
+
+    def _validation_sums(self, batches: list) -> tuple:
+        chunk = self.val_chunk or self.k1
+        total, count = None, 0
+        for streams in batches:
+            state = None
+            device = streams.inputs.device
+            for s in range(0, streams.longest, chunk):
+                n = min(chunk, streams.longest - s)
+                out, state = self.core(self._slice(streams.inputs, None, s, s + n), state)
+                valid = [max(0, min(length - s, n)) for length in streams.lengths]
+                pred, target = self._flatten(out), self._flatten(self._slice(streams.targets, None, s, s + n))
+                if min(valid) < n:
+                    flat = self._flat_index(valid, n, device)
+                    pred, target = pred.index_select(0, flat), target.index_select(0, flat)
+                positions = sum(valid)
+                if positions:
+                    part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
+                    total = part if total is None else total + part
+                    count += positions
+        return total, count
+
+    def _all_reduce_sums(self, totals: dict) -> dict:
+        if self._world() == 1:
+            return totals
+        names = list(totals)
+        packed = torch.stack(
+            [
+                torch.stack(
+                    (totals[k][0], torch.tensor(float(totals[k][1]), dtype=torch.float64, device=totals[k][0].device))
+                )
+                for k in names
+            ]
+        )
+        dist.all_reduce(packed, group=self.process_group)
+        return {k: (packed[i, 0], packed[i, 1]) for i, k in enumerate(names)}
+
+    # ---- checkpoints ----
+
+    def state_dict(self) -> dict:
+        """Everything the continuation depends on. Reads the history first (one synchronisation)."""
+        self.monitor.flush()  # first: reading closes windows, which feeds the truncation estimates saved below
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": {"k1": self.k1, "adaptive": self.adaptive is not None, "batch_first": self.batch_first},
+            "model": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "position": {
+                "pos": list(self._pos),
+                "chunks": self._chunks,
+                "rows": self._rows,
+                "start_pos": self._start_pos,
+                "start_state": self._start_state,
+            },
+            "truncation": {
+                "lag": self._lag,
+                "controller": None if self.adaptive is None else self.adaptive.state_dict(),
+                "estimates": list(self._estimates),
+                "geometry": sorted(self._geometry.items()),
+                "residual_floor": self._residual_floor,
+            },
+            "latched": self._latched,
+            "probe": None if self.probe is None else self.probe.state_dict(),
+            "rng": _rng_state(),
+            "monitor": self.monitor.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a TBPTTTrainer checkpoint (format {state.get('format')!r})")
+        config = state["config"]
+        if config["k1"] != self.k1 or config["adaptive"] != (self.adaptive is not None):
+            raise ValueError(f"checkpoint was written with k1={config['k1']}, adaptive={config['adaptive']}")
+        self.core.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        position = state["position"]
+        self._pos, self._chunks = list(position["pos"]), int(position["chunks"])
+        self._rows, self._start_pos = position["rows"], int(position["start_pos"])
+        self._start_state = position["start_state"]
+        truncation = state["truncation"]
+        self._lag = int(truncation["lag"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(truncation["controller"])
+        self._estimates = [tuple(e) for e in truncation["estimates"]]
+        self._geometry = {int(k): tuple(v) for k, v in truncation["geometry"]}
+        self._residual_floor = truncation["residual_floor"]
+        self._latched = state["latched"]
+        if self.probe is not None and state["probe"] is not None:
+            self.probe.load_state_dict(state["probe"])
+        self.monitor.load_state_dict(state["monitor"])
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """Write the checkpoint atomically (temporary file, fsync, rename); one file per rank under DDP."""
+        path = self._rank_path(path or self.checkpoint_path)
+        self.monitor.event(
+            "checkpoint", {"path": path, "chunks": self._chunks}, step=max(self.monitor.step_count - 1, 0)
+        )
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write(path, buffer.getvalue())
+        return path
+
+    def load_checkpoint(self, path: str | None = None, *, weights_only: bool = True) -> None:
+        """Restore a checkpoint into this trainer (built with the same configuration, model and optimizer
+        types); the next `fit` continues exactly where the checkpointed run stood."""
+        path = self._rank_path(path or self.checkpoint_path)
+        device = self._device()
+        state = torch.load(path, map_location=device, weights_only=weights_only)
+        self.load_state_dict(state)
+        self.monitor.event("resume", {"path": path, "chunks": self._chunks}, step=self.monitor.step_count)
+
+    # ---- helpers ----
+
+    def _reset_streams(self) -> None:
+        self._rows = None  # rows of the current batch of streams carried in _start_state (None: all)
+        self._start_pos = 0
+        self._start_state = None
+
+    def _align_rows(self, rows: list, device) -> None:
+        """Streams that ended leave the batch: drop their rows from the carried state."""
+        if self._rows is None:  # first chunk of this batch of streams: every row is alive
+            self._rows = list(rows)
+            return
+        if rows == self._rows:
+            return
+        keep = [self._rows.index(b) for b in rows]
+        if self._start_state is not None:
+            self._start_state = select_rows(self._start_state, torch.tensor(keep).to(device, non_blocking=True))
+        self._rows = list(rows)
+
+    def _row_index(self, rows: list, device) -> torch.Tensor:
+        key = (tuple(rows), device)
+        if key not in self._row_index_cache:
+            self._row_index_cache = {key: torch.tensor(rows).to(device, non_blocking=True)}
+        return self._row_index_cache[key]
+
+    def _time(self, t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return t[:, a:b] if self.batch_first else t[a:b]
+
+    def _slice(self, t: torch.Tensor, index, a: int, b: int) -> torch.Tensor:
+        t = self._time(t, a, b)
+        return t if index is None else t.index_select(0 if self.batch_first else 1, index)
+
+    @staticmethod
+    def _flatten(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[2:])
+
+    def _flat_index(self, valid: list, n: int, device) -> torch.Tensor:
+        """Flat positions (in the layout `_flatten` produces) of the steps inside each stream."""
+        rows = len(valid)
+        if self.batch_first:
+            flat = [b * n + t for b in range(rows) for t in range(valid[b])]
+        else:
+            flat = [t * rows + b for t in range(n) for b in range(rows) if t < valid[b]]
+        return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+
+    def _batch_order(self, count: int, epoch: int) -> list:
+        if not self.shuffle:
+            return list(range(count))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(count, generator=gen).tolist()
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        """No telemetry and no input statistics: for passes that are not training steps."""
+        saved = [(lstm.telemetry, lstm.telemetry.enabled) for lstm in self.lstms.values()]
+        for tel, _ in saved:
+            tel.enabled = False
+        try:
+            with self.monitor.paused():
+                yield
+        finally:
+            for tel, enabled in saved:
+                tel.enabled = enabled
+
+    def _world(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    def _rank_path(self, path: str | None) -> str:
+        if path is None:
+            raise ValueError("no checkpoint path given")
+        if self._world() > 1:
+            return f"{path}.rank{dist.get_rank(self.process_group)}"
+        return str(path)
+
+    def _device(self) -> torch.device:
+        return self._params[0].device if self._params else torch.device("cpu")
+
+
+def _is_plateau(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].cpu().numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

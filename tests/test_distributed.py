@@ -1,0 +1,121 @@
+"""TBPTTTrainer under DistributedDataParallel: two gloo processes on the CPU, each with half of the streams, must
+train exactly like one process with all of them, skip the same poisoned steps, and take the same adaptive
+truncation decisions."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastlstm
+from fastlstm.tbptt import TBPTTTrainer
+
+WORLD = 2
+ROWS_PER_RANK = 2
+STEPS = 15
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(3, 6, 2, batch_first=True, backend="reference", dtype=torch.float64)
+        self.head = nn.Linear(6, 2, dtype=torch.float64)
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(x, state)
+        return self.head(out), state
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(WORLD * ROWS_PER_RANK, STEPS, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(WORLD * ROWS_PER_RANK, STEPS, 2, generator=g, dtype=torch.float64)
+    x[3, 8, 0] = float("nan")  # a stream of rank 1 only, in chunk 2 (and the next window's overlap)
+    return x, y
+
+
+def _train(model, rows, adaptive, checkpoint=None):
+    torch.manual_seed(0)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
+    net = Net()
+    wrapped = model(net)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.2, momentum=0.9)
+    options = {"adaptive": True, "k_min": 2, "k_max": 6, "smoothing": 0.2} if adaptive else {"k2": 5}
+    trainer = TBPTTTrainer(
+        wrapped,
+        opt,
+        nn.MSELoss(),
+        k1=3,
+        clip_grad_norm=1.0,
+        telemetry_every=1,
+        read_every=2,
+        checkpoint_path=checkpoint,
+        **options,
+    )
+    x, y = _data()
+    trainer.fit((x[rows], y[rows]), epochs=2)
+    history = trainer.history
+    return {
+        "params": [p.detach().clone() for p in net.parameters()],
+        "losses": history.losses(),
+        "skipped": [e["step"] for e in history.steps if e["skipped"]],
+        "truncation": [(e["step"], e["detail"]["k2"]) for e in history.events_of("truncation")],
+        "names": list(history.lstms),
+    }
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+        results = {
+            adaptive: _train(
+                nn.parallel.DistributedDataParallel,
+                rows,
+                adaptive,
+                checkpoint=os.path.join(out_dir, "ckpt.pt") if adaptive else None,
+            )
+            for adaptive in (False, True)
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ddp_matches_one_process_with_all_streams(ranks):
+    _, (rank0, rank1) = ranks
+    torch.set_num_threads(1)
+    single = _train(lambda net: net, slice(None), adaptive=False)
+    ddp = rank0[False]
+    assert ddp["names"] == ["lstm"]  # DDP's "module." prefix is not part of the names
+    for a, b, c in zip(ddp["params"], rank1[False]["params"], single["params"]):
+        assert torch.equal(a, b)  # replicas stay identical
+        assert float((a - c).norm() / c.norm()) < 1e-10
+    assert ddp["skipped"] == rank1[False]["skipped"] == single["skipped"] and ddp["skipped"]
+    assert len(ddp["losses"]) == len(single["losses"]) == 2 * 5
+    for (s1, l1), (s2, l2) in zip(ddp["losses"], single["losses"]):
+        assert s1 == s2 and (math.isnan(l1) == math.isnan(l2))
+        assert math.isnan(l1) or abs(l1 - l2) <= 1e-10 * abs(l2)
+
+
+def test_ddp_ranks_agree_on_adaptive_truncation(ranks):
+    out, (rank0, rank1) = ranks
+    a, b = rank0[True], rank1[True]
+    assert a["truncation"] == b["truncation"] and len(a["truncation"]) >= 2
+    for p, q in zip(a["params"], b["params"]):
+        assert torch.equal(p, q)
+    assert a["skipped"] == b["skipped"]
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt")) == ["ckpt.pt.rank0", "ckpt.pt.rank1"]

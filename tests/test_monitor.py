@@ -1,0 +1,274 @@
+"""Monitor and History: the JSON format of docs/history.md, and what a plain training loop records, checked against
+values the test computes itself (a twin model's own telemetry snapshots, numpy statistics of the inputs)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+from fastlstm.monitor import History, Monitor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- History ----
+
+
+def _sample_history() -> History:
+    h = History()
+    h.lstms = {"enc": {"input_size": 3, "hidden_size": 4, "proj_size": 0, "num_layers": 1, "num_directions": 1}}
+    h.steps = [
+        {"step": 1, "loss": math.inf, "lr": None, "grad_norm": math.nan, "skipped": True},
+        {"step": 0, "loss": 0.5, "lr": 0.1, "grad_norm": 1.5, "skipped": False},
+    ]
+    h.evals = [{"step": 1, "epoch": 1, "val_loss": -math.inf, "subset_losses": {"a": 0.25, "nan": math.nan}}]
+    h.event(1, "nonfinite_step_skipped", {"first_nonfinite": None})
+    h.event(0, "truncation", {"k1": 4, "k2": 4, "adaptive": False})
+    h.add("custom_list", {"step": 3, "x": 1.0})
+    h.add("custom_list", {"step": 2, "x": math.nan})
+    h.extra["note"] = "kept"
+    return h
+
+
+def _same(a, b) -> bool:
+    """Equality in which NaN equals NaN."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def test_history_json_roundtrip(tmp_path):
+    h = _sample_history()
+    path = tmp_path / "history.json"
+    h.save(path)
+
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in the JSON")
+
+    raw = json.loads(path.read_text(), parse_constant=no_constants)  # strict JSON: no NaN/Infinity literals
+    assert raw["format"] == "fastlstm.history/1"
+    assert raw["steps"][0]["step"] == 0 and raw["steps"][1]["loss"] == "inf" and raw["steps"][1]["grad_norm"] == "nan"
+    assert raw["evals"][0]["val_loss"] == "-inf" and raw["evals"][0]["subset_losses"]["nan"] == "nan"
+    assert [e["kind"] for e in raw["events"]] == ["truncation", "nonfinite_step_skipped"]  # ordered by step
+    assert [e["step"] for e in raw["custom_list"]] == [2, 3] and raw["note"] == "kept"
+
+    loaded = History.load(path)
+    assert loaded.steps[1]["loss"] == math.inf and math.isnan(loaded.steps[1]["grad_norm"])
+    assert loaded.evals[0]["subset_losses"]["a"] == 0.25
+    assert _same(loaded.to_dict(), h.to_dict())
+    assert _same(History.from_dict(h.to_dict()).to_dict(), raw)
+    with pytest.raises(ValueError):
+        History.from_dict({"format": "something/else"})
+
+
+def test_history_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "history.json"
+    _sample_history().save(path)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    h = _sample_history()
+    h.steps.append({"step": 9, "loss": 0.0, "lr": None, "grad_norm": None, "skipped": False})
+    with pytest.raises(OSError):
+        h.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["history.json"]  # no temporary file left behind
+
+
+# ---- Monitor on a plain training loop ----
+
+
+class EncoderDecoder(nn.Module):
+    """Two LSTMs, the second fed a PackedSequence, to check naming and packed input statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = fastlstm.LSTM(3, 4, batch_first=True, backend="reference", dtype=torch.float64)
+        self.dec = nn.Module()
+        self.dec.lstm = fastlstm.LSTM(4, 5, batch_first=True, backend="reference", dtype=torch.float64)
+        self.head = nn.Linear(5, 2, dtype=torch.float64)
+
+    def forward(self, x, lengths):
+        h, _ = self.enc(x)
+        packed = pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.dec.lstm(packed)
+        return self.head(out.data), packed.data
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = 3.0 * torch.randn(4, 6, 3, generator=g, dtype=torch.float64) + 1.0
+        lengths = torch.tensor([6, 2, 5, 4])
+        y = torch.randn(int(lengths.sum()), 2, generator=g, dtype=torch.float64)
+        yield x, lengths, y
+
+
+def _stats(rows: np.ndarray) -> dict:
+    return {"count": rows.shape[0], "mean": rows.mean(0), "std": rows.std(0), "min": rows.min(0), "max": rows.max(0)}
+
+
+def _assert_stats(entry: dict, want: dict):
+    assert entry["count"] == want["count"]
+    for key in ("mean", "std", "min", "max"):
+        np.testing.assert_allclose(entry[key], want[key], rtol=1e-9, atol=1e-12)
+
+
+def test_monitor_records_a_plain_training_loop():
+    torch.manual_seed(0)
+    model = EncoderDecoder()
+    twin = copy.deepcopy(model)  # trained identically, read directly: the reference telemetry
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.05)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, twin_opt)]
+    monitor = Monitor(model, optimizer=opt, every=3, read_every=2)
+    assert set(monitor.lstms) == {"enc", "dec.lstm"}
+
+    want_losses, want_norms, want_lrs, seen, targets, twin_snaps = [], [], [], {"enc": [], "dec.lstm": []}, [], []
+    for step, (x, lengths, y) in enumerate(_batches(7)):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            pred, dec_in = m(x, lengths)
+            loss = nn.functional.mse_loss(pred, y)
+            o.zero_grad()
+            loss.backward()
+            if m is model:
+                want_norms.append(torch.sqrt(sum(p.grad.square().sum() for p in m.parameters())))
+                want_lrs.append(opt.param_groups[0]["lr"])
+                want_losses.append(loss.detach().clone())
+                seen["enc"].append(x.reshape(-1, 3))
+                seen["dec.lstm"].append(dec_in.detach())
+                targets.append(y)
+                monitor.step(
+                    loss=loss.detach(),
+                    targets=y,
+                    val_loss=loss.detach() * 2 if step == 4 else None,
+                    subset_losses={"a": loss.detach(), "b": 1.5} if step == 4 else None,
+                )
+            o.step()
+        for sched in scheds:
+            sched.step()
+        if step in (2, 5):  # the monitor closes a window every 3 steps
+            twin_snaps.append(
+                {n: lstm.telemetry.snapshot(reset=True) for n, lstm in (("enc", twin.enc), ("dec.lstm", twin.dec.lstm))}
+            )
+    twin_snaps.append(
+        {"enc": twin.enc.telemetry.snapshot(reset=True), "dec.lstm": twin.dec.lstm.telemetry.snapshot(reset=True)}
+    )
+
+    history = monitor.history
+    assert history.lstms["dec.lstm"] == {
+        "input_size": 4,
+        "hidden_size": 5,
+        "proj_size": 0,
+        "num_layers": 1,
+        "num_directions": 1,
+    }
+    assert [e["step"] for e in history.steps] == list(range(7))
+    assert [e["loss"] for e in history.steps] == [float(v) for v in want_losses]
+    assert [e["lr"] for e in history.steps] == want_lrs
+    np.testing.assert_allclose([e["grad_norm"] for e in history.steps], [float(v) for v in want_norms], rtol=1e-12)
+    assert not any(e["skipped"] for e in history.steps)
+    (evaluation,) = history.evals
+    assert evaluation["step"] == 4 and evaluation["val_loss"] == 2 * float(want_losses[4])
+    assert evaluation["subset_losses"] == {"a": float(want_losses[4]), "b": 1.5}
+
+    windows = [(0, 2), (3, 5), (6, 6)]
+    for name in ("enc", "dec.lstm"):
+        entries = [e for e in history.telemetry if e["lstm"] == name]
+        assert [(e["first_step"], e["step"]) for e in entries] == windows
+        for entry, snaps in zip(entries, twin_snaps):
+            assert _same(entry["snapshot"], snaps[name].to_dict())
+        inputs = [e for e in history.inputs if e["lstm"] == name]
+        assert [e["step"] for e in inputs] == [2, 5, 6]
+        for entry, (first, last) in zip(inputs, windows):
+            _assert_stats(entry, _stats(torch.cat(seen[name][first : last + 1]).numpy()))
+    for entry, (first, last) in zip(history.targets, windows):
+        _assert_stats(entry, _stats(torch.cat(targets[first : last + 1]).numpy()))
+    monitor.close()
+
+
+def test_skipped_step_event_names_where_the_nan_arose():
+    torch.manual_seed(1)
+    model = EncoderDecoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, every=1, read_every=4)
+    for step, (x, lengths, y) in enumerate(_batches(5, seed=1)):
+        if step == 2:
+            x[0, 3, 1] = float("nan")
+        pred, _ = model(x, lengths)
+        loss = nn.functional.mse_loss(pred, y)
+        opt.zero_grad()
+        loss.backward()
+        finite = torch.isfinite(loss)
+        if step != 2:
+            opt.step()
+        monitor.step(loss=loss.detach(), skipped=~finite)
+    history = monitor.history
+    assert [e["skipped"] for e in history.steps] == [False, False, True, False, False]
+    (event,) = history.events_of("nonfinite_step_skipped")
+    assert event["step"] == 2
+    assert event["detail"]["first_nonfinite"] == {
+        "layer": 0,
+        "direction": 0,
+        "timestep": 3,
+        "stage": "forward",
+        "tensor": "input",
+        "lstm": "enc",
+    }
+    assert event["detail"]["locations"]["dec.lstm"]["tensor"] == "input"  # it spread there
+    enc_inputs = [e for e in history.inputs if e["lstm"] == "enc"]
+    assert [e["step"] for e in enc_inputs] == list(range(5))
+    assert math.isnan(enc_inputs[2]["mean"][1]) and not math.isnan(enc_inputs[2]["mean"][0])
+    assert not math.isnan(enc_inputs[3]["mean"][1])
+
+
+def test_monitor_step_reads_nothing_back(monkeypatch):
+    model = fastlstm.LSTM(3, 4, backend="reference")
+    monitor = Monitor(model, every=50, read_every=50)
+    assert list(monitor.lstms) == ["lstm"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    losses = []
+    for _ in range(6):
+        out, _ = model(torch.randn(5, 2, 3))
+        loss = out.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        monitor.step(loss=losses[-1], targets=out.detach(), val_loss=loss.detach())
+    assert calls == []
+    monkeypatch.undo()
+    history = monitor.history
+    assert [e["loss"] for e in history.steps] == [float(v) for v in losses]
+    assert history.inputs[0]["count"] == 6 * 5 * 2 and len(history.evals) == 6

@@ -1,0 +1,547 @@
+"""TBPTTTrainer against independent references: hand-written truncation loops on torch.nn.LSTM, exact skips of
+poisoned steps, bit-identical kill-and-resume, adaptive truncation on a task with a known lag, and no host reads
+in the training loop."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastlstm
+from fastlstm.tbptt import NonFiniteError, TBPTTTrainer, estimate_dependency, truncation_evidence
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The reference backend runs many tiny ops: one intra-op thread is faster than two and steadier under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Net(nn.Module):
+    """fastlstm.LSTM + linear head, in the trainer's `model(x, state) -> (y, state)` form."""
+
+    def __init__(self, inputs=3, hidden=5, outputs=2, layers=1, dropout=0.0, batch_first=True, dtype=torch.float64):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(
+            inputs, hidden, layers, batch_first=batch_first, dropout=dropout, dtype=dtype, backend="reference"
+        )
+        self.head = nn.Linear(hidden, outputs, dtype=dtype)
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(x, state)
+        return self.head(out), state
+
+
+def reference_of(net: Net):
+    """torch.nn.LSTM + head with net's weights: the independent implementation."""
+    lstm = nn.LSTM(
+        net.lstm.input_size, net.lstm.hidden_size, net.lstm.num_layers, batch_first=True, dtype=net.head.weight.dtype
+    )
+    lstm.load_state_dict(net.lstm.state_dict())
+    return lstm, copy.deepcopy(net.head)
+
+
+def streams(rows, steps, inputs, outputs, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, steps, inputs, generator=g, dtype=dtype)
+    y = torch.randn(rows, steps, outputs, generator=g, dtype=dtype)
+    return x, y
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# ---- gradients equal a hand-written truncation loop ----
+
+
+def hand_written_tbptt(lstm, head, x, y, lengths, k1, k2, lr, clip):
+    """TBPTT(k1, k2) one stream at a time (batch_first [B, T, F] data): each chunk's loss is the mean squared
+    error over every valid position of every stream; windows start k2 - k1 steps before the chunk (not before
+    the stream start), from a detached state computed without gradient in the previous chunk. Yields the
+    gradients of each chunk."""
+    params = list(lstm.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=lr)
+    starts = {b: (0, None) for b in range(len(lengths))}  # stream -> (window start, state there)
+    for s in range(0, max(lengths), k1):
+        alive = [b for b in range(len(lengths)) if lengths[b] > s]
+        positions = sum(min(k1, lengths[b] - s) for b in alive) * y.shape[-1]
+        opt.zero_grad()
+        for b in alive:
+            end = s + min(k1, lengths[b] - s)
+            w, state = starts[b]
+            out, _ = lstm(x[b : b + 1, w:end], state)
+            err = head(out[:, s - w :]) - y[b : b + 1, s:end]
+            (err.square().sum() / positions).backward()
+            w_next = max(w, s + k1 - (k2 - k1))
+            if w_next > w and lengths[b] > s + k1:
+                with torch.no_grad():
+                    _, state = lstm(x[b : b + 1, w:w_next], state)
+                starts[b] = (w_next, state)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        yield [p.grad.clone() for p in params]
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "k1, k2, ragged, clip",
+    [(3, 3, False, None), (3, 7, True, None), (4, 6, True, 0.05), (2, 9, False, None)],
+)
+def test_gradients_equal_hand_written_truncation(k1, k2, ragged, clip):
+    torch.manual_seed(0)
+    net = Net(layers=2)
+    lstm, head = reference_of(net)
+    x, y = streams(4, 19, 3, 2)
+    lengths = [19, 11, 19, 6] if ragged else [19] * 4
+    trainer = TBPTTTrainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.3),
+        nn.MSELoss(),
+        k1=k1,
+        k2=k2,
+        clip_grad_norm=clip,
+        dependency_lags=0,
+    )
+    expected = hand_written_tbptt(lstm, head, x, y, lengths, k1, k2, lr=0.3, clip=clip)
+    chunks = 0
+    for want in expected:
+        trainer.fit((x, y, lengths), max_chunks=1)
+        got = [p.grad for p in list(net.lstm.parameters()) + list(net.head.parameters())]
+        for g, w in zip(got, want):
+            assert rel(g, w) < 1e-10, (chunks, rel(g, w))
+        chunks += 1
+    trainer.fit((x, y, lengths))
+    assert trainer.chunks == chunks == math.ceil(19 / k1)
+    for p, q in zip(
+        list(net.lstm.parameters()) + list(net.head.parameters()), list(lstm.parameters()) + list(head.parameters())
+    ):
+        assert rel(p.detach(), q.detach()) < 1e-10
+    losses = trainer.history.losses()
+    assert [s for s, _ in losses] == list(range(chunks)) and all(np.isfinite(v) for _, v in losses)
+
+
+def test_time_major_data_matches_batch_first():
+    torch.manual_seed(1)
+    a = Net(batch_first=True)
+    b = Net(batch_first=False)
+    b.load_state_dict(a.state_dict())
+    x, y = streams(3, 10, 3, 2)
+    for net, data in ((a, (x, y, [10, 7, 10])), (b, (x.transpose(0, 1), y.transpose(0, 1), [10, 7, 10]))):
+        TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.2), nn.MSELoss(), k1=3, k2=5).fit(data)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert rel(p.detach(), q.detach()) < 1e-12
+
+
+def test_estimate_dependency_is_exact_for_geometric_decay():
+    """For g_k = c·β^k the relative bias of truncating at k is β^(k+1) exactly: measured or extrapolated."""
+    for beta, target, measured in ((0.8, 0.1, 40), (0.8, 0.1, 4), (0.95, 0.05, 10), (0.5, 0.2, 3)):
+        est = estimate_dependency(3.0 * beta ** np.arange(measured + 1), target)
+        k = math.ceil(math.log(target) / math.log(beta) - 1 - 1e-9)
+        assert est.rate == pytest.approx(beta, rel=1e-9)
+        assert est.dependency == k
+        assert est.bias == pytest.approx(beta ** (measured + 1), rel=1e-9)
+    assert math.isinf(estimate_dependency(np.ones(6), 0.1).dependency)
+    assert estimate_dependency([1.0, 0.5], 0.1) is None
+
+
+def _with_forget_bias(net: Net, bias: float) -> Net:
+    """Set the forget-gate bias: large values make a cell that barely forgets (long memory), negative a short one."""
+    hidden = net.lstm.hidden_size
+    with torch.no_grad():
+        net.lstm.bias_ih_l0[hidden : 2 * hidden] = bias / 2
+        net.lstm.bias_hh_l0[hidden : 2 * hidden] = bias / 2
+    return net
+
+
+def test_recorded_dependency_estimates_use_the_autograd_lag_profile():
+    """With frozen weights (lr 0) every window can be replayed on torch.nn.LSTM one step at a time; the total
+    gradient reaching each h_t, lag by lag before the chunk's first loss, must give the recorded estimates."""
+    torch.manual_seed(3)
+    net = _with_forget_bias(Net(inputs=2, hidden=6, outputs=1), 2.0)
+    lstm, head = reference_of(net)
+    x, y = streams(3, 30, 2, 1, seed=16)
+    k1, k2 = 3, 9
+    trainer = TBPTTTrainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.0),
+        nn.MSELoss(),
+        k1=k1,
+        k2=k2,
+        telemetry_every=1,
+        read_every=1,
+        dependency_lags=0,
+    )
+    trainer.fit((x, y))
+    estimates = trainer.history.extra["truncation_estimates"]
+    assert [e["step"] for e in estimates] == list(range(1, 30 // k1))  # chunk 0's window has no lag to measure
+    for entry in estimates:
+        first = entry["step"] * k1
+        start = max(0, first - (k2 - k1))  # the first windows start at the stream start
+        state = lstm(x[:, :start])[1] if start else None
+        hidden = []
+        h, c = state if state is not None else (torch.zeros(1, 3, 6, dtype=torch.float64),) * 2
+        for t in range(start, first + k1):
+            _, (h, c) = lstm(x[:, t : t + 1], (h, c))
+            h.retain_grad()
+            hidden.append(h)
+        pred = torch.cat([head(h[-1]) for h in hidden[-k1:]])
+        nn.functional.mse_loss(pred, y[:, first : first + k1].transpose(0, 1).reshape(-1, 1)).backward()
+        norms = [float(h.grad.norm()) for h in hidden]
+        want = estimate_dependency(norms[first - start :: -1], trainer.target_bias)
+        assert (entry["k1"], entry["k2"], entry["lag"]) == (k1, k1 + first - start, first - start)
+        assert entry["rate"] == pytest.approx(want.rate, rel=1e-9)
+        assert entry["bias"] == pytest.approx(want.bias, rel=1e-9)
+        assert entry["estimated_dependency"] == want.dependency
+
+
+def test_gradients_reaching_past_a_fixed_truncation_are_reported():
+    x, y = streams(4, 24, 3, 2, seed=17)
+    found = {}
+    for bias in (12.0, -6.0):  # a cell that keeps everything, and one that forgets at once
+        torch.manual_seed(5)
+        net = _with_forget_bias(Net(), bias)
+        trainer = TBPTTTrainer(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.0),
+            nn.MSELoss(),
+            k1=3,
+            k2=6,
+            telemetry_every=1,
+            dependency_lags=0,
+        )
+        found[bias] = truncation_evidence(trainer.fit((x, y)))
+    assert found[-6.0] is None
+    evidence = found[12.0]
+    assert evidence["source"] == "gradient_decay" and evidence["k"] == 6 and evidence["lstm"] == "lstm"
+    assert evidence["bias"] > 0.25 and evidence["estimated_dependency"] > 3
+
+
+# ---- non-finite steps ----
+
+
+def _train_chunk_by_chunk(trainer, data, chunks):
+    net = trainer.model
+    weights, states = [], []
+    for _ in range(chunks):
+        trainer.fit(data, max_chunks=1)
+        weights.append([p.detach().clone() for p in net.parameters()])
+        states.append(copy.deepcopy(trainer.optimizer.state_dict()["state"]))
+    return weights, states
+
+
+def _hand_loop_skipping(net, opt, x, y, k1, skip_chunk, poisoned_row):
+    """Ordinary truncation with the optimizer step of `skip_chunk` left out and the poisoned stream restarted
+    from zeros afterwards: what skipping must be equivalent to."""
+    state = None
+    for j, s in enumerate(range(0, x.shape[1], k1)):
+        out, state = net(x[:, s : s + k1], state)
+        loss = nn.functional.mse_loss(out.reshape(-1, out.shape[-1]), y[:, s : s + k1].reshape(-1, y.shape[-1]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if j != skip_chunk:
+            opt.step()
+        state = tuple(t.detach() for t in state)
+        if j == skip_chunk:
+            for t in state:
+                t[:, poisoned_row] = 0.0
+    return [p.detach().clone() for p in net.parameters()]
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_poisoned_step_is_skipped_bit_exactly_and_training_recovers(optimizer):
+    torch.manual_seed(2)
+    net = Net(dtype=torch.float32)
+    twin = copy.deepcopy(net)
+    x, y = streams(4, 32, 3, 2, dtype=torch.float32, seed=3)
+    x[1, 13, 0] = float("nan")  # chunk 3 (k1 = 4), timestep 1 of its window, stream 1
+    trainer = TBPTTTrainer(
+        net, OPTIMIZERS[optimizer](net.parameters()), nn.MSELoss(), k1=4, telemetry_every=1, read_every=3
+    )
+    weights, states = _train_chunk_by_chunk(trainer, (x, y), 8)
+
+    for before, after in zip(weights[2], weights[3]):
+        assert torch.equal(before, after)
+    for key, state in states[3].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(states[2][key][name])), (key, name)
+    assert all(torch.isfinite(w).all() for w in weights[-1])
+    assert any(not torch.equal(a, b) for a, b in zip(weights[3], weights[4]))  # steps resume
+
+    expected = _hand_loop_skipping(twin, OPTIMIZERS[optimizer](twin.parameters()), x, y, 4, 3, 1)
+    for got, want in zip(weights[-1], expected):
+        assert torch.equal(got, want)
+
+    history = trainer.history
+    assert [e["skipped"] for e in history.steps] == [i == 3 for i in range(8)]
+    (event,) = history.events_of("nonfinite_step_skipped")
+    assert event["step"] == 3
+    assert event["detail"]["first_nonfinite"] == {
+        "layer": 0,
+        "direction": 0,
+        "timestep": 1,
+        "stage": "forward",
+        "tensor": "input",
+        "lstm": "lstm",
+    }
+    losses = dict(history.losses())
+    assert math.isnan(losses[3]) and all(math.isfinite(losses[i]) for i in range(8) if i != 3)
+
+
+def test_stop_mode_freezes_weights_at_the_first_nonfinite_step():
+    torch.manual_seed(4)
+    net = Net(dtype=torch.float32)
+    x, y = streams(2, 40, 3, 2, dtype=torch.float32, seed=5)
+    y[0, 9, 1] = float("inf")  # chunk 2: only the loss is non-finite, the forward is clean
+    trainer = TBPTTTrainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        nn.MSELoss(),
+        k1=4,
+        on_nonfinite="stop",
+        read_every=4,
+        telemetry_every=2,
+    )
+    trainer.fit((x, y), max_chunks=2)
+    frozen = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(NonFiniteError) as info:
+        trainer.fit((x, y))
+    assert info.value.event["detail"]["first_step"] == 2
+    assert info.value.event["detail"]["first_nonfinite"]["stage"] == "backward"
+    assert 2 < trainer.chunks < 10  # stopped at a batched read, not at the end
+    for p, q in zip(net.parameters(), frozen):
+        assert torch.equal(p, q)
+    assert [e["kind"] for e in trainer.history.events][-1] == "nonfinite_stop"
+
+
+# ---- checkpoint and resume ----
+
+
+def _resume_setup(seed):
+    torch.manual_seed(seed)
+    net = Net(inputs=3, hidden=6, outputs=2, layers=2, dropout=0.3, dtype=torch.float32)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.8)
+    return net, opt, sched
+
+
+def _resume_data():
+    a = streams(3, 23, 3, 2, dtype=torch.float32, seed=10)
+    b = streams(3, 17, 3, 2, dtype=torch.float32, seed=11)
+    val = streams(2, 12, 3, 2, dtype=torch.float32, seed=12)
+    return [(*a, [23, 9, 20]), (*b, [17, 17, 5])], {"long": val, "short": (*val, [4, 6])}
+
+
+def _make_trainer(net, opt, sched, path):
+    return TBPTTTrainer(
+        net,
+        opt,
+        nn.MSELoss(),
+        k1=3,
+        adaptive=True,
+        k_min=2,
+        k_max=7,
+        k_init=7,
+        smoothing=0.3,
+        scheduler=sched,
+        clip_grad_norm=1.0,
+        telemetry_every=2,
+        read_every=4,
+        validate_every=5,
+        checkpoint_path=path,
+        checkpoint_every=3,
+        shuffle=True,
+        seed=7,
+    )
+
+
+@pytest.mark.parametrize("kill_after", [4, 13, 21])
+def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
+    data, val = _resume_data()
+    net, opt, sched = _resume_setup(0)
+    full = _make_trainer(net, opt, sched, str(tmp_path / "full.pt"))
+    full.fit(data, epochs=2, val_data=val)
+    history = full.history
+
+    net_b, opt_b, sched_b = _resume_setup(0)
+    _make_trainer(net_b, opt_b, sched_b, str(tmp_path / "run.pt")).fit(
+        data, epochs=2, val_data=val, max_chunks=kill_after
+    )
+    del net_b, opt_b, sched_b  # the process dies; the last checkpoint survives
+    torch.manual_seed(12345)  # a restarted process has another RNG state and another initialisation
+    net_c, opt_c, sched_c = _resume_setup(99)
+    resumed = _make_trainer(net_c, opt_c, sched_c, str(tmp_path / "run.pt"))
+    resumed.load_checkpoint()
+    assert resumed.chunks == kill_after // 3 * 3
+    resumed.fit(data, epochs=2, val_data=val)
+
+    for p, q in zip(net.parameters(), net_c.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.chunks == full.chunks
+    assert opt_c.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for a, b in zip(opt.state_dict()["state"].values(), opt_c.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_history = resumed.history
+    assert resumed_history.losses() == history.losses()
+    assert [e["val_loss"] for e in resumed_history.evals] == [e["val_loss"] for e in history.evals]
+    assert set(history.evals[0]["subset_losses"]) == {"long", "short"}
+    assert len(history.events_of("truncation")) >= 2  # the adaptive state mattered
+    assert resumed_history.events_of("resume")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ---- validation ----
+
+
+def test_validation_loss_matches_a_full_sequence_reference():
+    torch.manual_seed(6)
+    net = Net()
+    lstm, head = reference_of(net)
+    x, y = streams(3, 14, 3, 2, seed=13)
+    lengths = [14, 5, 9]
+    trainer = TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4)
+    loss, subsets = trainer.validate({"all": (x, y, lengths), "first": (x[:1], y[:1])})
+    sq, count = [], 0
+    for b, n in enumerate(lengths):
+        out, _ = lstm(x[b : b + 1, :n])
+        sq.append((head(out) - y[b : b + 1, :n]).square().sum())
+        count += n * 2
+    want_all = torch.stack(sq).sum() / count
+    want_first = sq[0] / (14 * 2)
+    assert rel(subsets["all"], want_all) < 1e-12 and rel(subsets["first"], want_first) < 1e-12
+    assert rel(loss, (want_all * count + want_first * 28) / (count + 28)) < 1e-12
+
+
+# ---- adaptive truncation on a task with a known lag ----
+
+
+class CopyNet(nn.Module):
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(1, hidden, batch_first=True, backend="reference")
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(x, state)
+        return self.head(out), state
+
+
+def delayed_copy(lag, rows=16, steps=600, seed=0):
+    """y_t = x_{t-lag}: the output at t depends on the input exactly `lag` steps earlier."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, steps, 1, generator=g)
+    y = torch.zeros_like(x)
+    y[:, lag:] = x[:, :-lag]
+    return x, y
+
+
+def _train_copy(lag, **options):
+    torch.manual_seed(0)
+    net = CopyNet()
+    trainer = TBPTTTrainer(
+        net, torch.optim.Adam(net.parameters(), lr=1e-2), nn.MSELoss(), telemetry_every=5, read_every=25, **options
+    )
+    trainer.fit(delayed_copy(lag))
+    return trainer, trainer.history
+
+
+def test_adaptive_truncation_tracks_the_dependency_length():
+    short, long_ = 3, 12
+    (t_short, h_short), (t_long, h_long) = (_train_copy(lag, k1=4, adaptive=True, k_max=32) for lag in (short, long_))
+    for trainer, history, lag in ((t_short, h_short, short), (t_long, h_long, long_)):
+        events = history.events_of("truncation")
+        assert events[0]["detail"]["k2"] == 4 + 32 and len(events) > 1  # it moved, and logged each move
+        assert all(e["detail"]["adaptive"] for e in events)
+        assert trainer.k2 == events[-1]["detail"]["k2"]
+        assert trainer.k2 - trainer.k1 >= lag  # every loss of a chunk reaches the input it needs
+        assert history.extra["truncation_estimates"]
+    assert t_short.k2 < t_long.k2
+    assert t_short.k2 - t_short.k1 < 16  # shrank well below k_max once the short dependency was learned
+    assert h_short.steps[-1]["loss"] < 0.1  # and it was learned
+
+
+def test_fixed_truncation_shorter_than_the_lag_is_reported():
+    _, too_short = _train_copy(12, k1=4, k2=8)
+    evidence = truncation_evidence(too_short)
+    assert evidence is not None
+    assert evidence["k"] == 8 and evidence["estimated_dependency"] == 12 and evidence["lstm"] == "lstm"
+    assert evidence["source"] == "residual_correlation"
+    _, long_enough = _train_copy(3, k1=4, k2=8)
+    assert truncation_evidence(long_enough) is None
+    assert truncation_evidence(long_enough.to_dict()) is None  # the JSON form is accepted too
+
+
+# ---- no host reads in the loop ----
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def test_training_loop_reads_nothing_back_between_batched_reads(monkeypatch):
+    torch.manual_seed(8)
+    net = Net(layers=2, dtype=torch.float32)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)  # Adam's default path reads `step`
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    x, y = streams(4, 30, 3, 2, dtype=torch.float32, seed=14)
+    trainer = TBPTTTrainer(
+        net,
+        opt,
+        nn.MSELoss(),
+        k1=3,
+        adaptive=True,
+        k_max=6,
+        scheduler=sched,
+        clip_grad_norm=1.0,
+        telemetry_every=1000,
+        read_every=1000,
+    )
+    calls = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    trainer.fit((x, y, [30, 30, 17, 8]), max_chunks=9)
+    assert calls == []
+    monkeypatch.undo()
+    history = trainer.history  # the batched read
+    assert len(history.losses()) == 9 and history.telemetry and history.inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_loop_does_not_synchronise_on_cuda():
+    torch.manual_seed(9)
+    net = Net(layers=2, dtype=torch.float32).cuda()
+    x, y = (t.cuda() for t in streams(8, 40, 3, 2, dtype=torch.float32, seed=15))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    trainer = TBPTTTrainer(
+        net, opt, nn.MSELoss(), k1=4, k2=6, clip_grad_norm=1.0, telemetry_every=1000, read_every=1000
+    )
+    trainer.fit((x, y, [40, 40, 33, 40, 12, 40, 40, 40]), max_chunks=2)  # allocations on first use
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.fit((x, y, [40, 40, 33, 40, 12, 40, 40, 40]), max_chunks=6)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(trainer.history.losses()) == 8
