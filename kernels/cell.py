@@ -24,6 +24,19 @@ NO_EVENT = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
+def program_sequences(lengths_ptr, T, B, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """This program's sequence indices, which of them exist, and their lengths (T for all without lengths).
+    Lengths are clamped to [0, T] so that a bad one can never index outside the time axis."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
+    else:
+        length = tl.where(row_ok, T, 0)
+    return rows, row_ok, length
+
+
+@triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 

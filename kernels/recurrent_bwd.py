@@ -15,7 +15,7 @@ Per step t (docs: reference.py's recurrence_backward, the specification):
 import triton
 import triton.language as tl
 
-from .cell import NO_EVENT, any_nonfinite, flush_first_nonfinite, note_nonfinite, tanh
+from .cell import NO_EVENT, any_nonfinite, flush_first_nonfinite, note_nonfinite, program_sequences, tanh
 
 
 @triton.jit
@@ -28,12 +28,7 @@ def lstm_backward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
-    else:
-        length = tl.where(row_ok, T, 0)
+    rows, row_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
     if TELEMETRY:
         first = tl.full((BLOCK_B, BLOCK_H), NO_EVENT, tl.int32)
 

@@ -20,6 +20,7 @@ from .cell import (
     flush_first_nonfinite,
     flush_forward_stats,
     note_nonfinite,
+    program_sequences,
     sigmoid,
     sigmoid_saturated,
     tanh,
@@ -45,13 +46,7 @@ def lstm_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    if HAS_LENGTHS:
-        # Clamped so that a bad length can never index outside [0, T).
-        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
-    else:
-        length = tl.where(row_ok, T, 0)
+    rows, row_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
 
     if TELEMETRY:
         sat_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
