@@ -1,0 +1,314 @@
+"""The benchmark runner's logic on the CPU (fastlstm/bench*.py): the grid, the correctness gate, the statistics over
+repeats, the derived comparisons and the files `fastlstm bench` writes. No assertion here depends on a measured time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import pytest
+import torch
+
+from fastlstm import bench, bench_report
+from fastlstm.bench_cases import (
+    CPU_SWEEP,
+    DTYPES,
+    GPU_SWEEP,
+    MODES,
+    TIMER_CPU,
+    TIMER_QUICK,
+    Case,
+    Problem,
+    TimerSettings,
+    cases_for,
+    estimate_seconds,
+    full_problems,
+    quick_problems,
+    select,
+)
+from fastlstm.bench_providers import PROVIDERS, Provider, make_inputs, make_step
+from fastlstm.bench_timing import summarize, sync_check, time_step
+
+CPU = torch.device("cpu")
+DEFAULT_PROVIDERS = ["fastlstm", "fastlstm-notelemetry", "nn.LSTM"]
+
+
+# ---------------------------------------------------------------------------------------------------------- grid
+
+
+def test_full_gpu_grid_covers_every_axis_of_the_issue():
+    problems = full_problems("cuda")
+    assert {p.hidden for p in problems} == set(GPU_SWEEP["hidden"]) == {128, 256, 512, 768, 1024, 2048}
+    assert {p.batch for p in problems} == set(GPU_SWEEP["batch"]) == {1, 16, 64, 256}
+    assert {p.seq for p in problems} == set(GPU_SWEEP["seq"]) == {128, 1024}
+    assert {p.dtype for p in problems} == set(DTYPES)
+    assert {p.layers for p in problems} == {1, 2}
+    assert {p.variant for p in problems} == {"base", "layers2", "bidirectional", "proj", "packed"}
+    # the whole hidden × batch × seq sweep runs in every dtype
+    for dtype in DTYPES:
+        base = {(p.hidden, p.batch, p.seq) for p in problems if p.dtype == dtype and p.variant == "base"}
+        assert len(base) == 6 * 4 * 2
+    # every packed problem has its padded twin in the grid, so "packed / padded" can be reported
+    names = {p.name for p in problems}
+    assert all(p.padded_twin().name in names for p in problems if p.packed)
+    cases = cases_for(problems)
+    assert len(cases) == 3 * len(problems)
+    assert len({c.name for c in cases}) == len(cases)
+
+
+def test_quick_gpu_selection_is_a_representative_subset_that_fits_five_minutes():
+    quick, full = quick_problems("cuda"), set(full_problems("cuda"))
+    assert set(quick) <= full
+    assert {p.dtype for p in quick} == set(DTYPES)
+    assert {p.variant for p in quick} >= {"base", "layers2", "bidirectional", "proj", "packed"}
+    assert any(p.hidden == 2048 and p.batch == 1 for p in quick) and any(p.batch > 128 for p in quick)
+    cases = cases_for(quick)
+    assert len(cases) == 36
+    # benchmarks/README.md: under 5 minutes while calls average up to ~150 ms, compiles and checks included
+    assert estimate_seconds(cases, 3, TIMER_QUICK, "cuda", call_ms=150) < 300
+
+
+def test_cpu_grid_is_tiny_and_its_quick_subset_comes_from_it():
+    full = full_problems("cpu")
+    assert max(p.hidden for p in full) <= max(CPU_SWEEP["hidden"]) <= 32
+    assert set(quick_problems("cpu")) <= set(full)
+    assert {p.dtype for p in full} <= {"fp32", "bf16"}  # tf32 is a CUDA setting
+
+
+def test_select_by_keyword_dtype_and_mode():
+    cases = cases_for(full_problems("cuda"))
+    chosen = select(cases, keywords=["h768-b16-t1024"], dtypes=["fp16"], modes=["forward_backward"])
+    assert [c.name for c in chosen] == ["h768-b16-t1024-fp16-fwdbwd"]
+    either = [c for c in cases if c.problem.packed or c.problem.bidirectional]
+    assert select(cases, keywords=["packed", "-bi-"]) == either
+
+
+def test_problem_validation_and_names():
+    with pytest.raises(ValueError):
+        Problem(32, 4, 16, "fp64")
+    with pytest.raises(ValueError):
+        Problem(32, 4, 16, proj_size=32)
+    with pytest.raises(ValueError):
+        Case(Problem(32, 4, 16), "backward")
+    p = Problem(256, 16, 1024, "bf16", layers=2, bidirectional=True, proj_size=64, packed=True)
+    assert p.name == "h256-b16-t1024-l2-bi-proj64-packed-bf16"
+    assert p.variant == "layers2+bidirectional+proj+packed"
+    assert p.padded_twin().name == "h256-b16-t1024-l2-bi-proj64-bf16"
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def test_summarize_reports_median_of_repeats_and_their_spread():
+    stats = summarize([[3.0, 1.0, 2.0], [10.0, 10.0], [5.0]])
+    assert stats["repeat_medians_ms"] == [2.0, 10.0, 5.0]
+    assert (stats["median_ms"], stats["min_ms"], stats["max_ms"]) == (5.0, 2.0, 10.0)
+    assert stats["spread"] == pytest.approx((10 - 2) / 5)
+    assert stats["q25_ms"] == pytest.approx(2.25) and stats["q75_ms"] == pytest.approx(8.75)  # pooled calls
+    assert stats["iqr_ms"] == pytest.approx(6.5)
+    assert stats["calls_per_repeat"] == [3, 2, 1]
+
+
+def test_time_step_warms_up_then_runs_separate_repeats_with_rotating_indices():
+    seen = []
+    settings = TimerSettings(warmup_ms=0, rep_ms=0.001, repeats=4, min_iters=3, max_iters=3, budget_ms=1e9)
+    stats = time_step(seen.append, CPU, settings)
+    assert stats["calls_per_repeat"] == [3, 3, 3, 3]
+    assert len(stats["repeat_medians_ms"]) == 4
+    assert stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+    # one untimed first call, one to estimate the call time, then the repeats, each with the next input index
+    assert seen == list(range(2 + 4 * 3))
+
+
+def test_slow_calls_shrink_repeats_to_the_budget_but_keep_every_repeat():
+    settings = TimerSettings(warmup_ms=0, rep_ms=100, repeats=3, min_iters=3, max_iters=10, budget_ms=1)
+    stats = time_step(lambda i: time.sleep(0.003), CPU, settings)  # each call >= 3 ms > budget / repeats
+    assert stats["calls_per_repeat"] == [1, 1, 1]
+
+
+def test_sync_check_is_skipped_off_cuda():
+    result = sync_check(lambda i: None, CPU)
+    assert result["status"] == "skipped" and "CUDA" in result["detail"]
+
+
+def test_inputs_rotate_over_distinct_buffers_and_packed_inputs_are_their_own_leaves():
+    inputs = make_inputs(Problem(8, 3, 5, packed=True), CPU, pool=4, requires_grad=True, seed=0)
+    assert len(inputs) == 4
+    assert not torch.equal(inputs.xs[0].data, inputs.xs[1].data)
+    assert all(leaf.is_leaf and leaf.requires_grad for leaf in inputs.leaves)
+    assert int(inputs.lengths.max()) == 5 and inputs.grad_outs[0].shape == (int(inputs.lengths.sum()), 8)
+
+
+def test_training_step_changes_the_weights_and_forward_runs_in_eval_mode():
+    problem = Problem(8, 2, 4)
+    module = PROVIDERS["nn.LSTM"].build(problem, bench.make_weights(problem, 0), CPU)
+    before = module.weight_hh_l0.detach().clone()
+    make_step("train_step", module, make_inputs(problem, CPU, 2, True, 0))(0)
+    assert not torch.equal(before, module.weight_hh_l0)
+    forward = make_step("forward", module, make_inputs(problem, CPU, 2, False, 0))
+    forward(1)
+    assert not module.training and module.weight_hh_l0.grad is not None  # grads of the train step, untouched
+
+
+# ------------------------------------------------------------------------------------------- correctness gate
+
+
+def _scaled_hh_build(problem, weights, device):
+    """A 'fast' LSTM that is wrong: its recurrent weights are 1% off."""
+    module = PROVIDERS["nn.LSTM"].build(problem, weights, device)
+    with torch.no_grad():
+        module.weight_hh_l0.mul_(1.01)
+    return module
+
+
+def _raising_build(problem, weights, device):
+    raise RuntimeError("kernel exploded")
+
+
+def test_correctness_gate_rejects_a_wrong_implementation_and_never_times_it(monkeypatch):
+    builds = []
+
+    def counting_build(problem, weights, device):
+        builds.append(problem.name)
+        return _scaled_hh_build(problem, weights, device)
+
+    monkeypatch.setitem(PROVIDERS, "wrong", Provider("wrong", "1% off", counting_build))
+    monkeypatch.setitem(PROVIDERS, "raising", Provider("raising", "raises", _raising_build))
+    timed = []
+    real_time_step = bench.time_step
+    monkeypatch.setattr(bench, "time_step", lambda *a, **k: timed.append(1) or real_time_step(*a, **k))
+    cases = [Case(Problem(16, 4, 8), mode) for mode in MODES]
+    doc = bench.run(cases, ["wrong", "raising", "nn.LSTM"], CPU, TIMER_CPU, log=lambda line: None)
+
+    assert builds == ["h16-b4-t8-fp32"]  # built once, for the one check of the problem; never for timing
+    assert len(timed) == len(cases)  # only nn.LSTM was timed, once per mode
+    for case in doc["cases"]:
+        wrong, raising, ok = (case["results"][n] for n in ("wrong", "raising", "nn.LSTM"))
+        assert wrong["status"] == "failed" and "timing" not in wrong
+        assert wrong["correctness"]["max_error"] > wrong["correctness"]["threshold"] == 1e-5
+        assert raising["status"] == "error" and "kernel exploded" in raising["reason"]
+        assert ok["status"] == "ok" and ok["correctness"]["passed"] and ok["timing"]["median_ms"] > 0
+        assert case["derived"]["speedup"]["wrong"] is None
+    assert doc["summary"]["status_counts"] == {"failed": 3, "error": 3, "ok": 3}
+    text = bench_report.markdown(doc)
+    assert "FAILED" in text and "## Not timed" in text
+
+
+def test_every_default_provider_passes_the_gate_on_the_cpu():
+    problem = Problem(16, 3, 6, "fp32", layers=2, bidirectional=True, proj_size=4, packed=True)
+    for name in DEFAULT_PROVIDERS:
+        check = bench.check_correctness(problem, PROVIDERS[name], CPU, seed=1)
+        assert check["passed"], (name, check["worst"], check["max_error"])
+        assert {"output", "h_n", "c_n", "grad_input", "grad_weight_hr_l1_reverse", "output_inference"} <= set(
+            check["errors"]
+        )
+
+
+# ------------------------------------------------------------------------------------------------- derivations
+
+
+def _record(ms):
+    return {"status": "ok", "timing": {"median_ms": ms, "spread": 0.0}} if ms else {"status": "failed"}
+
+
+def test_speedup_and_telemetry_overhead():
+    case = {"results": {"fastlstm": _record(2.0), "fastlstm-notelemetry": _record(1.6), "nn.LSTM": _record(4.0)}}
+    derived = bench_report.derive(case)
+    assert derived["speedup"] == {"fastlstm": 2.0, "fastlstm-notelemetry": 2.5}
+    assert derived["telemetry_overhead"] == pytest.approx(1.25)
+    case["results"]["nn.LSTM"] = _record(None)
+    assert bench_report.derive(case)["speedup"]["fastlstm"] is None
+
+
+def test_json_output_is_strict_even_with_infinite_errors(tmp_path):
+    path = bench_report.write_json({"error": math.inf, "nested": [math.nan, 1.0]}, str(tmp_path / "r.json"))
+    assert json.loads(open(path).read()) == {"error": "inf", "nested": ["nan", 1.0]}
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+
+def test_bench_command_writes_json_markdown_and_plots(tmp_path, capsys):
+    had_kernels = "fastlstm.kernels.launch" in sys.modules
+    threads = torch.get_num_threads()
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--modes", "train_step"]
+    argv += ["-k", "t8-fp32", "-k", "t32-fp32", "-k", "packed"]  # the 2 × 2 hidden × batch sweep at two lengths
+    assert bench.main(argv) == 0
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    env = doc["environment"]
+    for key in ("date", "python", "torch", "triton", "cuda", "cudnn", "gpu", "driver", "torch_threads"):
+        assert key in env
+    assert env["device"] == "cpu" and env["torch_threads"] == 1  # CPU runs use one thread...
+    assert torch.get_num_threads() == threads  # ...and give the setting back
+    assert doc["settings"]["thresholds"] == {"fp32": 1e-5, "tf32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
+    names = [c["name"] for c in doc["cases"]]
+    assert "h32-b4-t32-packed-fp32-train" in names and "h16-b1-t8-fp32-train" in names
+    for case in doc["cases"]:
+        assert set(case["results"]) == set(DEFAULT_PROVIDERS)
+        assert {"hidden", "batch", "seq", "layers", "bidirectional", "proj_size", "packed", "dtype"} <= set(
+            case["problem"]
+        )
+        for r in case["results"].values():
+            assert r["status"] == "ok" and r["correctness"]["passed"]
+            assert r["timing"]["min_ms"] <= r["timing"]["median_ms"] <= r["timing"]["max_ms"]
+            assert len(r["timing"]["repeat_medians_ms"]) == TIMER_CPU.repeats
+            assert r["sync_check"]["status"] == "skipped"
+        assert case["derived"]["telemetry_overhead"] is not None
+    assert doc["summary"]["packed_vs_padded"][0]["padded"] == "h32-b4-t32-fp32-train"
+
+    text = (tmp_path / "results.md").read_text()
+    assert "| case | nn.LSTM ms | fastlstm ms | speedup |" in text and "CPU smoke run" in text
+    assert "## Packed (mixed lengths) / padded" in text
+    assert "results.md" in capsys.readouterr().out
+    if _has_matplotlib():
+        assert (tmp_path / "speedup_heatmap.png").stat().st_size > 0
+        assert (tmp_path / "time_per_step.png").stat().st_size > 0
+    if not had_kernels:
+        assert "fastlstm.kernels.launch" not in sys.modules  # the CPU path never touches the Triton kernels
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_list_prints_cases_and_estimate_without_a_device(capsys):
+    assert bench.main(["--list", "--quick", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "h768-b16-t1024-fp16-fwdbwd" in out and "36 cases × 3 providers on cuda" in out
+
+
+def test_bad_selections_are_usage_errors(capsys):
+    assert bench.main(["--list", "--dtypes", "fp64"]) == bench.EXIT_USAGE
+    assert bench.main(["--list", "-k", "no-such-case"]) == bench.EXIT_USAGE
+    assert bench.main(["--list", "--providers", "nope"]) == bench.EXIT_USAGE
+    assert "unknown providers" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_requested_without_cuda(tmp_path, capsys):
+    assert bench.main(["--device", "cuda", "--quick", "--out", str(tmp_path)]) == bench.EXIT_USAGE
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_failures_make_the_command_fail(tmp_path, monkeypatch):
+    monkeypatch.setitem(PROVIDERS, "wrong", Provider("wrong", "1% off", _scaled_hh_build))
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--no-plots", "-k", "h16-b1-t8-fp32-fwd"]
+    assert bench.main(argv + ["--providers", "wrong,nn.LSTM"]) == bench.EXIT_FAILURES
+    assert not list(tmp_path.glob("*.png"))
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["cases"][0]["results"]["wrong"]["status"] == "failed"
+
+
+def test_fastlstm_provider_runs_the_reference_backend_on_the_cpu():
+    problem = Problem(8, 2, 4)
+    module = PROVIDERS["fastlstm"].build(problem, bench.make_weights(problem, 0), CPU)
+    assert module.backend == "reference" and module.telemetry.enabled
+    assert not PROVIDERS["fastlstm-notelemetry"].build(problem, bench.make_weights(problem, 0), CPU).telemetry.enabled
