@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fastlstm.bench import problem_seed
-from fastlstm.bench_cases import MODES, Case, Problem, quick_problems
-from fastlstm.bench_providers import POOL, PROVIDERS, check_correctness, make_inputs, make_step, make_weights, precision
-from fastlstm.bench_timing import sync_check
+from fastlstm.bench.cases import MODES, Case, Problem, quick_problems
+from fastlstm.bench.providers import POOL, PROVIDERS, check_correctness, make_inputs, make_step, make_weights, precision
+from fastlstm.bench.timing import sync_check
 
 PROVIDER_NAMES = ("fastlstm", "fastlstm-notelemetry", "nn.LSTM")
 CPU_PROBLEMS = (

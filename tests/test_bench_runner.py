@@ -1,4 +1,4 @@
-"""The benchmark runner's logic on the CPU (fastlstm/bench*.py): the grid, the correctness gate, the statistics over
+"""The benchmark runner's logic on the CPU (fastlstm/bench/): the grid, the correctness gate, the statistics over
 repeats, the derived comparisons and the files `fastlstm bench` writes. No assertion here depends on a measured time.
 """
 
@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from fastlstm import bench, bench_report
-from fastlstm.bench_cases import (
+from fastlstm.bench import report as bench_report
+from fastlstm.bench import runner as bench
+from fastlstm.bench.cases import (
     CPU_SWEEP,
     DTYPES,
     GPU_SWEEP,
@@ -29,8 +30,8 @@ from fastlstm.bench_cases import (
     quick_problems,
     select,
 )
-from fastlstm.bench_providers import PROVIDERS, Provider, make_inputs, make_step
-from fastlstm.bench_timing import summarize, sync_check, time_step
+from fastlstm.bench.providers import PROVIDERS, Provider, make_inputs, make_step
+from fastlstm.bench.timing import summarize, sync_check, time_step
 
 CPU = torch.device("cpu")
 DEFAULT_PROVIDERS = ["fastlstm", "fastlstm-notelemetry", "nn.LSTM"]

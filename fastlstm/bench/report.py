@@ -1,6 +1,6 @@
 """What `fastlstm bench` writes: the environment, results.json, results.md and the plots.
 
-Input is the runner's result document (fastlstm/bench.py: `{"environment", "settings", "cases": [...]}` where each
+Input is the runner's result document (fastlstm/bench/runner.py: `{"environment", "settings", "cases": [...]}` where each
 case has `results[provider]` records); this module derives the comparisons (speedup against nn.LSTM, telemetry
 overhead, packed against padded) and renders them. Plots use matplotlib's object API (no pyplot state) and are
 skipped with a note when matplotlib is not installed.
@@ -22,8 +22,8 @@ from collections import defaultdict
 
 import torch
 
-from .bench_cases import MODES
-from .bench_providers import BASELINE
+from .cases import MODES
+from .providers import BASELINE
 
 SCHEMA = "fastlstm.bench/1"
 FAST, FAST_OFF = "fastlstm", "fastlstm-notelemetry"

@@ -1,7 +1,7 @@
 """The benchmark grid: which problems `fastlstm bench` measures, and how long that should take.
 
 A `Problem` is one LSTM configuration and dtype; a `Case` is a problem run in one mode (forward, forward+backward,
-training step). The runner (fastlstm/bench.py) checks correctness once per problem and provider, then times every
+training step). The runner (fastlstm/bench/runner.py) checks correctness once per problem and provider, then times every
 mode of it. Nothing here touches torch, so the grid can be listed and tested anywhere.
 """
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bench_cases import TimerSettings
+from .cases import TimerSettings
 
 
 def _percentile(sorted_values: list, q: float) -> float:

@@ -2,13 +2,13 @@
 
     fastlstm bench --out DIR [--quick] [--device cuda|cpu] [-k SUBSTRING] [--list]
 
-For every case of the grid (fastlstm/bench_cases.py) and every provider (fastlstm with telemetry on and off,
-nn.LSTM, and other installed LSTMs: fastlstm/bench_providers.py) the runner
+For every case of the grid (fastlstm/bench/cases.py) and every provider (fastlstm with telemetry on and off,
+nn.LSTM, and other installed LSTMs: fastlstm/bench/providers.py) the runner
   1. checks correctness against float64 nn.LSTM, once per problem and provider, before any timing; a provider
      that fails is recorded as failed and never timed;
-  2. times the mode's step with warm-up, rotated inputs and separate repeats (fastlstm/bench_timing.py);
+  2. times the mode's step with warm-up, rotated inputs and separate repeats (fastlstm/bench/timing.py);
   3. records peak memory, and for training steps on CUDA whether the step ran without a host synchronisation;
-then derives speedups and telemetry overhead and writes the report (fastlstm/bench_report.py).
+then derives speedups and telemetry overhead and writes the report (fastlstm/bench/report.py).
 benchmarks/README.md explains what is measured and how. Exit status: 0, or 1 when any case failed its
 correctness check or raised, 2 for a bad command line or a missing device.
 """
@@ -26,8 +26,8 @@ from dataclasses import asdict, replace
 
 import torch
 
-from . import bench_report as report
-from .bench_cases import (
+from . import report
+from .cases import (
     DTYPES,
     MODES,
     TIMER_CPU,
@@ -40,7 +40,7 @@ from .bench_cases import (
     quick_problems,
     select,
 )
-from .bench_providers import (
+from .providers import (
     POOL,
     PROVIDERS,
     THRESHOLDS,
@@ -52,7 +52,7 @@ from .bench_providers import (
     make_weights,
     precision,
 )
-from .bench_timing import peak_memory, sync_check, time_step
+from .timing import peak_memory, sync_check, time_step
 
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
@@ -170,7 +170,7 @@ def problem_seed(problem, seed: int) -> int:
 
 
 def run(cases, providers, device, timer, *, seed=0, command="fastlstm bench", quick=False, log=print) -> dict:
-    """Measure every case with every provider; returns the result document (see bench_report)."""
+    """Measure every case with every provider; returns the result document (see report.py)."""
     with cpu_threads(1 if device.type == "cpu" else None):
         return _run(cases, providers, device, timer, seed, command, quick, log)
 
