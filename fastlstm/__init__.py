@@ -1,7 +1,13 @@
 """fastlstm: a drop-in torch.nn.LSTM with fused Triton kernels and in-kernel training telemetry."""
 
+from . import init
+from .doctor import Finding, diagnose
 from .module import LSTM, convert
+from .monitor import History, Monitor
+from .tbptt import NonFiniteError, TBPTTTrainer, truncation_evidence
 from .telemetry import LayerTelemetry, NonFinite, Snapshot, Telemetry
 
 __all__ = ["LSTM", "convert", "Telemetry", "Snapshot", "LayerTelemetry", "NonFinite"]
+__all__ += ["History", "Monitor", "NonFiniteError", "TBPTTTrainer", "truncation_evidence"]
+__all__ += ["diagnose", "Finding", "init"]
 __version__ = "0.1.0"

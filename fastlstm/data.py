@@ -57,7 +57,7 @@ def chronological_split(length: int, val_fraction: float) -> tuple:
     forecaster is validated on the future it never saw."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    cut = int(round(length * (1.0 - val_fraction)))
+    cut = round(length * (1.0 - val_fraction))
     return slice(0, cut), slice(cut, length)
 
 

@@ -9,58 +9,17 @@ format writes them as the strings "nan", "inf", "-inf"; they are decoded back to
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections import defaultdict
 
 import numpy as np
 
-HISTORY_FORMAT = "fastlstm.history/1"
-_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "infinity": math.inf, "-infinity": -math.inf}
-
-
-def to_float(value) -> float:
-    """A number of the History format as a float: None -> nan, "nan"/"inf"/"-inf" -> the special floats."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        try:
-            return _SPECIAL_FLOATS[value.strip().lower()]
-        except KeyError:
-            return float(value)
-    return float(value)
+from .jsonio import read_json, to_float
 
 
 def float_array(values) -> np.ndarray:
     return np.array([to_float(v) for v in (values or [])], dtype=np.float64)
-
-
-def json_safe(value):
-    """`value` with every non-finite float written as the History format's strings (for json.dump)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    return value
-
-
-def load_history(path) -> dict:
-    """Read a History JSON file (docs/history.md) as a plain dict; special floats stay as strings until viewed."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def save_history(history: dict, path) -> None:
-    """Write a History dict as JSON that `load_history` and `History.load` read back (special floats as strings)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(json_safe(history), handle, indent=1)
 
 
 def as_history_dict(history) -> dict:
@@ -68,7 +27,7 @@ def as_history_dict(history) -> dict:
     if hasattr(history, "to_dict"):
         history = history.to_dict()
     elif isinstance(history, (str, os.PathLike)):
-        history = load_history(history)
+        history = read_json(history)
     if not isinstance(history, dict):
         raise TypeError(f"expected a History, a dict in docs/history.md's format or a path, got {type(history)!r}")
     return history
@@ -126,6 +85,9 @@ class HistoryView:
         self.loss = float_array([s.get("loss") for s in steps])
         self.lr = float_array([s.get("lr") for s in steps])
         self.grad_norm = float_array([s.get("grad_norm") for s in steps])
+        # null means "not measured", "nan" means a measured NaN: keep the difference.
+        self.loss_known = np.array([s.get("loss") is not None for s in steps], dtype=bool)
+        self.grad_norm_known = np.array([s.get("grad_norm") is not None for s in steps], dtype=bool)
         self.skipped = np.array([bool(s.get("skipped", False)) for s in steps], dtype=bool)
         self.evals = [_eval_entry(e) for e in raw.get("evals") or []]
         self.events = list(raw.get("events") or [])

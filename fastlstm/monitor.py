@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -20,71 +18,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .jsonio import HISTORY_FORMAT, atomic_write, from_json_safe, to_json_safe
 from .module import LSTM
 
-HISTORY_FORMAT = "fastlstm.history/1"
 EVENT_KINDS = ("nonfinite_step_skipped", "nonfinite_stop", "truncation", "checkpoint", "resume")
 _LISTS = ("steps", "evals", "telemetry", "inputs", "targets", "events")
-
-
-# ---- JSON: NaN and infinities travel as strings (docs/history.md) ----
-
-
-def to_json_safe(value):
-    """A copy of `value` that json.dumps accepts: non-finite floats become "nan"/"inf"/"-inf", numpy values become
-    Python ones, tuples become lists."""
-    if isinstance(value, dict):
-        return {str(k): to_json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [to_json_safe(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else str(value)
-    return value
-
-
-_NONFINITE_STRINGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def from_json_safe(value):
-    """The inverse of `to_json_safe` for values (dict keys are left alone)."""
-    if isinstance(value, dict):
-        return {k: from_json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_json_safe(v) for v in value]
-    if isinstance(value, str) and value in _NONFINITE_STRINGS:
-        return _NONFINITE_STRINGS[value]
-    return value
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a torn one:
-    a temporary file in the same directory, fsync, os.replace, then fsync of the directory entry."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 # ---- History ----

@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .monitor import History, Monitor, atomic_write, find_lstms, unwrap_model
+from .jsonio import atomic_write
+from .monitor import History, Monitor, find_lstms, unwrap_model
 
 CHECKPOINT_FORMAT = "fastlstm.tbptt/1"
 

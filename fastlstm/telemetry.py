@@ -7,13 +7,13 @@ layout); this module only allocates them, hands each layer its slice, and turns 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import constants as C
+from .jsonio import to_json_safe
 
 
 class StageProbe(NamedTuple):
@@ -63,9 +63,9 @@ class LayerTelemetry:
             "direction": self.direction,
             "elements": self.elements,
             "gate_saturation": dict(self.gate_saturation),
-            "forget_gate_mean": _json_float(self.forget_gate_mean),  # NaN once a NaN reached the forget gate
-            "cell_absmax": _json_float(self.cell_absmax),
-            "grad_norm_per_step": [_json_float(v) for v in self.grad_norm_per_step.tolist()],
+            "forget_gate_mean": to_json_safe(self.forget_gate_mean),  # NaN once a NaN reached the forget gate
+            "cell_absmax": to_json_safe(self.cell_absmax),
+            "grad_norm_per_step": to_json_safe(self.grad_norm_per_step),
             "backward_passes": self.backward_passes.tolist(),
         }
 
@@ -82,13 +82,6 @@ class Snapshot:
             "first_nonfinite": None if self.first_nonfinite is None else self.first_nonfinite.to_dict(),
             "launches": self.launches,
         }
-
-
-def _json_float(value):
-    """JSON has no NaN or infinity: keep them readable as strings rather than breaking the encoder."""
-    if value is None or math.isfinite(value):
-        return value
-    return str(value)
 
 
 def launch_key(stage: int, order: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -22,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from .. import jsonio
 from .cases import MODES
 from .providers import BASELINE
 
@@ -202,21 +202,8 @@ def summary(doc: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- writers
 
 
-def _json_safe(value):
-    """inf/NaN (a failed correctness check) become strings, so the file stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_json(doc: dict, path: str) -> str:
-    with open(path, "w") as f:
-        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
-        f.write("\n")
+    jsonio.write_json(path, doc)
     return path
 
 

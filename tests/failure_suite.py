@@ -1,0 +1,615 @@
+"""Failure reproductions for the doctor: small fastlstm.LSTMs trained into each failure on purpose, plus healthy
+controls, each recorded into a History dict (docs/history.md) and diagnosed.
+
+Used by tests/test_doctor.py, and runnable on its own to print the precision/recall table of docs/doctor.md:
+
+    python tests/failure_suite.py            # markdown table and per-scenario findings
+
+Every scenario is a real training run on the CPU (reference backend, a few seconds each); nothing is synthesised
+into the history. `expected` are the codes the run must produce; `allowed` are other warning/error codes that the
+run genuinely exhibits as a consequence of the same fault (e.g. a NaN loss also stalls the loss curve), which are
+neither required nor counted as false positives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import fastlstm
+import fastlstm.init as finit
+from fastlstm import doctor
+
+HIDDEN = 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: batches of (x [B, T, F], y [B, T, O] or [B, O]).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sines(gen: torch.Generator, batch: int, steps: int, features: int = 3, noise: float = 0.05, freq=(0.15, 0.6)):
+    """Standardised multi-sine series with random frequencies and phases; y is feature 0 one step ahead."""
+    t = torch.arange(steps + 1, dtype=torch.float32)
+    f = torch.empty(batch, 1, features).uniform_(*freq, generator=gen)
+    phase = torch.empty(batch, 1, features).uniform_(0, 2 * math.pi, generator=gen)
+    series = torch.sin(t[None, :, None] * f + phase) * math.sqrt(2.0)
+    series = series + noise * torch.randn(series.shape, generator=gen)
+    return series[:, :-1], series[:, 1:, :1]
+
+
+def lag_recall(gen, batch: int, steps: int, lag: int, features: int = 2):
+    """y_t = x_{t-lag} (feature 0), zero before the lag: needs memory of exactly `lag` steps."""
+    x = torch.randn(batch, steps, features, generator=gen)
+    y = torch.zeros(batch, steps, 1)
+    y[:, lag:, 0] = x[:, :-lag, 0]
+    return x, y
+
+
+def remember_first(gen, batch: int, steps: int):
+    """Only the last output counts and it must recall the first input: a dependency spanning the whole sequence."""
+    x = torch.randn(batch, steps, 1, generator=gen)
+    return x, x[:, 0, :].clone()
+
+
+class Net(nn.Module):
+    def __init__(self, features: int, outputs: int = 1, hidden: int = HIDDEN, layers: int = 1):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(features, hidden, layers, batch_first=True, backend="reference")
+        self.head = nn.Linear(hidden, outputs)
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(x, state)
+        return self.head(out), state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop every scenario shares.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """What differs between scenarios. `batch(gen)` yields training (x, y); `val(gen)` validation data as a dict
+    name -> (x, y) (one entry, or several named subsets)."""
+
+    batch: Callable
+    val: Callable
+    features: int
+    steps: int = 120
+    lr: float = 1e-2
+    optimizer: str = "adam"
+    layers: int = 1
+    hidden: int = HIDDEN
+    last_only: bool = False  # loss on the last output only (sequence regression)
+    eval_every: int = 10
+    prepare: Callable | None = None  # called with the model before training (initialisation faults)
+    loss_fn: Callable | None = None  # (prediction, target) -> loss; MSE by default
+    corrupt: Callable | None = None  # (step, x, y) -> (x, y), to inject bad data
+    truncation: tuple | None = None  # (k1, k2, stream length, epochs): train with fastlstm.TBPTTTrainer instead
+    residual_probe: bool = True  # the trainer's residual-correlation probe (off: gradient telemetry only)
+
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    # Adam without momentum (RMSprop with bias correction): nothing averages the noisy steps of a too-high rate.
+    "adam_no_momentum": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99)),
+}
+
+
+def _mse(pred, y):
+    return (pred - y).pow(2).mean()
+
+
+def train(setup: Setup, seed: int) -> dict:
+    """Train as the scenario says and return the History dict the fastlstm.Monitor recorded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster and immune to OpenMP stalls on a busy machine
+    try:
+        return _train(setup, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(setup: Setup, seed: int) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Net(setup.features, hidden=setup.hidden, layers=setup.layers)
+    if setup.prepare is not None:
+        setup.prepare(model)
+    opt = OPTIMIZERS[setup.optimizer](model.parameters(), lr=setup.lr)
+    if setup.truncation:
+        return _train_tbptt(setup, model, opt, gen)
+    loss_fn = setup.loss_fn or _mse
+    monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+    val_sets = setup.val(torch.Generator().manual_seed(seed + 1))
+    for step in range(setup.steps):
+        x, y = setup.batch(gen)
+        if setup.corrupt is not None:
+            x, y = setup.corrupt(step, x, y)
+        model.train()
+        pred, _ = model(x)
+        loss = loss_fn(pred[:, -1] if setup.last_only else pred, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss=loss.detach(), targets=y)
+        if (step + 1) % setup.eval_every == 0:
+            total, subsets = _validate(model, val_sets, setup.last_only, loss_fn)
+            monitor.evaluate(total, subset_losses=subsets, epoch=(step + 1) // setup.eval_every)
+    return monitor.history.to_dict()
+
+
+def _train_tbptt(setup: Setup, model, opt, gen) -> dict:
+    k1, k2, length, epochs = setup.truncation
+    x, y = setup.batch(gen, length)
+    xv, yv = setup.val(gen)["all"]
+    trainer = fastlstm.TBPTTTrainer(
+        model, opt, setup.loss_fn or nn.MSELoss(), k1=k1, k2=k2, telemetry_every=5, read_every=10,
+        validate_every=setup.eval_every, dependency_lags=None if setup.residual_probe else 0,
+    )  # fmt: skip
+    return trainer.fit((x, y), epochs=epochs, val_data=(xv, yv)).to_dict()
+
+
+@torch.no_grad()
+def _validate(model, val_sets: dict, last_only: bool, loss_fn) -> tuple:
+    """Validation with telemetry off: those forwards are not training and must not enter the windows."""
+    model.eval()
+    model.lstm.telemetry.enabled = False
+    try:
+        losses = {}
+        for name, (x, y) in val_sets.items():
+            pred, _ = model(x)
+            losses[name] = float(loss_fn(pred[:, -1] if last_only else pred, y))
+    finally:
+        model.lstm.telemetry.enabled = True
+    total = float(np.mean(list(losses.values())))
+    return total, (losses if len(losses) > 1 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenarios.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _val(fn, **kw):
+    return lambda gen: {"all": fn(gen, **kw)}
+
+
+def _sine_setup(**overrides) -> Setup:
+    base = {
+        "batch": lambda g: sines(g, 16, 32),
+        "val": _val(sines, batch=64, steps=32),
+        "features": 3,
+    }
+    base.update(overrides)
+    return Setup(**base)
+
+
+def _scale_features(factors):
+    factors = torch.tensor(factors, dtype=torch.float32)
+
+    def batch(gen):
+        x, y = sines(gen, 16, 32)
+        return x * factors + factors / 2, y  # large and offset, as raw measurements often are
+
+    def val(gen):
+        x, y = sines(gen, 64, 32)
+        return {"all": (x * factors + factors / 2, y)}
+
+    return batch, val
+
+
+def _scaled_weights(name_prefix, factor):
+    def prepare(model):
+        with torch.no_grad():
+            for name, p in model.lstm.named_parameters():
+                if name.startswith(name_prefix):
+                    p.mul_(factor)
+
+    return prepare
+
+
+def _nan_at(step_index):
+    def corrupt(step, x, y):
+        if step == step_index:
+            x = x.clone()
+            x[3, 7, 1] = float("nan")  # one bad sensor reading
+        return x, y
+
+    return corrupt
+
+
+def _missing_targets_as_nan(step, x, y):
+    y = y.clone()
+    y[0, 5, 0] = float("nan")  # missing values left as NaN in every batch
+    return x, y
+
+
+def _masked_loss_bug(pred, y):
+    mask = torch.zeros_like(y)  # bug: the padding mask is all zeros, so nothing counts
+    return ((pred - y) ** 2 * mask).sum() / mask.numel()
+
+
+def _raw_unit_targets(gen, batch=16):
+    x, y = sines(gen, batch, 32)
+    return x, 50.0 * y + 400.0  # e.g. a sensor reading left in its physical units
+
+
+def _constant_targets(gen):
+    x, y = sines(gen, 16, 32)
+    return x, torch.full_like(y, 2.5)
+
+
+def _tiny_train_set(count: int, noise: float):
+    """The same `count` noisy sequences every step: a network with capacity to spare memorises their noise."""
+    fixed = {}
+
+    def batch(gen):
+        if "data" not in fixed:
+            fixed["data"] = sines(torch.Generator().manual_seed(123), count, 32, noise=noise)
+        return fixed["data"]
+
+    return batch
+
+
+def _subsets(hard_fraction):
+    """Subgroup "B" is a fast, noisy regime that makes up a small share of training: the model neglects it."""
+
+    def mixed(gen, batch):
+        easy_x, easy_y = sines(gen, batch, 32, freq=(0.1, 0.3), noise=0.02)
+        hard_x, hard_y = sines(gen, batch, 32, freq=(1.0, 2.5), noise=0.3)
+        take_hard = torch.rand(batch, generator=gen) < hard_fraction
+        pick = take_hard[:, None, None]
+        return torch.where(pick, hard_x, easy_x), torch.where(pick, hard_y, easy_y)
+
+    def val(gen):
+        return {
+            "regime-A": sines(gen, 64, 32, freq=(0.1, 0.3), noise=0.02),
+            "regime-B": sines(gen, 64, 32, freq=(1.0, 2.5), noise=0.3),
+        }
+
+    return (lambda gen: mixed(gen, 16)), val
+
+
+def _similar_subsets():
+    def val(gen):
+        return {"phase-A": sines(gen, 64, 32), "phase-B": sines(gen, 64, 32)}
+
+    return val
+
+
+@dataclasses.dataclass
+class Scenario:
+    name: str
+    setup: Callable  # () -> Setup
+    expected: frozenset  # codes that must be found (empty for a healthy control)
+    allowed: frozenset = frozenset()  # other warning/error codes this fault genuinely causes
+    what: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return not self.expected
+
+
+def _s(name, setup, expected=(), allowed=(), what=""):
+    return Scenario(name, setup, frozenset(expected), frozenset(allowed), what)
+
+
+SCENARIOS = [
+    # ---- healthy controls: no warning or error allowed ----
+    _s("healthy_forecast", lambda: _sine_setup(), what="1-layer forecaster on standardised sines"),
+    _s(
+        "healthy_two_layer_recall",
+        lambda: Setup(
+            batch=lambda g: lag_recall(g, 16, 32, lag=3),
+            val=_val(lag_recall, batch=64, steps=32, lag=3),
+            features=2,
+            layers=2,
+            steps=150,
+        ),
+        what="2 layers, y_t = x_(t-3)",
+    ),
+    _s(
+        "healthy_sequence_regression",
+        lambda: Setup(
+            batch=lambda g: _last_mean(g, 16),
+            val=lambda g: {"all": _last_mean(g, 64)},
+            features=1,
+            last_only=True,
+            steps=150,
+        ),
+        what="loss on the last step only: mean of the last 4 inputs",
+    ),
+    _s(
+        "healthy_truncated",
+        lambda: Setup(
+            batch=lambda g, n: lag_recall(g, 16, n, lag=3),
+            val=_val(lag_recall, batch=32, steps=128, lag=3),
+            features=2,
+            truncation=(16, 16, 256, 10),
+            eval_every=20,
+        ),
+        what="fastlstm.TBPTTTrainer, k1=k2=16, dependency of 3 steps",
+    ),
+    _s("healthy_subsets", lambda: _sine_setup(val=_similar_subsets()), what="two subsets of equal difficulty"),
+    _s(
+        "healthy_chrono_init",
+        lambda: _sine_setup(prepare=lambda m: finit.chrono_(m.lstm, 32)),
+        what="chrono initialisation (forget gates deliberately near 1)",
+    ),
+    # ---- failures ----
+    _s(
+        "exploding",
+        lambda: _sine_setup(optimizer="sgd", lr=3.0, prepare=_scaled_weights("weight_hh", 6.0)),
+        expected={"exploding_gradients"},
+        allowed={"non_finite", "gate_saturation", "loss_stagnant", "val_oscillation", "train_val_divergence"},
+        what="recurrent weights x6, SGD lr=3",
+    ),
+    _s(
+        "vanishing",
+        lambda: Setup(
+            batch=lambda g: remember_first(g, 16, 60),
+            val=lambda g: {"all": remember_first(g, 64, 60)},
+            features=1,
+            last_only=True,
+            steps=60,
+            prepare=_scaled_weights("weight", 0.3),
+        ),
+        expected={"vanishing_gradients"},
+        allowed={"loss_stagnant"},
+        what="60 steps, loss on the last output recalling the first input, weights x0.3",
+    ),
+    _s(
+        "gate_saturation",
+        lambda: _sine_setup(prepare=_scaled_weights("weight_ih", 40.0)),
+        expected={"gate_saturation"},
+        allowed={"loss_stagnant"},
+        what="input weights x40 on standardised inputs",
+    ),
+    _s(
+        "unscaled_inputs",
+        lambda: _sine_setup(**dict(zip(("batch", "val"), _scale_features([1.0, 300.0, 20000.0])))),
+        expected={"unscaled_inputs"},
+        allowed={"gate_saturation", "loss_stagnant", "exploding_gradients"},
+        what="features in units of 1, 300 and 20000",
+    ),
+    _s(
+        "unscaled_targets",
+        lambda: _sine_setup(batch=_raw_unit_targets, val=lambda g: {"all": _raw_unit_targets(g, 64)}),
+        expected={"unscaled_targets"},
+        allowed={"loss_stagnant", "gate_saturation", "exploding_gradients"},
+        what="targets in raw units: 50 x signal + 400",
+    ),
+    _s(
+        "nan_input",
+        lambda: _sine_setup(corrupt=_nan_at(40)),
+        expected={"non_finite"},
+        allowed={"loss_stagnant"},
+        what="one NaN reading in the batch of step 40",
+    ),
+    _s(
+        "nan_from_start",
+        lambda: _sine_setup(corrupt=_missing_targets_as_nan, steps=30),
+        expected={"initial_loss_nonfinite", "non_finite"},
+        allowed={"loss_stagnant"},
+        what="missing targets stored as NaN in every batch",
+    ),
+    _s(
+        "stagnant_lr_zero",
+        lambda: _sine_setup(lr=0.0, steps=80),
+        expected={"loss_stagnant"},
+        what="learning rate 0",
+    ),
+    _s(
+        "stagnant_tiny_lr",
+        lambda: _sine_setup(lr=1e-6, steps=80),
+        expected={"loss_stagnant"},
+        what="Adam lr=1e-6",
+    ),
+    _s(
+        "loss_zero",
+        lambda: _sine_setup(loss_fn=_masked_loss_bug, steps=60),
+        expected={"loss_zero"},
+        allowed={"loss_stagnant"},
+        what="loss masked to zero by an all-zero mask",
+    ),
+    _s(
+        "constant_target",
+        lambda: _sine_setup(batch=_constant_targets, steps=80),
+        expected={"constant_target"},
+        # The validation targets are the real ones, so validation gets worse while training fits the constant.
+        allowed={"loss_zero", "gate_saturation", "train_val_divergence"},
+        what="every target equals 2.5",
+    ),
+    _s(
+        "train_val_divergence",
+        lambda: _sine_setup(batch=_tiny_train_set(8, noise=0.6), hidden=64, steps=300, lr=3e-3, eval_every=15),
+        expected={"train_val_divergence"},
+        allowed={"val_oscillation"},
+        what="8 noisy training sequences, hidden 64, 300 steps: validation falls, then climbs",
+    ),
+    _s(
+        "val_oscillation",
+        lambda: _sine_setup(optimizer="adam_no_momentum", lr=0.05, steps=150, eval_every=5),
+        expected={"val_oscillation"},
+        allowed={"exploding_gradients", "gate_saturation", "loss_stagnant", "train_val_divergence"},
+        what="Adam without momentum at lr=0.05 (50x the usual 1e-3)",
+    ),
+    _s(
+        "subset_disparity",
+        lambda: _sine_setup(**dict(zip(("batch", "val"), _subsets(0.1))), steps=150),
+        expected={"subset_disparity"},
+        what="a fast noisy regime that is 10% of training",
+    ),
+    _s(
+        "truncation_too_short",
+        lambda: Setup(
+            batch=lambda g, n: lag_recall(g, 16, n, lag=20),
+            val=_val(lag_recall, batch=32, steps=128, lag=20),
+            features=2,
+            truncation=(8, 8, 256, 5),
+            eval_every=20,
+        ),
+        expected={"truncation_too_short"},
+        allowed={"loss_stagnant"},
+        what="y_t = x_(t-20) trained by fastlstm.TBPTTTrainer with k1=k2=8",
+    ),
+    _s(
+        "truncation_too_short_learned",
+        lambda: Setup(
+            batch=lambda g, n: lag_recall(g, 16, n, lag=6),
+            val=_val(lag_recall, batch=32, steps=128, lag=6),
+            features=2,
+            truncation=(4, 4, 128, 2),
+            eval_every=16,
+            residual_probe=False,
+            prepare=_pretrained_recall(lag=6, steps=100),
+        ),
+        expected={"truncation_too_short"},
+        allowed={"loss_stagnant"},
+        what="a model that learned a 6-step lag with full BPTT, then trained with k1=k2=4; residual probe off",
+    ),
+]
+
+
+def _pretrained_recall(lag: int, steps: int):
+    """Train the model on the lag task with full backpropagation first, so that it uses a `lag`-step memory
+    (gradient telemetry only shows memory the network already uses)."""
+
+    def prepare(model):
+        gen = torch.Generator().manual_seed(99)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            x, y = lag_recall(gen, 16, lag + 16, lag)
+            pred, _ = model(x)
+            loss = (pred[:, lag:] - y[:, lag:]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.lstm.telemetry.reset()
+
+    return prepare
+
+
+def _last_mean(gen, batch, steps=24, window=4):
+    x = torch.randn(batch, steps, 1, generator=gen)
+    return x, x[:, -window:, :].mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    scenario: Scenario
+    findings: list
+    seconds: float
+    history: dict
+
+    @property
+    def flagged(self) -> set:
+        """Codes raised at warning or error level (info is advice, not an alarm)."""
+        return {f.code for f in self.findings if f.severity in ("warning", "error")}
+
+    @property
+    def found(self) -> set:
+        return {f.code for f in self.findings}
+
+    @property
+    def missed(self) -> set:
+        return set(self.scenario.expected) - self.found
+
+    @property
+    def false_alarms(self) -> set:
+        return self.flagged - self.scenario.expected - self.scenario.allowed
+
+
+def run(scenario: Scenario, seed: int = 0) -> Outcome:
+    start = time.perf_counter()
+    history = train(scenario.setup(), seed)
+    findings = doctor.diagnose(history)
+    return Outcome(scenario, findings, time.perf_counter() - start, history)
+
+
+def scores(outcomes) -> dict:
+    """Per code: true positives (expected and found), false negatives (expected, not found), false positives
+    (flagged at warning/error where neither expected nor allowed)."""
+    table = {code: {"tp": 0, "fn": 0, "fp": 0} for code in doctor.CODES}
+    for o in outcomes:
+        for code in o.scenario.expected:
+            table[code]["tp" if code in o.found else "fn"] += 1
+        for code in o.false_alarms:
+            table[code]["fp"] += 1
+    return table
+
+
+def markdown(outcomes) -> str:
+    table = scores(outcomes)
+    lines = ["| code | runs expecting it | found (TP) | missed (FN) | false alarms (FP) | precision | recall |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    tp_all = fn_all = fp_all = 0
+    for code, s in table.items():
+        if not any(s.values()):
+            continue
+        tp_all, fn_all, fp_all = tp_all + s["tp"], fn_all + s["fn"], fp_all + s["fp"]
+        lines.append(
+            f"| `{code}` | {s['tp'] + s['fn']} | {s['tp']} | {s['fn']} | {s['fp']} | "
+            f"{_ratio(s['tp'], s['tp'] + s['fp'])} | {_ratio(s['tp'], s['tp'] + s['fn'])} |"
+        )
+    lines.append(
+        f"| **all** | {tp_all + fn_all} | {tp_all} | {fn_all} | {fp_all} | "
+        f"{_ratio(tp_all, tp_all + fp_all)} | {_ratio(tp_all, tp_all + fn_all)} |"
+    )
+    return "\n".join(lines)
+
+
+def scenario_table(outcomes) -> str:
+    """Per run: what was done, what had to be found, and everything flagged at warning/error level."""
+    lines = ["| scenario | fault injected | must find | flagged (warning/error) | result |", "|---|---|---|---|---|"]
+    for o in outcomes:
+        expected = ", ".join(f"`{c}`" for c in sorted(o.scenario.expected)) or "nothing (healthy control)"
+        flagged = ", ".join(f"`{c}`" for c in sorted(o.flagged)) or "-"
+        ok = (
+            "ok"
+            if not o.missed and not o.false_alarms
+            else f"missed {sorted(o.missed)}, false {sorted(o.false_alarms)}"
+        )
+        lines.append(f"| {o.scenario.name} | {o.scenario.what} | {expected} | {flagged} | {ok} |")
+    return "\n".join(lines)
+
+
+def _ratio(num, den) -> str:
+    return "n/a" if den == 0 else f"{num / den:.2f}"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    seeds = [int(s) for s in argv] or [0]
+    outcomes = []
+    for seed in seeds:
+        for scenario in SCENARIOS:
+            o = run(scenario, seed)
+            outcomes.append(o)
+            flags = ", ".join(f"{f.code}:{f.severity}" for f in o.findings) or "-"
+            status = "ok" if not o.missed and not o.false_alarms else f"MISSED {o.missed} FALSE {o.false_alarms}"
+            print(f"seed {seed} {scenario.name:28s} {o.seconds:5.1f}s  {status:10s} {flags}", flush=True)
+    print()
+    print(markdown(outcomes))
+    print()
+    print(scenario_table(outcomes[: len(SCENARIOS)]))  # the first seed's runs
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
