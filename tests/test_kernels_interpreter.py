@@ -41,7 +41,7 @@ def poisoned_outputs(monkeypatch):
 
 
 def rel(actual, expected):
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
