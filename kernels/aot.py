@@ -109,7 +109,7 @@ def _signature(variant: Variant):
         "DOT_PRECISION": variant.precision,
         "DOT_DTYPE": {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
     }
-    ints = {"T": "i32", "B": "i32", "H": "i32", "P": "i32", "key_base": "i64"}
+    ints = {"T": "i32", "B": "i32", "H": "i32", "P": "i32", "capacity": "i32", "key_base": "i64"}
     if variant.kernel == "forward":
         fn = lstm_forward_kernel
         pointers = {
@@ -122,7 +122,7 @@ def _signature(variant: Variant):
         pointers = {
             "grad_out_ptr": d, "c0_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "w_hh_ptr": d,
             "w_hr_ptr": d, "lengths_ptr": "*i64", "dgates_ptr": "*fp32", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-            "dhidden_ptr": "*fp32", "dhfull_ptr": "*fp32", "gradnorm_ptr": "*fp64", "first_ptr": "*i64", "seq_ptr": "*i64",
+            "dhidden_ptr": "*fp32", "dhfull_ptr": "*fp32", "grad_ptr": "*fp64", "first_ptr": "*i64", "seq_ptr": "*i64",
         }  # fmt: skip
     signature = {}
     for name in fn.arg_names:

@@ -19,6 +19,9 @@ STAT_SATURATED = tl.constexpr(C.STAT_SATURATED)
 STAT_ELEMENTS = tl.constexpr(C.STAT_ELEMENTS)
 STAT_FORGET_SUM = tl.constexpr(C.STAT_FORGET_SUM)
 STAT_CELL_ABSMAX = tl.constexpr(C.STAT_CELL_ABSMAX)
+STAT_LAUNCHES = tl.constexpr(C.STAT_LAUNCHES)
+GRAD_SUMSQ = tl.constexpr(C.GRAD_SUMSQ)
+GRAD_PASSES = tl.constexpr(C.GRAD_PASSES)
 # "No non-finite seen yet" for the per-element first-event codes (step * 4 + tensor, int32).
 NO_EVENT = tl.constexpr(2**31 - 1)
 
@@ -108,3 +111,14 @@ def flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, e
     largest = tl.where(has_nan, float("nan"), tl.max(tl.max(absmax, axis=1), axis=0)).to(tl.float64)
     bits_ptr = (stats_ptr + STAT_CELL_ABSMAX).to(tl.pointer_type(tl.int64), bitcast=True)
     tl.atomic_max(bits_ptr, largest.to(tl.int64, bitcast=True))
+    if tl.program_id(0) == 0:  # counted here rather than by a separate tiny launch
+        tl.atomic_add(stats_ptr + STAT_LAUNCHES, 1.0)
+
+
+@triton.jit
+def count_backward_pass(grad_ptr, capacity, steps, BLOCK: tl.constexpr):
+    """One more backward pass reached every timestep of this launch (the GRAD_PASSES row); program 0 only."""
+    if tl.program_id(0) == 0:
+        for t0 in range(0, steps, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            tl.atomic_add(grad_ptr + GRAD_PASSES * capacity + t, 1.0, mask=t < steps)

@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlstm import constants as C
 from fastlstm.reference import BackwardResult, ForwardResult
 
 from .recurrent_bwd import lstm_backward_kernel
@@ -105,8 +104,6 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     c_n = _new((batch, hidden), dtype, device)
     hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
     stats, first, seq, key_base = _telemetry_args(probe, gates)
-    if probe is not None:
-        probe.target[C.STAT_LAUNCHES] += 1
     if batch > 0:
         cfg = select_config(hidden, proj, batch, dtype)
         lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
@@ -135,14 +132,12 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
     grad_rows, first, seq, key_base = _telemetry_args(probe, dgates)
-    if probe is not None:
-        grad_rows[C.GRAD_PASSES, :steps] += 1
     if batch > 0:
         cfg = select_config(hidden, proj, batch, grad_out.dtype)
         lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
             grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr, gates if lengths is None else lengths,
             dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-            grad_rows if probe is None else grad_rows[C.GRAD_SUMSQ], first, seq, key_base,
+            grad_rows, grad_rows.shape[-1], first, seq, key_base,
             steps, batch, hidden, proj,
             REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
             BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),

@@ -15,14 +15,23 @@ Per step t (docs: reference.py's recurrence_backward, the specification):
 import triton
 import triton.language as tl
 
-from .cell import NO_EVENT, any_nonfinite, flush_first_nonfinite, note_nonfinite, program_sequences, tanh
+from .cell import (
+    GRAD_SUMSQ,
+    NO_EVENT,
+    any_nonfinite,
+    count_backward_pass,
+    flush_first_nonfinite,
+    note_nonfinite,
+    program_sequences,
+    tanh,
+)
 
 
 @triton.jit
 def lstm_backward_kernel(
     grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     dgates_ptr, dh_ptr, dc_ptr, dhidden_ptr, dhfull_ptr,
-    gradnorm_ptr, first_ptr, seq_ptr, key_base,
+    grad_ptr, capacity, first_ptr, seq_ptr, key_base,
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -118,7 +127,7 @@ def lstm_backward_kernel(
                 d_bad = any_nonfinite(d_i, d_f, d_g, d_o)
                 first = tl.minimum(first, tl.where(counted & d_bad, code + 3, NO_EVENT))
         if TELEMETRY:
-            tl.atomic_add(gradnorm_ptr + t, sumsq.to(tl.float64))
+            tl.atomic_add(grad_ptr + GRAD_SUMSQ * capacity + t, sumsq.to(tl.float64))
         tl.debug_barrier()
 
         # Phase C: carried dh <- dgates_t @ W_hh (K = 4H), for the sequences still running.
@@ -140,3 +149,4 @@ def lstm_backward_kernel(
 
     if TELEMETRY:
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, key_base, REVERSE)
+        count_backward_pass(grad_ptr, capacity, T, BLOCK_H)
