@@ -183,13 +183,14 @@ class DeferredReads:
         by_device: dict = {}
         for i, t in enumerate(tensors):
             by_device.setdefault(t.device, []).append(i)
-        copies, done = [], None
-        for indices in by_device.values():
+        copies, done = [], []
+        for device, indices in by_device.items():
             flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in indices])
             if flat.is_cuda:
                 flat = flat.to("cpu", non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()  # after every copy so far: one event covers them all (one stream)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))  # the stream that runs this device's copy
+                done.append(event)
             # On the CPU torch.cat made a fresh tensor: later in-place updates of the sources cannot reach it.
             copies.append((indices, flat))
         layout = [([tuple(t.shape) for t in ts], callback) for ts, callback in queue]
@@ -204,8 +205,8 @@ class DeferredReads:
             return
         copies, count, done, layout = self._inflight
         self._inflight = None
-        if done is not None:
-            done.synchronize()
+        for event in done:
+            event.synchronize()
         shapes = [shape for tensor_shapes, _ in layout for shape in tensor_shapes]
         values = [None] * count
         for indices, flat in copies:

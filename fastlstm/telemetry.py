@@ -264,7 +264,7 @@ class Telemetry:
         if on_gpu and not blocking:
             host = tuple(t.to("cpu", non_blocking=True) for t in self._counters())
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.stats.device))  # where the copies were queued
         else:
             # copy=True: for CPU counters .cpu() would return the counters themselves, which reset() then zeroes.
             host = tuple(t.to("cpu", copy=True) for t in self._counters())

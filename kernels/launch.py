@@ -106,15 +106,17 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     stats, first, seq, key_base = _telemetry_args(probe, gates)
     if batch > 0:
         cfg = select_config(hidden, proj, batch, dtype)
-        lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-            xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
-            out, gates, cells, hfull, h_n, c_n,
-            stats, first, seq, key_base,
-            steps, batch, hidden, proj,
-            REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
-            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-        )  # fmt: skip
+        with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
+            lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+                xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
+                out, gates, cells, hfull, h_n, c_n,
+                stats, first, seq, key_base,
+                steps, batch, hidden, proj,
+                REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
+                TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+            )  # fmt: skip
     return ForwardResult(out, h_n, c_n, (gates, cells))
 
 
@@ -134,15 +136,18 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_rows, first, seq, key_base = _telemetry_args(probe, dgates)
     if batch > 0:
         cfg = select_config(hidden, proj, batch, grad_out.dtype)
-        lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-            grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr, gates if lengths is None else lengths,
-            dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-            grad_rows, grad_rows.shape[-1], first, seq, key_base,
-            steps, batch, hidden, proj,
-            REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None, TELEMETRY=probe is not None,
-            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-        )  # fmt: skip
+        with torch.cuda.device_of(gates):
+            lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+                grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr,
+                gates if lengths is None else lengths,
+                dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
+                grad_rows, grad_rows.shape[-1], first, seq, key_base,
+                steps, batch, hidden, proj,
+                REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
+                TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+            )  # fmt: skip
     hidden_full = None
     if w_hr is not None:
         hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)

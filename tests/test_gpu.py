@@ -17,7 +17,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# Relative-error budgets of DESIGN.md §6; fp32 is compared with TF32 disabled on both sides.
+# Relative-error budgets of DESIGN.md §6, against nn.LSTM in float64 (cuDNN's double path) with the same weights and
+# inputs rounded to the tested dtype: a bf16 nn.LSTM is no reference (cuDNN refuses bf16, and the generic loop
+# accumulates its weight gradients in bf16, ~4e-2 off at T=1024).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
@@ -33,50 +35,53 @@ def exact_fp32_matmuls(monkeypatch):
 
 
 def pair(input_size, hidden, dtype, **kwargs):
-    ref = nn.LSTM(input_size, hidden, device="cuda", **kwargs)
-    fast = fastlstm.LSTM(input_size, hidden, device="cuda", backend="triton", **kwargs)
-    fast.load_state_dict(ref.state_dict())
-    return ref.to(dtype), fast.to(dtype)
+    """(float64 nn.LSTM, fastlstm.LSTM in dtype) sharing the dtype-rounded weights."""
+    fast = fastlstm.LSTM(input_size, hidden, device="cuda", backend="triton", **kwargs).to(dtype)
+    ref = nn.LSTM(input_size, hidden, device="cuda", dtype=torch.float64, **kwargs)
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    return ref, fast
 
 
 def forward_backward(model, x, weights):
     out, (h_n, c_n) = model(x)
     data = out.data if hasattr(out, "batch_sizes") else out
-    loss = (data.float() * weights).sum() + h_n.float().sum() + c_n.float().pow(2).sum()
-    grads = torch.autograd.grad(loss, [x.data if hasattr(x, "batch_sizes") else x, *model.parameters()])
+    loss = (data.double() * weights).sum() + h_n.double().sum() + c_n.double().pow(2).sum()
+    leaf = x.data if hasattr(x, "batch_sizes") else x
+    grads = torch.autograd.grad(loss, [leaf, *model.parameters()])
     return data, h_n, c_n, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize(
-    "hidden,steps,batch", [(256, 128, 16), (1024, 128, 16), (256, 1024, 64), (512, 256, 256)], ids=str
-)
-def test_parity_with_cudnn(dtype, hidden, steps, batch):
-    ref, fast = pair(64, hidden, dtype)
-    x = torch.randn(steps, batch, 64, device="cuda", dtype=dtype, requires_grad=True)
-    weights = torch.randn(steps, batch, hidden, device="cuda")
-    expected = forward_backward(ref, x, weights)
-    actual = forward_backward(fast, x, weights)
-    tol = TOLERANCE[dtype]
+def assert_parity(expected, actual, tol):
     for name, e, a in zip(("out", "h_n", "c_n"), expected[:3], actual[:3]):
         assert rel(a, e) <= tol, name
     for k, (e, a) in enumerate(zip(expected[3], actual[3])):
         assert rel(a, e) <= tol, f"gradient {k}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "hidden,steps,batch", [(256, 128, 16), (1024, 128, 16), (256, 1024, 64), (512, 256, 256)], ids=str
+)
+def test_parity_with_nn_lstm_float64(dtype, hidden, steps, batch):
+    ref, fast = pair(64, hidden, dtype)
+    x = torch.randn(steps, batch, 64, device="cuda", dtype=dtype)
+    weights = torch.randn(steps, batch, hidden, device="cuda", dtype=torch.float64)
+    expected = forward_backward(ref, x.double().requires_grad_(), weights)
+    actual = forward_backward(fast, x.requires_grad_(), weights)
+    assert_parity(expected, actual, TOLERANCE[dtype])
+
+
 def test_parity_bidirectional_projection_packed():
     ref, fast = pair(32, 256, torch.float32, num_layers=2, bidirectional=True, proj_size=64)
     lengths = torch.randint(1, 200, (32,))
     lengths[0] = 200
-    x = torch.randn(200, 32, 32, device="cuda", requires_grad=True)
-    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-    weights = torch.randn(int(lengths.sum()), 128, device="cuda")
-    expected = forward_backward(ref, packed, weights)
-    actual = forward_backward(fast, packed, weights)
-    for e, a in zip(expected[:3], actual[:3]):
-        assert rel(a, e) <= 1e-5
-    for e, a in zip(expected[3], actual[3]):
-        assert rel(a, e) <= 1e-5
+    x = torch.randn(200, 32, 32, device="cuda")
+    weights = torch.randn(int(lengths.sum()), 128, device="cuda", dtype=torch.float64)
+    results = []
+    for model, inputs in ((ref, x.double()), (fast, x)):
+        packed = pack_padded_sequence(inputs.requires_grad_(), lengths, enforce_sorted=False)
+        results.append(forward_backward(model, packed, weights))
+    assert_parity(*results, TOLERANCE[torch.float32])
 
 
 def test_training_step_never_synchronises():
