@@ -32,23 +32,23 @@ def lstm_layer(x, h0, c0, weights, lengths, reverse: bool, backend: str, probe: 
         telemetry = (None, None, 0, None, None, 0, None)
     else:
         fwd, bwd = probe  # both stages share the pass number, which autograd.Function must receive only once
-        telemetry = (fwd.target, fwd.first, fwd.key, bwd.target, bwd.first, bwd.key, fwd.seq)
+        telemetry = (fwd.target, fwd.first, fwd.order, bwd.target, bwd.first, bwd.order, fwd.seq)
     return _LSTMLayer.apply(x, h0, c0, *weights, lengths, *telemetry, reverse, backend)
 
 
 @torch.library.custom_op("fastlstm::recurrence_forward", mutates_args=("stats", "first"))
 def recurrence_forward(
     xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
-    stats: Optional[Tensor], first: Optional[Tensor], seq: Optional[Tensor], key: int, reverse: bool, backend: str,
+    stats: Optional[Tensor], first: Optional[Tensor], seq: Optional[Tensor], order: int, reverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(out, h_n, c_n, gates, cells): see reference.recurrence_forward."""
-    probe = None if stats is None else StageProbe(stats, first, seq, key)
+    probe = None if stats is None else StageProbe(stats, first, seq, order)
     result = backend_module(backend).recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse, probe)
     return (result.out, result.h_n, result.c_n, *result.saved)
 
 
 @recurrence_forward.register_fake
-def _(xw, h0, c0, w_hh, w_hr, lengths, stats, first, seq, key, reverse, backend):
+def _(xw, h0, c0, w_hh, w_hr, lengths, stats, first, seq, order, reverse, backend):
     steps, batch, four_h = xw.shape
     state = compute_dtype(xw.dtype)
     return (
@@ -64,11 +64,11 @@ def _(xw, h0, c0, w_hh, w_hr, lengths, stats, first, seq, key, reverse, backend)
 def recurrence_backward(
     grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, c0: Tensor, gates: Tensor, cells: Tensor, w_hh: Tensor,
     w_hr: Optional[Tensor], lengths: Optional[Tensor], grad: Optional[Tensor], first: Optional[Tensor],
-    seq: Optional[Tensor], key: int, reverse: bool, backend: str,
+    seq: Optional[Tensor], order: int, reverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(grad_gates, grad_h0, grad_c0, grad_hidden, hidden_full): see reference.recurrence_backward; the last two
     are empty without a projection (custom ops cannot return None)."""
-    probe = None if grad is None else StageProbe(grad, first, seq, key)
+    probe = None if grad is None else StageProbe(grad, first, seq, order)
     result = backend_module(backend).recurrence_backward(
         grad_out, grad_hn, grad_cn, c0, (gates, cells), w_hh, w_hr, lengths, reverse, probe
     )
@@ -78,7 +78,7 @@ def recurrence_backward(
 
 
 @recurrence_backward.register_fake
-def _(grad_out, grad_hn, grad_cn, c0, gates, cells, w_hh, w_hr, lengths, grad, first, seq, key, reverse, backend):
+def _(grad_out, grad_hn, grad_cn, c0, gates, cells, w_hh, w_hr, lengths, grad, first, seq, order, reverse, backend):
     steps, batch, four_h = gates.shape
     has_proj = w_hr is not None
     return (
@@ -94,17 +94,17 @@ class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-        stats, first_forward, forward_key, grad, first_backward, backward_key, seq, reverse, backend,
+        stats, first_forward, forward_order, grad, first_backward, backward_order, seq, reverse, backend,
     ):  # fmt: skip
         bias = None if b_ih is None else b_ih + b_hh
         xw = F.linear(x, w_ih, bias)
         out, h_n, c_n, gates, cells = recurrence_forward(
-            xw, h0, c0, w_hh, w_hr, lengths, stats, first_forward, seq, forward_key, reverse, backend
+            xw, h0, c0, w_hh, w_hr, lengths, stats, first_forward, seq, forward_order, reverse, backend
         )
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, out, gates, cells, seq)
         # Other layers' backwards write these between this forward and its backward, so they are kept as plain
         # references: save_for_backward would reject them for having been modified in place.
-        ctx.telemetry = (grad, first_backward, backward_key)
+        ctx.telemetry = (grad, first_backward, backward_order)
         ctx.config = (reverse, backend, b_ih is not None)
         return out, h_n, c_n
 
@@ -112,11 +112,11 @@ class _LSTMLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_hn, grad_cn):
         x, h0, c0, w_ih, w_hh, w_hr, lengths, out, gates, cells, seq = ctx.saved_tensors
-        grad, first, key = ctx.telemetry
+        grad, first, order = ctx.telemetry
         reverse, backend, has_bias = ctx.config
         dgates_raw, grad_h0, grad_c0, grad_hidden, hidden_full = recurrence_backward(
             grad_out.contiguous(), grad_hn.contiguous(), grad_cn.contiguous(), c0, gates, cells, w_hh, w_hr,
-            lengths, grad, first, seq, key, reverse, backend,
+            lengths, grad, first, seq, order, reverse, backend,
         )  # fmt: skip
         needs = ctx.needs_input_grad
         dgates = dgates_raw.to(x.dtype).flatten(0, 1)

@@ -168,7 +168,7 @@ def _record_forward(probe, xw, gates, cells, out, pre_nonfinite, active, reverse
     flags = torch.stack(
         (_row_nonfinite(xw), pre_nonfinite, _row_nonfinite(cells), _row_nonfinite(out)), dim=-1
     )  # [T, B, 4] in FORWARD_TENSORS order
-    _record_first_nonfinite(probe, flags, active, ascending=not reverse)
+    _record_first_nonfinite(probe, flags, active, C.STAGE_FORWARD, ascending=not reverse)
 
 
 def _record_forward_stats(stats, gates, cells, active) -> None:
@@ -199,14 +199,14 @@ def _record_backward(probe, grad_out, grad_gates, sumsq, step_nonfinite, active,
     flags = torch.cat(
         (_row_nonfinite(grad_out).unsqueeze(-1), step_nonfinite, _row_nonfinite(grad_gates).unsqueeze(-1)), dim=-1
     )  # [T, B, 4] in BACKWARD_TENSORS order
-    _record_first_nonfinite(probe, flags, active, ascending=reverse)
+    _record_first_nonfinite(probe, flags, active, C.STAGE_BACKWARD, ascending=reverse)
 
 
 def _row_nonfinite(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).all(dim=-1)
 
 
-def _record_first_nonfinite(probe, flags, active, ascending: bool) -> None:
+def _record_first_nonfinite(probe, flags, active, stage: int, ascending: bool) -> None:
     """Fold [T, B, tensors] non-finite flags into the stage's first-event key with a device-side minimum."""
     if active is not None:
         flags = flags & active.unsqueeze(-1)
@@ -215,6 +215,7 @@ def _record_first_nonfinite(probe, flags, active, ascending: bool) -> None:
     time = torch.arange(steps, device=flags.device, dtype=torch.int64)
     order = time if ascending else C.STEP_MAX - time
     tensor_ids = torch.arange(tensors, device=flags.device, dtype=torch.int64)
-    keys = (probe.seq << C.SEQ_SHIFT) + probe.key + (order.unsqueeze(1) << C.STEP_SHIFT) + tensor_ids
+    launch = (stage << C.STAGE_SHIFT) + (probe.order << C.ORDER_SHIFT)
+    keys = (probe.seq << C.SEQ_SHIFT) + launch + (order.unsqueeze(1) << C.STEP_SHIFT) + tensor_ids
     first = torch.where(per_step, keys, C.NO_NONFINITE).amin()
     probe.first.copy_(torch.minimum(probe.first, first))

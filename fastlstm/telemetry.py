@@ -22,7 +22,7 @@ class StageProbe(NamedTuple):
     target: torch.Tensor  # forward: the slot's float64 [NUM_STATS] row; backward: its float64 [2, capacity] rows
     first: torch.Tensor  # int64 [1]: the stage's first non-finite key (atomic min)
     seq: torch.Tensor  # int64 [1]: the pass number, the key's most significant field
-    key: int  # the key's stage and launch-order fields
+    order: int  # the launch's place in its stage (forward: slot; backward: top-down), a field of the key
 
 
 class LayerProbe(NamedTuple):
@@ -82,10 +82,6 @@ class Snapshot:
             "first_nonfinite": None if self.first_nonfinite is None else self.first_nonfinite.to_dict(),
             "launches": self.launches,
         }
-
-
-def launch_key(stage: int, order: int) -> int:
-    return (stage << C.STAGE_SHIFT) | (order << C.ORDER_SHIFT)
 
 
 def decode_nonfinite_key(key: int, num_layers: int, num_directions: int) -> NonFinite | None:
@@ -179,8 +175,8 @@ class Telemetry:
         slot = layer * self.num_directions + direction
         backward_order = (self.num_layers - 1 - layer) * self.num_directions + direction
         return LayerProbe(
-            StageProbe(self.stats[slot], self.first_forward, seq, launch_key(C.STAGE_FORWARD, slot)),
-            StageProbe(self.grad[slot], self.first_backward, seq, launch_key(C.STAGE_BACKWARD, backward_order)),
+            StageProbe(self.stats[slot], self.first_forward, seq, slot),
+            StageProbe(self.grad[slot], self.first_backward, seq, backward_order),
         )
 
     def _ensure(self, device: torch.device, steps: int) -> None:

@@ -109,7 +109,7 @@ def _signature(variant: Variant):
         "DOT_PRECISION": variant.precision,
         "DOT_DTYPE": {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
     }
-    ints = {"T": "i32", "B": "i32", "H": "i32", "P": "i32", "capacity": "i32", "key_base": "i64"}
+    ints = {"T": "i32", "B": "i32", "H": "i32", "P": "i32", "capacity": "i32", "order": "i32"}
     if variant.kernel == "forward":
         fn = lstm_forward_kernel
         pointers = {

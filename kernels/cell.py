@@ -15,6 +15,10 @@ TANH_HIGH = tl.constexpr(C.TANH_HIGH)
 STEP_MAX = tl.constexpr(C.STEP_MAX)
 SEQ_SHIFT = tl.constexpr(C.SEQ_SHIFT)
 STEP_SHIFT = tl.constexpr(C.STEP_SHIFT)
+ORDER_SHIFT = tl.constexpr(C.ORDER_SHIFT)
+STAGE_SHIFT = tl.constexpr(C.STAGE_SHIFT)
+STAGE_FORWARD = tl.constexpr(C.STAGE_FORWARD)
+STAGE_BACKWARD = tl.constexpr(C.STAGE_BACKWARD)
 STAT_SATURATED = tl.constexpr(C.STAT_SATURATED)
 STAT_ELEMENTS = tl.constexpr(C.STAT_ELEMENTS)
 STAT_FORGET_SUM = tl.constexpr(C.STAT_FORGET_SUM)
@@ -79,7 +83,7 @@ def tanh_saturated(a, mask):
 
 
 @triton.jit
-def flush_first_nonfinite(first_ptr, seq_ptr, first, steps, key_base, ASCENDING: tl.constexpr):
+def flush_first_nonfinite(first_ptr, seq_ptr, first, steps, order, STAGE: tl.constexpr, ASCENDING: tl.constexpr):
     """Turn the per-element first codes into this program's earliest event and fold it into the stage's key.
 
     A code is processing_step * 4 + tensor; the key orders by pass, stage, launch, then by the step's place in the
@@ -89,11 +93,11 @@ def flush_first_nonfinite(first_ptr, seq_ptr, first, steps, key_base, ASCENDING:
     step = code // 4
     tensor = code % 4
     if ASCENDING:
-        order = step.to(tl.int64)
+        step_field = step.to(tl.int64)
     else:
-        order = (step - (steps - 1) + STEP_MAX).to(tl.int64)
-    seq = tl.load(seq_ptr)
-    key = (seq << SEQ_SHIFT) + key_base + (order << STEP_SHIFT) + tensor.to(tl.int64)
+        step_field = (step - (steps - 1) + STEP_MAX).to(tl.int64)
+    launch = (order.to(tl.int64) << ORDER_SHIFT) + (STAGE << STAGE_SHIFT)
+    key = (tl.load(seq_ptr) << SEQ_SHIFT) + launch + (step_field << STEP_SHIFT) + tensor.to(tl.int64)
     tl.atomic_min(first_ptr, key, mask=code != NO_EVENT)
 
 

@@ -84,10 +84,10 @@ def _new(shape, dtype, device):
 
 
 def _telemetry_args(probe, placeholder):
-    """(stats-or-gradnorm pointer, first-key pointer, pass-number pointer, key base) of a StageProbe."""
+    """(stats-or-gradient rows, first-key pointer, pass-number pointer, launch order) of a StageProbe."""
     if probe is None:
         return placeholder, placeholder, placeholder, 0
-    return probe.target, probe.first, probe.seq, probe.key
+    return probe.target, probe.first, probe.seq, probe.order
 
 
 def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
@@ -103,14 +103,14 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
     hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
-    stats, first, seq, key_base = _telemetry_args(probe, gates)
+    stats, first, seq, order = _telemetry_args(probe, gates)
     if batch > 0:
         cfg = select_config(hidden, proj, batch, dtype)
         with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
             lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
                 xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
                 out, gates, cells, hfull, h_n, c_n,
-                stats, first, seq, key_base,
+                stats, first, seq, order,
                 steps, batch, hidden, proj,
                 REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
                 TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
@@ -133,7 +133,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
-    grad_rows, first, seq, key_base = _telemetry_args(probe, dgates)
+    grad_rows, first, seq, order = _telemetry_args(probe, dgates)
     if batch > 0:
         cfg = select_config(hidden, proj, batch, grad_out.dtype)
         with torch.cuda.device_of(gates):
@@ -141,7 +141,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                 grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr,
                 gates if lengths is None else lengths,
                 dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-                grad_rows, grad_rows.shape[-1], first, seq, key_base,
+                grad_rows, grad_rows.shape[-1], first, seq, order,
                 steps, batch, hidden, proj,
                 REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
                 TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,

@@ -18,6 +18,7 @@ import triton.language as tl
 from .cell import (
     GRAD_SUMSQ,
     NO_EVENT,
+    STAGE_BACKWARD,
     any_nonfinite,
     count_backward_pass,
     flush_first_nonfinite,
@@ -31,7 +32,7 @@ from .cell import (
 def lstm_backward_kernel(
     grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     dgates_ptr, dh_ptr, dc_ptr, dhidden_ptr, dhfull_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, key_base,
+    grad_ptr, capacity, first_ptr, seq_ptr, order,
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -148,5 +149,5 @@ def lstm_backward_kernel(
         tl.debug_barrier()
 
     if TELEMETRY:
-        flush_first_nonfinite(first_ptr, seq_ptr, first, T, key_base, REVERSE)
+        flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_BACKWARD, REVERSE)
         count_backward_pass(grad_ptr, capacity, T, BLOCK_H)

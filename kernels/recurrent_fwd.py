@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .cell import (
     NO_EVENT,
+    STAGE_FORWARD,
     any_nonfinite,
     flush_first_nonfinite,
     flush_forward_stats,
@@ -40,7 +41,7 @@ def _gate_dot(acc, h_prev, w_ptr, gate, units, unit_ok, ks, k_ok, H, P, DOT_DTYP
 def lstm_forward_kernel(
     xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     out_ptr, gates_ptr, cells_ptr, hfull_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, key_base,
+    stats_ptr, first_ptr, seq_ptr, order,
     T, B, H, P,
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -186,4 +187,4 @@ def lstm_forward_kernel(
     if TELEMETRY:
         elements = tl.sum(length, axis=0).to(tl.float64) * H
         flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, elements)
-        flush_first_nonfinite(first_ptr, seq_ptr, first, T, key_base, not REVERSE)
+        flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_FORWARD, not REVERSE)
