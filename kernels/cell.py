@@ -44,6 +44,23 @@ def program_sequences(lengths_ptr, T, B, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.
 
 
 @triton.jit
+def tile_matmul(
+    acc, a_ptr, a_rows, a_row_ok, a_stride, b_ptr, b_k_stride, b_n_stride, cols, col_ok, K,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc + A[a_rows, :K] @ B[:K, cols], where A is row-major with row stride a_stride and B[k, n] sits at
+    b_ptr + k * b_k_stride + n * b_n_stride (so a transposed weight is just swapped strides)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + a_rows[:, None] * a_stride + ks[None, :], mask=a_row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_offsets = ks[:, None].to(tl.int64) * b_k_stride + cols[None, :].to(tl.int64) * b_n_stride
+        b = tl.load(b_ptr + b_offsets, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 

@@ -25,6 +25,7 @@ from .cell import (
     note_nonfinite,
     program_sequences,
     tanh,
+    tile_matmul,
 )
 
 
@@ -75,13 +76,10 @@ def lstm_backward_kernel(
             for j0 in range(0, H, BLOCK_H):
                 units = j0 + tl.arange(0, BLOCK_H)
                 unit_ok = units < H
-                acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-                for k0 in range(0, P, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < P
-                    dh_k = tl.load(dhidden_ptr + row_step[:, None] * P + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    w = tl.load(w_hr_ptr + ks[:, None].to(tl.int64) * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
-                    acc = tl.dot(dh_k.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+                acc = tile_matmul(
+                    tl.zeros((BLOCK_B, BLOCK_H), tl.float32), dhidden_ptr, row_step, row_ok, P,
+                    w_hr_ptr, H, 1, units, unit_ok, P, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+                )  # fmt: skip
                 tl.store(dhfull_ptr + rows[:, None] * H + units[None, :], acc, mask=row_ok[:, None] & unit_ok[None, :])
             tl.debug_barrier()
 
@@ -135,13 +133,10 @@ def lstm_backward_kernel(
         for q0 in range(0, P, BLOCK_H):
             outs = q0 + tl.arange(0, BLOCK_H)
             out_ok = outs < P
-            acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-            for k0 in range(0, 4 * H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < 4 * H
-                d_k = tl.load(dgates_ptr + row_step[:, None] * (4 * H) + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_hh_ptr + ks[:, None].to(tl.int64) * P + outs[None, :], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
-                acc = tl.dot(d_k.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            acc = tile_matmul(
+                tl.zeros((BLOCK_B, BLOCK_H), tl.float32), dgates_ptr, row_step, row_ok, 4 * H,
+                w_hh_ptr, P, 1, outs, out_ok, 4 * H, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
             dh_tile = dh_ptr + rows[:, None] * P + outs[None, :]
             tile_ok = row_ok[:, None] & out_ok[None, :]
             carried = tl.load(dh_tile, mask=tile_ok, other=0.0)

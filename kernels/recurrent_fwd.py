@@ -26,6 +26,7 @@ from .cell import (
     sigmoid_saturated,
     tanh,
     tanh_saturated,
+    tile_matmul,
 )
 
 
@@ -151,13 +152,10 @@ def lstm_forward_kernel(
             for q0 in range(0, P, BLOCK_H):
                 outs = q0 + tl.arange(0, BLOCK_H)
                 out_ok = outs < P
-                acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-                for k0 in range(0, H, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < H
-                    hf = tl.load(hfull_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    w = tl.load(w_hr_ptr + outs[None, :].to(tl.int64) * H + ks[:, None], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
-                    acc = tl.dot(hf.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+                acc = tile_matmul(
+                    tl.zeros((BLOCK_B, BLOCK_H), tl.float32), hfull_ptr, rows, row_ok, H,
+                    w_hr_ptr, 1, H, outs, out_ok, H, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+                )  # fmt: skip
                 h_out = tl.where(active[:, None], acc, 0.0)
                 tl.store(out_ptr + row_step[:, None] * P + outs[None, :], h_out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
                 if TELEMETRY:
