@@ -27,7 +27,7 @@ CONFIG_PROBES = ((64, 1), (64, 1024), (2048, 1), (2048, 1024))
 
 
 class Variant(NamedTuple):
-    kernel: str  # "forward" | "backward"
+    kernel: str  # "forward" | "backward" (tiled kernels) | "persistent-forward" | "persistent-backward"
     dtype: str
     reverse: bool
     lengths: bool
@@ -40,15 +40,21 @@ class Variant(NamedTuple):
     num_stages: int
     maxnreg: int
     precision: str
+    grid_barrier: bool = False  # persistent kernels: all steps in one launch (True) or host-stepped
 
     @property
     def name(self) -> str:
-        flags = "".join(
-            tag for tag, on in (("R", self.reverse), ("L", self.lengths), ("P", self.proj), ("T", self.telemetry)) if on
+        tags = (
+            ("R", self.reverse),
+            ("L", self.lengths),
+            ("P", self.proj),
+            ("T", self.telemetry),
+            ("G", self.grid_barrier),
         )
+        flags = "".join(tag for tag, on in tags if on)
         return (
             f"{self.kernel}-{self.dtype}-{self.precision}-{flags or '_'}"
-            f"-b{self.block_b}h{self.block_h}k{self.block_k}w{self.num_warps}s{self.num_stages}r{self.maxnreg}"
+            f"-b{self.block_b}{'u' if self.kernel.startswith('persistent') else 'h'}{self.block_h}k{self.block_k}w{self.num_warps}s{self.num_stages}r{self.maxnreg}"
         )
 
 
@@ -87,6 +93,24 @@ def variants(quick: bool = False) -> list[Variant]:
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for precision in precisions:
             result.append(Variant(kernel, dtype, *flags, *config, precision))
+    return result + persistent_variants(quick)
+
+
+def persistent_variants(quick: bool = False) -> list[Variant]:
+    """The persistent kernels in both modes; they take no projection. `quick` keeps the all-flags-on kernel with
+    its grid barrier and the all-flags-off host-stepped one."""
+    from .launch import PERSISTENT_CONFIG as cfg
+
+    flag_sets = list(itertools.product((False, True), repeat=4))
+    if quick:
+        flag_sets = [(True, True, True, True), (False, False, False, False)]
+    result = []
+    for kernel, dtype, (reverse, lengths, telemetry, barrier) in itertools.product(
+        ("persistent-forward", "persistent-backward"), DTYPES, flag_sets
+    ):
+        for precision in ("ieee", "tf32") if dtype == "fp32" else ("ieee",):
+            config = (cfg.block_b, cfg.block_u, cfg.block_k, cfg.num_warps, 1, cfg.maxnreg)
+            result.append(Variant(kernel, dtype, reverse, lengths, False, telemetry, *config, precision, barrier))
     return result
 
 
@@ -94,6 +118,7 @@ def _signature(variant: Variant):
     """The argument types and constexpr values of one variant, in the kernel's argument order."""
     import triton.language as tl
 
+    from .persistent import lstm_persistent_backward_kernel, lstm_persistent_forward_kernel
     from .recurrent_bwd import lstm_backward_kernel
     from .recurrent_fwd import lstm_forward_kernel
 
@@ -109,8 +134,28 @@ def _signature(variant: Variant):
         "DOT_PRECISION": variant.precision,
         "DOT_DTYPE": {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
     }
-    ints = {"T": "i32", "B": "i32", "H": "i32", "P": "i32", "capacity": "i32", "order": "i32"}
-    if variant.kernel == "forward":
+    ints = {
+        "T": "i32", "B": "i32", "H": "i32", "P": "i32", "capacity": "i32", "order": "i32", "step_begin": "i32",
+        "step_end": "i32", "phases": "i32",
+    }  # fmt: skip
+    if variant.kernel.startswith("persistent"):
+        del constexprs["HAS_PROJ"], constexprs["BLOCK_H"]
+        constexprs.update(PERSISTENT=variant.grid_barrier, BLOCK_U=variant.block_h)
+    if variant.kernel == "persistent-forward":
+        fn = lstm_persistent_forward_kernel
+        pointers = {
+            "xw_ptr": d, "h0_ptr": d, "c0_ptr": d, "w_hh_ptr": d, "lengths_ptr": "*i64", "out_ptr": d,
+            "gates_ptr": "*fp32", "cells_ptr": "*fp32", "hn_ptr": d, "cn_ptr": d, "stats_ptr": "*fp64",
+            "first_ptr": "*i64", "seq_ptr": "*i64", "barrier_ptr": "*i32",
+        }  # fmt: skip
+    elif variant.kernel == "persistent-backward":
+        fn = lstm_persistent_backward_kernel
+        pointers = {
+            "grad_out_ptr": d, "c0_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "w_hh_ptr": d,
+            "lengths_ptr": "*i64", "dgates_ptr": "*fp32", "dh_ptr": "*fp32", "dc_ptr": "*fp32", "grad_ptr": "*fp64",
+            "first_ptr": "*i64", "seq_ptr": "*i64", "barrier_ptr": "*i32",
+        }  # fmt: skip
+    elif variant.kernel == "forward":
         fn = lstm_forward_kernel
         pointers = {
             "xw_ptr": d, "h0_ptr": d, "c0_ptr": d, "w_hh_ptr": d, "w_hr_ptr": d, "lengths_ptr": "*i64",
@@ -177,11 +222,11 @@ def run_matrix(quick: bool = False, jobs: int = 2) -> list[Result]:
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'variant':<52} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
+    lines = [f"{'variant':<64} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
     for r in results:
         status = "ok" if r.ok else (r.error or "SPILL/SHARED")
         lines.append(
-            f"{r.variant.name:<52} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
+            f"{r.variant.name:<64} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
             f"{_cell(r.shared_bytes):>8}  {status}"
         )
     return "\n".join(lines)

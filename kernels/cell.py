@@ -32,9 +32,15 @@ NO_EVENT = tl.constexpr(2**31 - 1)
 
 @triton.jit
 def program_sequences(lengths_ptr, T, B, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-    """This program's sequence indices, which of them exist, and their lengths (T for all without lengths).
-    Lengths are clamped to [0, T] so that a bad one can never index outside the time axis."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """This program's sequence indices, which of them exist, and their lengths (T for all without lengths)."""
+    return tile_sequences(lengths_ptr, tl.program_id(0) * BLOCK_B, T, B, BLOCK_B, HAS_LENGTHS)
+
+
+@triton.jit
+def tile_sequences(lengths_ptr, first_row, T, B, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Sequences first_row .. first_row + BLOCK_B - 1: indices, which exist, and their lengths. Lengths are
+    clamped to [0, T] so that a bad one can never index outside the time axis."""
+    rows = first_row + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     if HAS_LENGTHS:
         length = tl.minimum(tl.maximum(tl.load(lengths_ptr + rows, mask=row_ok, other=0), 0), T).to(tl.int32)
@@ -107,6 +113,12 @@ def flush_first_nonfinite(first_ptr, seq_ptr, first, steps, order, STAGE: tl.con
     launch's time order, then by tensor (constants.py).
     """
     code = tl.min(tl.reshape(first, (first.numel,)), axis=0)
+    flush_first_code(first_ptr, seq_ptr, code, steps, order, STAGE, ASCENDING)
+
+
+@triton.jit
+def flush_first_code(first_ptr, seq_ptr, code, steps, order, STAGE: tl.constexpr, ASCENDING: tl.constexpr):
+    """flush_first_nonfinite for a program that already reduced its codes to the earliest one."""
     step = code // 4
     tensor = code % 4
     if ASCENDING:
@@ -132,7 +144,12 @@ def flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, e
     largest = tl.where(has_nan, float("nan"), tl.max(tl.max(absmax, axis=1), axis=0)).to(tl.float64)
     bits_ptr = (stats_ptr + STAT_CELL_ABSMAX).to(tl.pointer_type(tl.int64), bitcast=True)
     tl.atomic_max(bits_ptr, largest.to(tl.int64, bitcast=True))
-    if tl.program_id(0) == 0:  # counted here rather than by a separate tiny launch
+
+
+@triton.jit
+def count_forward_launch(stats_ptr):
+    """One more forward of this slot (STAT_LAUNCHES); program 0 only, rather than a separate tiny launch."""
+    if tl.program_id(0) == 0:
         tl.atomic_add(stats_ptr + STAT_LAUNCHES, 1.0)
 
 

@@ -1,11 +1,13 @@
 """The Triton backend: launchers with the same signatures and results as fastlstm.reference.
 
-Chooses a kernel configuration, allocates outputs, checks what the kernels cannot, and launches
-recurrent_fwd.lstm_forward_kernel / recurrent_bwd.lstm_backward_kernel.
+Chooses a kernel and its configuration, allocates outputs, checks what the kernels cannot, and launches
+recurrent_fwd.lstm_forward_kernel / recurrent_bwd.lstm_backward_kernel (one program per tile of sequences) or
+persistent.lstm_persistent_forward_kernel / lstm_persistent_backward_kernel (one program per slice of hidden units).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import NamedTuple
 
@@ -15,6 +17,7 @@ import triton.language as tl
 
 from fastlstm.reference import BackwardResult, ForwardResult
 
+from .persistent import lstm_persistent_backward_kernel, lstm_persistent_forward_kernel
 from .recurrent_bwd import lstm_backward_kernel
 from .recurrent_fwd import lstm_forward_kernel
 
@@ -23,6 +26,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tests set this to fill every output with NaN before a kernel writes it, so an element a kernel forgets to write
 # fails the comparison instead of passing by luck.
 POISON_OUTPUTS = False
+
+# When the persistent kernels run: "off" (the default until a GPU run shows them faster than cuDNN where they
+# apply), "on" (wherever they apply: see persistent_applies), or "host-stepped" (wherever they apply, one launch
+# per step without the grid barrier: the mode the interpreter tests run, slow on a GPU). FASTLSTM_PERSISTENT sets it.
+PERSISTENT_MODES = ("off", "on", "host-stepped")
+PERSISTENT = os.environ.get("FASTLSTM_PERSISTENT", "off")
 
 
 class KernelConfig(NamedTuple):
@@ -46,6 +55,42 @@ def select_config(hidden: int, proj: int, batch: int, dtype: torch.dtype) -> Ker
     GPU measurements justify them.
     """
     return KernelConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
+
+
+class PersistentConfig(NamedTuple):
+    block_b: int  # sequences per tile; a program walks every tile of the batch each step
+    block_u: int  # hidden units per program (its slice is the 4 * block_u gate rows of W_hh)
+    block_k: int  # reduction chunk
+    num_warps: int
+    maxnreg: int
+
+
+# 16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs; the AOT matrix checks every variant.
+PERSISTENT_CONFIG = PersistentConfig(block_b=16, block_u=16, block_k=32, num_warps=8, maxnreg=255)
+
+
+def persistent_programs(hidden: int) -> int:
+    return triton.cdiv(hidden, PERSISTENT_CONFIG.block_u)
+
+
+def persistent_applies(hidden: int, proj: int, steps: int, device: torch.device) -> bool:
+    """Whether the persistent kernels can run this layer: no projection, at least one step, and (for a real
+    launch, which spins on a grid barrier) no more programs than SMs, so that all of them are resident at once."""
+    if PERSISTENT not in PERSISTENT_MODES:
+        raise ValueError(f"FASTLSTM_PERSISTENT must be one of {PERSISTENT_MODES}, got {PERSISTENT!r}")
+    if PERSISTENT == "off" or proj != hidden or steps == 0:
+        return False
+    if _host_stepped():
+        return True
+    return persistent_programs(hidden) <= _multiprocessors(device)
+
+
+def _host_stepped() -> bool:
+    return PERSISTENT == "host-stepped" or _interpreting()
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -104,7 +149,15 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     c_n = _new((batch, hidden), dtype, device)
     hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
     stats, first, seq, order = _telemetry_args(probe, gates)
-    if batch > 0:
+    if batch > 0 and persistent_applies(hidden, proj, steps, device):
+        with torch.cuda.device_of(xw):
+            _launch_persistent(
+                lstm_persistent_forward_kernel,
+                (xw, h0, c0, w_hh, xw if lengths is None else lengths, out, gates, cells, h_n, c_n,
+                 stats, first, seq, order),
+                steps, batch, hidden, reverse, lengths is not None, probe is not None, dtype,
+            )  # fmt: skip
+    elif batch > 0:
         cfg = select_config(hidden, proj, batch, dtype)
         with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
             lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
@@ -134,7 +187,15 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
     grad_rows, first, seq, order = _telemetry_args(probe, dgates)
-    if batch > 0:
+    if batch > 0 and persistent_applies(hidden, proj, steps, device):
+        with torch.cuda.device_of(gates):
+            _launch_persistent(
+                lstm_persistent_backward_kernel,
+                (grad_out, c0, gates, cells, w_hh, gates if lengths is None else lengths, dgates, grad_h, grad_c,
+                 grad_rows, grad_rows.shape[-1], first, seq, order),
+                steps, batch, hidden, reverse, lengths is not None, probe is not None, w_hh.dtype,
+            )  # fmt: skip
+    elif batch > 0:
         cfg = select_config(hidden, proj, batch, grad_out.dtype)
         with torch.cuda.device_of(gates):
             lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
@@ -152,3 +213,34 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     if w_hr is not None:
         hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)
     return BackwardResult(dgates, grad_h, grad_c, dhidden, hidden_full)
+
+
+def _launch_persistent(kernel, args, steps, batch, hidden, reverse, has_lengths, telemetry, dtype):
+    """All steps in one launch with a grid barrier per step, or (host-stepped) one launch per step."""
+    cfg = PERSISTENT_CONFIG
+    programs = persistent_programs(hidden)
+    device = args[0].device
+    # [arrivals, timed out]: zeroed per launch, the arrival counter only grows within one (kernels/sync.py).
+    barrier = torch.zeros(2, dtype=torch.int32, device=device)
+    constants = dict(
+        REVERSE=reverse, HAS_LENGTHS=has_lengths, TELEMETRY=telemetry, BLOCK_B=cfg.block_b, BLOCK_U=cfg.block_u,
+        BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
+        num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
+    )  # fmt: skip
+    # The backward's steps have two phases (gate gradients, then the carried dh) with a barrier between them.
+    if kernel is lstm_persistent_backward_kernel:
+        step_phases, all_phases = ((1,), (2,)), (3,)
+    else:
+        step_phases, all_phases = ((),), ()
+    if _host_stepped():
+        for step, phases in itertools.product(range(steps), step_phases):
+            kernel[(programs,)](
+                *args, barrier, step, step + 1, steps, batch, hidden, *phases, PERSISTENT=False, **constants
+            )
+        return
+    if programs > _multiprocessors(device):  # persistent_applies checked it; a spin-wait must never start without
+        raise RuntimeError(f"the persistent kernel needs {programs} resident programs, more than the device's SMs")
+    kernel[(programs,)](*args, barrier, 0, steps, steps, batch, hidden, *all_phases, PERSISTENT=True, **constants)
+    # A program that gave up waiting (co-residency broken by something else on the GPU) leaves wrong results:
+    # fail loudly on the device, without a host sync, rather than return them.
+    torch._assert_async(barrier[1] == 0, "fastlstm: a persistent LSTM kernel timed out at its grid barrier")

@@ -18,6 +18,7 @@ from .cell import (
     NO_EVENT,
     STAGE_FORWARD,
     any_nonfinite,
+    count_forward_launch,
     flush_first_nonfinite,
     flush_forward_stats,
     note_nonfinite,
@@ -185,4 +186,5 @@ def lstm_forward_kernel(
     if TELEMETRY:
         elements = tl.sum(length, axis=0).to(tl.float64) * H
         flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, elements)
+        count_forward_launch(stats_ptr)
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_FORWARD, not REVERSE)

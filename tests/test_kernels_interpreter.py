@@ -235,3 +235,71 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
     negative = launch.recurrence_forward(**{**args, "lengths": torch.full((4,), -5)}, reverse=False)
     assert torch.equal(negative.h_n, problem["h0"])  # no step ran: the state is the initial one
     assert torch.equal(negative.out, torch.zeros_like(negative.out))
+
+
+# ---- the persistent kernels, host-stepped (the interpreter cannot run their grid barrier) ----
+
+
+@pytest.fixture
+def persistent_kernels(monkeypatch):
+    """Route every layer the persistent kernels apply to through them, and count their launches."""
+    monkeypatch.setattr(launch, "PERSISTENT", "on")
+    calls = []
+    original = launch._launch_persistent
+    monkeypatch.setattr(launch, "_launch_persistent", lambda kernel, *a: calls.append(kernel) or original(kernel, *a))
+    return calls
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_persistent_fp32_matches_reference(persistent_kernels, reverse, with_lengths):
+    # H=40 is three 16-unit programs (the last one ragged) and two 32-wide reduction chunks; B=18 two batch tiles.
+    problem, grads = random_problem(4, 18, 40, 0, torch.float32, with_lengths)
+    assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
+    assert persistent_kernels == [launch.lstm_persistent_forward_kernel, launch.lstm_persistent_backward_kernel]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_persistent_half_precision_matches_reference(persistent_kernels, dtype):
+    problem, grads = random_problem(3, 5, 20, 0, dtype, with_lengths=True)
+    assert_matches_reference(problem, grads, reverse=True, tol=TOLERANCE[dtype])
+    assert len(persistent_kernels) == 2
+
+
+def test_persistent_locates_nonfinite_like_reference(persistent_kernels):
+    problem, grads = random_problem(4, 3, 24, 0, torch.float32, with_lengths=False)
+    problem["xw"][1, 2, 30] = float("nan")
+    grads["grad_out"][2, 1, 3] = float("inf")
+    for reverse in (False, True):
+        k_tel = run_backend(launch, problem, grads, reverse)[2]
+        r_tel = run_backend(reference, problem, grads, reverse)[2]
+        assert k_tel.first_nonfinite == r_tel.first_nonfinite
+        assert k_tel.first_nonfinite.stage == "forward"
+
+
+def test_persistent_leaves_projected_layers_to_the_tiled_kernels(persistent_kernels):
+    problem, grads = random_problem(3, 4, 24, 8, torch.float32, with_lengths=False)
+    assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
+    assert persistent_kernels == []
+
+
+def test_persistent_module_matches_nn_lstm(persistent_kernels):
+    ref = nn.LSTM(5, 20, num_layers=2, bidirectional=True)
+    fast = fastlstm.LSTM(5, 20, num_layers=2, bidirectional=True, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    packed = pack_sequence([torch.randn(n, 5) for n in (4, 2, 3)], enforce_sorted=False)
+    results = []
+    for model in (ref, fast):
+        out, (h_n, c_n) = model(packed)
+        loss = (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum() + c_n.pow(2).sum()
+        results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, list(model.parameters()))))
+    for expected, actual in zip(*results):
+        assert rel(actual, expected) <= 1e-5
+    assert len(persistent_kernels) == 8  # 2 layers x 2 directions x (forward, backward)
+
+
+def test_unknown_persistent_mode_is_refused(monkeypatch):
+    monkeypatch.setattr(launch, "PERSISTENT", "sometimes")
+    problem, _ = random_problem(2, 2, 8, 0, torch.float32, with_lengths=False)
+    with pytest.raises(ValueError, match="FASTLSTM_PERSISTENT"):
+        launch.recurrence_forward(**_forward_args(problem), reverse=False)
