@@ -7,6 +7,7 @@ persistent.lstm_persistent_forward_kernel / lstm_persistent_backward_kernel (one
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from typing import NamedTuple
@@ -67,6 +68,20 @@ class PersistentConfig(NamedTuple):
 
 # 16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs; the AOT matrix checks every variant.
 PERSISTENT_CONFIG = PersistentConfig(block_b=16, block_u=16, block_k=32, num_warps=8, maxnreg=255)
+
+
+@contextlib.contextmanager
+def persistent_mode(mode: str):
+    """PERSISTENT = mode inside the block (restored after): how a benchmark or test pins the kernel choice for
+    launches it makes, forward and backward alike."""
+    global PERSISTENT
+    if mode not in PERSISTENT_MODES:
+        raise ValueError(f"persistent mode must be one of {PERSISTENT_MODES}, got {mode!r}")
+    previous, PERSISTENT = PERSISTENT, mode
+    try:
+        yield
+    finally:
+        PERSISTENT = previous
 
 
 def persistent_programs(hidden: int) -> int:

@@ -18,6 +18,7 @@ from fastlstm.bench.cases import (
     CPU_SWEEP,
     DTYPES,
     GPU_SWEEP,
+    PERSISTENT_TARGETS,
     MODES,
     TIMER_CPU,
     TIMER_QUICK,
@@ -34,7 +35,8 @@ from fastlstm.bench.providers import PROVIDERS, Provider, make_inputs, make_step
 from fastlstm.bench.timing import summarize, sync_check, time_step
 
 CPU = torch.device("cpu")
-DEFAULT_PROVIDERS = ["fastlstm", "fastlstm-notelemetry", "nn.LSTM"]
+DEFAULT_PROVIDERS = ["fastlstm", "fastlstm-notelemetry", "fastlstm-persistent", "nn.LSTM"]
+CPU_SKIPPED = {"fastlstm-persistent": "the persistent kernels run on CUDA only"}
 
 
 # ---------------------------------------------------------------------------------------------------------- grid
@@ -198,6 +200,37 @@ def test_correctness_gate_rejects_a_wrong_implementation_and_never_times_it(monk
     assert "FAILED" in text and "## Not timed" in text
 
 
+def test_a_providers_environment_surrounds_its_check_and_its_timing():
+    entered = []
+
+    class Recording:
+        def __enter__(self):
+            entered.append("enter")
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    def build(problem, weights, device):
+        assert entered and entered[-1] == "enter", "built outside the provider's environment"
+        return PROVIDERS["nn.LSTM"].build(problem, weights, device)
+
+    provider = Provider("recorded", "nn.LSTM inside a recorded context", build, environment=Recording)
+    case = Case(Problem(8, 2, 4, "fp32"), "forward")
+    result = bench.measure(case, provider, CPU, TIMER_CPU, seed=0, checks={})
+    assert result["status"] == "ok"
+    assert entered == ["enter", "exit", "enter", "exit"]  # the check, then the timing
+
+
+def test_persistent_provider_pins_the_kernel_choice_and_restores_it():
+    launch = pytest.importorskip("fastlstm.kernels.launch", reason="triton is not installed")
+    before = launch.PERSISTENT
+    with PROVIDERS["fastlstm-persistent"].environment():
+        assert launch.PERSISTENT == "on"
+    assert launch.PERSISTENT == before
+    skipped = PROVIDERS["fastlstm-persistent"].unsupported(Problem(1024, 16, 8, "bf16", proj_size=256), CPU)
+    assert skipped == CPU_SKIPPED["fastlstm-persistent"]
+
+
 def test_every_default_provider_passes_the_gate_on_the_cpu():
     problem = Problem(16, 3, 6, "fp32", layers=2, bidirectional=True, proj_size=4, packed=True)
     for name in DEFAULT_PROVIDERS:
@@ -253,7 +286,10 @@ def test_bench_command_writes_json_markdown_and_plots(tmp_path, capsys):
         assert {"hidden", "batch", "seq", "layers", "bidirectional", "proj_size", "packed", "dtype"} <= set(
             case["problem"]
         )
-        for r in case["results"].values():
+        for name, r in case["results"].items():
+            if name in CPU_SKIPPED:
+                assert r == {"status": "skipped", "reason": CPU_SKIPPED[name]}
+                continue
             assert r["status"] == "ok" and r["correctness"]["passed"]
             assert r["timing"]["min_ms"] <= r["timing"]["median_ms"] <= r["timing"]["max_ms"]
             assert len(r["timing"]["repeat_medians_ms"]) == TIMER_CPU.repeats
@@ -283,7 +319,14 @@ def _has_matplotlib() -> bool:
 def test_list_prints_cases_and_estimate_without_a_device(capsys):
     assert bench.main(["--list", "--quick", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
-    assert "h768-b16-t1024-fp16-fwdbwd" in out and "36 cases × 3 providers on cuda" in out
+    assert "h768-b16-t1024-fp16-fwdbwd" in out and "36 cases × 4 providers on cuda" in out
+
+
+def test_persistent_targets_are_the_acceptance_grid(capsys):
+    assert bench.main(["--list", "--persistent-targets", "--modes", "forward_backward", "--device", "cuda"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("h")]
+    assert listed == [f"h{h}-b{b}-t1024-bf16-fwdbwd" for h in (512, 768, 1024) for b in (1, 16, 64)]
+    assert set(PERSISTENT_TARGETS) <= set(full_problems("cuda"))
 
 
 def test_bad_selections_are_usage_errors(capsys):

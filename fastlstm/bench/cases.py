@@ -162,6 +162,11 @@ QUICK_CPU = (
 )
 
 
+# The persistent kernels' acceptance grid: forward+backward here must be at least 2x faster than nn.LSTM before
+# FASTLSTM_PERSISTENT may default to on (README, "Backends"). Every problem is also in the full GPU grid.
+PERSISTENT_TARGETS = tuple(Problem(h, b, 1024, "bf16") for h in (512, 768, 1024) for b in (1, 16, 64))
+
+
 def quick_problems(device: str) -> list[Problem]:
     return list(dict.fromkeys(QUICK_GPU if device == "cuda" else QUICK_CPU))
 
@@ -208,12 +213,16 @@ COMPILE_S_PER_VARIANT = 4.0
 CHECK_S_PER_PROBLEM = 1.0
 
 
-def estimate_seconds(cases, providers: int, timer: TimerSettings, device: str, call_ms: float = 0.0) -> float:
+def estimate_seconds(
+    cases, providers: int, timer: TimerSettings, device: str, call_ms: float = 0.0, measurements: int | None = None
+) -> float:
     """Estimated wall time of a run if every call took `call_ms`: each measurement spends its warm-up and time
     budget (3 untimed calls at least, then the repeats, capped by budget_ms); on CUDA every problem also pays its
     correctness checks and every kernel variant (dtype × options × telemetry) a compile. call_ms=0 gives the lower
-    bound `--list` prints; benchmarks/README.md also works it out for slow calls."""
-    measurements = len(cases) * providers
+    bound `--list` prints; benchmarks/README.md also works it out for slow calls. `measurements` (default: every
+    case × provider) leaves out the pairs a provider skips."""
+    if measurements is None:
+        measurements = len(cases) * providers
     iters = max(timer.min_iters, math.ceil(timer.rep_ms / call_ms)) if call_ms > 0 else timer.min_iters
     timed_ms = min(timer.repeats * max(timer.rep_ms, iters * call_ms), max(timer.budget_ms, timer.repeats * call_ms))
     per_measurement_ms = max(timer.warmup_ms, call_ms) + 2 * call_ms + timed_ms

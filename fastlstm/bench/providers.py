@@ -12,7 +12,7 @@ import functools
 import importlib.util
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +54,8 @@ def _named_grads(module: nn.Module) -> dict:
 class Provider:
     """One LSTM implementation. build(problem, weights, device) returns a module in the problem's storage dtype
     holding `weights` (nn.LSTM state_dict layout); unsupported(problem, device) returns why it cannot run a problem
-    (or None); native_grads(module) returns its parameter gradients under nn.LSTM's names."""
+    (or None); native_grads(module) returns its parameter gradients under nn.LSTM's names; environment() is a
+    context manager the runner enters around the provider's check and timing."""
 
     name: str
     description: str
@@ -63,6 +64,7 @@ class Provider:
     native_grads: Callable = _named_grads
     installed: Callable = lambda: True
     default: bool = True
+    environment: Callable = nullcontext
 
 
 def _lstm_kwargs(problem: Problem, device) -> dict:
@@ -113,6 +115,32 @@ def _native_unsupported(problem, device):
     return None if device.type == "cuda" else "the same code as nn.LSTM off CUDA"
 
 
+# The persistent kernels (kernels/persistent.py) are off by default; this provider measures them where they apply.
+PERSISTENT_MIN_HIDDEN = 512  # below this the tiled kernels already spread a small batch over few SMs at little cost
+
+
+def _persistent_kernels():
+    from fastlstm.kernels import launch
+
+    return launch.persistent_mode("on")
+
+
+def _persistent_unsupported(problem, device):
+    if device.type != "cuda":
+        return "the persistent kernels run on CUDA only"
+    if problem.proj_size:
+        return "the persistent kernels take no projection"
+    if problem.hidden < PERSISTENT_MIN_HIDDEN:
+        return f"the persistent kernels are measured from hidden {PERSISTENT_MIN_HIDDEN} up"
+    if not torch.cuda.is_available():  # `--list` on a machine without a GPU: the SM count is unknown
+        return None
+    from fastlstm.kernels import launch
+
+    if launch.persistent_programs(problem.hidden) > torch.cuda.get_device_properties(device).multi_processor_count:
+        return "more programs than SMs: the persistent kernels cannot keep them all resident"
+    return None
+
+
 # haste_pytorch (github.com/lmnt-com/haste): one layer, one direction, fp32/fp16, gate order i,g,f,o, weights
 # stored transposed, one bias. Not installed where this suite was written: the correctness gate is what vouches for
 # the mapping below on a machine that has it.
@@ -159,6 +187,8 @@ PROVIDERS = {
         Provider("fastlstm", "fastlstm.LSTM, telemetry on (Triton kernels on CUDA, reference backend on CPU)",
                  _build_fastlstm(True)),
         Provider("fastlstm-notelemetry", "fastlstm.LSTM(telemetry=False)", _build_fastlstm(False)),
+        Provider("fastlstm-persistent", "fastlstm.LSTM, telemetry on, persistent kernels on (FASTLSTM_PERSISTENT=on)",
+                 _build_fastlstm(True), unsupported=_persistent_unsupported, environment=_persistent_kernels),
         Provider(BASELINE, "torch.nn.LSTM (cuDNN on CUDA)", _build_nn_lstm),
         Provider("nn.LSTM-native", "torch.nn.LSTM with cuDNN disabled (ATen's per-step kernels)", _build_native,
                  unsupported=_native_unsupported, native_grads=lambda m: _named_grads(m.lstm), default=False),

@@ -215,6 +215,10 @@ def _times(value) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
+def _with_speedup(record, speedup) -> str:
+    return _cell(record) if speedup is None else f"{_cell(record)} ({_times(speedup)})"
+
+
 def _mib(record) -> str:
     mem = record.get("memory") if record else None
     return "—" if not mem else f"{mem['peak_extra_bytes'] / 2**20:.0f}"
@@ -320,7 +324,7 @@ def _summary_lines(s: dict, gpu: bool) -> list:
 def _mode_table(rows: list, others: list, mode: str) -> list:
     sync = mode == "train_step"
     header = ["case", "nn.LSTM ms", "fastlstm ms", "speedup", "no-telemetry ms", "telemetry", "peak MiB fast / nn"]
-    header += [f"{o} ms" for o in others] + ["spread"] + (["host syncs"] if sync else [])
+    header += [f"{o} ms (speedup)" for o in others] + ["spread"] + (["host syncs"] if sync else [])
     out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for c in rows:
         r, d = c["results"], c["derived"]
@@ -328,7 +332,8 @@ def _mode_table(rows: list, others: list, mode: str) -> list:
             c["problem"]["name"], _cell(r.get(BASELINE)), _cell(r.get(FAST)), _times(d["speedup"].get(FAST)),
             _cell(r.get(FAST_OFF)), _times(d["telemetry_overhead"]), f"{_mib(r.get(FAST))} / {_mib(r.get(BASELINE))}",
         ]  # fmt: skip
-        cells += [_cell(r.get(o)) for o in others] + [_spread(c)] + ([_sync_cell(c)] if sync else [])
+        cells += [_with_speedup(r.get(o), d["speedup"].get(o)) for o in others]
+        cells += [_spread(c)] + ([_sync_cell(c)] if sync else [])
         out.append("| " + " | ".join(cells) + " |")
     return out
 

@@ -30,6 +30,7 @@ from . import report
 from .cases import (
     DTYPES,
     MODES,
+    PERSISTENT_TARGETS,
     TIMER_CPU,
     TIMER_FULL,
     TIMER_QUICK,
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
         print(f"fastlstm bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     timer = _timer(args, device.type)
-    estimate = estimate_seconds(cases, len(providers), timer, device.type)
+    supported = sum(not PROVIDERS[p].unsupported(c.problem, device) for c in cases for p in providers)
+    estimate = estimate_seconds(cases, len(providers), timer, device.type, measurements=supported)
     if args.list:
         for case in cases:
             print(case.name)
@@ -113,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="fastlstm-bench", help="output folder (default: fastlstm-bench)")
     parser.add_argument("--quick", action="store_true", help="a representative subset (< 5 min on one GPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    parser.add_argument(
+        "--persistent-targets", action="store_true",
+        help="only the persistent kernels' target problems (H 512/768/1024 x B 1/16/64, T=1024, bf16)",
+    )  # fmt: skip
     parser.add_argument("-k", dest="keywords", action="append", default=[], metavar="SUBSTRING",
                         help="only cases whose name contains SUBSTRING (repeatable: any of them)")  # fmt: skip
     parser.add_argument("--dtypes", default=None, help=f"comma-separated subset of {','.join(DTYPES)}")
@@ -146,7 +152,10 @@ def _providers(value) -> list[str]:
 
 
 def _cases(args, device: str) -> list[Case]:
-    problems = quick_problems(device) if args.quick else full_problems(device)
+    if args.persistent_targets:
+        problems = list(PERSISTENT_TARGETS)
+    else:
+        problems = quick_problems(device) if args.quick else full_problems(device)
     dtypes, modes = _split(args.dtypes, DTYPES, "dtypes"), _split(args.modes, MODES, "modes")
     cases = select(cases_for(problems), args.keywords, dtypes, modes)
     if not cases:
@@ -246,7 +255,8 @@ def measure(case: Case, provider: Provider, device, timer, seed: int, checks: di
         return {"status": "skipped", "reason": reason}
     key = (problem, provider.name)
     if key not in checks:
-        checks[key] = _checked(problem, provider, device, seed)
+        with provider.environment():
+            checks[key] = _checked(problem, provider, device, seed)
     check = checks[key]
     if "exception" in check:
         return {"status": "error", "reason": f"correctness check raised {check['exception']}"}
@@ -254,7 +264,8 @@ def measure(case: Case, provider: Provider, device, timer, seed: int, checks: di
         reason = f"{check['worst']}: relative error {check['max_error']:.2e} > {check['threshold']:.0e}"
         return {"status": "failed", "reason": reason, "correctness": check}
     try:
-        timing, memory, sync = _timed(case, provider, device, timer, problem_seed(problem, seed))
+        with provider.environment():
+            timing, memory, sync = _timed(case, provider, device, timer, problem_seed(problem, seed))
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: recorded, and the run goes on
         error = {"status": "error", "reason": _describe(exc), "correctness": check}
     else:
