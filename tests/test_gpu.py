@@ -106,3 +106,94 @@ def test_torch_compile_matches_eager():
     eager_out, _ = model(x)
     compiled_out, _ = compiled(x)
     assert rel(compiled_out, eager_out) <= 1e-6
+
+
+# ---- the persistent kernels (kernels/persistent.py), forced on: they are off by default ----
+
+
+@pytest.fixture
+def persistent_launches(monkeypatch):
+    """Every layer they apply to runs the persistent kernels with the grid barrier; counts their launches."""
+    from fastlstm.kernels import launch
+
+    monkeypatch.setattr(launch, "PERSISTENT", "on")
+    calls = []
+    original = launch._launch_persistent
+    monkeypatch.setattr(launch, "_launch_persistent", lambda kernel, *a: calls.append(kernel) or original(kernel, *a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("hidden,batch", [(512, 1), (768, 16), (1024, 64), (2048, 16)], ids=str)
+def test_persistent_parity_with_nn_lstm_float64(persistent_launches, dtype, hidden, batch):
+    steps = 256
+    ref, fast = pair(64, hidden, dtype)
+    x = torch.randn(steps, batch, 64, device="cuda", dtype=dtype)
+    weights = torch.randn(steps, batch, hidden, device="cuda", dtype=torch.float64)
+    expected = forward_backward(ref, x.double().requires_grad_(), weights)
+    actual = forward_backward(fast, x.requires_grad_(), weights)
+    assert_parity(expected, actual, TOLERANCE[dtype])
+    assert len(persistent_launches) == 2
+
+
+def test_persistent_parity_bidirectional_packed(persistent_launches):
+    ref, fast = pair(32, 512, torch.bfloat16, num_layers=2, bidirectional=True)
+    lengths = torch.randint(1, 300, (16,))
+    lengths[0] = 300
+    x = torch.randn(300, 16, 32, device="cuda", dtype=torch.bfloat16)
+    weights = torch.randn(int(lengths.sum()), 1024, device="cuda", dtype=torch.float64)
+    results = []
+    for model, inputs in ((ref, x.double()), (fast, x)):
+        packed = pack_padded_sequence(inputs.requires_grad_(), lengths, enforce_sorted=False)
+        results.append(forward_backward(model, packed, weights))
+    assert_parity(*results, TOLERANCE[torch.bfloat16])
+    assert len(persistent_launches) == 8
+
+
+@pytest.mark.parametrize("hidden", [512, 768, 1024, 2048], ids=lambda h: f"{h // 16}programs")
+def test_persistent_barrier_never_deadlocks_over_1000_launches(persistent_launches, hidden):
+    """Every grid size the benchmarks use, 1000 forward and backward launches back to back; a program that gave up
+    waiting at the barrier trips the launcher's device-side assert, which the synchronize surfaces."""
+    from fastlstm.kernels import launch
+
+    assert launch.persistent_programs(hidden) <= torch.cuda.get_device_properties(0).multi_processor_count
+    model = fastlstm.LSTM(hidden, hidden, device="cuda", backend="triton", dtype=torch.bfloat16)
+    x = torch.randn(16, 16, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    first, _ = model(x)
+    for _ in range(500):
+        out, _ = model(x)
+        out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    assert len(persistent_launches) == 1002
+    out, _ = model(x)
+    assert torch.equal(out, first)  # deterministic: no program ran ahead of a step it needed
+
+
+def test_persistent_host_stepped_mode_matches_the_barrier(monkeypatch):
+    from fastlstm.kernels import launch
+
+    model = fastlstm.LSTM(64, 768, device="cuda", backend="triton", dtype=torch.bfloat16)
+    x = torch.randn(64, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for mode in ("on", "host-stepped"):
+        monkeypatch.setattr(launch, "PERSISTENT", mode)
+        out, (h_n, c_n) = model(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])
+        results.append((out, h_n, c_n, *grads))
+    for on, stepped in zip(*results):
+        assert torch.equal(on, stepped)
+
+
+def test_persistent_training_step_never_synchronises(persistent_launches):
+    model = fastlstm.LSTM(16, 512, device="cuda", backend="triton")
+    x = torch.randn(64, 8, 16, device="cuda")
+    model(x)[0].sum().backward()  # warm-up: compilation and allocation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = model(x)
+        out.square().mean().backward()
+        model.telemetry.poll()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(persistent_launches) == 4
