@@ -68,6 +68,9 @@ class PersistentConfig(NamedTuple):
 
 # 16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs; the AOT matrix checks every variant.
 PERSISTENT_CONFIG = PersistentConfig(block_b=16, block_u=16, block_k=32, num_warps=8, maxnreg=255)
+# Every program walks the whole batch each step, one 16-sequence tile after another: built for the small batches
+# where one program per sequence tile leaves most SMs idle, and unmeasured beyond them.
+PERSISTENT_MAX_BATCH = 64
 
 
 @contextlib.contextmanager
@@ -88,12 +91,13 @@ def persistent_programs(hidden: int) -> int:
     return triton.cdiv(hidden, PERSISTENT_CONFIG.block_u)
 
 
-def persistent_applies(hidden: int, proj: int, steps: int, device: torch.device) -> bool:
-    """Whether the persistent kernels can run this layer: no projection, at least one step, and (for a real
-    launch, which spins on a grid barrier) no more programs than SMs, so that all of them are resident at once."""
+def persistent_applies(hidden: int, proj: int, batch: int, steps: int, device: torch.device) -> bool:
+    """Whether the persistent kernels run this layer: no projection, 1..PERSISTENT_MAX_BATCH sequences, at least one
+    step, and (for a real launch, which spins on a grid barrier) no more programs than SMs, so that all of them are
+    resident at once."""
     if PERSISTENT not in PERSISTENT_MODES:
         raise ValueError(f"FASTLSTM_PERSISTENT must be one of {PERSISTENT_MODES}, got {PERSISTENT!r}")
-    if PERSISTENT == "off" or proj != hidden or steps == 0:
+    if PERSISTENT == "off" or proj != hidden or not 0 < batch <= PERSISTENT_MAX_BATCH or steps == 0:
         return False
     if _host_stepped():
         return True
@@ -164,7 +168,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     c_n = _new((batch, hidden), dtype, device)
     hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
     stats, first, seq, order = _telemetry_args(probe, gates)
-    if batch > 0 and persistent_applies(hidden, proj, steps, device):
+    if persistent_applies(hidden, proj, batch, steps, device):
         with torch.cuda.device_of(xw):
             _launch_persistent(
                 lstm_persistent_forward_kernel,
@@ -202,7 +206,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
     grad_rows, first, seq, order = _telemetry_args(probe, dgates)
-    if batch > 0 and persistent_applies(hidden, proj, steps, device):
+    if persistent_applies(hidden, proj, batch, steps, device):
         with torch.cuda.device_of(gates):
             _launch_persistent(
                 lstm_persistent_backward_kernel,

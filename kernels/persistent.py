@@ -1,24 +1,24 @@
 """Persistent recurrence of one LSTM layer-direction for large hidden sizes at small batch.
 
 The single-program kernels (recurrent_fwd/recurrent_bwd) give each program whole sequences, so at batch 16 one SM
-does all the work and re-reads W_hh every step. Here the hidden units are split instead: program u owns units
-[u * BLOCK_U, (u + 1) * BLOCK_U) of every sequence, holds the matching slice of W_hh for the whole sequence, and
-exchanges h_t (forward) or dgates_t (backward) with the other programs through global memory, with one grid barrier
-per step (sync.py). The launcher starts no more programs than the device has SMs, so all are resident together.
+does all the work and re-reads W_hh every step. Here the hidden units are split instead: program u owns units [u *
+BLOCK_U, (u + 1) * BLOCK_U) of every sequence, only ever reads the matching slice of W_hh, and exchanges h_t
+(forward) or dgates_t (backward) with the other programs through global memory, with one grid barrier per step
+(sync.py). The launcher starts no more programs than the device has SMs, so all are resident together.
 
-The slice is re-read every step in BLOCK_K chunks with an evict-last hint. Only this SM reads it and the kernel
-uses almost no shared memory, so the slice (4 * BLOCK_U * H elements: 128 KiB at H=1024 in bf16) stays in the SM's
-L1 rather than crossing to L2 each step; the exchanged activations are read with ".cg", past L1, so they neither
-come back stale nor evict it. Holding the slice in registers instead, as one loop-invariant tl.dot operand, spilled
-in every configuration the AOT compile tried (triton 3.6 keeps it in registers and copies it to shared memory each
-step), and triton has no way to pin it in shared memory.
+The slice is re-read every step in BLOCK_K chunks with an evict-last hint. Only this SM reads it and the kernel uses
+almost no shared memory, so the slice (4 * BLOCK_U * H elements: 128 KiB at H=1024 in bf16) can stay in the SM's L1
+instead of crossing to L2 each step (the intent; not yet measured on a GPU). The exchanged activations are read with
+".cg", past L1, so they never come back stale and do not evict the slice. Holding the slice in registers instead, as
+one loop-invariant tl.dot operand, spilled in every configuration the AOT compile tried (triton 3.6 keeps it in
+registers and copies it to shared memory each step), and triton has no way to pin it in shared memory.
 
 PERSISTENT runs steps step_begin..step_end-1 in one launch with the barrier between them. Without it the kernel is
-host-stepped: the launcher starts it once per step (the kernel boundary is the barrier), running the same step code
-under the interpreter, which cannot run a spin-wait. Telemetry is flushed at the end of every launch either way.
+host-stepped: the launcher starts it once per step, the backward once per phase of a step (the kernel boundary is
+the barrier), so the same step code runs under the interpreter, which cannot run a spin-wait. Telemetry is flushed at the end of every launch either way.
 
-No projection (proj_size = 0, so P = H): the launcher sends projected layers to the single-program kernels.
-Layouts as in recurrent_fwd.py / recurrent_bwd.py.
+No projection (proj_size = 0, so P = H): the launcher sends projected layers to the single-program kernels. Layouts
+as in recurrent_fwd.py / recurrent_bwd.py.
 """
 
 import triton

@@ -277,8 +277,9 @@ def test_persistent_locates_nonfinite_like_reference(persistent_kernels):
         assert k_tel.first_nonfinite.stage == "forward"
 
 
-def test_persistent_leaves_projected_layers_to_the_tiled_kernels(persistent_kernels):
-    problem, grads = random_problem(3, 4, 24, 8, torch.float32, with_lengths=False)
+@pytest.mark.parametrize("batch,proj", [(4, 8), (launch.PERSISTENT_MAX_BATCH + 1, 0)], ids=["proj", "large-batch"])
+def test_persistent_leaves_other_layers_to_the_tiled_kernels(persistent_kernels, batch, proj):
+    problem, grads = random_problem(2, batch, 24, proj, torch.float32, with_lengths=False)
     assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
     assert persistent_kernels == []
 

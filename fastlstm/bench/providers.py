@@ -132,9 +132,12 @@ def _persistent_unsupported(problem, device):
         return "the persistent kernels take no projection"
     if problem.hidden < PERSISTENT_MIN_HIDDEN:
         return f"the persistent kernels are measured from hidden {PERSISTENT_MIN_HIDDEN} up"
+    from fastlstm.kernels import launch
+
+    if problem.batch > launch.PERSISTENT_MAX_BATCH:
+        return f"the persistent kernels take at most {launch.PERSISTENT_MAX_BATCH} sequences"
     if not torch.cuda.is_available():  # `--list` on a machine without a GPU: the SM count is unknown
         return None
-    from fastlstm.kernels import launch
 
     if launch.persistent_programs(problem.hidden) > torch.cuda.get_device_properties(device).multi_processor_count:
         return "more programs than SMs: the persistent kernels cannot keep them all resident"
