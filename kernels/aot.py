@@ -24,6 +24,8 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 # Hidden/batch sizes whose configurations together cover every branch of launch.select_config.
 CONFIG_PROBES = ((64, 1), (64, 1024), (2048, 1), (2048, 1024))
+# Integer arguments that are multiples of 16 at real sizes (triton then compiles with that divisibility known).
+ALIGNED_SIZES = ("T", "B", "H", "P", "capacity")
 
 
 class Variant(NamedTuple):
@@ -41,6 +43,9 @@ class Variant(NamedTuple):
     maxnreg: int
     precision: str
     grid_barrier: bool = False  # persistent kernels: all steps in one launch (True) or host-stepped
+    # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes (T, B, H, P and the
+    # telemetry capacity) are multiples of 16, the usual case at real sizes; otherwise with no such hints.
+    aligned: bool = False
 
     @property
     def name(self) -> str:
@@ -93,14 +98,24 @@ def variants(quick: bool = False) -> list[Variant]:
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for precision in precisions:
             result.append(Variant(kernel, dtype, *flags, *config, precision))
-    return result + persistent_variants(quick)
+    return with_alignment(result + persistent_variants(quick), quick)
+
+
+def with_alignment(variants: list[Variant], quick: bool) -> list[Variant]:
+    """Each variant compiled without and with triton's alignment specialisation (`quick`: the latter only for the
+    variants with every flag on, the largest)."""
+    aligned = [v._replace(aligned=True) for v in variants if not quick or (v.reverse and v.lengths and v.telemetry)]
+    return variants + aligned
 
 
 def persistent_variants(quick: bool = False) -> list[Variant]:
     """The persistent kernels in both modes; they take no projection. `quick` keeps the all-flags-on kernel with
     its grid barrier and the all-flags-off host-stepped one."""
-    from .launch import PERSISTENT_CONFIG as cfg
+    import torch
 
+    from .launch import persistent_config
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     flag_sets = list(itertools.product((False, True), repeat=4))
     if quick:
         flag_sets = [(True, True, True, True), (False, False, False, False)]
@@ -109,7 +124,8 @@ def persistent_variants(quick: bool = False) -> list[Variant]:
         ("persistent-forward", "persistent-backward"), DTYPES, flag_sets
     ):
         for precision in ("ieee", "tf32") if dtype == "fp32" else ("ieee",):
-            config = (cfg.block_b, cfg.block_u, cfg.block_k, cfg.num_warps, 1, cfg.maxnreg)
+            cfg = persistent_config(torch_dtype[dtype])
+            config = (cfg.block_b, cfg.block_u, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
             result.append(Variant(kernel, dtype, reverse, lengths, False, telemetry, *config, precision, barrier))
     return result
 
@@ -172,7 +188,12 @@ def _signature(variant: Variant):
     signature = {}
     for name in fn.arg_names:
         signature[name] = pointers.get(name) or ints.get(name) or "constexpr"
-    return fn, signature, constexprs
+    attrs = {}
+    if variant.aligned:
+        for index, name in enumerate(fn.arg_names):
+            if name in pointers or name in ALIGNED_SIZES:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return fn, signature, constexprs, attrs
 
 
 def compile_variant(variant: Variant, arch: int) -> Result:
@@ -180,14 +201,14 @@ def compile_variant(variant: Variant, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, signature, constexprs = _signature(variant)
+    fn, signature, constexprs, attrs = _signature(variant)
     log = io.StringIO()
     try:
         triton.knobs.nvidia.dump_ptxas_log = True
         triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and so its log
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                ASTSource(fn, signature, constexprs),
+                ASTSource(fn, signature, constexprs, attrs),
                 target=GPUTarget("cuda", arch, 32),
                 options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, "maxnreg": variant.maxnreg},
             )
@@ -222,11 +243,11 @@ def run_matrix(quick: bool = False, jobs: int = 2) -> list[Result]:
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'variant':<64} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
+    lines = [f"{'variant':<66} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
     for r in results:
         status = "ok" if r.ok else (r.error or "SPILL/SHARED")
         lines.append(
-            f"{r.variant.name:<64} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
+            f"{r.variant.name:<66} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
             f"{_cell(r.shared_bytes):>8}  {status}"
         )
     return "\n".join(lines)

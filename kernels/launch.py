@@ -63,11 +63,25 @@ class PersistentConfig(NamedTuple):
     block_u: int  # hidden units per program (its slice is the 4 * block_u gate rows of W_hh)
     block_k: int  # reduction chunk
     num_warps: int
+    num_stages: int  # software pipelining of the reduction loops
     maxnreg: int
 
 
-# 16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs; the AOT matrix checks every variant.
-PERSISTENT_CONFIG = PersistentConfig(block_b=16, block_u=16, block_k=32, num_warps=8, maxnreg=255)
+PERSISTENT_BLOCK_U = 16  # one for every dtype, so the grid size (and so co-residency) does not depend on it
+
+
+def persistent_config(dtype: torch.dtype) -> PersistentConfig:
+    """16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs. Each step's products read
+    h_{t-1} (or the gate gradients) from L2 chunk by chunk, so their latency is paid once per chunk unless the loop
+    is pipelined: 16-bit runs 64-wide chunks three deep, the deepest and widest with which every variant, aligned or
+    not, compiled without spills (kernels/aot.py). fp32 stays unpipelined: its exact (ieee) dots run on FMA units
+    and spilled the backward with even two stages. A choice by the compile matrix and by reasoning about latency;
+    no GPU has timed it yet."""
+    if dtype == torch.float32:
+        return PersistentConfig(16, PERSISTENT_BLOCK_U, block_k=32, num_warps=8, num_stages=1, maxnreg=255)
+    return PersistentConfig(16, PERSISTENT_BLOCK_U, block_k=64, num_warps=8, num_stages=3, maxnreg=255)
+
+
 # Every program walks the whole batch each step, one 16-sequence tile after another: built for the small batches
 # where one program per sequence tile leaves most SMs idle, and unmeasured beyond them.
 PERSISTENT_MAX_BATCH = 64
@@ -88,7 +102,7 @@ def persistent_mode(mode: str):
 
 
 def persistent_programs(hidden: int) -> int:
-    return triton.cdiv(hidden, PERSISTENT_CONFIG.block_u)
+    return triton.cdiv(hidden, PERSISTENT_BLOCK_U)
 
 
 def persistent_applies(hidden: int, proj: int, batch: int, steps: int, device: torch.device) -> bool:
@@ -236,7 +250,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
 
 def _launch_persistent(kernel, args, steps, batch, hidden, reverse, has_lengths, telemetry, dtype):
     """All steps in one launch with a grid barrier per step, or (host-stepped) one launch per step."""
-    cfg = PERSISTENT_CONFIG
+    cfg = persistent_config(dtype)
     programs = persistent_programs(hidden)
     device = args[0].device
     # [arrivals, timed out]: zeroed per launch, the arrival counter only grows within one (kernels/sync.py).
@@ -244,7 +258,7 @@ def _launch_persistent(kernel, args, steps, batch, hidden, reverse, has_lengths,
     constants = dict(
         REVERSE=reverse, HAS_LENGTHS=has_lengths, TELEMETRY=telemetry, BLOCK_B=cfg.block_b, BLOCK_U=cfg.block_u,
         BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
-        num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
     # The backward's steps have two phases (gate gradients, then the carried dh) with a barrier between them.
     if kernel is lstm_persistent_backward_kernel:

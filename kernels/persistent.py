@@ -68,32 +68,26 @@ def steps_active(length, step_begin, step_end, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def load_prev_hidden(out_ptr, h0_ptr, prev_row_step, rows, from_prev, from_h0, ks, k_ok, P):
-    """h_{t-1} for a tile of sequences: the previous output row (written by other programs: read past L1) or h0."""
-    h = tl.load(
-        out_ptr + prev_row_step[:, None] * P + ks[None, :], mask=from_prev[:, None] & k_ok[None, :], other=0.0,
-        cache_modifier=".cg",
-    ).to(tl.float32)  # fmt: skip
-    h += tl.load(h0_ptr + rows[:, None] * P + ks[None, :], mask=from_h0[:, None] & k_ok[None, :], other=0.0).to(
-        tl.float32
-    )
-    return h
-
-
-@triton.jit
 def recurrent_gate_product(
-    out_ptr, h0_ptr, prev_row_step, rows, from_prev, from_h0, w_hh_ptr, w_rows, col_ok, P,
+    out_ptr, h0_ptr, prev_row_step, rows, row_ok, from_prev, w_hh_ptr, w_rows, col_ok, P,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """h_{t-1} @ W_hh[w_rows]ᵀ for one tile of sequences: [BLOCK_B, 4*BLOCK_U] in fp32."""
+    """h_{t-1} @ W_hh[w_rows]ᵀ for one tile of sequences: [BLOCK_B, 4*BLOCK_U] in fp32.
+
+    h_{t-1} is the previous output row of a sequence already running, else its h0: one pointer per row, so each
+    chunk is a single load feeding tl.dot, which triton can software-pipeline. The output rows were written by other
+    programs, hence ".cg" (past L1, which is not coherent across SMs); the W_hh slice is this program's alone."""
+    h_rows = tl.where(from_prev, out_ptr + prev_row_step * P, h0_ptr + rows * P)
     acc = tl.zeros((BLOCK_B, 4 * BLOCK_U), tl.float32)
     for k0 in range(0, P, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < P
-        h = load_prev_hidden(out_ptr, h0_ptr, prev_row_step, rows, from_prev, from_h0, ks, k_ok, P)
-        offsets = w_rows[None, :].to(tl.int64) * P + ks[:, None]
-        w = tl.load(w_hh_ptr + offsets, mask=k_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_last")
+        h = tl.load(
+            h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg"
+        )
+        w_offsets = w_rows[None, :].to(tl.int64) * P + ks[:, None]
+        w = tl.load(w_hh_ptr + w_offsets, mask=k_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_last")
         acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -133,12 +127,11 @@ def lstm_persistent_forward_kernel(
             rows, row_ok, length = tile_sequences(lengths_ptr, b0, T, B, BLOCK_B, HAS_LENGTHS)
             active = row_ok & (t < length)
             from_prev = row_ok & (p > 0) & (t_prev < length)
-            from_h0 = row_ok & ~from_prev
             row_step = tl.cast(t, tl.int64) * B + rows
             prev_row_step = tl.cast(t_prev, tl.int64) * B + rows
 
             acc = recurrent_gate_product(
-                out_ptr, h0_ptr, prev_row_step, rows, from_prev, from_h0, w_hh_ptr, w_rows, col_ok, P,
+                out_ptr, h0_ptr, prev_row_step, rows, row_ok, from_prev, w_hh_ptr, w_rows, col_ok, P,
                 BLOCK_B, BLOCK_U, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
             )  # fmt: skip
             gate_tile_ok = row_ok[:, None] & col_ok[None, :]

@@ -40,16 +40,21 @@ def test_a_spilling_result_fails_the_check():
 
 
 def test_matrix_covers_the_persistent_kernels_in_both_modes():
-    from fastlstm.kernels.launch import PERSISTENT_CONFIG as cfg
+    import torch
+
+    from fastlstm.kernels.launch import persistent_config
 
     persistent = [v for v in aot.variants() if v.kernel.startswith("persistent")]
-    expected_config = (cfg.block_b, cfg.block_u, cfg.block_k, cfg.num_warps, 1, cfg.maxnreg)
-    assert {(v.block_b, v.block_h, v.block_k, v.num_warps, v.num_stages, v.maxnreg) for v in persistent} == {
-        expected_config
-    }
-    combinations = {(v.kernel, v.dtype, v.precision, v.grid_barrier) for v in persistent}
+    combinations = {
+        (v.kernel, v.dtype, v.precision, v.grid_barrier, v.aligned, v.block_b, v.block_h, v.block_k, v.num_warps,
+         v.num_stages, v.maxnreg)
+        for v in persistent
+    }  # fmt: skip
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for kernel in ("persistent-forward", "persistent-backward"):
         for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
             for barrier in (False, True):
-                assert (kernel, dtype, precision, barrier) in combinations
+                for aligned in (False, True):
+                    config = tuple(persistent_config(dtypes[dtype]))
+                    assert (kernel, dtype, precision, barrier, aligned, *config) in combinations
     assert not any(v.proj for v in persistent)  # projected layers never reach them
