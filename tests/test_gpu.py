@@ -172,16 +172,18 @@ def test_persistent_barrier_never_deadlocks_over_1000_launches(persistent_launch
 def test_persistent_host_stepped_mode_matches_the_barrier(monkeypatch):
     from fastlstm.kernels import launch
 
-    model = fastlstm.LSTM(64, 768, device="cuda", backend="triton", dtype=torch.bfloat16)
-    x = torch.randn(64, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # The same step code compiled two ways (with and without the barrier loop): equal up to the compiler's own
+    # choices of operation order, in fp32 with exact dots.
+    model = fastlstm.LSTM(64, 768, device="cuda", backend="triton")
+    x = torch.randn(64, 8, 64, device="cuda", requires_grad=True)
     results = []
     for mode in ("on", "host-stepped"):
         monkeypatch.setattr(launch, "PERSISTENT", mode)
         out, (h_n, c_n) = model(x)
-        grads = torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])
+        grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
         results.append((out, h_n, c_n, *grads))
     for on, stepped in zip(*results):
-        assert torch.equal(on, stepped)
+        assert rel(stepped, on) <= 1e-6
 
 
 def test_persistent_training_step_never_synchronises(persistent_launches):
