@@ -80,6 +80,37 @@ def tanh(x):
 
 
 @triton.jit
+def load_gate_tiles(tile_ptr, H, mask):
+    """The four gate blocks i, f, g, o of a [rows, units] tile whose block 0 starts at tile_ptr (row stride 4H)."""
+    gate_i = tl.load(tile_ptr, mask=mask, other=0.0)
+    gate_f = tl.load(tile_ptr + H, mask=mask, other=0.0)
+    gate_g = tl.load(tile_ptr + 2 * H, mask=mask, other=0.0)
+    gate_o = tl.load(tile_ptr + 3 * H, mask=mask, other=0.0)
+    return gate_i, gate_f, gate_g, gate_o
+
+
+@triton.jit
+def store_gate_tiles(tile_ptr, H, gate_i, gate_f, gate_g, gate_o, mask):
+    tl.store(tile_ptr, gate_i, mask=mask)
+    tl.store(tile_ptr + H, gate_f, mask=mask)
+    tl.store(tile_ptr + 2 * H, gate_g, mask=mask)
+    tl.store(tile_ptr + 3 * H, gate_o, mask=mask)
+
+
+@triton.jit
+def cell_backward(dh, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep):
+    """One step of the cell's backward: dc_t and the pre-activation gradients of the four gates (zero where `keep`
+    is false: steps outside a sequence)."""
+    tanh_c = tanh(c_t)
+    dc = dc_carried + dh * gate_o * (1.0 - tanh_c * tanh_c)
+    d_i = tl.where(keep, dc * gate_g * gate_i * (1.0 - gate_i), 0.0)
+    d_f = tl.where(keep, dc * c_prev * gate_f * (1.0 - gate_f), 0.0)
+    d_g = tl.where(keep, dc * gate_i * (1.0 - gate_g * gate_g), 0.0)
+    d_o = tl.where(keep, dh * tanh_c * gate_o * (1.0 - gate_o), 0.0)
+    return dc, d_i, d_f, d_g, d_o
+
+
+@triton.jit
 def nonfinite(x):
     return (x != x) | (tl.abs(x) == float("inf"))
 

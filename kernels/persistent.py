@@ -29,13 +29,16 @@ from .cell import (
     NO_EVENT,
     STAGE_BACKWARD,
     STAGE_FORWARD,
+    cell_backward,
     count_backward_pass,
     count_forward_launch,
     flush_first_code,
     flush_forward_stats,
+    load_gate_tiles,
     nonfinite,
     sigmoid,
     sigmoid_saturated,
+    store_gate_tiles,
     tanh,
     tanh_saturated,
     tile_sequences,
@@ -281,11 +284,8 @@ def lstm_persistent_backward_kernel(
                 g_out = tl.load(grad_out_ptr + row_step[:, None] * H + units[None, :], mask=counted, other=0.0)
                 g_out = g_out.to(tl.float32)
                 dh = g_out + tl.load(dh_ptr + state, mask=counted, other=0.0)
-                g_tile = gates_ptr + row_step[:, None] * (4 * H) + units[None, :]
-                gate_i = tl.load(g_tile, mask=tile_ok, other=0.0)
-                gate_f = tl.load(g_tile + H, mask=tile_ok, other=0.0)
-                gate_g = tl.load(g_tile + 2 * H, mask=tile_ok, other=0.0)
-                gate_o = tl.load(g_tile + 3 * H, mask=tile_ok, other=0.0)
+                gate_tile = row_step[:, None] * (4 * H) + units[None, :]
+                gate_i, gate_f, gate_g, gate_o = load_gate_tiles(gates_ptr + gate_tile, H, tile_ok)
                 c_t = tl.load(cells_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
                 c_prev = tl.load(
                     cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0
@@ -293,18 +293,11 @@ def lstm_persistent_backward_kernel(
                 c_prev += tl.load(c0_ptr + state, mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
                 dc_carried = tl.load(dc_ptr + state, mask=tile_ok, other=0.0)
 
-                tanh_c = tanh(c_t)
-                dc = dc_carried + dh * gate_o * (1.0 - tanh_c * tanh_c)
                 keep = active[:, None]
-                d_i = tl.where(keep, dc * gate_g * gate_i * (1.0 - gate_i), 0.0)
-                d_f = tl.where(keep, dc * c_prev * gate_f * (1.0 - gate_f), 0.0)
-                d_g = tl.where(keep, dc * gate_i * (1.0 - gate_g * gate_g), 0.0)
-                d_o = tl.where(keep, dh * tanh_c * gate_o * (1.0 - gate_o), 0.0)
-                d_tile = dgates_ptr + row_step[:, None] * (4 * H) + units[None, :]
-                tl.store(d_tile, d_i, mask=tile_ok)
-                tl.store(d_tile + H, d_f, mask=tile_ok)
-                tl.store(d_tile + 2 * H, d_g, mask=tile_ok)
-                tl.store(d_tile + 3 * H, d_o, mask=tile_ok)
+                dc, d_i, d_f, d_g, d_o = cell_backward(
+                    dh, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep
+                )
+                store_gate_tiles(dgates_ptr + gate_tile, H, d_i, d_f, d_g, d_o, tile_ok)
                 tl.store(dc_ptr + state, tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok)
                 if TELEMETRY:
                     sumsq += tl.sum(tl.sum(dh * dh, axis=1), axis=0)

@@ -20,11 +20,13 @@ from .cell import (
     NO_EVENT,
     STAGE_BACKWARD,
     any_nonfinite,
+    cell_backward,
     count_backward_pass,
     flush_first_nonfinite,
+    load_gate_tiles,
     note_nonfinite,
     program_sequences,
-    tanh,
+    store_gate_tiles,
     tile_matmul,
 )
 
@@ -98,28 +100,16 @@ def lstm_backward_kernel(
                     sumsq += tl.sum(tl.sum(dh_full * dh_full, axis=1), axis=0)
                     first = note_nonfinite(first, g_out, counted, code)
                     first = note_nonfinite(first, dh_full, counted, code + 1)
-            g_tile = gates_ptr + row_step[:, None] * (4 * H) + units[None, :]
-            gate_i = tl.load(g_tile, mask=tile_ok, other=0.0)
-            gate_f = tl.load(g_tile + H, mask=tile_ok, other=0.0)
-            gate_g = tl.load(g_tile + 2 * H, mask=tile_ok, other=0.0)
-            gate_o = tl.load(g_tile + 3 * H, mask=tile_ok, other=0.0)
+            gate_tile = row_step[:, None] * (4 * H) + units[None, :]
+            gate_i, gate_f, gate_g, gate_o = load_gate_tiles(gates_ptr + gate_tile, H, tile_ok)
             c_t = tl.load(cells_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
             c_prev = tl.load(cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0)
             c_prev += tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
             dc_carried = tl.load(dc_ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
 
-            tanh_c = tanh(c_t)
-            dc = dc_carried + dh_full * gate_o * (1.0 - tanh_c * tanh_c)
             keep = active[:, None]
-            d_i = tl.where(keep, dc * gate_g * gate_i * (1.0 - gate_i), 0.0)
-            d_f = tl.where(keep, dc * c_prev * gate_f * (1.0 - gate_f), 0.0)
-            d_g = tl.where(keep, dc * gate_i * (1.0 - gate_g * gate_g), 0.0)
-            d_o = tl.where(keep, dh_full * tanh_c * gate_o * (1.0 - gate_o), 0.0)
-            d_tile = dgates_ptr + row_step[:, None] * (4 * H) + units[None, :]
-            tl.store(d_tile, d_i, mask=tile_ok)
-            tl.store(d_tile + H, d_f, mask=tile_ok)
-            tl.store(d_tile + 2 * H, d_g, mask=tile_ok)
-            tl.store(d_tile + 3 * H, d_o, mask=tile_ok)
+            dc, d_i, d_f, d_g, d_o = cell_backward(dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep)
+            store_gate_tiles(dgates_ptr + gate_tile, H, d_i, d_f, d_g, d_o, tile_ok)
             tl.store(dc_ptr + rows[:, None] * H + units[None, :], tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok)
             if TELEMETRY:
                 first = note_nonfinite(first, dc, counted, code + 2)

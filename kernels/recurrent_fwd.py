@@ -21,10 +21,12 @@ from .cell import (
     count_forward_launch,
     flush_first_nonfinite,
     flush_forward_stats,
+    load_gate_tiles,
     note_nonfinite,
     program_sequences,
     sigmoid,
     sigmoid_saturated,
+    store_gate_tiles,
     tanh,
     tanh_saturated,
     tile_matmul,
@@ -98,11 +100,9 @@ def lstm_forward_kernel(
                 acc_g = _gate_dot(acc_g, h_prev, w_hh_ptr, 2, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE, DOT_PRECISION)
                 acc_o = _gate_dot(acc_o, h_prev, w_hh_ptr, 3, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE, DOT_PRECISION)
 
-            x_tile = xw_ptr + row_step[:, None] * (4 * H) + units[None, :]
-            x_i = tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32)
-            x_f = tl.load(x_tile + H, mask=tile_ok, other=0.0).to(tl.float32)
-            x_g = tl.load(x_tile + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
-            x_o = tl.load(x_tile + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+            gate_tile = row_step[:, None] * (4 * H) + units[None, :]
+            x_i, x_f, x_g, x_o = load_gate_tiles(xw_ptr + gate_tile, H, tile_ok)
+            x_i, x_f, x_g, x_o = x_i.to(tl.float32), x_f.to(tl.float32), x_g.to(tl.float32), x_o.to(tl.float32)
             pre_i = acc_i + x_i
             pre_f = acc_f + x_f
             pre_g = acc_g + x_g
@@ -120,11 +120,7 @@ def lstm_forward_kernel(
             keep = active[:, None]
             c_kept = tl.where(keep, c_new, c_prev)
             tl.store(cells_ptr + row_step[:, None] * H + units[None, :], c_kept, mask=tile_ok)
-            g_tile = gates_ptr + row_step[:, None] * (4 * H) + units[None, :]
-            tl.store(g_tile, gate_i, mask=tile_ok)
-            tl.store(g_tile + H, gate_f, mask=tile_ok)
-            tl.store(g_tile + 2 * H, gate_g, mask=tile_ok)
-            tl.store(g_tile + 3 * H, gate_o, mask=tile_ok)
+            store_gate_tiles(gates_ptr + gate_tile, H, gate_i, gate_f, gate_g, gate_o, tile_ok)
             if HAS_PROJ:
                 tl.store(hfull_ptr + rows[:, None] * H + units[None, :], h_full, mask=tile_ok)
             else:
