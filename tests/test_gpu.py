@@ -84,9 +84,7 @@ def test_parity_bidirectional_projection_packed():
     assert_parity(*results, TOLERANCE[torch.float32])
 
 
-def test_training_step_never_synchronises():
-    model = fastlstm.LSTM(16, 128, num_layers=2, device="cuda", backend="triton")
-    x = torch.randn(64, 8, 16, device="cuda")
+def assert_training_step_never_synchronises(model, x):
     model(x)[0].sum().backward()  # warm-up: compilation and allocation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -99,6 +97,11 @@ def test_training_step_never_synchronises():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_training_step_never_synchronises():
+    model = fastlstm.LSTM(16, 128, num_layers=2, device="cuda", backend="triton")
+    assert_training_step_never_synchronises(model, torch.randn(64, 8, 16, device="cuda"))
+
+
 def test_torch_compile_matches_eager():
     model = fastlstm.LSTM(16, 64, device="cuda", backend="triton")
     x = torch.randn(32, 4, 16, device="cuda")
@@ -109,18 +112,6 @@ def test_torch_compile_matches_eager():
 
 
 # ---- the persistent kernels (kernels/persistent.py), forced on: they are off by default ----
-
-
-@pytest.fixture
-def persistent_launches(monkeypatch):
-    """Every layer they apply to runs the persistent kernels with the grid barrier; counts their launches."""
-    from fastlstm.kernels import launch
-
-    monkeypatch.setattr(launch, "PERSISTENT", "on")
-    calls = []
-    original = launch._launch_persistent
-    monkeypatch.setattr(launch, "_launch_persistent", lambda kernel, *a: calls.append(kernel) or original(kernel, *a))
-    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -188,14 +179,5 @@ def test_persistent_host_stepped_mode_matches_the_barrier(monkeypatch):
 
 def test_persistent_training_step_never_synchronises(persistent_launches):
     model = fastlstm.LSTM(16, 512, device="cuda", backend="triton")
-    x = torch.randn(64, 8, 16, device="cuda")
-    model(x)[0].sum().backward()  # warm-up: compilation and allocation may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, _ = model(x)
-        out.square().mean().backward()
-        model.telemetry.poll()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_training_step_never_synchronises(model, torch.randn(64, 8, 16, device="cuda"))
     assert len(persistent_launches) == 4

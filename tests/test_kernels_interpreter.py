@@ -240,33 +240,23 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
 # ---- the persistent kernels, host-stepped (the interpreter cannot run their grid barrier) ----
 
 
-@pytest.fixture
-def persistent_kernels(monkeypatch):
-    """Route every layer the persistent kernels apply to through them, and count their launches."""
-    monkeypatch.setattr(launch, "PERSISTENT", "on")
-    calls = []
-    original = launch._launch_persistent
-    monkeypatch.setattr(launch, "_launch_persistent", lambda kernel, *a: calls.append(kernel) or original(kernel, *a))
-    return calls
-
-
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_persistent_fp32_matches_reference(persistent_kernels, reverse, with_lengths):
+def test_persistent_fp32_matches_reference(persistent_launches, reverse, with_lengths):
     # H=40 is three 16-unit programs (the last one ragged) and two 32-wide reduction chunks; B=18 two batch tiles.
     problem, grads = random_problem(4, 18, 40, 0, torch.float32, with_lengths)
     assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
-    assert persistent_kernels == [launch.lstm_persistent_forward_kernel, launch.lstm_persistent_backward_kernel]
+    assert persistent_launches == [launch.lstm_persistent_forward_kernel, launch.lstm_persistent_backward_kernel]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_persistent_half_precision_matches_reference(persistent_kernels, dtype):
+def test_persistent_half_precision_matches_reference(persistent_launches, dtype):
     problem, grads = random_problem(3, 5, 20, 0, dtype, with_lengths=True)
     assert_matches_reference(problem, grads, reverse=True, tol=TOLERANCE[dtype])
-    assert len(persistent_kernels) == 2
+    assert len(persistent_launches) == 2
 
 
-def test_persistent_locates_nonfinite_like_reference(persistent_kernels):
+def test_persistent_locates_nonfinite_like_reference(persistent_launches):
     problem, grads = random_problem(4, 3, 24, 0, torch.float32, with_lengths=False)
     problem["xw"][1, 2, 30] = float("nan")
     grads["grad_out"][2, 1, 3] = float("inf")
@@ -278,13 +268,13 @@ def test_persistent_locates_nonfinite_like_reference(persistent_kernels):
 
 
 @pytest.mark.parametrize("batch,proj", [(4, 8), (launch.PERSISTENT_MAX_BATCH + 1, 0)], ids=["proj", "large-batch"])
-def test_persistent_leaves_other_layers_to_the_tiled_kernels(persistent_kernels, batch, proj):
+def test_persistent_leaves_other_layers_to_the_tiled_kernels(persistent_launches, batch, proj):
     problem, grads = random_problem(2, batch, 24, proj, torch.float32, with_lengths=False)
     assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
-    assert persistent_kernels == []
+    assert persistent_launches == []
 
 
-def test_persistent_module_matches_nn_lstm(persistent_kernels):
+def test_persistent_module_matches_nn_lstm(persistent_launches):
     ref = nn.LSTM(5, 20, num_layers=2, bidirectional=True)
     fast = fastlstm.LSTM(5, 20, num_layers=2, bidirectional=True, backend="triton")
     fast.load_state_dict(ref.state_dict())
@@ -296,7 +286,7 @@ def test_persistent_module_matches_nn_lstm(persistent_kernels):
         results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, list(model.parameters()))))
     for expected, actual in zip(*results):
         assert rel(actual, expected) <= 1e-5
-    assert len(persistent_kernels) == 8  # 2 layers x 2 directions x (forward, backward)
+    assert len(persistent_launches) == 8  # 2 layers x 2 directions x (forward, backward)
 
 
 def test_unknown_persistent_mode_is_refused(monkeypatch):
