@@ -182,12 +182,12 @@ def lstm_persistent_forward_kernel(
                           REVERSE, HAS_LENGTHS, BLOCK_B)  # fmt: skip
 
     if TELEMETRY:
-        elements = 0.0
+        elements = tl.zeros((), tl.float64)  # exact counts past 2**24, unlike float32
         for b0 in range(0, B, BLOCK_B):
             rows, row_ok, length = tile_sequences(lengths_ptr, b0, T, B, BLOCK_B, HAS_LENGTHS)
             ran = tl.where(row_ok, steps_active(length, step_begin, step_end, T, REVERSE), 0)
-            elements += tl.sum(ran, axis=0).to(tl.float32)
-        elements *= tl.sum(unit_ok.to(tl.float32), axis=0)
+            elements += tl.sum(ran, axis=0).to(tl.float64)
+        elements *= tl.sum(unit_ok.to(tl.int32), axis=0).to(tl.float64)
         sat_i = take_gate(saturated, 0, BLOCK_B, BLOCK_U)
         sat_f = take_gate(saturated, 1, BLOCK_B, BLOCK_U)
         sat_g = take_gate(saturated, 2, BLOCK_B, BLOCK_U)
