@@ -18,8 +18,8 @@ import triton.language as tl
 
 ARRIVALS = tl.constexpr(0)
 TIMED_OUT = tl.constexpr(1)
-# About a minute of polling on an H200 before a program gives up: a hang becomes a reported failure (the flag),
-# never an infinite loop, if co-residency is ever broken (another persistent kernel occupying SMs, say).
+# Polls before a program gives up: minutes at the latency of an L2 atomic, far beyond any real step. A broken
+# co-residency (another persistent kernel holding SMs, say) then becomes a reported failure, never a hang.
 MAX_POLLS = tl.constexpr(1 << 28)
 
 
