@@ -63,6 +63,10 @@ def assert_parity(expected, actual, tol):
     "hidden,steps,batch", [(256, 128, 16), (1024, 128, 16), (256, 1024, 64), (512, 256, 256)], ids=str
 )
 def test_parity_with_nn_lstm_float64(dtype, hidden, steps, batch):
+    assert_single_layer_parity(dtype, hidden, steps, batch)
+
+
+def assert_single_layer_parity(dtype, hidden, steps, batch):
     ref, fast = pair(64, hidden, dtype)
     x = torch.randn(steps, batch, 64, device="cuda", dtype=dtype)
     weights = torch.randn(steps, batch, hidden, device="cuda", dtype=torch.float64)
@@ -117,13 +121,7 @@ def test_torch_compile_matches_eager():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("hidden,batch", [(512, 1), (768, 16), (1024, 64), (2048, 16)], ids=str)
 def test_persistent_parity_with_nn_lstm_float64(persistent_launches, dtype, hidden, batch):
-    steps = 256
-    ref, fast = pair(64, hidden, dtype)
-    x = torch.randn(steps, batch, 64, device="cuda", dtype=dtype)
-    weights = torch.randn(steps, batch, hidden, device="cuda", dtype=torch.float64)
-    expected = forward_backward(ref, x.double().requires_grad_(), weights)
-    actual = forward_backward(fast, x.requires_grad_(), weights)
-    assert_parity(expected, actual, TOLERANCE[dtype])
+    assert_single_layer_parity(dtype, hidden, 256, batch)
     assert len(persistent_launches) == 2
 
 

@@ -173,11 +173,15 @@ def test_module_telemetry_equals_reference_backend():
 def test_nonfinite_gradient_located_like_reference():
     problem, grads = random_problem(4, 3, 8, 0, torch.float32, with_lengths=False)
     grads["grad_out"][2, 1, 3] = float("inf")
+    assert_first_nonfinite_like_reference(problem, grads, "backward")
+
+
+def assert_first_nonfinite_like_reference(problem, grads, stage):
     for reverse in (False, True):
         k_tel = run_backend(launch, problem, grads, reverse)[2]
         r_tel = run_backend(reference, problem, grads, reverse)[2]
         assert k_tel.first_nonfinite == r_tel.first_nonfinite
-        assert k_tel.first_nonfinite.stage == "backward"
+        assert k_tel.first_nonfinite.stage == stage
 
 
 def test_telemetry_off_gives_identical_results():
@@ -260,11 +264,7 @@ def test_persistent_locates_nonfinite_like_reference(persistent_launches):
     problem, grads = random_problem(4, 3, 24, 0, torch.float32, with_lengths=False)
     problem["xw"][1, 2, 30] = float("nan")
     grads["grad_out"][2, 1, 3] = float("inf")
-    for reverse in (False, True):
-        k_tel = run_backend(launch, problem, grads, reverse)[2]
-        r_tel = run_backend(reference, problem, grads, reverse)[2]
-        assert k_tel.first_nonfinite == r_tel.first_nonfinite
-        assert k_tel.first_nonfinite.stage == "forward"
+    assert_first_nonfinite_like_reference(problem, grads, "forward")
 
 
 @pytest.mark.parametrize("batch,proj", [(4, 8), (launch.PERSISTENT_MAX_BATCH + 1, 0)], ids=["proj", "large-batch"])
