@@ -1,14 +1,18 @@
-"""The Triton backend: launchers with the same signatures and results as fastlstm.reference.
+"""The Triton backend: launchers with the signatures and results of fastlstm.reference.
 
-Chooses a kernel and its configuration, allocates outputs, checks what the kernels cannot, and launches
-recurrent_fwd.lstm_forward_kernel / recurrent_bwd.lstm_backward_kernel (one program per tile of sequences) or
-persistent.lstm_persistent_forward_kernel / lstm_persistent_backward_kernel (one program per slice of hidden units).
+For each layer-direction and pass it picks a kernel and its configuration (`plan`), allocates the outputs and the
+exchange buffers, launches, and checks what the kernels cannot:
+  - resident kernels (forward.py / backward.py): the weights stay on chip for the whole sequence; one program per
+    batch tile when one program can hold all of W_hh, otherwise the units split over about one program per SM,
+    exchanging h_t (gate gradients) every step, launched cooperatively;
+  - streaming kernels (recurrent_fwd.py / recurrent_bwd.py): one program per 16 sequences re-reads W_hh from L2 every
+    step; they take what the resident kernels cannot (projections, hidden sizes whose slice does not fit a
+    program's registers, more sequences than the resident grid can hold).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from typing import NamedTuple
 
@@ -16,11 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlstm import constants as C
 from fastlstm.reference import BackwardResult, ForwardResult
 
-from .persistent import lstm_persistent_backward_kernel, lstm_persistent_forward_kernel
+from .backward import lstm_persistent_backward_kernel
+from .forward import lstm_persistent_forward_kernel
 from .recurrent_bwd import lstm_backward_kernel
 from .recurrent_fwd import lstm_forward_kernel
+from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -28,14 +35,30 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # fails the comparison instead of passing by luck.
 POISON_OUTPUTS = False
 
-# When the persistent kernels run: "off" (the default until a GPU run shows them faster than cuDNN where they
-# apply), "on" (wherever they apply: see persistent_applies), or "host-stepped" (wherever they apply, one launch
-# per step without the grid barrier: the mode the interpreter tests run, slow on a GPU). FASTLSTM_PERSISTENT sets it.
-PERSISTENT_MODES = ("off", "on", "host-stepped")
-PERSISTENT = os.environ.get("FASTLSTM_PERSISTENT", "off")
+
+def _option(name: str, default: str, choices: tuple) -> str:
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
-class KernelConfig(NamedTuple):
+# Launch options, read once at import (docs/environment.md lists every variable):
+#   FASTLSTM_KERNELS   auto (`plan` below) | streaming (the streaming kernels for every layer: a fallback that needs
+#                      no co-residency, and the baseline the benchmarks compare the resident kernels with)
+#   FASTLSTM_EXCHANGE  cooperative (one launch per pass) | host-stepped (one launch per step: the interpreter's mode,
+#                      for debugging a cooperative kernel on a GPU)
+KERNEL_CHOICES = ("auto", "streaming")
+KERNELS = _option("FASTLSTM_KERNELS", "auto", KERNEL_CHOICES)
+EXCHANGE = _option("FASTLSTM_EXCHANGE", "cooperative", ("cooperative", "host-stepped"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StreamingConfig(NamedTuple):
     block_b: int  # sequences per program
     block_h: int  # hidden units (or projected units) per tile
     block_k: int  # reduction chunk of the tl.dot calls
@@ -44,82 +67,111 @@ class KernelConfig(NamedTuple):
     maxnreg: int  # register cap handed to ptxas
 
 
-def select_config(hidden: int, proj: int, batch: int, dtype: torch.dtype) -> KernelConfig:
-    """Tile sizes for a problem (the README's kernel section explains the choice).
-
-    tl.dot needs every dimension >= 16 on the GPU. A program owns all units of its BLOCK_B sequences, so wider
-    tiles only add registers. The AOT matrix (kernels/aot.py: ptxas for sm_80 and sm_90) showed BLOCK_B=32,
-    BLOCK_H=64, BLOCK_K=32, 4 warps or pipelined reduction loops each spilling in some variant, while 16 x 32 tiles
-    with 16-wide reductions on 8 warps, unpipelined, fit all of them once ptxas may use 255 registers (its own
-    default capped some variants at 128 and spilled). Large batches get more programs rather than
-    larger tiles, which also fills more SMs. The arguments are kept so shape-dependent choices can come back once
-    GPU measurements justify them.
-    """
-    return KernelConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
+# 16-sequence x 32-unit tiles with 16-wide reductions on 8 warps, unpipelined, and ptxas allowed 255 registers:
+# the AOT matrix showed every larger tile, 4 warps or a pipelined reduction spilling in some variant.
+STREAMING = StreamingConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
 
 
-class PersistentConfig(NamedTuple):
-    block_b: int  # sequences per tile; a program walks every tile of the batch each step
-    block_u: int  # hidden units per program (its slice is the 4 * block_u gate rows of W_hh)
-    block_k: int  # reduction chunk
+class SingleConfig(NamedTuple):
+    """single.py: one program per batch tile owns every unit."""
+
+    block_b: int  # sequences per program
+    h_pad: int  # H and P padded to powers of two (>= 16, tl.dot's smallest reduction)
+    p_pad: int
     num_warps: int
-    num_stages: int  # software pipelining of the reduction loops
-    maxnreg: int
 
 
-PERSISTENT_BLOCK_U = 16  # one for every dtype, so the grid size (and so co-residency) does not depend on it
+class SplitConfig(NamedTuple):
+    """forward.py / backward.py: the units split over about one program per SM, exchanging every step."""
+
+    units: int  # hidden units per program (its W_hh share: 4 * units rows forward, 4 * units columns backward)
+    block_b: int  # sequences per program
+    k_pad: int  # the reduction axis (H), padded to a power of two
+    k_split: int  # slices of the reduction axis, one per warp
+    num_warps: int
+    unit_groups: int
+    batch_groups: int
+
+    @property
+    def programs(self) -> int:
+        return self.unit_groups * self.batch_groups
 
 
-def persistent_config(dtype: torch.dtype) -> PersistentConfig:
-    """16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs. Each step's products read
-    h_{t-1} (or the gate gradients) from L2 chunk by chunk, so their latency is paid once per chunk unless the loop
-    is pipelined: 16-bit runs 64-wide chunks three deep, the deepest and widest with which every variant, aligned or
-    not, compiled without spills (kernels/aot.py). fp32 stays unpipelined: its exact (ieee) dots run on FMA units
-    and spilled the backward with even two stages. A choice by the compile matrix and by reasoning about latency;
-    no GPU has timed it yet."""
-    if dtype == torch.float32:
-        return PersistentConfig(16, PERSISTENT_BLOCK_U, block_k=32, num_warps=8, num_stages=1, maxnreg=255)
-    return PersistentConfig(16, PERSISTENT_BLOCK_U, block_k=64, num_warps=8, num_stages=3, maxnreg=255)
+class Plan(NamedTuple):
+    kind: str  # "single" | "split" | "streaming"
+    config: SingleConfig | SplitConfig | StreamingConfig
 
 
-# Every program walks the whole batch each step, one 16-sequence tile after another: built for the small batches
-# where one program per sequence tile leaves most SMs idle, and unmeasured beyond them.
-PERSISTENT_MAX_BATCH = 64
+# single.py holds 4 * H_PAD * P_PAD weights (plus W_hr) in registers: the largest padded sizes, per storage dtype,
+# with which every variant compiles without spills for sm_80 and sm_90 (kernels/aot.py checks them all). fp32 dots
+# are exact (ieee) FMA products whose operands take more registers, so fp32 stops earlier and, at 32 units, takes
+# 8 sequences per program.
+SINGLE_MAX_PAD = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+SINGLE_WARPS = 8
+
+# Units per program when they are split: 8 gives 32 gate rows (the A operand of the forward product) and, at
+# H=1024, 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8
+# warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp.
+SPLIT_UNITS = 8
+SPLIT_WARPS = 8
+SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
+
+
+def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | None:
+    h_pad, p_pad = (max(16, triton.next_power_of_2(n)) for n in (hidden, proj))
+    limit = SINGLE_MAX_PAD[dtype]
+    if h_pad > limit or p_pad > limit:
+        return None
+    block_b = 8 if dtype == torch.float32 and max(h_pad, p_pad) == 32 else 16
+    return SingleConfig(block_b=block_b, h_pad=h_pad, p_pad=p_pad, num_warps=SINGLE_WARPS)
+
+
+def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
+    k_pad = max(16, triton.next_power_of_2(hidden))
+    if k_pad > SPLIT_MAX_PAD[dtype]:
+        return None
+    block_b = 8 if batch <= 8 else 16
+    return SplitConfig(
+        units=SPLIT_UNITS,
+        block_b=block_b,
+        k_pad=k_pad,
+        k_split=max(1, min(SPLIT_WARPS, k_pad // 16)),  # each slice at least 16 wide (tl.dot's K >= 16)
+        num_warps=SPLIT_WARPS,
+        unit_groups=triton.cdiv(hidden, SPLIT_UNITS),
+        batch_groups=triton.cdiv(batch, block_b),
+    )
+
+
+def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The kernel that runs a layer-direction: single.py while one program holds all of W_hh, else the split kernels
+    while their programs all fit on the device at once (a cooperative launch) and take the layer (no projection),
+    else the streaming kernels, which take everything."""
+    if KERNELS != "streaming":
+        single = single_config(hidden, proj, dtype)
+        if single is not None:
+            return Plan("single", single)
+        split = split_config(hidden, batch, dtype) if proj == hidden else None
+        if split is not None and (_host_stepped() or split.programs <= _multiprocessors(device)):
+            return Plan("split", split)
+    return Plan("streaming", STREAMING)
 
 
 @contextlib.contextmanager
-def persistent_mode(mode: str):
-    """PERSISTENT = mode inside the block (restored after): how a benchmark or test pins the kernel choice for
+def kernels(choice: str):
+    """KERNELS = choice inside the block (restored after): how a benchmark or test pins the kernel choice for the
     launches it makes, forward and backward alike."""
-    global PERSISTENT
-    if mode not in PERSISTENT_MODES:
-        raise ValueError(f"persistent mode must be one of {PERSISTENT_MODES}, got {mode!r}")
-    previous, PERSISTENT = PERSISTENT, mode
+    global KERNELS
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    previous, KERNELS = KERNELS, choice
     try:
         yield
     finally:
-        PERSISTENT = previous
-
-
-def persistent_programs(hidden: int) -> int:
-    return triton.cdiv(hidden, PERSISTENT_BLOCK_U)
-
-
-def persistent_applies(hidden: int, proj: int, batch: int, steps: int, device: torch.device) -> bool:
-    """Whether the persistent kernels run this layer: no projection, 1..PERSISTENT_MAX_BATCH sequences, at least one
-    step, and (for a real launch, which spins on a grid barrier) no more programs than SMs, so that all of them are
-    resident at once."""
-    if PERSISTENT not in PERSISTENT_MODES:
-        raise ValueError(f"FASTLSTM_PERSISTENT must be one of {PERSISTENT_MODES}, got {PERSISTENT!r}")
-    if PERSISTENT == "off" or proj != hidden or not 0 < batch <= PERSISTENT_MAX_BATCH or steps == 0:
-        return False
-    if _host_stepped():
-        return True
-    return persistent_programs(hidden) <= _multiprocessors(device)
+        KERNELS = previous
 
 
 def _host_stepped() -> bool:
-    return PERSISTENT == "host-stepped" or _interpreting()
+    return EXCHANGE == "host-stepped" or _interpreting()
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -161,11 +213,27 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _telemetry_args(probe, placeholder):
-    """(stats-or-gradient rows, first-key pointer, pass-number pointer, launch order) of a StageProbe."""
+def _telemetry_args(probe):
+    """(stats-or-gradient rows, first-key pointer, pass-number pointer, launch order) of a StageProbe, or Nones."""
     if probe is None:
-        return placeholder, placeholder, placeholder, 0
+        return None, None, None, 0
     return probe.target, probe.first, probe.seq, probe.order
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Launched(NamedTuple):
+    """How the last pass was launched (tests and benchmarks read it through `last_launch`)."""
+
+    kernel: str  # "forward" | "backward"
+    plan: Plan
+    mode: str  # "single" | "cooperative" | "host-stepped" | "streaming"
+
+
+last_launch: Launched | None = None
 
 
 def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
@@ -175,42 +243,72 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     dtype, device = xw.dtype, xw.device
     xw, h0, c0, w_hh = (t.contiguous() for t in (xw, h0, c0, w_hh))
     w_hr = None if w_hr is None else w_hr.contiguous()
-    out = _new((steps, batch, proj), dtype, device)
     gates = _new((steps, batch, four_h), torch.float32, device)
     cells = _new((steps, batch, hidden), torch.float32, device)
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
-    hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
-    stats, first, seq, order = _telemetry_args(probe, gates)
-    if persistent_applies(hidden, proj, batch, steps, device):
-        with torch.cuda.device_of(xw):
-            _launch_persistent(
-                lstm_persistent_forward_kernel,
-                (xw, h0, c0, w_hh, xw if lengths is None else lengths, out, gates, cells, h_n, c_n,
-                 stats, first, seq, order),
-                steps, batch, hidden, reverse, lengths is not None, probe is not None, dtype,
-            )  # fmt: skip
-    elif batch > 0:
-        cfg = select_config(hidden, proj, batch, dtype)
-        with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
-            lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-                xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
-                out, gates, cells, hfull, h_n, c_n,
-                stats, first, seq, order,
+    stats, first, seq, order = _telemetry_args(probe)
+    chosen = plan(hidden, proj, batch, dtype, device)
+    if chosen.kind == "split":
+        # The exchange buffer is [h0; out]: row 0 holds h0, so that a sequence starting at a step reads its h_{t-1}
+        # from the same tensor as the others (forward.py, _load_exchanged). `out` is a view of rows 1..T.
+        exchange = _new((steps + 1, batch, hidden), dtype, device)
+        exchange[0] = h0
+        out = exchange[1:]
+    else:
+        out = _new((steps, batch, proj), dtype, device)
+    if batch == 0:
+        return ForwardResult(out, h_n, c_n, (gates, cells))
+    with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
+        if chosen.kind == "single":
+            cfg = chosen.config
+            _record("forward", chosen, "single")
+            lstm_single_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+                xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order,
                 steps, batch, hidden, proj,
-                REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
-                TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-                DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                REVERSE=reverse, BLOCK_B=cfg.block_b, H_PAD=cfg.h_pad, P_PAD=cfg.p_pad, DOT_DTYPE=dot_dtype(dtype),
+                DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps,
             )  # fmt: skip
+        elif chosen.kind == "split":
+            args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
+            _launch_split(lstm_persistent_forward_kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
+        else:
+            _record("forward", chosen, "streaming")
+            _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq,
+                               order, reverse)  # fmt: skip
     return ForwardResult(out, h_n, c_n, (gates, cells))
+
+
+def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order,
+                       reverse):  # fmt: skip
+    steps, batch, hidden = cells.shape
+    proj = h0.shape[-1]
+    cfg = STREAMING
+    hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else gates
+    placeholder = gates  # the streaming kernels take a real tensor for every pointer
+    lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
+        out, gates, cells, hfull, h_n, c_n,
+        placeholder if stats is None else stats, placeholder if first is None else first,
+        placeholder if seq is None else seq, order,
+        steps, batch, hidden, proj,
+        REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
+        TELEMETRY=stats is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(xw.dtype), DOT_DTYPE=dot_dtype(xw.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None):
     gates, cells = saved
     steps, batch, four_h = gates.shape
     hidden, proj = four_h // 4, grad_hn.shape[-1]
-    device = gates.device
+    dtype, device = w_hh.dtype, gates.device
     grad_out, c0, w_hh = (t.contiguous() for t in (grad_out, c0, w_hh))
     w_hr = None if w_hr is None else w_hr.contiguous()
     dgates = _new((steps, batch, four_h), torch.float32, device)
@@ -218,62 +316,112 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_h = grad_hn.to(torch.float32, copy=True).contiguous()
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
-    dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
-    grad_rows, first, seq, order = _telemetry_args(probe, dgates)
-    if persistent_applies(hidden, proj, batch, steps, device):
+    grad_rows, first, seq, order = _telemetry_args(probe)
+    chosen = plan(hidden, proj, batch, dtype, device)
+    if batch > 0:
         with torch.cuda.device_of(gates):
-            _launch_persistent(
-                lstm_persistent_backward_kernel,
-                (grad_out, c0, gates, cells, w_hh, gates if lengths is None else lengths, dgates, grad_h, grad_c,
-                 grad_rows, grad_rows.shape[-1], first, seq, order),
-                steps, batch, hidden, reverse, lengths is not None, probe is not None, w_hh.dtype,
-            )  # fmt: skip
-    elif batch > 0:
-        cfg = select_config(hidden, proj, batch, grad_out.dtype)
-        with torch.cuda.device_of(gates):
-            lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-                grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr,
-                gates if lengths is None else lengths,
-                dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-                grad_rows, grad_rows.shape[-1], first, seq, order,
-                steps, batch, hidden, proj,
-                REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
-                TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-                DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-            )  # fmt: skip
+            if chosen.kind == "single":
+                cfg = chosen.config
+                _record("backward", chosen, "single")
+                lstm_single_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+                    grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden,
+                    grad_rows, _capacity(grad_rows), first, seq, order, steps, batch, hidden, proj,
+                    REVERSE=reverse, BLOCK_B=cfg.block_b, H_PAD=cfg.h_pad, P_PAD=cfg.p_pad,
+                    DOT_DTYPE=dot_dtype(dtype), DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps,
+                )  # fmt: skip
+            elif chosen.kind == "split":
+                _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first,
+                                seq, order, reverse, chosen)  # fmt: skip
+            else:
+                _record("backward", chosen, "streaming")
+                _backward_streaming(grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden,
+                                    grad_rows, first, seq, order, reverse)  # fmt: skip
     hidden_full = None
     if w_hr is not None:
         hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)
     return BackwardResult(dgates, grad_h, grad_c, dhidden, hidden_full)
 
 
-def _launch_persistent(kernel, args, steps, batch, hidden, reverse, has_lengths, telemetry, dtype):
-    """All steps in one launch with a grid barrier per step, or (host-stepped) one launch per step."""
-    cfg = persistent_config(dtype)
-    programs = persistent_programs(hidden)
-    device = args[0].device
-    # [arrivals, timed out]: zeroed per launch, the arrival counter only grows within one (kernels/sync.py).
-    barrier = torch.zeros(2, dtype=torch.int32, device=device)
-    constants = dict(
-        REVERSE=reverse, HAS_LENGTHS=has_lengths, TELEMETRY=telemetry, BLOCK_B=cfg.block_b, BLOCK_U=cfg.block_u,
-        BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
+def _capacity(grad_rows) -> int:
+    return 0 if grad_rows is None else grad_rows.shape[-1]
+
+
+def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first, seq, order,
+                    reverse, chosen):  # fmt: skip
+    steps, batch, hidden = cells.shape
+    cfg = chosen.config
+    device = gates.device
+    # Two slots of every unit's gate gradients, in the storage dtype: step q writes slot q % 2 while the others
+    # still read slot (q - 1) % 2 (backward.py; a program cannot reach step q + 2 before every program has read q).
+    exchange = _new((2, batch, 4 * hidden), w_hh.dtype, device)
+    partials = _new((cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
+    args = (grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, exchange, partials,
+            grad_rows, _capacity(grad_rows), first, seq, order)  # fmt: skip
+    _launch_split(lstm_persistent_backward_kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
+    if partials is not None:  # the per-program squared norms of every step, added up once
+        grad_rows[C.GRAD_SUMSQ, :steps] += partials.sum(dim=0, dtype=torch.float64)
+
+
+def _backward_streaming(grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden, grad_rows,
+                        first, seq, order, reverse):  # fmt: skip
+    steps, batch, hidden = cells.shape
+    proj = grad_h.shape[-1]
+    cfg = STREAMING
+    dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else dgates
+    placeholder = dgates
+    lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr,
+        gates if lengths is None else lengths,
+        dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
+        placeholder if grad_rows is None else grad_rows, _capacity(grad_rows),
+        placeholder if first is None else first, placeholder if seq is None else seq, order,
+        steps, batch, hidden, proj,
+        REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
+        TELEMETRY=grad_rows is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
-    # The backward's steps have two phases (gate gradients, then the carried dh) with a barrier between them.
-    if kernel is lstm_persistent_backward_kernel:
-        step_phases, all_phases = ((1,), (2,)), (3,)
-    else:
-        step_phases, all_phases = ((),), ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split (cooperative) launches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _record(kernel: str, chosen: Plan, mode: str) -> None:
+    global last_launch
+    last_launch = Launched(kernel, chosen, mode)
+
+
+def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, reverse, dtype):
+    """One cooperative launch for the whole sequence, exchanging every step, or one launch per step (host-stepped;
+    the backward adds a last launch that only finishes dL/dh0)."""
+    cfg = chosen.config
+    device = args[0].device
+    constants = {
+        "REVERSE": reverse, "UNITS": cfg.units, "BLOCK_B": cfg.block_b, "K_PAD": cfg.k_pad, "K_SPLIT": cfg.k_split,
+        "MAX_PROGRAMS": triton.next_power_of_2(cfg.unit_groups), "ASM_FENCE": not _interpreting(),
+        "DOT_DTYPE": dot_dtype(dtype), "DOT_PRECISION": dot_precision(dtype), "num_warps": cfg.num_warps,
+    }  # fmt: skip
+    grid = (cfg.unit_groups, cfg.batch_groups)
     if _host_stepped():
-        for step, phases in itertools.product(range(steps), step_phases):
-            kernel[(programs,)](
-                *args, barrier, step, step + 1, steps, batch, hidden, *phases, PERSISTENT=False, **constants
-            )
+        _record(name, chosen, "host-stepped")
+        for step in range(steps):
+            kernel[grid](*args, None, step, step + 1, steps, batch, hidden, **constants)
+        if kernel is lstm_persistent_backward_kernel:
+            kernel[grid](*args, None, steps, steps, steps, batch, hidden, **constants)
         return
-    if programs > _multiprocessors(device):  # persistent_applies checked it; a spin-wait must never start without
-        raise RuntimeError(f"the persistent kernel needs {programs} resident programs, more than the device's SMs")
-    kernel[(programs,)](*args, barrier, 0, steps, steps, batch, hidden, *all_phases, PERSISTENT=True, **constants)
-    # A program that gave up waiting (co-residency broken by something else on the GPU) leaves wrong results:
-    # fail loudly on the device, without a host sync, rather than return them.
-    torch._assert_async(barrier[1] == 0, "fastlstm: a persistent LSTM kernel timed out at its grid barrier")
+    _record(name, chosen, "cooperative")
+    # [abort word, one flag per program], zeroed per launch so that nothing survives into the next (exchange.py).
+    flags = torch.zeros(1 + cfg.programs, dtype=torch.int32, device=device)
+    try:
+        kernel[grid](*args, flags, 0, steps, steps, batch, hidden, launch_cooperative_grid=True, **constants)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"fastlstm: the {name} kernel needs its {cfg.programs} programs resident at once (a cooperative launch) "
+            f"and the device refused it ({error}); FASTLSTM_KERNELS=streaming selects kernels that need no "
+            "co-residency"
+        ) from error
+    # A program that gave up waiting (exchange.py) leaves wrong results: fail loudly on the device, without a host
+    # sync, rather than return them.
+    torch._assert_async(flags[0] == 0, "fastlstm: a resident LSTM kernel timed out waiting for another program")
