@@ -2,11 +2,14 @@
 
 Program (u, b) owns units [u*UNITS, (u+1)*UNITS) of the sequences [b*BLOCK_B, (b+1)*BLOCK_B). Per step t (walking
 the forward's order backwards) it needs the carried dL/dh of its units, which is the previous backward step's gate
-gradients of every unit times W_hh's columns of its units: dh[U, BB] = W_hh[:, units]ᵀ @ dgates_{t'}ᵀ, t' the step
-after t. So each program holds those W_hh columns (4H x UNITS, loaded once, in registers: one [K_SPLIT, UNITS, KC]
+gradients of every unit times W_hh's columns of its units: dh[BB, U] = dgates_{t'} @ W_hh[:, units], t' the step
+after t. So each program holds those W_hh columns (4H x UNITS, loaded once, in registers: one [K_SPLIT, KC, UNITS]
 tensor per gate, the reduction over a gate's H rows split across warps as in forward.py) and the gate gradients
 are exchanged between programs every step, in the storage dtype (16 bits when the storage is), through a double-
 buffered exchange buffer and exchange.py's flags. (Hidden sizes whose whole W_hh fits one program run single.py.)
+
+Tiles are batch-major ([BLOCK_B, UNITS]): the 16 sequences are the product's M and 8 units one whole N tile, where
+the transposed product would pad 8 units to a 16-row M tile and double every tile's registers.
 
 Per step t, from the specification (reference.recurrence_backward):
   dh      = grad_out[t] + carried dh
@@ -69,15 +72,15 @@ def lstm_persistent_backward_kernel(
     units = unit_group * UNITS + tl.arange(0, UNITS)
     unit_ok = units < H
     seqs, seq_ok, length = tile_sequences(lengths_ptr, batch_group * BLOCK_B, T, B, BLOCK_B, HAS_LENGTHS)
-    tile_ok = unit_ok[:, None] & seq_ok[None, :]
-    state_offsets = seqs[None, :] * H + units[:, None]  # [UNITS, BLOCK_B] into c0, grad_h, grad_c
+    tile_ok = seq_ok[:, None] & unit_ok[None, :]
+    state_offsets = seqs[:, None] * H + units[None, :]  # [BLOCK_B, UNITS] into c0, grad_h, grad_c
 
     # Loaded once per launch: W_hh[gate * H + j, units] for every gate, j split over K_SPLIT slices.
     w_i = _load_weight_columns(w_hh_ptr, 0, H, units, unit_ok, K_SPLIT, KC).to(DOT_DTYPE)
     w_f = _load_weight_columns(w_hh_ptr, 1, H, units, unit_ok, K_SPLIT, KC).to(DOT_DTYPE)
     w_g = _load_weight_columns(w_hh_ptr, 2, H, units, unit_ok, K_SPLIT, KC).to(DOT_DTYPE)
     w_o = _load_weight_columns(w_hh_ptr, 3, H, units, unit_ok, K_SPLIT, KC).to(DOT_DTYPE)
-    j_of_dg = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]  # [K_SPLIT, KC, 1]
+    j_of_dg = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]  # [K_SPLIT, 1, KC]
 
     dh_carried = tl.load(grad_h_ptr + state_offsets, mask=tile_ok, other=0.0)
     dc_carried = tl.load(grad_c_ptr + state_offsets, mask=tile_ok, other=0.0)
@@ -89,7 +92,7 @@ def lstm_persistent_backward_kernel(
     ahead = _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, T - 1 - step_begin, T, B, H, seqs, units,
                        runs, state_offsets, REVERSE)  # fmt: skip
     if TELEMETRY:
-        first = tl.full((UNITS, BLOCK_B), NO_EVENT, tl.int32)
+        first = tl.full((BLOCK_B, UNITS), NO_EVENT, tl.int32)
 
     q = step_begin
     while q < step_end:  # the time loop (a while loop on purpose: forward.py's docstring says why)
@@ -101,12 +104,12 @@ def lstm_persistent_backward_kernel(
             ahead = _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, next_t, p - 1, T, B, H, seqs, units,
                                tile_ok, state_offsets, REVERSE)  # fmt: skip
         active = seq_ok & (t < length)
-        keep = active[None, :]
+        keep = active[:, None]
 
         # The carried dh: the gate gradients of the previous backward step (the step after t) times W_hh.
         if q > 0:
             after_t, _ = step_time(p + 1, T, REVERSE)
-            after_active = (seq_ok & (after_t < length))[None, :]
+            after_active = (seq_ok & (after_t < length))[:, None]
             if EXCHANGE:
                 wait_for(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, ASM_FENCE)
             product = _carried_product(exchange_ptr, (q - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o,
@@ -118,13 +121,13 @@ def lstm_persistent_backward_kernel(
         _publish_gate_grads(exchange_ptr, q % 2, B, H, seqs, units, tile_ok, dg_i, dg_f, dg_g, dg_o)
         if EXCHANGE:
             publish(flags_ptr, program, q + 1)
-        store_gate_tiles(dgates_ptr + (tl.cast(t, tl.int64) * B + seqs)[None, :] * (4 * H) + units[:, None], H, dg_i, dg_f,
+        store_gate_tiles(dgates_ptr + (tl.cast(t, tl.int64) * B + seqs)[:, None] * (4 * H) + units[None, :], H, dg_i, dg_f,
                          dg_g, dg_o, tile_ok)  # fmt: skip
         dc_carried = tl.where(keep, dc * gate_f, dc_carried)
         c_t = c_prev
 
         if TELEMETRY:
-            counted = keep & unit_ok[:, None]
+            counted = keep & unit_ok[None, :]
             code = q * 4
             sumsq = tl.sum(tl.sum(tl.where(counted, dh * dh, 0.0), axis=1), axis=0)
             tl.store(partials_ptr + program * T + t, sumsq)
@@ -137,7 +140,7 @@ def lstm_persistent_backward_kernel(
     # dL/dh0: the last step's gate gradients times W_hh, for the sequences that ran it.
     if _finishes(step_begin, step_end, T, EXCHANGE):
         t0, _ = step_time(0, T, REVERSE)
-        started = (seq_ok & (t0 < length))[None, :]
+        started = (seq_ok & (t0 < length))[:, None]
         if EXCHANGE:
             wait_for(flags_ptr, batch_group * unit_groups, unit_groups, T, MAX_PROGRAMS, ASM_FENCE)
         product = _carried_product(exchange_ptr, (T - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o,
@@ -164,10 +167,10 @@ def _finishes(step_begin, step_end, T, EXCHANGE: tl.constexpr):
 
 @triton.jit
 def _load_weight_columns(w_hh_ptr, gate: tl.constexpr, H, units, unit_ok, K_SPLIT: tl.constexpr, KC: tl.constexpr):
-    """W_hh[gate*H + j, units] as [K_SPLIT, UNITS, KC], j = split * KC + kc (zero past H)."""
-    j = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]
-    offsets = (gate * H + j).to(tl.int64) * H + units[None, :, None]
-    return tl.load(w_hh_ptr + offsets, mask=(j < H) & unit_ok[None, :, None], other=0.0)
+    """W_hh[gate*H + j, units] as [K_SPLIT, KC, UNITS] (the B operand), j = split * KC + kc (zero past H)."""
+    j = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]
+    offsets = (gate * H + j).to(tl.int64) * H + units[None, None, :]
+    return tl.load(w_hh_ptr + offsets, mask=(j < H) & unit_ok[None, None, :], other=0.0)
 
 
 @triton.jit
@@ -175,13 +178,13 @@ def _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, 
                REVERSE: tl.constexpr):  # fmt: skip
     """What step t needs from memory: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step)."""
     row_step = tl.cast(t, tl.int64) * B + seqs
-    g_out = tl.load(grad_out_ptr + row_step[None, :] * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+    g_out = tl.load(grad_out_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     gate_i, gate_f, gate_g, gate_o = load_gate_tiles(
-        gates_ptr + row_step[None, :] * (4 * H) + units[:, None], H, tile_ok
+        gates_ptr + row_step[:, None] * (4 * H) + units[None, :], H, tile_ok
     )
     _, t_prev = step_time(p, T, REVERSE)
     has_prev = p > 0
-    c_prev = tl.load(cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[None, :] * H + units[:, None],
+    c_prev = tl.load(cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
                      mask=tile_ok & has_prev, other=0.0)  # fmt: skip
     c_prev += tl.load(c0_ptr + state_offsets, mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
     return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
@@ -190,7 +193,7 @@ def _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, 
 @triton.jit
 def _publish_gate_grads(exchange_ptr, slot, B, H, seqs, units, tile_ok, dg_i, dg_f, dg_g, dg_o):
     """This program's gate gradients of step t into exchange slot `slot`, in the exchange's dtype."""
-    base = exchange_ptr + (slot * B + seqs)[None, :].to(tl.int64) * (4 * H) + units[:, None]
+    base = exchange_ptr + (slot * B + seqs)[:, None].to(tl.int64) * (4 * H) + units[None, :]
     kind = exchange_ptr.dtype.element_ty
     store_gate_tiles(base, H, dg_i.to(kind), dg_f.to(kind), dg_g.to(kind), dg_o.to(kind), tile_ok)
 
@@ -198,16 +201,19 @@ def _publish_gate_grads(exchange_ptr, slot, B, H, seqs, units, tile_ok, dg_i, dg
 @triton.jit
 def _carried_product(exchange_ptr, slot, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o,
                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """Σ_gates W_hh[gate rows, units]ᵀ @ dgates[gate rows]ᵀ over the exchanged gate gradients of every unit:
-    [UNITS, BLOCK_B] fp32. Read through L2 (".cg"): other programs wrote them."""
-    rows = ((slot * B + seqs).to(tl.int64) * (4 * H))[None, None, :] + j_of_dg
-    ok = seq_ok[None, None, :] & (j_of_dg < H)
-    dg_i = tl.load(exchange_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(DOT_DTYPE)
-    dg_f = tl.load(exchange_ptr + rows + H, mask=ok, other=0.0, cache_modifier=".cg").to(DOT_DTYPE)
-    dg_g = tl.load(exchange_ptr + rows + 2 * H, mask=ok, other=0.0, cache_modifier=".cg").to(DOT_DTYPE)
-    dg_o = tl.load(exchange_ptr + rows + 3 * H, mask=ok, other=0.0, cache_modifier=".cg").to(DOT_DTYPE)
-    acc = tl.dot(w_i, dg_i, input_precision=DOT_PRECISION)
-    acc = tl.dot(w_f, dg_f, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(w_g, dg_g, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(w_o, dg_o, acc, input_precision=DOT_PRECISION)
+    """Σ_gates dgates[:, gate rows] @ W_hh[gate rows, units] over the exchanged gate gradients of every unit:
+    [BLOCK_B, UNITS] fp32 (the batch as the product's M, so that 8 units are a whole N tile). One gate at a time,
+    so that one gate's operand is staged in shared memory at once."""
+    rows = exchange_ptr + ((slot * B + seqs).to(tl.int64) * (4 * H))[None, :, None] + j_of_dg
+    ok = seq_ok[None, :, None] & (j_of_dg < H)
+    acc = tl.dot(_exchanged(rows, ok, DOT_DTYPE), w_i, input_precision=DOT_PRECISION)
+    acc = tl.dot(_exchanged(rows + H, ok, DOT_DTYPE), w_f, acc, input_precision=DOT_PRECISION)
+    acc = tl.dot(_exchanged(rows + 2 * H, ok, DOT_DTYPE), w_g, acc, input_precision=DOT_PRECISION)
+    acc = tl.dot(_exchanged(rows + 3 * H, ok, DOT_DTYPE), w_o, acc, input_precision=DOT_PRECISION)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _exchanged(ptrs, mask, DOT_DTYPE: tl.constexpr):
+    # Through L2 (".cg"): other programs wrote these gradients, and L1 is not coherent across SMs.
+    return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(DOT_DTYPE)

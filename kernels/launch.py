@@ -5,9 +5,9 @@ exchange buffers, launches, and checks what the kernels cannot:
   - resident kernels (forward.py / backward.py): the weights stay on chip for the whole sequence; one program per
     batch tile when one program can hold all of W_hh, otherwise the units split over about one program per SM,
     exchanging h_t (gate gradients) every step, launched cooperatively;
-  - streaming kernels (recurrent_fwd.py / recurrent_bwd.py): one program per 16 sequences re-reads W_hh from L2 every
-    step; they take what the resident kernels cannot (projections, hidden sizes whose slice does not fit a
-    program's registers, more sequences than the resident grid can hold).
+  - streaming kernels (streaming.py): one program per 16 sequences re-reads W_hh from L2 every step; they take what
+    the resident kernels cannot (a projection past the single kernel's sizes, hidden sizes whose share does not fit
+    a split program's registers, more programs than the device can hold at once).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from fastlstm.reference import BackwardResult, ForwardResult
 
 from .backward import lstm_persistent_backward_kernel
 from .forward import lstm_persistent_forward_kernel
-from .recurrent_bwd import lstm_backward_kernel
-from .recurrent_fwd import lstm_forward_kernel
 from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
+from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -118,7 +117,10 @@ SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
 
 
 def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | None:
-    h_pad, p_pad = (max(16, triton.next_power_of_2(n)) for n in (hidden, proj))
+    h_pad = max(16, triton.next_power_of_2(hidden))
+    # A 16-wide projection tile under a wider unit tile made ptxas keep the projection's operands in a local-memory
+    # array (kilobytes of spills); 32 columns, masked past P, compile cleanly.
+    p_pad = max(triton.next_power_of_2(proj), min(32, h_pad))
     limit = SINGLE_MAX_PAD[dtype]
     if h_pad > limit or p_pad > limit:
         return None
@@ -282,18 +284,12 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
 def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order,
                        reverse):  # fmt: skip
     steps, batch, hidden = cells.shape
-    proj = h0.shape[-1]
     cfg = STREAMING
-    hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else gates
-    placeholder = gates  # the streaming kernels take a real tensor for every pointer
-    lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-        xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
-        out, gates, cells, hfull, h_n, c_n,
-        placeholder if stats is None else stats, placeholder if first is None else first,
-        placeholder if seq is None else seq, order,
-        steps, batch, hidden, proj,
-        REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
-        TELEMETRY=stats is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+    hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else None
+    lstm_streaming_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, hfull, h_n, c_n, stats, first, seq, order,
+        steps, batch, hidden, h0.shape[-1],
+        REVERSE=reverse, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(xw.dtype), DOT_DTYPE=dot_dtype(xw.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
@@ -365,19 +361,12 @@ def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, g
 def _backward_streaming(grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden, grad_rows,
                         first, seq, order, reverse):  # fmt: skip
     steps, batch, hidden = cells.shape
-    proj = grad_h.shape[-1]
     cfg = STREAMING
-    dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else dgates
-    placeholder = dgates
-    lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-        grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr,
-        gates if lengths is None else lengths,
-        dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-        placeholder if grad_rows is None else grad_rows, _capacity(grad_rows),
-        placeholder if first is None else first, placeholder if seq is None else seq, order,
-        steps, batch, hidden, proj,
-        REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
-        TELEMETRY=grad_rows is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+    dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else None
+    lstm_streaming_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden, dhfull,
+        grad_rows, _capacity(grad_rows), first, seq, order, steps, batch, hidden, grad_h.shape[-1],
+        REVERSE=reverse, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip

@@ -23,19 +23,6 @@ def _seed_per_case(request):
     yield
 
 
-@pytest.fixture
-def persistent_launches(monkeypatch):
-    """Route every layer the persistent kernels apply to through them (FASTLSTM_PERSISTENT=on; host-stepped under
-    the interpreter) and record the kernel of each of their launches."""
-    from fastlstm.kernels import launch  # only here: the interpreter tests must set TRITON_INTERPRET first
-
-    monkeypatch.setattr(launch, "PERSISTENT", "on")
-    calls = []
-    original = launch._launch_persistent
-    monkeypatch.setattr(launch, "_launch_persistent", lambda kernel, *a: calls.append(kernel) or original(kernel, *a))
-    return calls
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64 (absolute when expected is all zeros); NaN stays NaN."""
     assert actual is not None and expected is not None

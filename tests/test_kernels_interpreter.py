@@ -1,9 +1,12 @@
 """The Triton kernels on CPU tensors under TRITON_INTERPRET=1, held to the reference backend.
 
-Shapes are tiny (the interpreter runs every program in Python) but chosen to exercise every tiling branch: H=40
-spans two 32-unit tiles with a ragged tail, P=20 is a ragged projection tile, B=18 needs two 16-sequence programs,
-and every reduction has a partial 16-wide chunk. Outputs are NaN-poisoned before the kernels run, so an element a
-kernel forgets to write fails the comparison.
+Each kernel family the launcher plans (kernels/launch.py) runs on tiny shapes chosen to exercise its edges:
+  single    one program per batch tile owns every unit (H <= 64): H=20 and P=12 are ragged pads, B=18 two tiles;
+  split     the units split over programs that exchange every step, host-stepped here (the interpreter cannot run a
+            wait for another program): H=72 is nine 8-unit programs, B=18 two batch groups; and the same kernels
+            with their exchange on, as one unit group per batch group (a program then waits only for itself);
+  streaming W_hh re-read every step, for what the others cannot hold (a projection at H=72).
+Outputs are NaN-poisoned before the kernels run, so an element a kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from torch.nn.utils.rnn import pack_sequence  # noqa: E402
 import fastlstm  # noqa: E402
 from fastlstm import reference  # noqa: E402
 from fastlstm.kernels import launch  # noqa: E402
-from fastlstm.kernels.recurrent_fwd import lstm_forward_kernel  # noqa: E402
+from fastlstm.kernels.single import lstm_single_forward_kernel  # noqa: E402
 from fastlstm.telemetry import Telemetry  # noqa: E402
 
-if not isinstance(lstm_forward_kernel, triton.runtime.interpreter.InterpretedFunction):
+if not isinstance(lstm_single_forward_kernel.fn, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("fastlstm.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 pytestmark = pytest.mark.interpreter
@@ -38,6 +41,24 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """How each pass the launcher made ran: a list of (kernel, plan kind, mode)."""
+    passes = []
+    original = launch._record
+    monkeypatch.setattr(launch, "_record", lambda *a: passes.append((a[0], a[1].kind, a[2])) or original(*a))
+    return passes
+
+
+@pytest.fixture
+def one_group_exchange(monkeypatch):
+    """The split kernels with their exchange on, as one 8-unit group per batch group (H <= 8): each program then
+    waits on its own flag, which the interpreter can run. Single-program kernels are switched off for it."""
+    monkeypatch.setattr(launch, "SINGLE_MAX_PAD", dict.fromkeys(launch.SINGLE_MAX_PAD, 0))
+    monkeypatch.setattr(launch, "_host_stepped", lambda: False)
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 1 << 10)
 
 
 def rel(actual, expected):
@@ -85,7 +106,7 @@ def assert_same_telemetry(kernel, ref, tol):
     assert k.elements == r.elements
     for gate in "ifgo":
         # A value within rounding of a threshold may land on either side: allow one element per gate.
-        assert abs(k.gate_saturation[gate] - r.gate_saturation[gate]) * r.elements <= 1.0, gate
+        assert round(abs(k.gate_saturation[gate] - r.gate_saturation[gate]) * r.elements) <= 1, gate
     assert k.forget_gate_mean == pytest.approx(r.forget_gate_mean, rel=tol)
     assert k.cell_absmax == pytest.approx(r.cell_absmax, rel=tol)
     assert (k.backward_passes == r.backward_passes).all()
@@ -113,29 +134,56 @@ def assert_matches_reference(problem, grads, reverse, tol):
     assert_same_telemetry(k_tel, r_tel, tol)
 
 
-@pytest.mark.parametrize("proj", [0, 20], ids=["noproj", "proj"])
+# ---- every kernel family against the reference ----
+
+FAMILIES = {
+    # name: (steps, batch, hidden, proj) exercising that family's edges
+    "single": (4, 18, 20, 0),
+    "single-proj": (3, 5, 20, 12),
+    "split": (4, 18, 72, 0),
+    "streaming": (3, 5, 72, 20),
+}
+
+
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_fp32_paths_match_reference(reverse, with_lengths, proj):
-    problem, grads = random_problem(4, 18, 40, proj, torch.float32, with_lengths)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp32_matches_reference(launched, family, reverse, with_lengths):
+    steps, batch, hidden, proj = FAMILIES[family]
+    problem, grads = random_problem(steps, batch, hidden, proj, torch.float32, with_lengths)
     assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
+    kind = family.split("-")[0]
+    mode = {"single": "single", "split": "host-stepped", "streaming": "streaming"}[kind]
+    assert launched == [("forward", kind, mode), ("backward", kind, mode)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("proj", [0, 6], ids=["noproj", "proj"])
-def test_half_precision_paths_match_reference(dtype, proj):
-    problem, grads = random_problem(3, 5, 12, proj, dtype, with_lengths=True)
-    assert_matches_reference(problem, grads, reverse=proj > 0, tol=TOLERANCE[dtype])
+@pytest.mark.parametrize("family", ["single-proj", "split"])
+def test_half_precision_matches_reference(launched, family, dtype):
+    steps, batch, hidden, proj = FAMILIES[family]
+    problem, grads = random_problem(steps, 5, hidden, proj, dtype, with_lengths=True)
+    assert_matches_reference(problem, grads, reverse=True, tol=TOLERANCE[dtype])
+    assert {kind for _, kind, _ in launched} == {family.split("-")[0]}
 
 
-def test_hidden_sizes_on_every_tile_boundary():
-    # H = 16 (one partial tile), 32 (one exact tile), 33 (exact tile + 1 unit): ragged-edge handling of each tile.
-    for hidden in (16, 32, 33):
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_split_kernels_with_their_exchange_on(launched, one_group_exchange, reverse):
+    problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
+    assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
+    assert launched == [("forward", "split", "cooperative"), ("backward", "split", "cooperative")]
+
+
+def test_hidden_sizes_on_every_pad_boundary(launched):
+    # 16 (one exact pad), 17 (a 32 pad with one real unit past 16), 64 (the single kernel's widest), 65 (the first
+    # split size): the ragged edges of each layout, and the switch between the two kernels.
+    for hidden in (16, 17, 64, 65):
         problem, grads = random_problem(2, 3, hidden, 0, torch.float32, with_lengths=False)
         assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
+    kinds = [kind for stage, kind, _ in launched if stage == "forward"]
+    assert kinds == ["single", "single", "split", "split"]
 
 
-def test_module_with_triton_backend_matches_nn_lstm():
+def test_module_with_triton_backend_matches_nn_lstm(launched):
     ref = nn.LSTM(5, 20, num_layers=2, bidirectional=True, proj_size=7)
     fast = fastlstm.LSTM(5, 20, num_layers=2, bidirectional=True, proj_size=7, backend="triton")
     fast.load_state_dict(ref.state_dict())
@@ -151,6 +199,22 @@ def test_module_with_triton_backend_matches_nn_lstm():
         outputs.append((out.data, h_n, c_n, *grads))
     for name, expected, actual in zip(["out", "h_n", "c_n", "h0", "c0", "params"], outputs[0], outputs[1]):
         assert rel(actual, expected) <= 1e-5, name
+    assert len(launched) == 8
+
+
+def test_split_module_matches_nn_lstm(launched):
+    ref = nn.LSTM(5, 40, num_layers=2, bidirectional=True)
+    fast = fastlstm.LSTM(5, 40, num_layers=2, bidirectional=True, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    packed = pack_sequence([torch.randn(n, 5) for n in (4, 2, 3)], enforce_sorted=False)
+    results = []
+    for model in (ref, fast):
+        out, (h_n, c_n) = model(packed)
+        loss = (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum() + c_n.pow(2).sum()
+        results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, list(model.parameters()))))
+    for expected, actual in zip(*results):
+        assert rel(actual, expected) <= 1e-5
+    assert {kind for _, kind, _ in launched} == {"split"}
 
 
 def test_module_telemetry_equals_reference_backend():
@@ -170,10 +234,7 @@ def test_module_telemetry_equals_reference_backend():
         assert k_layer.gate_saturation == pytest.approx(r_layer.gate_saturation, abs=1.0 / r_layer.elements)
 
 
-def test_nonfinite_gradient_located_like_reference():
-    problem, grads = random_problem(4, 3, 8, 0, torch.float32, with_lengths=False)
-    grads["grad_out"][2, 1, 3] = float("inf")
-    assert_first_nonfinite_like_reference(problem, grads, "backward")
+# ---- where the first non-finite value arose ----
 
 
 def assert_first_nonfinite_like_reference(problem, grads, stage):
@@ -184,14 +245,83 @@ def assert_first_nonfinite_like_reference(problem, grads, stage):
         assert k_tel.first_nonfinite.stage == stage
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_nonfinite_located_like_reference(family):
+    steps, batch, hidden, proj = FAMILIES[family]
+    problem, grads = random_problem(steps, 3, hidden, proj, torch.float32, with_lengths=False)
+    grads["grad_out"][2, 1, 3] = float("inf")
+    assert_first_nonfinite_like_reference(problem, grads, "backward")
+    problem["xw"][1, 2, hidden + 3] = float("nan")  # a forget-gate input
+    assert_first_nonfinite_like_reference(problem, grads, "forward")
+
+
+def test_nonfinite_in_the_initial_cell_state_is_located_like_reference():
+    problem, grads = random_problem(3, 3, 72, 0, torch.float32, with_lengths=False)
+    problem["c0"][1, 5] = float("inf")
+    assert_first_nonfinite_like_reference(problem, grads, "forward")
+
+
+# ---- weights read from memory once per launch, not once per step ----
+
+
+@pytest.fixture
+def reads_of(monkeypatch):
+    """reads_of(tensor) -> the number of elements of `tensor` that kernel loads have read so far."""
+    counts = {}
+    original = triton.runtime.interpreter.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, *args):
+        for key, (start, end) in watched.items():
+            inside = (ptrs.data >= start) & (ptrs.data < end) & mask.data
+            counts[key] = counts.get(key, 0) + int(inside.sum())
+        return original(self, ptrs, mask, *args)
+
+    watched = {}
+    monkeypatch.setattr(triton.runtime.interpreter.InterpreterBuilder, "create_masked_load", counting_load)
+
+    def reads(tensor):
+        key = id(tensor)
+        watched.setdefault(key, (tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()))
+        return counts.get(key, 0)
+
+    return reads
+
+
+# (batch, hidden, proj) of each single-launch path: the split kernels as one unit group per batch group.
+SINGLE_LAUNCH_SHAPES = {"single": (18, 20, 0), "single-proj": (5, 20, 12), "split": (18, 8, 0), "streaming": (5, 72, 20)}
+
+
+@pytest.mark.parametrize("family", list(SINGLE_LAUNCH_SHAPES))
+def test_weights_are_read_once_per_launch_whatever_the_length(request, reads_of, family):
+    """A resident kernel reads W_hh (and W_hr) the same number of times for 2 steps as for 6: once per program,
+    before its time loop. The streaming kernels, which re-read them every step, are the control that shows the
+    count is live."""
+    if family == "split":
+        request.getfixturevalue("one_group_exchange")
+    batch, hidden, proj = SINGLE_LAUNCH_SHAPES[family]
+    per_length = []
+    for steps in (2, 6):
+        problem, _ = random_problem(steps, batch, hidden, proj, torch.float32, with_lengths=False)
+        weights = [problem["w_hh"]] + ([problem["w_hr"]] if proj else [])
+        for w in weights:
+            reads_of(w)
+        launch.recurrence_forward(**_forward_args(problem), reverse=False)
+        per_length.append(sum(reads_of(w) for w in weights))
+    if family == "streaming":
+        assert per_length[1] > 2 * per_length[0]
+    else:
+        assert per_length[0] == per_length[1] > 0
+
+
 def test_telemetry_off_gives_identical_results():
-    problem, grads = random_problem(3, 4, 8, 0, torch.float32, with_lengths=True)
-    on = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=None)
-    telemetry = Telemetry(1, 1)
-    probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), 3))
-    with_probe = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=probe.forward)
-    assert torch.equal(on.out, with_probe.out)
-    assert torch.equal(on.saved[1], with_probe.saved[1])
+    for hidden in (8, 40):  # single and split kernels
+        problem, grads = random_problem(3, 4, hidden, 0, torch.float32, with_lengths=True)
+        off = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=None)
+        telemetry = Telemetry(1, 1)
+        probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), 3))
+        on = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=probe.forward)
+        assert torch.equal(off.out, on.out)
+        assert torch.equal(off.saved[1], on.saved[1])
 
 
 def _forward_args(problem):
@@ -241,56 +371,3 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
     assert torch.equal(negative.out, torch.zeros_like(negative.out))
 
 
-# ---- the persistent kernels, host-stepped (the interpreter cannot run their grid barrier) ----
-
-
-@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_persistent_fp32_matches_reference(persistent_launches, reverse, with_lengths):
-    # H=40 is three 16-unit programs (the last one ragged) and two 32-wide reduction chunks; B=18 two batch tiles.
-    problem, grads = random_problem(4, 18, 40, 0, torch.float32, with_lengths)
-    assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
-    assert persistent_launches == [launch.lstm_persistent_forward_kernel, launch.lstm_persistent_backward_kernel]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_persistent_half_precision_matches_reference(persistent_launches, dtype):
-    problem, grads = random_problem(3, 5, 20, 0, dtype, with_lengths=True)
-    assert_matches_reference(problem, grads, reverse=True, tol=TOLERANCE[dtype])
-    assert len(persistent_launches) == 2
-
-
-def test_persistent_locates_nonfinite_like_reference(persistent_launches):
-    problem, grads = random_problem(4, 3, 24, 0, torch.float32, with_lengths=False)
-    problem["xw"][1, 2, 30] = float("nan")
-    grads["grad_out"][2, 1, 3] = float("inf")
-    assert_first_nonfinite_like_reference(problem, grads, "forward")
-
-
-@pytest.mark.parametrize("batch,proj", [(4, 8), (launch.PERSISTENT_MAX_BATCH + 1, 0)], ids=["proj", "large-batch"])
-def test_persistent_leaves_other_layers_to_the_tiled_kernels(persistent_launches, batch, proj):
-    problem, grads = random_problem(2, batch, 24, proj, torch.float32, with_lengths=False)
-    assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
-    assert persistent_launches == []
-
-
-def test_persistent_module_matches_nn_lstm(persistent_launches):
-    ref = nn.LSTM(5, 20, num_layers=2, bidirectional=True)
-    fast = fastlstm.LSTM(5, 20, num_layers=2, bidirectional=True, backend="triton")
-    fast.load_state_dict(ref.state_dict())
-    packed = pack_sequence([torch.randn(n, 5) for n in (4, 2, 3)], enforce_sorted=False)
-    results = []
-    for model in (ref, fast):
-        out, (h_n, c_n) = model(packed)
-        loss = (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum() + c_n.pow(2).sum()
-        results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, list(model.parameters()))))
-    for expected, actual in zip(*results):
-        assert rel(actual, expected) <= 1e-5
-    assert len(persistent_launches) == 8  # 2 layers x 2 directions x (forward, backward)
-
-
-def test_unknown_persistent_mode_is_refused(monkeypatch):
-    monkeypatch.setattr(launch, "PERSISTENT", "sometimes")
-    problem, _ = random_problem(2, 2, 8, 0, torch.float32, with_lengths=False)
-    with pytest.raises(ValueError, match="FASTLSTM_PERSISTENT"):
-        launch.recurrence_forward(**_forward_args(problem), reverse=False)
