@@ -19,7 +19,7 @@ from .jsonio import to_json_safe
 class StageProbe(NamedTuple):
     """Where one launch (one layer-direction, one stage) writes its telemetry; what the backends receive."""
 
-    target: torch.Tensor  # forward: the slot's float64 [NUM_STATS] row; backward: its float64 [2, capacity] rows
+    target: torch.Tensor  # forward: the slot's float64 [NUM_STATS] row; backward: its [NUM_GRAD_ROWS, capacity]
     first: torch.Tensor  # int64 [1]: the stage's first non-finite key (atomic min)
     seq: torch.Tensor  # int64 [1]: the pass number, the key's most significant field
     order: int  # the launch's place in its stage (forward: slot; backward: top-down), a field of the key
@@ -56,6 +56,7 @@ class LayerTelemetry:
     cell_absmax: float | None
     grad_norm_per_step: np.ndarray  # float64 [timesteps], nan where no backward pass reached
     backward_passes: np.ndarray  # int64 [timesteps]
+    cell_grad_norm_per_step: np.ndarray  # float64 [timesteps], like grad_norm_per_step for dL/dc_t
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +68,7 @@ class LayerTelemetry:
             "cell_absmax": to_json_safe(self.cell_absmax),
             "grad_norm_per_step": to_json_safe(self.grad_norm_per_step),
             "backward_passes": self.backward_passes.tolist(),
+            "cell_grad_norm_per_step": to_json_safe(self.cell_grad_norm_per_step),
         }
 
 
@@ -112,9 +114,14 @@ def _layer_from_rows(slot: int, num_directions: int, stats: np.ndarray, grad: np
     passes = grad[C.GRAD_PASSES].astype(np.int64)
     reached = np.flatnonzero(passes)
     steps = int(reached[-1]) + 1 if reached.size else 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms = np.sqrt(grad[C.GRAD_SUMSQ, :steps] / passes[:steps])
-    rms[passes[:steps] == 0] = np.nan
+    unreached = passes[:steps] == 0
+
+    def rms(row: int) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.sqrt(grad[row, :steps] / passes[:steps])
+        values[unreached] = np.nan
+        return values
+
     return LayerTelemetry(
         layer=slot // num_directions,
         direction=slot % num_directions,
@@ -124,8 +131,9 @@ def _layer_from_rows(slot: int, num_directions: int, stats: np.ndarray, grad: np
         },
         forget_gate_mean=float(stats[C.STAT_FORGET_SUM]) / elements if seen else None,
         cell_absmax=float(stats[C.STAT_CELL_ABSMAX]) if seen else None,
-        grad_norm_per_step=rms,
+        grad_norm_per_step=rms(C.GRAD_SUMSQ),
         backward_passes=passes[:steps],
+        cell_grad_norm_per_step=rms(C.GRAD_CELL_SUMSQ),
     )
 
 
@@ -186,7 +194,7 @@ class Telemetry:
                 return torch.zeros(*shape, dtype=dtype, device=device)
 
             self.stats = zeros(self.num_slots, C.NUM_STATS)
-            self.grad = zeros(self.num_slots, 2, 0)
+            self.grad = zeros(self.num_slots, C.NUM_GRAD_ROWS, 0)
             self.first_forward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
             self.first_backward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
             self.passes = zeros(1, dtype=torch.int64)
@@ -194,7 +202,8 @@ class Telemetry:
         if steps > capacity:
             # A backward whose forward ran before this growth still holds the old rows, and its gradient norms are
             # lost; doubling makes that rare (it needs a longer sequence between a forward and its backward).
-            grown = torch.zeros(self.num_slots, 2, 1 << (steps - 1).bit_length(), dtype=torch.float64, device=device)
+            size = 1 << (steps - 1).bit_length()
+            grown = torch.zeros(self.num_slots, C.NUM_GRAD_ROWS, size, dtype=torch.float64, device=device)
             grown[..., :capacity] = self.grad
             self.grad = grown
 
@@ -272,7 +281,7 @@ class Telemetry:
     def _decode(self, capture: _Capture) -> Snapshot:
         if capture.host is None:
             empty_stats = np.zeros(C.NUM_STATS)
-            empty_grad = np.zeros((2, 0))
+            empty_grad = np.zeros((C.NUM_GRAD_ROWS, 0))
             layers = [_layer_from_rows(s, self.num_directions, empty_stats, empty_grad) for s in range(self.num_slots)]
             return Snapshot(layers, None, 0)
         stats, grad, first_forward, first_backward = (t.numpy() for t in capture.host)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .cell import (
+    GRAD_CELL_SUMSQ,
     GRAD_SUMSQ,
     NO_EVENT,
     STAGE_BACKWARD,
@@ -272,6 +273,7 @@ def lstm_persistent_backward_kernel(
         code = p * 4
         if phases & 1:
             sumsq = 0.0
+            cell_sumsq = 0.0
             # Gate gradients of this program's units (recurrent_bwd.py's phase B, on a unit slice).
             for b0 in range(0, B, BLOCK_B):
                 rows, row_ok, length = tile_sequences(lengths_ptr, b0, T, B, BLOCK_B, HAS_LENGTHS)
@@ -301,6 +303,7 @@ def lstm_persistent_backward_kernel(
                 tl.store(dc_ptr + state, tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok)
                 if TELEMETRY:
                     sumsq += tl.sum(tl.sum(dh * dh, axis=1), axis=0)
+                    cell_sumsq += tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0)
                     first = tl.minimum(first, tl.where(counted & nonfinite(g_out), code, NO_EVENT))
                     first = tl.minimum(first, tl.where(counted & nonfinite(dh), code + 1, NO_EVENT))
                     first = tl.minimum(first, tl.where(counted & nonfinite(dc), code + 2, NO_EVENT))
@@ -308,6 +311,7 @@ def lstm_persistent_backward_kernel(
                     first = tl.minimum(first, tl.where(counted & d_bad, code + 3, NO_EVENT))
             if TELEMETRY:
                 tl.atomic_add(grad_ptr + GRAD_SUMSQ * capacity + t, sumsq.to(tl.float64))
+                tl.atomic_add(grad_ptr + GRAD_CELL_SUMSQ * capacity + t, cell_sumsq.to(tl.float64))
         if PERSISTENT:
             grid_barrier(barrier_ptr, tl.num_programs(0) * (p - step_begin + 1))
         else:

@@ -1,8 +1,9 @@
 """Telemetry (docs/telemetry.md) field by field against an independent recomputation.
 
 The expected values come from a per-sequence, per-step float64 loop over nn.LSTM's weights written here (it does
-not use fastlstm.reference); ‖∂L/∂h_t‖ comes from autograd through that loop (retain_grad on every h_t, which is
-the one tensor feeding both the output at t and step t+1, so its gradient is the total one).
+not use fastlstm.reference); ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ come from autograd through that loop (retain_grad on every h_t
+and c_t: each is the one tensor feeding everything that depends on it, the output at t, step t+1 and the final state,
+so its gradient is the total one).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class Expected:
         self.elements = np.zeros(slots, dtype=np.int64)
         self.forget = np.zeros(slots)
         self.cell_absmax = np.zeros(slots)
-        self.sumsq = [dict() for _ in range(slots)]  # t -> summed squared norms over passes
+        self.sumsq = [dict() for _ in range(slots)]  # t -> summed squared norms of dL/dh_t over passes
+        self.cell_sumsq = [dict() for _ in range(slots)]  # t -> the same for dL/dc_t
         self.passes = [dict() for _ in range(slots)]  # t -> number of passes
 
-    def grad_norm(self, slot):
+    def grad_norm(self, slot, cell=False):
         steps = max(self.passes[slot], default=-1) + 1
-        return np.array([math.sqrt(self.sumsq[slot][t] / self.passes[slot][t]) for t in range(steps)])
+        sums = (self.cell_sumsq if cell else self.sumsq)[slot]
+        return np.array([math.sqrt(sums[t] / self.passes[slot][t]) for t in range(steps)])
 
     def backward_passes(self, slot):
         steps = max(self.passes[slot], default=-1) + 1
@@ -61,7 +64,7 @@ def manual_pass(ref: nn.LSTM, x, lengths, hx, loss_weights, expected: Expected, 
     lengths = [steps] * batch if lengths is None else list(lengths)
     h0, c0 = (t.detach().double() for t in hx)
     w_out, w_h, w_c = (w.double() for w in loss_weights)
-    hs = [[] for _ in range(layers * dirs)]  # (t, h_t tensor)
+    hs = [[] for _ in range(layers * dirs)]  # (t, h_t tensor, c_t tensor)
     loss = 0.0
     for b in range(batch):
         n = lengths[b]
@@ -80,11 +83,12 @@ def manual_pass(ref: nn.LSTM, x, lengths, hx, loss_weights, expected: Expected, 
                     i, f, g, o = pre.chunk(4)
                     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
                     c = f * c + i * g
+                    c.retain_grad()
                     h = o * torch.tanh(c)
                     if w_hr is not None:
                         h = w_hr @ h
                     h.retain_grad()
-                    hs[slot].append((t, h))
+                    hs[slot].append((t, h, c))
                     out[t] = h
                     with torch.no_grad():
                         for k, act in enumerate((i, f, g, o)):
@@ -100,11 +104,13 @@ def manual_pass(ref: nn.LSTM, x, lengths, hx, loss_weights, expected: Expected, 
     if backward:
         loss.backward()
         for slot, entries in enumerate(hs):
-            per_t = {}
-            for t, h in entries:
+            per_t, cell_per_t = {}, {}
+            for t, h, c in entries:
                 per_t[t] = per_t.get(t, 0.0) + float(h.grad.square().sum())
+                cell_per_t[t] = cell_per_t.get(t, 0.0) + float(c.grad.square().sum())
             for t in range(steps):
                 expected.sumsq[slot][t] = expected.sumsq[slot].get(t, 0.0) + per_t.get(t, 0.0)
+                expected.cell_sumsq[slot][t] = expected.cell_sumsq[slot].get(t, 0.0) + cell_per_t.get(t, 0.0)
                 expected.passes[slot][t] = expected.passes[slot].get(t, 0) + 1
     return loss
 
@@ -146,6 +152,9 @@ def assert_window(snap: fastlstm.Snapshot, expected: Expected, ref: nn.LSTM, gra
         if grads:
             np.testing.assert_array_equal(lt.backward_passes, expected.backward_passes(slot), err_msg=where)
             np.testing.assert_allclose(lt.grad_norm_per_step, expected.grad_norm(slot), rtol=1e-10, err_msg=where)
+            np.testing.assert_allclose(
+                lt.cell_grad_norm_per_step, expected.grad_norm(slot, cell=True), rtol=1e-10, err_msg=where
+            )
     # the case must be discriminating: some activations saturated, most not
     assert 0 < expected.sat.sum() < 0.8 * 4 * expected.elements.sum()
 
