@@ -32,6 +32,7 @@ from torch import nn
 
 from .jsonio import atomic_write
 from .monitor import History, Monitor, find_lstms, unwrap_model
+from .padding import RecurrentLengths, without_padding
 from .truncation import (
     AdaptiveTruncation,
     DependencyEstimate,
@@ -87,9 +88,14 @@ class _Chunk(NamedTuple):
     end: int
     next_start: int
     rows: torch.Tensor | None  # indices of the rows still alive (None: all)
+    lengths: list  # host ints: the stream length of each row still alive
     flat_index: torch.Tensor | None  # valid positions among the flattened chunk (None: all)
-    inputs: torch.Tensor  # the window's inputs
+    inputs: torch.Tensor  # the window's inputs, zero past each stream's end
     targets: torch.Tensor  # the chunk's targets
+
+    def valid(self, a: int, b: int) -> list:
+        """Steps of [a, b) inside each row's stream (>= 1 for a < first: every row alive starts before first)."""
+        return [max(0, min(length, b) - a) for length in self.lengths]
 
 
 def _as_batches(data, batch_first: bool) -> list:
@@ -338,6 +344,7 @@ class TBPTTTrainer:
         self._estimates: list = []  # (dependency, rate) collected since the last adaptive decision
         self._residual_floor = None  # farthest significant residual lag of the latest probe entry
         self._row_index_cache: dict = {}
+        self._lengths = RecurrentLengths(self.core)
         self.monitor.event("truncation", self._truncation_detail(), step=self.monitor.step_count)
 
     # ---- public ----
@@ -404,7 +411,9 @@ class TBPTTTrainer:
         chunk = self._plan(streams)
         carry = None
         if chunk.start < chunk.next_start < chunk.end:  # the next window starts inside this one
-            carry = self._carry_pass(self._time(chunk.inputs, 0, chunk.next_start - chunk.start), self._start_state)
+            steps = chunk.next_start - chunk.start
+            with self._lengths(chunk.valid(chunk.start, chunk.next_start), steps):
+                carry = self._carry_pass(self._time(chunk.inputs, 0, steps), self._start_state)
         loss, target, state = self._window_loss(streams, chunk)
         mean_loss, norm, skip, lr = self._optimizer_step(loss)
         if chunk.next_start == chunk.end:
@@ -431,21 +440,25 @@ class TBPTTTrainer:
         index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
         self._align_rows(rows, device)
         w = self._start_pos
-        valid = [min(streams.lengths[b] - s, n) for b in rows]
+        lengths = [streams.lengths[b] for b in rows]
+        valid = [min(length - s, n) for length in lengths]
+        inputs = self._slice(streams.inputs, index, w, s + n)
         return _Chunk(
             start=w,
             first=s,
             end=s + n,
             next_start=max(w, s + n - self._lag),
             rows=index,
+            lengths=lengths,
             flat_index=None if min(valid) == n else self._flat_index(valid, n, device),
-            inputs=self._slice(streams.inputs, index, w, s + n),
+            inputs=without_padding(inputs, [length - w for length in lengths], self.batch_first),
             targets=self._slice(streams.targets, index, s, s + n),
         )
 
     def _window_loss(self, streams: _Streams, chunk: _Chunk) -> tuple:
         """Forward over the window from the carried state; the loss on the chunk's valid positions."""
-        out, state = self.model(chunk.inputs, self._start_state)
+        with self._lengths(chunk.valid(chunk.start, chunk.end), chunk.end - chunk.start):
+            out, state = self.model(chunk.inputs, self._start_state)
         offset = chunk.first - chunk.start
         pred = self._flatten(self._time(out, offset, offset + chunk.end - chunk.first))
         target = self._flatten(chunk.targets)
@@ -453,7 +466,7 @@ class TBPTTTrainer:
             pred, target = pred.index_select(0, chunk.flat_index), target.index_select(0, chunk.flat_index)
         if self.probe is not None and self._probe_applies(streams):
             steps = chunk.end - chunk.first
-            lagged = self._lagged_inputs(streams, chunk.rows, chunk.first, steps)
+            lagged = self._lagged_inputs(streams, chunk, steps)
             self.probe.watch(pred, lagged, steps, chunk.flat_index, self.batch_first)
         return self.loss_fn(pred, target), target, state
 
@@ -587,10 +600,11 @@ class TBPTTTrainer:
     def _probe_applies(self, streams: _Streams) -> bool:
         return streams.inputs.dim() == 3 and streams.inputs.is_floating_point()
 
-    def _lagged_inputs(self, streams: _Streams, index, s: int, n: int) -> torch.Tensor:
-        lags = self.probe.lags
+    def _lagged_inputs(self, streams: _Streams, chunk: _Chunk, n: int) -> torch.Tensor:
+        lags, s = self.probe.lags, chunk.first
         lo = max(0, s - lags)
-        x = self._slice(streams.inputs, index, lo, s + n).detach()
+        x = self._slice(streams.inputs, chunk.rows, lo, s + n).detach()
+        x = without_padding(x, chunk.valid(lo, s + n), self.batch_first)
         if not self.batch_first:
             x = x.transpose(0, 1)
         return F.pad(x, (0, 0, lags - (s - lo), 0))  # zeros before the stream start
@@ -656,21 +670,28 @@ class TBPTTTrainer:
         chunk = self.val_chunk or self.k1
         total, count = None, 0
         for streams in batches:
-            state = None
+            state, alive = None, None
             device = streams.inputs.device
             for s in range(0, streams.longest, chunk):
-                n = min(chunk, streams.longest - s)
-                out, state = self.core(self._slice(streams.inputs, None, s, s + n), state)
-                valid = [max(0, min(length - s, n)) for length in streams.lengths]
-                pred, target = self._flatten(out), self._flatten(self._slice(streams.targets, None, s, s + n))
+                # As in training: streams that ended leave the batch, padding is zeroed and packed away.
+                rows = [b for b, length in enumerate(streams.lengths) if length > s]
+                if state is not None and rows != alive:
+                    state = select_rows(state, self._row_index([alive.index(b) for b in rows], device))
+                alive = rows
+                index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
+                n = min(chunk, max(streams.lengths[b] for b in rows) - s)
+                valid = [min(streams.lengths[b] - s, n) for b in rows]
+                x = without_padding(self._slice(streams.inputs, index, s, s + n), valid, self.batch_first)
+                with self._lengths(valid, n):
+                    out, state = self.core(x, state)
+                pred, target = self._flatten(out), self._flatten(self._slice(streams.targets, index, s, s + n))
                 if min(valid) < n:
                     flat = self._flat_index(valid, n, device)
                     pred, target = pred.index_select(0, flat), target.index_select(0, flat)
                 positions = sum(valid)
-                if positions:
-                    part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
-                    total = part if total is None else total + part
-                    count += positions
+                part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
+                total = part if total is None else total + part
+                count += positions
         return total, count
 
     def _all_reduce_sums(self, totals: dict) -> dict:
