@@ -4,8 +4,11 @@
 (Williams & Peng's TBPTT(k1, k2)); k1 == k2 is ordinary truncation. Around that loop:
 
   * adaptive truncation (truncation.py): the per-timestep gradient norms of the telemetry give the decay of
-    ‖∂L/∂h_{t-k}‖ with the lag k; the trainer picks the smallest lag whose relative gradient bias is below a target
-    (in the spirit of Aicher, Foti & Fox, UAI 2019), smoothed and bounded;
+    ‖∂L/∂h_{t-k}‖ and ‖∂L/∂c_{t-k}‖ with the lag k; the trainer keeps every lag the gradients still reach and whose
+    gradient mass matters (in the spirit of Aicher, Foti & Fox, UAI 2019), smoothed, bounded, and undone when a
+    decrease makes the loss rise;
+  * padding past a stream's end takes no part in the computation (padding.py): zeroed in the inputs, packed away
+    from every recurrent module, dropped from the loss;
   * non-finite steps are skipped on the device: parameters and optimizer state stay bit-identical, nothing waits
     for the GPU; the event and its first location are read later, in a batch;
   * checkpoints hold everything needed to continue bit for bit, written atomically;
@@ -34,11 +37,14 @@ from .jsonio import atomic_write
 from .monitor import History, Monitor, find_lstms, unwrap_model
 from .padding import RecurrentLengths, without_padding
 from .truncation import (
+    GUARD_CHUNKS,
+    USED_GRADIENT,
     AdaptiveTruncation,
     DependencyEstimate,
     ResidualProbe,
     correlation_by_lag,
     estimate_dependency,
+    estimate_state_dependency,
     residual_dependencies,
     truncation_evidence,
 )
@@ -246,7 +252,7 @@ class TBPTTTrainer:
       k1:         steps per chunk (one optimizer step per chunk).
       k2:         steps backpropagated per window, >= k1 (default k1). Ignored when adaptive.
       adaptive:   choose k2 = k1 + lag with the lag in [k_min, k_max] from the telemetry (default bounds 2, 8·k1).
-      target_bias, smoothing, k_init: the adaptive controller (see AdaptiveTruncation).
+      target_bias, smoothing, k_init, reach_fraction: the adaptive controller (see AdaptiveTruncation).
       scheduler:  an LR scheduler stepped per chunk (scheduler_interval="chunk") or per epoch ("epoch");
                   ReduceLROnPlateau is stepped with the validation loss.
       clip_grad_norm: clip the global gradient 2-norm to this value.
@@ -275,6 +281,7 @@ class TBPTTTrainer:
         k_init: int | None = None,
         target_bias: float = 0.1,
         smoothing: float = 0.7,
+        reach_fraction: float = USED_GRADIENT,
         scheduler=None,
         scheduler_interval: str = "chunk",
         clip_grad_norm: float | None = None,
@@ -306,7 +313,7 @@ class TBPTTTrainer:
         self.adaptive = None
         if adaptive:
             k_max = int(k_max if k_max is not None else 8 * self.k1)
-            self.adaptive = AdaptiveTruncation(k_min, k_max, target_bias, smoothing, k_init)
+            self.adaptive = AdaptiveTruncation(k_min, k_max, target_bias, smoothing, k_init, reach_fraction)
             self._lag = self.adaptive.lag
         else:
             k2 = self.k1 if k2 is None else int(k2)
@@ -314,6 +321,7 @@ class TBPTTTrainer:
                 raise ValueError(f"k2 ({k2}) must be >= k1 ({self.k1})")
             self._lag = k2 - self.k1
         self.target_bias = float(target_bias)
+        self.reach_fraction = float(reach_fraction)
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
         self.clip_grad_norm = clip_grad_norm
@@ -532,27 +540,33 @@ class TBPTTTrainer:
                 continue
             overlap, length = geometry
             for layer in snap.layers:
-                g = layer.grad_norm_per_step
-                if layer.direction != 0 or g.size <= overlap:
+                g_h, g_c = layer.grad_norm_per_step, layer.cell_grad_norm_per_step
+                if layer.direction != 0 or g_h.size <= overlap:
                     continue
-                estimate = estimate_dependency(g[overlap::-1], self.target_bias)
+                # Lag k = 0..overlap before the chunk's first loss, for both parts of the state.
+                cell = g_c[overlap::-1] if g_c.size > overlap else None
+                estimate = estimate_state_dependency(g_h[overlap::-1], cell, self.target_bias, self.reach_fraction)
                 if estimate is None:
                     continue
-                self.monitor.live_history.add(
-                    "truncation_estimates",
-                    {
-                        "step": last,
-                        "first_step": first,
-                        "lstm": name,
-                        "layer": layer.layer,
-                        "k1": length - overlap,
-                        "k2": length,
-                        "lag": overlap,
-                        "rate": estimate.rate,
-                        "estimated_dependency": estimate.dependency,
-                        "bias": estimate.bias,
-                    },
-                )
+                entry = {
+                    "step": last,
+                    "first_step": first,
+                    "lstm": name,
+                    "layer": layer.layer,
+                    "k1": length - overlap,
+                    "k2": length,
+                    "lag": overlap,
+                    "rate": estimate.rate,
+                    "estimated_dependency": estimate.dependency,
+                    "bias": estimate.bias,
+                }
+                for part, e in (("hidden", estimate.hidden), ("cell", estimate.cell)):
+                    if e is not None:
+                        entry.update(
+                            {f"{part}_rate": e.rate, f"{part}_dependency": e.dependency, f"{part}_bias": e.bias}
+                        )
+                        entry[f"{part}_reach"] = e.reach
+                self.monitor.live_history.add("truncation_estimates", entry)
                 self._estimates.append((estimate.dependency, estimate.rate))
 
     def _uniform_geometry(self, first: int, last: int):
@@ -560,11 +574,13 @@ class TBPTTTrainer:
         return shapes.pop() if len(shapes) == 1 and None not in shapes else None
 
     def _adapt(self) -> None:
-        """At a telemetry boundary: fold the collected estimates and the residual floor into the controller. Every
-        rank takes the same decision: the values are reduced with a max first."""
+        """At a telemetry boundary: judge a pending decrease by the training loss, then fold the collected
+        estimates and the residual floor into the controller. Every rank takes the same decision: the estimates
+        are reduced with a max first, and the losses are already means over the ranks."""
         if self.adaptive is None:
             self._estimates.clear()
             return
+        a = self.adaptive
         dependency = max((d for d, _ in self._estimates), default=-1.0)
         rate = max((r for _, r in self._estimates), default=-1.0)
         floor = -1.0 if self._residual_floor is None else float(self._residual_floor)
@@ -574,11 +590,41 @@ class TBPTTTrainer:
             values = torch.tensor([min(dependency, 1e30), rate, floor], dtype=torch.float64, device=self._device())
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.process_group)
             dependency, rate, floor = values.tolist()  # a periodic read, once per telemetry window
-        if self.adaptive.observe(
+        if a.guard is not None:
+            horizon = self._losses_read_below()
+            if a.check_loss(self._read_losses(a.guard.step - GUARD_CHUNKS, horizon), horizon):
+                self._set_lag("loss_rose")
+        before = a.lag
+        if a.observe(
             dependency if dependency >= 0 else None, rate if rate >= 0 else None, int(floor) if floor >= 0 else None
         ):
-            self._lag = self.adaptive.lag
-            self.monitor.event("truncation", self._truncation_detail())
+            if a.lag < before:
+                a.decreased(self.monitor.step_count, before)
+            else:
+                a.increased()
+            self._set_lag("estimate")
+
+    def _set_lag(self, reason: str) -> None:
+        self._lag = self.adaptive.lag
+        self.monitor.event("truncation", {**self._truncation_detail(), "reason": reason})
+
+    def _losses_read_below(self) -> int:
+        """Every training loss of a step below this one has been read back, whatever else read the history
+        (checkpoints, `trainer.history`): the batch of a read period is decoded at the end of the next one. A
+        bound that depends on the step alone keeps the loss guard's decisions identical across ranks and resumes."""
+        every = self.monitor.read_every
+        return (self.monitor.step_count // every - 1) * every
+
+    def _read_losses(self, first: int, horizon: int) -> list:
+        """(step, loss) of the steps in [first, horizon) whose loss has been read back, oldest first."""
+        found = []
+        for entry in reversed(self.monitor.live_history.steps):
+            step = entry["step"]
+            if step < first:
+                break
+            if step < horizon and entry.get("loss") is not None:
+                found.append((step, float(entry["loss"])))
+        return found[::-1]
 
     def _truncation_detail(self) -> dict:
         detail = {"k1": self.k1, "k2": self.k2, "adaptive": self.adaptive is not None}
@@ -589,9 +635,11 @@ class TBPTTTrainer:
                 k_min=a.k_min,
                 k_max=a.k_max,
                 target_bias=a.target_bias,
+                reach_fraction=a.reach_fraction,
                 estimated_dependency=a.dependency,
                 rate=a.rate,
                 residual_floor=a.floor,
+                loss_floor=a.loss_floor,
             )
         return detail
 

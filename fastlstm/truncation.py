@@ -18,31 +18,52 @@ from .monitor import History
 
 # ---- truncation estimates from the gradient norms ----
 
+# A lag is still in use while the gradient reaching the state there is at least this fraction of the largest one
+# in the window's profile. Why 1%: a memory the model holds sits in a few units whose cell gradient passes back
+# undiminished (forget gate near 1) while the other units' gradients decay; measured over all units, the held part
+# is about sqrt(units holding it / hidden size) of the total, 1/23 for one unit in 512, and averaging over the k1
+# losses of a chunk (only some of which read that memory) costs up to another factor sqrt(k1). 1% keeps one held
+# unit in a few hundred visible, while a cell that merely forgets (mean forget gate f) falls below it after
+# ln(0.01)/ln(f) steps: 7 at f = 0.5, 21 at f = 0.8, so a short dependency still lets the window shrink.
+USED_GRADIENT = 0.01
+
 
 class DependencyEstimate(NamedTuple):
-    rate: float  # fitted per-step decay of ‖∂L/∂h_{t-k}‖ over the last half of the measured lags (>= 1: none)
+    rate: float  # fitted per-step decay of the profile over the last half of the measured lags (>= 1: none)
     dependency: float  # smallest lag whose relative gradient bias is <= the target (inf without decay)
     bias: float  # relative gradient bias of the truncation that was measured (mass beyond its last lag)
+    reach: float  # farthest lag where the profile is >= reach_fraction of its peak (extrapolated past the window)
 
 
-def estimate_dependency(lag_profile, target_bias: float) -> DependencyEstimate | None:
-    """How far back gradients matter, from g[k] = ‖∂L/∂h‖ at lag k = 0..m before the first loss of a window.
+def _tail_rate(g: np.ndarray) -> float:
+    """Per-step decay of a positive profile: exp of the log-linear slope over its last half."""
+    m = g.size - 1
+    lags = np.arange(max(1, m // 2), m + 1)
+    return float(math.exp(np.polyfit(lags, np.log(g[lags]), 1)[0]))
 
-    The relative bias of truncating at lag k is the gradient mass beyond k over the total, with the measured
-    values up to m and a geometric tail beyond m (rate fitted on the last half of the profile):
-    bias(k) = (Σ_{k<j<=m} g_j + T) / (Σ_{j<=m} g_j + T), T = g_m·β/(1-β). Returns None when the profile is too
-    short (m < 2) or not usable (non-finite, zero).
+
+def estimate_dependency(lag_profile, target_bias: float, reach_fraction: float = USED_GRADIENT):
+    """How far back gradients matter, from g[k] = ‖∂L/∂h‖ (or ‖∂L/∂c‖) at lag k = 0..m before the first loss of a
+    window. Returns a DependencyEstimate, or None when the profile is too short (m < 2) or not usable
+    (non-finite, or zero at lag 0).
+
+    dependency (the gradient's mass): the relative bias of truncating at lag k is the mass beyond k over the total,
+    with the measured values up to m and a geometric tail beyond m (rate fitted on the last half of the profile):
+    bias(k) = (Σ_{k<j<=m} g_j + T) / (Σ_{j<=m} g_j + T), T = g_m·β/(1-β).
+    reach (the gradient's extent): the farthest lag k with g_k >= reach_fraction·max(g); when that is the last
+    measured lag, the gradient reaches past the window and the geometric tail gives the lag where it falls below.
+    The mass criterion alone would cut a memory held at constant strength for D steps at about (1 - target)·D,
+    the steps whose gradient trains the memory's write; the reach keeps them.
     """
     g = np.asarray(lag_profile, dtype=np.float64)
     if g.size < 3 or not np.all(np.isfinite(g)) or g[0] <= 0:
         return None
     g = np.maximum(g, g[0] * 1e-12)  # logs of exact zeros
     m = g.size - 1
-    lags = np.arange(max(1, m // 2), m + 1)
-    slope = np.polyfit(lags, np.log(g[lags]), 1)[0]
-    rate = float(math.exp(slope))
+    rate = _tail_rate(g)
+    reach = _reach(g, rate, reach_fraction)
     if rate >= 1.0:
-        return DependencyEstimate(rate, math.inf, 1.0)
+        return DependencyEstimate(rate, math.inf, 1.0, reach)
     beyond = g[m] * rate / (1.0 - rate)
     total = g.sum() + beyond
     after = np.append(np.cumsum(g[::-1])[::-1][1:], 0.0) + beyond  # mass beyond lag k, k = 0..m
@@ -52,34 +73,127 @@ def estimate_dependency(lag_profile, target_bias: float) -> DependencyEstimate |
         dependency = float(within[0])
     else:  # beyond the measured lags: beyond·β^(k-m) <= target·total
         dependency = float(m + math.ceil(math.log(target_bias * total / beyond) / math.log(rate)))
-    return DependencyEstimate(rate, dependency, float(bias[m]))
+    return DependencyEstimate(rate, dependency, float(bias[m]), reach)
+
+
+def _reach(g: np.ndarray, rate: float, fraction: float) -> float:
+    level = fraction * g.max()
+    last = int(np.flatnonzero(g >= level)[-1])
+    m = g.size - 1
+    if last < m:
+        return float(last)
+    if rate >= 1.0:
+        return math.inf
+    return m + max(0.0, math.log(level / g[m]) / math.log(rate))
+
+
+class StateEstimate(NamedTuple):
+    """One window's estimate from the gradients reaching both parts of the state, h and c."""
+
+    hidden: DependencyEstimate
+    cell: DependencyEstimate | None  # None when the profile was not usable (or not recorded)
+
+    @property
+    def parts(self) -> tuple:
+        return (self.hidden,) if self.cell is None else (self.hidden, self.cell)
+
+    @property
+    def dependency(self) -> float:
+        """The lag the window needs: the larger of the mass and the reach criteria, over h and c."""
+        return max(max(e.dependency, e.reach) for e in self.parts)
+
+    @property
+    def rate(self) -> float:
+        return max(e.rate for e in self.parts)
+
+    @property
+    def bias(self) -> float:
+        return max(e.bias for e in self.parts)
+
+
+def estimate_state_dependency(
+    hidden_profile, cell_profile, target_bias: float, reach_fraction: float = USED_GRADIENT
+) -> StateEstimate | None:
+    """estimate_dependency on the ‖∂L/∂h‖ and ‖∂L/∂c‖ lag profiles of one layer; None without a usable h profile."""
+    hidden = estimate_dependency(hidden_profile, target_bias, reach_fraction)
+    if hidden is None:
+        return None
+    cell = None if cell_profile is None else estimate_dependency(cell_profile, target_bias, reach_fraction)
+    return StateEstimate(hidden, cell)
+
+
+# The loss guard compares the mean training loss of the GUARD_CHUNKS chunks before a decrease of the lag with that
+# of the GUARD_CHUNKS chunks from it on. 20: two default telemetry windows, enough chunks for a mean and its
+# standard error, short enough that the next decrease (which waits for the verdict) is not held up for long. A rise
+# counts when it exceeds LOSS_RISE_Z standard errors of the difference (chance alone does that about once in 700
+# comparisons of independent chunks) and LOSS_RISE_MIN relatively: consecutive chunks of the same streams are
+# correlated, which makes the standard error optimistic.
+GUARD_CHUNKS = 20
+LOSS_RISE_Z = 3.0
+LOSS_RISE_MIN = 0.05
+
+
+class LossGuard(NamedTuple):
+    """A decrease of the lag waiting for its verdict."""
+
+    step: int  # the first chunk trained with the lower lag
+    previous_lag: int
+
+
+def _moments(values) -> tuple:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.var(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def loss_rose(before: tuple, after: tuple, z: float = LOSS_RISE_Z, minimum: float = LOSS_RISE_MIN) -> bool:
+    """Whether the mean loss `after` (mean, variance, count) is significantly above `before`."""
+    (m0, v0, n0), (m1, v1, n1) = before, after
+    spread = math.sqrt(v0 / max(n0, 1) + v1 / max(n1, 1))
+    return m1 > m0 + z * spread and m1 > m0 * (1.0 + minimum)
 
 
 class AdaptiveTruncation:
-    """Chooses the backpropagation lag (k2 - k1) from dependency estimates: an exponential moving average of the
-    gradient-decay estimates (starting from the initial lag), raised to the residual floor (the farthest lag at
-    which the residual probe still sees an unexplained dependency), rounded up, bounded to [k_min, k_max], and
-    changed only when it moves by at least max(1, lag / 8)."""
+    """Chooses the backpropagation lag (k2 - k1) (docs/training.md, "Adaptive truncation").
+
+    The lag follows an exponential moving average of the window estimates (starting from the initial lag; each
+    estimate is the larger of the gradient-mass and gradient-reach criteria over h and c), raised to the residual
+    floor (the farthest lag at which the residual probe still sees an unexplained dependency) and to the loss floor
+    (a lag whose decrease made the training loss rise), rounded up, bounded to [k_min, k_max], and changed only when
+    it moves by at least max(1, lag / 8). Each decrease is checked against the training loss before the next one
+    (`LossGuard`); a rise restores the previous lag and keeps it as the loss floor.
+    """
 
     def __init__(
-        self, k_min: int, k_max: int, target_bias: float = 0.1, smoothing: float = 0.7, initial: int | None = None
+        self,
+        k_min: int,
+        k_max: int,
+        target_bias: float = 0.1,
+        smoothing: float = 0.7,
+        initial: int | None = None,
+        reach_fraction: float = USED_GRADIENT,
     ):
         if not 2 <= k_min <= k_max:
             raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
         if not 0 < target_bias < 1 or not 0 <= smoothing < 1:
             raise ValueError("target_bias must be in (0, 1) and smoothing in [0, 1)")
+        if not 0 < reach_fraction < 1:
+            raise ValueError("reach_fraction must be in (0, 1)")
         self.k_min, self.k_max = int(k_min), int(k_max)
         self.target_bias = float(target_bias)
         self.smoothing = float(smoothing)
+        self.reach_fraction = float(reach_fraction)
         # Start long: a dependency the model has not learned yet cannot show in its gradients.
         self.lag = int(min(max(initial if initial is not None else k_max, k_min), k_max))
         self.dependency: float = float(self.lag)
         self.rate: float | None = None
         self.floor: int = 0
+        self.loss_floor: int = 0
+        self.guard: LossGuard | None = None
 
     def observe(self, dependency: float | None, rate: float | None, floor: int | None = None) -> bool:
         """Fold in one window's estimate (the largest over the monitored layers; None: no estimate) and the
-        latest residual floor (None: unchanged); True when the lag changed."""
+        latest residual floor (None: unchanged); True when the lag changed. While a decrease awaits its loss
+        verdict the lag does not decrease further."""
         s = self.smoothing
         if dependency is not None:
             dependency = min(dependency, 2.0 * self.k_max)  # infinity (no decay seen): "far beyond k_max"
@@ -89,19 +203,58 @@ class AdaptiveTruncation:
             self.rate = rate if self.rate is None else s * self.rate + (1 - s) * rate
         if floor is not None:
             self.floor = int(floor)
-        wanted = max(math.ceil(self.dependency - 1e-9), self.floor)
-        target = int(min(max(wanted, self.k_min), self.k_max))
+        target = self._bounded(max(math.ceil(self.dependency - 1e-9), self.floor, self.loss_floor))
+        if target < self.lag and self.guard is not None:
+            return False
         if abs(target - self.lag) >= max(1, self.lag // 8):
             self.lag = target
             return True
         return False
 
+    def decreased(self, step: int, previous_lag: int) -> None:
+        """Start the loss check of a decrease from `previous_lag` that takes effect at chunk `step`."""
+        self.guard = LossGuard(int(step), int(previous_lag))
+
+    def check_loss(self, losses, horizon: int) -> bool | None:
+        """Judge the pending decrease. losses: (step, training loss) pairs read back so far, every step below
+        `horizon` among them. Returns None while undecided (or nothing pending), False when the decrease stays,
+        True when the loss rose: the previous lag is restored and becomes the loss floor."""
+        if self.guard is None or horizon < self.guard.step + GUARD_CHUNKS:
+            return None
+        guard, self.guard = self.guard, None
+        before = [v for n, v in losses if guard.step - GUARD_CHUNKS <= n < guard.step and math.isfinite(v)]
+        after = [v for n, v in losses if guard.step <= n < guard.step + GUARD_CHUNKS and math.isfinite(v)]
+        if len(before) < 2 or len(after) < 2 or not loss_rose(_moments(before), _moments(after)):
+            return False
+        self.loss_floor = max(self.loss_floor, self._bounded(guard.previous_lag))
+        self.lag = max(self.lag, self.loss_floor)
+        self.dependency = max(self.dependency, float(self.loss_floor))
+        return True
+
+    def increased(self) -> None:
+        """An increase back to the lag before a pending decrease makes its check moot."""
+        if self.guard is not None and self.lag >= self.guard.previous_lag:
+            self.guard = None
+
+    def _bounded(self, lag: int) -> int:
+        return int(min(max(lag, self.k_min), self.k_max))
+
     def state_dict(self) -> dict:
-        return {"lag": self.lag, "dependency": self.dependency, "rate": self.rate, "floor": self.floor}
+        return {
+            "lag": self.lag,
+            "dependency": self.dependency,
+            "rate": self.rate,
+            "floor": self.floor,
+            "loss_floor": self.loss_floor,
+            "guard": None if self.guard is None else list(self.guard),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.lag, self.dependency, self.rate = int(state["lag"]), float(state["dependency"]), state["rate"]
         self.floor = int(state["floor"])
+        self.loss_floor = int(state.get("loss_floor", 0))
+        guard = state.get("guard")
+        self.guard = None if guard is None else LossGuard(int(guard[0]), int(guard[1]))
 
 
 # ---- residual probe: dependencies the model has not learned ----

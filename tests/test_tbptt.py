@@ -16,6 +16,12 @@ from torch import nn
 import fastlstm
 from fastlstm.padding import RecurrentLengths
 from fastlstm.tbptt import NonFiniteError, TBPTTTrainer, estimate_dependency, truncation_evidence
+from fastlstm.truncation import estimate_state_dependency
+
+try:
+    from conftest import lstm_cell_step
+except ImportError:  # tests/ turned into a package
+    from tests.conftest import lstm_cell_step
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +188,8 @@ def _with_forget_bias(net: Net, bias: float) -> Net:
 
 def test_recorded_dependency_estimates_use_the_autograd_lag_profile():
     """With frozen weights (lr 0) every window can be replayed on torch.nn.LSTM one step at a time; the total
-    gradient reaching each h_t, lag by lag before the chunk's first loss, must give the recorded estimates."""
+    gradients reaching each h_t and c_t, lag by lag before the chunk's first loss, must give the recorded
+    estimates."""
     torch.manual_seed(3)
     net = _with_forget_bias(Net(inputs=2, hidden=6, outputs=1), 2.0)
     lstm, head = reference_of(net)
@@ -204,21 +211,32 @@ def test_recorded_dependency_estimates_use_the_autograd_lag_profile():
     for entry in estimates:
         first = entry["step"] * k1
         start = max(0, first - (k2 - k1))  # the first windows start at the stream start
-        state = lstm(x[:, :start])[1] if start else None
-        hidden = []
-        h, c = state if state is not None else (torch.zeros(1, 3, 6, dtype=torch.float64),) * 2
+        with torch.no_grad():
+            h, c = (t[0] for t in lstm(x[:, :start])[1]) if start else (torch.zeros(3, 6, dtype=torch.float64),) * 2
+        hidden, cells = [], []
         for t in range(start, first + k1):
-            _, (h, c) = lstm(x[:, t : t + 1], (h, c))
+            h, c = lstm_cell_step(lstm, 0, x[:, t], h, c)
             h.retain_grad()
+            c.retain_grad()
             hidden.append(h)
-        pred = torch.cat([head(h[-1]) for h in hidden[-k1:]])
+            cells.append(c)
+        pred = torch.cat([head(h) for h in hidden[-k1:]])
         nn.functional.mse_loss(pred, y[:, first : first + k1].transpose(0, 1).reshape(-1, 1)).backward()
-        norms = [float(h.grad.norm()) for h in hidden]
-        want = estimate_dependency(norms[first - start :: -1], trainer.target_bias)
+        lags = slice(first - start, None, -1)
+        h_norms = [float(h.grad.norm()) for h in hidden][lags]
+        c_norms = [float(c.grad.norm()) for c in cells][lags]
         assert (entry["k1"], entry["k2"], entry["lag"]) == (k1, k1 + first - start, first - start)
-        assert entry["rate"] == pytest.approx(want.rate, rel=1e-9)
+        for part, norms in (("hidden", h_norms), ("cell", c_norms)):
+            want = estimate_dependency(norms, trainer.target_bias)
+            assert entry[f"{part}_rate"] == pytest.approx(want.rate, rel=1e-9)
+            assert entry[f"{part}_bias"] == pytest.approx(want.bias, rel=1e-9)
+            assert entry[f"{part}_dependency"] == want.dependency
+            assert entry[f"{part}_reach"] == pytest.approx(want.reach, rel=1e-9)
+        want = estimate_state_dependency(h_norms, c_norms, trainer.target_bias)
+        assert entry["estimated_dependency"] == pytest.approx(want.dependency, rel=1e-9)
         assert entry["bias"] == pytest.approx(want.bias, rel=1e-9)
-        assert entry["estimated_dependency"] == want.dependency
+    # the case discriminates: with a forget bias of 2 the cell's gradient reaches farther than the hidden state's
+    assert any(e["cell_reach"] > e["hidden_reach"] for e in estimates)
 
 
 def test_gradients_reaching_past_a_fixed_truncation_are_reported():
@@ -373,8 +391,8 @@ def _make_trainer(net, opt, sched, path):
         k1=3,
         adaptive=True,
         k_min=2,
-        k_max=7,
-        k_init=7,
+        k_max=12,
+        k_init=12,
         smoothing=0.3,
         scheduler=sched,
         clip_grad_norm=1.0,
@@ -418,7 +436,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
     assert resumed_history.losses() == history.losses()
     assert [e["val_loss"] for e in resumed_history.evals] == [e["val_loss"] for e in history.evals]
     assert set(history.evals[0]["subset_losses"]) == {"long", "short"}
-    assert len(history.events_of("truncation")) >= 2  # the adaptive state mattered
+    k2_path = [e["detail"]["k2"] for e in history.events_of("truncation")]
+    assert len(k2_path) >= 3 and min(k2_path) < k2_path[-1]  # the adaptive state mattered: down, then up again
     assert resumed_history.events_of("resume")
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
