@@ -26,6 +26,8 @@ from .monitor import History
 # unit in a few hundred visible, while a cell that merely forgets (mean forget gate f) falls below it after
 # ln(0.01)/ln(f) steps: 7 at f = 0.5, 21 at f = 0.8, so a short dependency still lets the window shrink.
 USED_GRADIENT = 0.01
+# A profile value below this fraction of its largest counts as zero (rounding of a gradient that did not arrive).
+VANISHED = 1e-12
 
 
 class DependencyEstimate(NamedTuple):
@@ -58,13 +60,14 @@ def estimate_dependency(lag_profile, target_bias: float, reach_fraction: float =
     g = np.asarray(lag_profile, dtype=np.float64)
     if g.size < 3 or not np.all(np.isfinite(g)) or g[0] <= 0:
         return None
-    g = np.maximum(g, g[0] * 1e-12)  # logs of exact zeros
+    vanished = g[-1] <= g.max() * VANISHED  # nothing reached the window's start: there is no tail to extrapolate
+    g = np.maximum(g, g.max() * VANISHED)  # logs of exact zeros
     m = g.size - 1
-    rate = _tail_rate(g)
+    rate = 0.0 if vanished else _tail_rate(g)
     reach = _reach(g, rate, reach_fraction)
     if rate >= 1.0:
         return DependencyEstimate(rate, math.inf, 1.0, reach)
-    beyond = g[m] * rate / (1.0 - rate)
+    beyond = 0.0 if vanished else g[m] * rate / (1.0 - rate)
     total = g.sum() + beyond
     after = np.append(np.cumsum(g[::-1])[::-1][1:], 0.0) + beyond  # mass beyond lag k, k = 0..m
     bias = after / total
@@ -88,14 +91,14 @@ def _reach(g: np.ndarray, rate: float, fraction: float) -> float:
 
 
 class StateEstimate(NamedTuple):
-    """One window's estimate from the gradients reaching both parts of the state, h and c."""
+    """One window's estimate from the gradients reaching both parts of the state, h and c (at least one usable)."""
 
-    hidden: DependencyEstimate
-    cell: DependencyEstimate | None  # None when the profile was not usable (or not recorded)
+    hidden: DependencyEstimate | None  # None when that profile was not usable
+    cell: DependencyEstimate | None  # None when that profile was not usable (or not recorded)
 
     @property
     def parts(self) -> tuple:
-        return (self.hidden,) if self.cell is None else (self.hidden, self.cell)
+        return tuple(e for e in (self.hidden, self.cell) if e is not None)
 
     @property
     def dependency(self) -> float:
@@ -114,12 +117,11 @@ class StateEstimate(NamedTuple):
 def estimate_state_dependency(
     hidden_profile, cell_profile, target_bias: float, reach_fraction: float = USED_GRADIENT
 ) -> StateEstimate | None:
-    """estimate_dependency on the ‖∂L/∂h‖ and ‖∂L/∂c‖ lag profiles of one layer; None without a usable h profile."""
+    """estimate_dependency on the ‖∂L/∂h‖ and ‖∂L/∂c‖ lag profiles of one layer; None when neither is usable (a
+    memory held in c alone can leave ‖∂L/∂h‖ zero at the first loss: the cell profile still counts)."""
     hidden = estimate_dependency(hidden_profile, target_bias, reach_fraction)
-    if hidden is None:
-        return None
     cell = None if cell_profile is None else estimate_dependency(cell_profile, target_bias, reach_fraction)
-    return StateEstimate(hidden, cell)
+    return None if hidden is None and cell is None else StateEstimate(hidden, cell)
 
 
 # The loss guard compares the mean training loss of the GUARD_CHUNKS chunks before a decrease of the lag with that

@@ -49,6 +49,13 @@ def test_reach_of_a_geometric_profile_is_where_it_falls_below_the_fraction():
             assert est.reach == pytest.approx(exact, rel=1e-9)
 
 
+def test_a_gradient_that_stops_is_not_mistaken_for_one_that_never_decays():
+    """Exact zeros past some lag (nothing reached there) mean no tail, not a flat one."""
+    est = estimate_dependency([2.0, 0.5, 0.0, 0.0, 0.0, 0.0], 0.1)
+    assert (est.rate, est.dependency, est.bias, est.reach) == (0.0, 1.0, 0.0, 1.0)
+    assert estimate_dependency([1.0, 0.0, 0.0], 0.1).dependency == 0.0
+
+
 def test_a_held_memory_is_kept_whole_although_its_gradient_mass_is_small():
     """A profile that is flat up to lag D (a memory held at constant strength, its write at D) and then falls off:
     the mass criterion cuts it short (at about 0.9·D for a target of 0.1), the reach keeps all of it."""
@@ -142,6 +149,61 @@ def test_trainer_restores_the_lag_when_the_loss_rises_after_a_decrease():
     assert rose["k2"] >= 20 and rose["loss_floor"] == rose["lag"]
     assert events[reasons.index("loss_rose") - 1]["detail"]["k2"] < 20  # the decrease it undid
     assert trainer.k2 >= 20  # and it was not retried
+
+
+# ---- a memory held in the cell alone ----
+
+
+def _cell_memory_net(hidden: int = 4) -> suite.RecallNet:
+    """Weights that solve marker recall with one cell unit and nothing else: unit 0 opens its input gate and closes
+    its forget gate at a marker (writing tanh(2·value)), holds it with forget gate σ(10) in between, and the head
+    reads h_0 = σ(0)·tanh(c_0). W_hh = 0, so no gradient reaches h before the loss step through the recurrence:
+    ‖∂L/∂h‖ is zero at every lag > 0, while ‖∂L/∂c‖ stays up to the marker and stops there."""
+    net = suite.RecallNet(hidden)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        w, b = net.lstm.weight_ih_l0, net.lstm.bias_ih_l0
+        i, f, g = 0, hidden, 2 * hidden  # unit 0's rows in the gate blocks i, f, g, o
+        w[i, suite.MARKER], b[i] = 20.0, -10.0
+        w[f, suite.MARKER], b[f] = -20.0, 10.0
+        w[g, suite.VALUE] = 2.0
+        net.head.weight[0, 0] = 2.0  # answers ±0.74 for ±1: a residual remains, so gradients flow
+    return net
+
+
+def test_a_memory_held_in_the_cell_alone_keeps_the_window():
+    """Frozen weights whose only memory is one cell unit holding the marked value for `lag` steps: the window must
+    not shrink below the lag, although ‖∂L/∂h‖ says nothing reaches past the loss step (an estimate from ‖∂L/∂h‖
+    alone takes the window down to k_min). The float64 full-BPTT profile of the same weights is the independent
+    reference."""
+    lag, k1, k_max = 12, 4, 24
+    net = _cell_memory_net()
+    gen = torch.Generator().manual_seed(5)
+    assert suite.held_out(net, gen, lag)["flip_follows"] == 1.0  # it is a memory of the marked value
+    reference = suite.reference_profiles(net, gen, lag, k1, lags=20)
+    cell, hidden = np.asarray(reference["cell"]), np.asarray(reference["hidden"])
+    assert cell[lag] >= USED_GRADIENT * cell.max() and np.all(cell[lag + 1 :] < 1e-3 * cell.max())
+    assert np.all(hidden[1:] < 1e-12 * hidden.max())
+    x, y = suite.marker_recall(gen, 16, 400, lag)
+    trainer = TBPTTTrainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.0),
+        suite.query_mse,
+        k1=k1,
+        adaptive=True,
+        k_max=k_max,
+        telemetry_every=5,
+        read_every=10,
+        dependency_lags=0,  # the residual probe would see the lag too: only the gradients are tested here
+    )
+    trainer.fit((x, y))
+    path = [e["detail"]["lag"] for e in trainer.history.events_of("truncation")]
+    assert len(path) > 1 and path[-1] < k_max  # it shrank towards the memory's length
+    assert min(path) >= lag  # and never below it
+    estimates = trainer.history.extra["truncation_estimates"]
+    assert all(e["hidden_reach"] == 0 for e in estimates if "hidden_reach" in e)
+    assert all(e["cell_reach"] == min(lag, e["lag"]) for e in estimates)
 
 
 # ---- marker recall: the memory the model learned is kept, a one-step dependency still shrinks ----
