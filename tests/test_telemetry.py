@@ -41,9 +41,9 @@ class Expected:
         self.elements = np.zeros(slots, dtype=np.int64)
         self.forget = np.zeros(slots)
         self.cell_absmax = np.zeros(slots)
-        self.sumsq = [dict() for _ in range(slots)]  # t -> summed squared norms of dL/dh_t over passes
-        self.cell_sumsq = [dict() for _ in range(slots)]  # t -> the same for dL/dc_t
-        self.passes = [dict() for _ in range(slots)]  # t -> number of passes
+        self.sumsq = [{} for _ in range(slots)]  # t -> summed squared norms of dL/dh_t over passes
+        self.cell_sumsq = [{} for _ in range(slots)]  # t -> the same for dL/dc_t
+        self.passes = [{} for _ in range(slots)]  # t -> number of passes
 
     def grad_norm(self, slot, cell=False):
         steps = max(self.passes[slot], default=-1) + 1
@@ -160,8 +160,8 @@ def assert_window(snap: fastlstm.Snapshot, expected: Expected, ref: nn.LSTM, gra
 
 
 CONFIGS = {
-    "1layer": dict(num_layers=1),
-    "2layer-bidir-proj": dict(num_layers=2, bidirectional=True, proj_size=P),
+    "1layer": {"num_layers": 1},
+    "2layer-bidir-proj": {"num_layers": 2, "bidirectional": True, "proj_size": P},
 }
 
 
@@ -337,33 +337,33 @@ def _nan_case(name):
 
     cases = {
         # forward, input: layer 0, the timestep of the NaN (direction 0 runs first, even when bidirectional)
-        "input_nan": (dict(), lambda m, x, hx: x[3, 1].fill_(nan), None, (0, 0, 3, "forward", "input")),
+        "input_nan": ({}, lambda m, x, hx: x[3, 1].fill_(nan), None, (0, 0, 3, "forward", "input")),
         "input_two_nans": (
-            dict(num_layers=2, bidirectional=True),
+            {"num_layers": 2, "bidirectional": True},
             lambda m, x, hx: (x[4, 0, 1].fill_(nan), x[2, 2, 0].fill_(inf)),
             None,
             (0, 0, 2, "forward", "input"),
         ),
-        "input_nan_last_step": (dict(bidirectional=True), lambda m, x, hx: x[T - 1, 0].fill_(nan), None,
+        "input_nan_last_step": ({"bidirectional": True}, lambda m, x, hx: x[T - 1, 0].fill_(nan), None,
                                 (0, 0, T - 1, "forward", "input")),
-        "w_ih_reverse": (dict(bidirectional=True), set_param("weight_ih_l0_reverse", nan), None,
+        "w_ih_reverse": ({"bidirectional": True}, set_param("weight_ih_l0_reverse", nan), None,
                          (0, 1, T - 1, "forward", "input")),
-        "w_hh_inf": (dict(num_layers=2), set_param("weight_hh_l0", inf), None, (0, 0, 0, "forward", "gates")),
-        "w_hh_inf_layer1_reverse": (dict(num_layers=2, bidirectional=True), set_param("weight_hh_l1_reverse", inf),
+        "w_hh_inf": ({"num_layers": 2}, set_param("weight_hh_l0", inf), None, (0, 0, 0, "forward", "gates")),
+        "w_hh_inf_layer1_reverse": ({"num_layers": 2, "bidirectional": True}, set_param("weight_hh_l1_reverse", inf),
                                     None, (1, 1, T - 1, "forward", "gates")),
-        "h0_nan_reverse": (dict(bidirectional=True), lambda m, x, hx: hx[0][1, 2].fill_(nan), None,
+        "h0_nan_reverse": ({"bidirectional": True}, lambda m, x, hx: hx[0][1, 2].fill_(nan), None,
                            (0, 1, T - 1, "forward", "gates")),
-        "c0_nan": (dict(), lambda m, x, hx: hx[1][0, 1, 2].fill_(nan), None, (0, 0, 0, "forward", "cell")),
-        "c0_nan_reverse": (dict(bidirectional=True), lambda m, x, hx: hx[1][1, 0].fill_(nan), None,
+        "c0_nan": ({}, lambda m, x, hx: hx[1][0, 1, 2].fill_(nan), None, (0, 0, 0, "forward", "cell")),
+        "c0_nan_reverse": ({"bidirectional": True}, lambda m, x, hx: hx[1][1, 0].fill_(nan), None,
                            (0, 1, T - 1, "forward", "cell")),
-        "w_hr_nan": (dict(proj_size=P, num_layers=2), set_param("weight_hr_l1", nan), None,
+        "w_hr_nan": ({"proj_size": P, "num_layers": 2}, set_param("weight_hr_l1", nan), None,
                      (1, 0, 0, "forward", "hidden")),
         # backward
-        "loss_nan": (dict(num_layers=2), None, "loss_nan", (1, 0, T - 1, "backward", "grad_output")),
-        "grad_out_reverse_half": (dict(bidirectional=True), None, "reverse_half", (0, 1, 1, "backward", "grad_output")),
-        "grad_out_forward_half": (dict(bidirectional=True), None, "forward_half", (0, 0, 4, "backward", "grad_output")),
-        "grad_h_n": (dict(), None, "h_n", (0, 0, T - 1, "backward", "grad_hidden")),
-        "grad_c_n": (dict(), None, "c_n", (0, 0, T - 1, "backward", "grad_cell")),
+        "loss_nan": ({"num_layers": 2}, None, "loss_nan", (1, 0, T - 1, "backward", "grad_output")),
+        "grad_out_reverse_half": ({"bidirectional": True}, None, "reverse_half", (0, 1, 1, "backward", "grad_output")),
+        "grad_out_forward_half": ({"bidirectional": True}, None, "forward_half", (0, 0, 4, "backward", "grad_output")),
+        "grad_h_n": ({}, None, "h_n", (0, 0, T - 1, "backward", "grad_hidden")),
+        "grad_c_n": ({}, None, "c_n", (0, 0, T - 1, "backward", "grad_cell")),
     }
     return cases[name]
 
@@ -423,7 +423,7 @@ def test_first_nonfinite_packed_reverse():
     x, hx, _ = random_pass_inputs(ref, 5, 3)
     with torch.no_grad():
         fast.weight_hh_l0_reverse[0, 0] = float("inf")
-    out, (h, c) = fast(pack(x, lengths, False, enforce_sorted=False), hx)
+    _out, (_h, _c) = fast(pack(x, lengths, False, enforce_sorted=False), hx)
     r = fast.telemetry.snapshot().first_nonfinite
     assert (r.layer, r.direction, r.timestep, r.stage, r.tensor) == (0, 1, 4, "forward", "gates")
 
@@ -498,7 +498,7 @@ GUARDED = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__",
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_no_host_sync(monkeypatch, packed):
     ref, fast = make_pair(I, H, num_layers=2, bidirectional=True, proj_size=P)
-    x, hx, weights = random_pass_inputs(ref, 5, 3)
+    x, hx, _weights = random_pass_inputs(ref, 5, 3)
     inp = pack(x, [3, 5, 2], False, enforce_sorted=False) if packed else x
     host_meta = inp.batch_sizes if packed else None  # PackedSequence keeps batch_sizes on the host by contract
     fast(inp, hx)  # warm-up allocates the counters
