@@ -6,7 +6,7 @@ device-to-host copy every `read_every` steps (or when the history is requested).
 statistics are closed every `every` steps. The result is a `History` in the JSON format of docs/history.md.
 
 Besides what the loop passes, the Monitor records on the device, with hooks: the gradient norm before clipping
-(when each parameter's gradient is accumulated) and the norm the optimizer step used (just before it), so that
+(when each parameter's gradient is accumulated) and the norm the optimizer step used (read right after it), so that
 clipping shows; the update-to-weight ratio ‖Δθ‖/‖θ‖ of every `every`-th step; the learning rate; and whether each
 LSTM pass started from a state passed in (hx) that was not all zeros and carried no autograd graph: a stream cut
 into chunks whose gradient stops at each chunk's start, whoever does the chunking. `monitor.findings()` diagnoses
@@ -250,7 +250,7 @@ class Monitor:
     Args:
       model:       any nn.Module; every fastlstm.LSTM inside it is monitored, named by its module path.
       optimizer:   optional; the learning rate of its first parameter group is recorded when `step()` gets none, the
-                   gradient norm its step used is measured just before the step (after any clipping), and every
+                   gradient norm its step used is measured right after the step (after any clipping), and every
                    `every`-th step's update-to-weight ratio ‖Δθ‖/‖θ‖ (one copy of the parameters, on the device).
       every:       close a telemetry window (one `telemetry` and one `inputs` entry per LSTM) every this many steps.
       read_every:  read the queued device values (losses, norms, flags, statistics) every this many steps, with one
@@ -303,7 +303,7 @@ class Monitor:
         self._grad_norms: dict = {}  # id(parameter) -> ‖grad‖ (device) at its last accumulation, this step
         if grad_norm and grad_hooks and not isinstance(model, nn.parallel.DistributedDataParallel):
             self._hooks += [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self._params]
-        self._applied = None  # the norm the optimizer step used (device), measured in its pre-hook
+        self._applied = None  # the norm the optimizer step used (device), measured in its post-hook
         self._update = None  # ‖Δθ‖/‖θ‖ of the sampled step (device), measured in its post-hook
         self._before_update = None  # the parameters before a sampled step
         if optimizer is not None and grad_norm:
@@ -510,11 +510,13 @@ class Monitor:
             self._grad_norms[id(p)] = torch.linalg.vector_norm(grad, dtype=wide).to(torch.float64)
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self._applied = _current_grad_norm(self._params)
         if self._step % self.every == 0:  # a sampled step: keep the parameters to measure the update
             self._before_update = [p.detach().clone() for p in self._params]
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        # The gradient the step used, after any clipping: measured after the step, because a step given a closure
+        # (LBFGS, Lightning) computes its gradient inside the step, after the pre-hooks ran.
+        self._applied = _current_grad_norm(self._params)
         before, self._before_update = self._before_update, None
         if before is None:
             return
