@@ -147,8 +147,9 @@ def forecast(name: str, *, lr=1e-2, optimizer="adam", raw=False, nan_at=None, wi
 
 
 def truncated_forecast(name: str, *, k: int, streams: int = 8, epochs: int = 4):
-    """Next-value forecasting with fastlstm.TBPTTTrainer over the training series as `streams` streams (staggered
-    starts), truncated at k1 = k2 = k steps; validation on the rest of the series."""
+    """Next-value forecasting with fastlstm.TBPTTTrainer over `streams` overlapping streams of the training series
+    (starting one step apart), truncated at k1 = k2 = k steps; validation on the rest of the series at each epoch
+    end (the streams are in phase, so validating within an epoch would sample the model at different phases)."""
 
     @single_threaded
     def runner(seed: int) -> dict:
@@ -163,9 +164,7 @@ def truncated_forecast(name: str, *, k: int, streams: int = 8, epochs: int = 4):
         xv, yv = _windows(val, val.size - 1, [0])
         model = Net(1)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        trainer = fastlstm.TBPTTTrainer(
-            model, opt, torch.nn.MSELoss(), k1=k, k2=k, telemetry_every=5, read_every=10, validate_every=20
-        )
+        trainer = fastlstm.TBPTTTrainer(model, opt, torch.nn.MSELoss(), k1=k, k2=k, telemetry_every=5, read_every=10)
         return trainer.fit((x, y), epochs=epochs, val_data=(xv, yv)).to_dict()
 
     return runner
@@ -259,7 +258,7 @@ SCENARIOS = (
         "raw_units": forecast("co2", window=52, raw=True),
         "lr_too_high": forecast("co2", window=52, optimizer="sgd", lr=5.0),
         "missing_readings": forecast("co2", window=52, fill=False),
-        "windows_too_short": truncated_forecast("co2", k=4, epochs=1),
+        "windows_too_short": truncated_forecast("co2", k=4, epochs=1, streams=4),
     }, "co2 (statsmodels), weekly, 59 readings missing")
     + _dataset_scenarios("elnino", True, {
         "healthy": forecast("elnino"),

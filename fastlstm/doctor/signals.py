@@ -300,12 +300,21 @@ class Signals:
 
     @cached_property
     def profiles(self) -> list:
-        """One GradientProfile per LSTM layer-direction that has backward telemetry."""
+        """One GradientProfile per LSTM layer-direction that has backward telemetry (the later half of its
+        windows)."""
+        return self._profiles(0.5)
+
+    @cached_property
+    def latest_profiles(self) -> list:
+        """The same from the latest quarter of the windows (at least three): the network as it ends."""
+        return self._profiles(0.25)
+
+    def _profiles(self, fraction: float) -> list:
         result = []
         for name, windows in self.view.telemetry.items():
             slots = max((len(w.layers) for w in windows), default=0)
             for k in range(slots):
-                profile = _recent_profile(name, windows, k)
+                profile = _recent_profile(name, windows, k, fraction)
                 if profile is not None:
                     result.append(profile)
         return result
@@ -343,8 +352,8 @@ class Signals:
         return result
 
 
-def _recent_profile(name: str, windows: list, slot: int) -> GradientProfile | None:
-    """The profile of one layer-direction from the later half of its usable windows.
+def _recent_profile(name: str, windows: list, slot: int, fraction: float = 0.5) -> GradientProfile | None:
+    """The profile of one layer-direction from the latest `fraction` of its usable windows (at least three).
 
     A window is usable when no non-finite value arose in it and its gradient norms are finite: a window in which
     the backward overflowed says nothing about how gradients decay. Windows are compared by shape, not scale
@@ -364,7 +373,7 @@ def _recent_profile(name: str, windows: list, slot: int) -> GradientProfile | No
     lengths = [r[2].size for r in rows]
     modal = max(set(lengths), key=lengths.count)
     rows = [r for r in rows if r[2].size == modal]
-    recent = rows[len(rows) // 2 :]
+    recent = rows[-max(3, math.ceil(fraction * len(rows))) :]
     ends = np.array([median_positive(r[2][-max(1, modal // 10) :]) for r in recent])
     shapes = np.stack([r[2] / end for r, end in zip(recent, ends)])
     norms = np.median(shapes, axis=0) * float(np.median(ends))

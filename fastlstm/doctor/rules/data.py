@@ -47,7 +47,8 @@ def rule_constant_target(s: Signals) -> list:
     "unscaled_inputs",
     family="data",
     severity="warning",
-    signal="per-feature sqrt(mean² + std²) of the LSTM's inputs; spread of those magnitudes",
+    signal="per-feature sqrt(mean² + std²) of the LSTM's inputs, pooled and in the first window; spread of those "
+    "magnitudes",
     threshold="`feature_rms_max` = 10; `feature_spread_max` = 1e3",
 )
 def rule_unscaled_inputs(s: Signals) -> list:

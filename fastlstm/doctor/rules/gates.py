@@ -14,7 +14,7 @@ from .common import lstm_label, merge_same_code, num
 @rule(
     "gate_saturation",
     family="gates",
-    severity="warning; info for forget gates saturated open",
+    severity="warning; info for forget gates saturated open, or saturation that developed as the loss fell",
     signal="saturated fraction per gate, mean over the later half of the windows",
     threshold="`saturation_warning` = 0.6; `forget_open_share` = 0.5",
 )

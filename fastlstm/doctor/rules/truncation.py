@@ -137,6 +137,13 @@ def _chunked_truncation(s: Signals, lstm: str, carried: dict) -> list:
     if found is None:
         return []
     p, share, method = found
+    # Without the trainer's residual probe to corroborate it, the profile must also hold at the end of the run:
+    # a network still searching for structure can pass through a phase whose gradients reach far back.
+    latest = [q for q in s.latest_profiles if q.where == p.where and len(q.norms) == window]
+    latest_share = truncated_gradient_share(latest[0].norms, k1)[0] if latest else math.nan
+    if not latest_share > s.th.truncation_bias:
+        return []
+    share = min(share, latest_share)
     suggested = suggest_truncation(share, window, s.th.truncation_bias)
     evidence = {
         "lstm": lstm,
