@@ -1,13 +1,14 @@
 """fastlstm: a drop-in torch.nn.LSTM with fused Triton kernels and in-kernel training telemetry."""
 
 from . import init
+from .deploy import safe_globals
 from .doctor import Finding, diagnose
-from .module import LSTM, convert
+from .module import LSTM, convert, revert
 from .monitor import History, Monitor
 from .tbptt import NonFiniteError, TBPTTTrainer, truncation_evidence
 from .telemetry import LayerTelemetry, NonFinite, Snapshot, Telemetry
 
-__all__ = ["LSTM", "convert", "Telemetry", "Snapshot", "LayerTelemetry", "NonFinite"]
+__all__ = ["LSTM", "LayerTelemetry", "NonFinite", "Snapshot", "Telemetry", "convert", "revert", "safe_globals"]
 __all__ += ["History", "Monitor", "NonFiniteError", "TBPTTTrainer", "truncation_evidence"]
-__all__ += ["diagnose", "Finding", "init"]
+__all__ += ["Finding", "diagnose", "init"]
 __version__ = "0.1.0"

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     doctor = sub.add_parser("doctor", help="diagnose a saved training history (JSON, docs/history.md)")
-    doctor.add_argument("path", help="a History saved with History.save / Monitor (JSON)")
+    doctor.add_argument(
+        "path", help="a History saved as JSON (History.save: Monitor, TBPTTTrainer, the Lightning DoctorCallback)"
+    )
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON (format fastlstm.findings/1)")
     doctor.add_argument(
         "--fail-on", choices=("info", "warning", "error"), default=None,

@@ -18,9 +18,11 @@ STAT_CELL_ABSMAX = 6  # max |c_t|, kept with an atomic max (values are >= 0, NaN
 STAT_LAUNCHES = 7  # forward launches of this slot
 NUM_STATS = 8
 
-# Rows of Telemetry.grad, a float64 [slots, 2, capacity] tensor indexed by timestep.
+# Rows of Telemetry.grad, a float64 [slots, NUM_GRAD_ROWS, capacity] tensor indexed by timestep.
 GRAD_SUMSQ = 0  # sum over backward passes of ||dL/dh_t||^2
 GRAD_PASSES = 1  # number of backward passes that reached t
+GRAD_CELL_SUMSQ = 2  # sum over backward passes of ||dL/dc_t||^2
+NUM_GRAD_ROWS = 3
 
 # The first non-finite value of a window is one int64 per stage (forward, backward), kept with an atomic minimum.
 # A forward writes only forward tensors and a backward only backward ones, which torch.compile requires of tensors

@@ -56,6 +56,7 @@ class TelemetryWindow:
     step: int
     layers: list  # LayerWindow per slot k = layer * num_directions + direction
     first_nonfinite: dict | None
+    first_step: int | None = None  # the first training step the window covers, when recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,9 @@ class HistoryView:
         self.step = np.array([int(s.get("step", i)) for i, s in enumerate(steps)], dtype=np.int64)
         self.loss = float_array([s.get("loss") for s in steps])
         self.lr = float_array([s.get("lr") for s in steps])
-        self.grad_norm = float_array([s.get("grad_norm") for s in steps])
+        self.grad_norm = float_array([s.get("grad_norm") for s in steps])  # before clipping
+        self.grad_norm_applied = float_array([s.get("grad_norm_applied") for s in steps])  # what the step used
+        self.update_ratio = float_array([s.get("update_ratio") for s in steps])  # ‖Δθ‖ / ‖θ‖, sampled steps
         # null means "not measured", "nan" means a measured NaN: keep the difference.
         self.loss_known = np.array([s.get("loss") is not None for s in steps], dtype=bool)
         self.grad_norm_known = np.array([s.get("grad_norm") is not None for s in steps], dtype=bool)
@@ -95,6 +98,7 @@ class HistoryView:
         self.telemetry = _telemetry_by_lstm(raw.get("telemetry") or [])
         self.inputs = _group_by_lstm(raw.get("inputs") or [])
         self.targets = list(raw.get("targets") or [])
+        self.states = _group_by_lstm(raw.get("states") or [])
 
     # ---- losses ----
 
@@ -123,6 +127,15 @@ class HistoryView:
     def input_stats(self, lstm: str) -> FeatureStats | None:
         return pool_feature_stats(self.inputs.get(lstm, []))
 
+    def first_input_stats(self, lstm: str) -> FeatureStats | None:
+        """The statistics of the first window in which the LSTM saw inputs."""
+        entries = sorted(self.inputs.get(lstm, []), key=lambda e: int(e.get("step", 0)))
+        for entry in entries:
+            stats = pool_feature_stats([entry])
+            if stats is not None:
+                return stats
+        return None
+
     def target_stats(self) -> FeatureStats | None:
         return pool_feature_stats(self.targets)
 
@@ -141,6 +154,18 @@ class HistoryView:
 
     def events_of(self, *kinds: str) -> list:
         return [e for e in self.events if e.get("kind") in kinds]
+
+    # ---- recurrent state carried into the LSTMs ----
+
+    def carried_state(self, lstm: str) -> dict:
+        """Totals of the LSTM's `states` entries: training forward passes, passes given an initial state, passes
+        whose state was not all zeros, passes whose state still carried an autograd graph, and the longest
+        sequence seen (docs/history.md)."""
+        keys = ("passes", "with_state", "nonzero_state", "attached_state")
+        entries = self.states.get(lstm, [])
+        totals = {k: int(sum(int(e.get(k) or 0) for e in entries)) for k in keys}
+        totals["timesteps"] = max((int(e.get("timesteps") or 0) for e in entries), default=0)
+        return totals
 
 
 def _names_or_default(candidates, width: int, prefix: str) -> list:
@@ -172,7 +197,10 @@ def _telemetry_by_lstm(entries) -> dict:
     for entry in entries:
         snapshot = entry.get("snapshot") or {}
         layers = [_layer_window(k, layer) for k, layer in enumerate(snapshot.get("layers") or [])]
-        window = TelemetryWindow(int(entry.get("step", 0)), layers, snapshot.get("first_nonfinite"))
+        first = entry.get("first_step")
+        window = TelemetryWindow(
+            int(entry.get("step", 0)), layers, snapshot.get("first_nonfinite"), None if first is None else int(first)
+        )
         grouped[str(entry.get("lstm", ""))].append(window)
     return dict(grouped)
 

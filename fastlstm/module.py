@@ -1,22 +1,26 @@
-"""`fastlstm.LSTM`: torch.nn.LSTM's contract, run layer by layer through fastlstm's backends.
+"""`fastlstm.LSTM`: torch.nn.LSTM's contract, each pass run by the implementation that routing.py picks.
 
 Construction, parameters, initialisation, state_dict keys, extra_repr and the shape checks are inherited from
-`nn.RNNBase` or borrowed from `nn.LSTM`, so they are nn.LSTM's by construction. This class only adds the forward
-pass (inputs normalised to time-major padded tensors plus lengths, then one autograd op per layer-direction) and
-the telemetry window.
+`nn.RNNBase` or borrowed from `nn.LSTM`, so they are nn.LSTM's by construction. This class adds the forward pass in
+two forms: native (one aten::lstm call on the flat weights, as nn.LSTM makes it; also the only form TorchScript
+compiles) and fused (inputs normalised to time-major padded tensors plus lengths, then one autograd op per
+layer-direction, function.py), the telemetry window, and the conversions from and back to nn.LSTM.
+
+No `from __future__ import annotations` here: TorchScript reads the annotations of the native path as objects.
 """
 
-from __future__ import annotations
-
+import warnings
 from contextlib import nullcontext
+from typing import overload
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .backends import check_backend_name, resolve
-from .ops import lstm_layer
+from . import native
+from .function import lstm_layer
+from .routing import check_backend_name, choose
 from .telemetry import Telemetry
 
 
@@ -24,7 +28,9 @@ class LSTM(nn.RNNBase):
     """Drop-in replacement for `torch.nn.LSTM`; see its documentation for the arguments.
 
     Extra keyword-only arguments:
-      backend:   "auto" (Triton kernels on CUDA, reference elsewhere), "reference" or "triton".
+      backend:   "auto" (Triton kernels on CUDA, the reference elsewhere), "reference", "triton", or "native"
+                 (PyTorch's own LSTM op, which records no telemetry). Exporting, tracing and torch.func always run
+                 the native op (docs/deploy.md).
       telemetry: record gate saturation, gradient norms through time and the first non-finite value into
                  `self.telemetry` (docs/telemetry.md). False removes that work entirely; `self.telemetry.enabled`
                  switches it at run time.
@@ -59,6 +65,8 @@ class LSTM(nn.RNNBase):
         self.telemetry = Telemetry(num_layers, 2 if bidirectional else 1, enabled=bool(telemetry))
         self.telemetry.allocate(self.weight_ih_l0.device)
 
+    # ---- where the telemetry lives: always with the parameters ----
+
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         telemetry = self.__dict__.get("telemetry")  # absent while nn.RNNBase.__init__ runs
@@ -66,27 +74,53 @@ class LSTM(nn.RNNBase):
             telemetry.allocate(self.weight_ih_l0.device)
         return result
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.telemetry.allocate(self.weight_ih_l0.device)  # load_state_dict(assign=True) may have moved them
+
+    # Pickles (torch.save of a whole model, deepcopy) carry the telemetry as plain tensors and numbers, so that
+    # torch.load(weights_only=True) needs only this class allow-listed (fastlstm.safe_globals).
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["telemetry"] = self.telemetry.__getstate__()
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        telemetry_state = state.pop("telemetry")
+        super().__setstate__(state)
+        self.telemetry = Telemetry.__new__(Telemetry)
+        self.telemetry.__setstate__(telemetry_state)
+
+    def __delattr__(self, name):
+        # Every quantization pass deletes the qconfig of the modules it did not swap (torch.ao.quantization.convert).
+        if name == "qconfig":
+            warnings.warn(
+                "fastlstm.LSTM stays in floating point: quantization passes match module types exactly. Name "
+                "fastlstm.LSTM in the quantization spec (quantize_dynamic(model, {fastlstm.LSTM, nn.Linear})) to "
+                "get PyTorch's dynamic quantized LSTM, or call fastlstm.revert(model) first (docs/deploy.md)",
+                stacklevel=2,
+            )
+        super().__delattr__(name)
+
+    # ---- conversion from and back to nn.LSTM ----
+
     @classmethod
-    def from_torch(cls, module: nn.LSTM, *, backend: str = "auto", telemetry: bool = True) -> LSTM:
+    def from_torch(cls, module: nn.LSTM, *, backend: str = "auto", telemetry: bool = True) -> "LSTM":
         """A fastlstm.LSTM with `module`'s configuration and training mode, sharing its Parameter objects (as
         SyncBatchNorm.convert_sync_batchnorm does), so optimizers built on `module` keep working."""
         if not isinstance(module, nn.LSTM):
             raise TypeError(f"from_torch expects a torch.nn.LSTM, got {type(module).__name__}")
-        new = cls(
-            module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-            module.dropout, module.bidirectional, module.proj_size, device="meta",
-            backend=backend, telemetry=telemetry,
-        )  # fmt: skip
-        for name in module._flat_weights_names:
-            param = module._parameters.get(name)
-            if not isinstance(param, nn.Parameter):
-                raise ValueError(
-                    f"{name} of the nn.LSTM is not a plain Parameter (a parametrization or weight norm?); "
-                    "remove it before converting and apply it to the fastlstm.LSTM instead"
-                )
-            setattr(new, name, param)
-        new._init_flat_weights()
+        new = cls(*_configuration(module), device="meta", backend=backend, telemetry=telemetry)
+        _share_parameters(module, new)
+        new.telemetry.allocate(new.weight_ih_l0.device)
         return new.train(module.training)
+
+    def to_torch(self) -> nn.LSTM:
+        """A torch.nn.LSTM with this module's configuration and training mode, sharing its Parameter objects."""
+        new = nn.LSTM(*_configuration(self), device="meta")
+        _share_parameters(self, new)
+        return new.train(self.training)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -96,7 +130,102 @@ class LSTM(nn.RNNBase):
             s += ", telemetry=False"
         return s
 
+    # ---- forward ----
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
+
     def forward(self, input, hx=None):
+        # TorchScript compiles only what follows this block (it folds is_scripting() to True), so a scripted
+        # module is the native path alone.
+        if not torch.jit.is_scripting():
+            implementation = self._implementation(input)
+            if implementation != "native":
+                return self._fused_forward(input, hx, implementation)
+            _check_hx_form(hx)
+            self._update_flat_weights()  # functional_call, parametrizations and reassigned weights
+        if isinstance(input, PackedSequence):
+            return self._native_packed(input, hx)
+        return self._native_padded(input, hx)
+
+    def _implementation(self, input) -> str:
+        if isinstance(input, PackedSequence):
+            data = input.data
+        elif isinstance(input, torch.Tensor):
+            data = input
+        elif isinstance(input, torch.fx.Proxy):
+            raise TypeError(
+                "torch.fx.symbolic_trace treats only torch.nn's own modules as leaves and cannot trace into "
+                "fastlstm.LSTM; call fastlstm.revert(model) first, or use torch.export (docs/deploy.md)"
+            )
+        else:
+            raise TypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
+        return choose(self.backend, data.device, data.dtype)
+
+    # ---- native: nn.LSTM's own forward, TorchScript-compatible ----
+
+    def _native_padded(self, input: Tensor, hx: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            state = self._zero_state(input, input.size(batch_dim))
+        else:
+            expected = 3 if batched else 2
+            if hx[0].dim() != expected or hx[1].dim() != expected:
+                kind = "batched 3-D" if batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {expected}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            state = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, state, None)
+        out, h_n, c_n = native.lstm(
+            input, state, self._flat_weights, self.bias, self.num_layers, float(self.dropout), self.training,
+            self.bidirectional, self.batch_first,
+        )  # fmt: skip
+        if not batched:
+            return out.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
+        return out, (h_n, c_n)
+
+    def _native_packed(
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if hx is None:
+            state = self._zero_state(data, int(batch_sizes[0]))
+        else:
+            state = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(data, state, batch_sizes)
+        out, h_n, c_n = native.lstm_packed(
+            data, batch_sizes, state, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+            self.training, self.bidirectional,
+        )  # fmt: skip
+        packed = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+        return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _zero_state(self, input: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        slots = self.num_layers * (2 if self.bidirectional else 1)
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h0 = torch.zeros(slots, batch, real_hidden, dtype=input.dtype, device=input.device)
+        c0 = torch.zeros(slots, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+        return h0, c0
+
+    # ---- fused: fastlstm's own ops, layer by layer, with telemetry ----
+
+    def _fused_forward(self, input, hx, implementation: str):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -104,8 +233,6 @@ class LSTM(nn.RNNBase):
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             batched, reference_input = True, data
         else:
-            if not isinstance(input, torch.Tensor):
-                raise TypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
             batch_sizes = sorted_indices = unsorted_indices = lengths = None
@@ -125,7 +252,7 @@ class LSTM(nn.RNNBase):
             weights = [tuple(None if w is None else w.to(autocast_dtype) for w in ws) for ws in weights]
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
-            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths)
+            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation)
 
         if packed:
             out_data = pack_padded_sequence(out, lengths).data
@@ -139,21 +266,20 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
 
-    def _run_layers(self, x, h0, c0, weights, lengths):
-        backend = resolve(self.backend, x.device, x.dtype)
+    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str):
         num_directions = 2 if self.bidirectional else 1
         # docs/telemetry.md: nothing is recorded when telemetry is off or the batch is empty.
         record = self.telemetry.enabled and x.shape[1] > 0
-        seq = self.telemetry.begin_pass(x.device, x.shape[0]) if record else None
+        seq = self.telemetry.begin_pass(x.device) if record else None
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
                 slot = layer * num_directions + direction
-                probe = self.telemetry.probe(layer, direction, seq) if record else None
+                probe = self.telemetry.pass_probe(layer, direction, seq) if record else None
                 out, h, c = lstm_layer(
-                    layer_input, h0[slot], c0[slot], weights[slot], lengths, direction == 1, backend, probe
+                    layer_input, h0[slot], c0[slot], weights[slot], lengths, direction == 1, implementation, probe
                 )
                 outputs.append(out)
                 h_n.append(h)
@@ -175,18 +301,11 @@ class LSTM(nn.RNNBase):
     def _initial_state(self, hx, input, batch_sizes, batched):
         """Validated (h0, c0) of shape [layers * directions, B, *], with nn.LSTM's error messages."""
         if hx is None:
-            num_directions = 2 if self.bidirectional else 1
             batch = int(batch_sizes[0]) if batch_sizes is not None else input.size(0 if self.batch_first else 1)
-            real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-            zeros = dict(dtype=input.dtype, device=input.device)
-            hx = (
-                torch.zeros(self.num_layers * num_directions, batch, real_hidden, **zeros),
-                torch.zeros(self.num_layers * num_directions, batch, self.hidden_size, **zeros),
-            )
+            hx = self._zero_state(input, batch)
             self.check_forward_args(input, hx, batch_sizes)
             return hx
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
-            raise RuntimeError("lstm expects hx to be a tuple (h_0, c_0) of two tensors")
+        _check_hx_form(hx)
         h0, c0 = hx
         expected = 3 if batched else 2
         if h0.dim() != expected or c0.dim() != expected:
@@ -205,24 +324,48 @@ class LSTM(nn.RNNBase):
         return h0, c0
 
 
+def _check_hx_form(hx) -> None:
+    if hx is None:
+        return
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
+        raise RuntimeError("lstm expects hx to be a tuple (h_0, c_0) of two tensors")
+
+
 def _autocast_dtype(device: torch.device):
     if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
 
-def convert(model: nn.Module, *, backend: str = "auto", telemetry: bool = True) -> nn.Module:
-    """Replace every torch.nn.LSTM inside `model` (or `model` itself) by a fastlstm.LSTM sharing its parameters.
+def _configuration(module: nn.RNNBase) -> tuple:
+    return (
+        module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first, module.dropout,
+        module.bidirectional, module.proj_size,
+    )  # fmt: skip
 
-    Returns the converted model: `model` itself, modified in place, unless `model` is an nn.LSTM.
-    """
-    converted: dict[int, nn.Module] = {}
+
+def _share_parameters(source: nn.RNNBase, target: nn.RNNBase) -> None:
+    """Make `target` (built on the meta device) hold `source`'s Parameter objects."""
+    for name in source._flat_weights_names:
+        param = source._parameters.get(name)
+        if not isinstance(param, nn.Parameter):  # the module's setup is wrong, not an argument's type
+            raise ValueError(  # noqa: TRY004
+                f"{name} of the {type(source).__name__} is not a plain Parameter (a parametrization or weight "
+                "norm?); remove it before converting and apply it to the converted module instead"
+            )
+        setattr(target, name, param)
+    target._init_flat_weights()
+
+
+def _swap_all(model: nn.Module, convert_one, kind: type) -> nn.Module:
+    """`model` with every `kind` inside it (or itself) replaced by convert_one(module); shared modules stay shared."""
+    converted: dict = {}
 
     def swap(module: nn.Module) -> nn.Module:
         if id(module) in converted:
             return converted[id(module)]
-        if isinstance(module, nn.LSTM):
-            result = LSTM.from_torch(module, backend=backend, telemetry=telemetry)
+        if isinstance(module, kind):
+            result = convert_one(module)
         else:
             for name, child in list(module.named_children()):
                 setattr(module, name, swap(child))
@@ -231,3 +374,24 @@ def convert(model: nn.Module, *, backend: str = "auto", telemetry: bool = True) 
         return result
 
     return swap(model)
+
+
+def convert(model: nn.Module, *, backend: str = "auto", telemetry: bool = True) -> nn.Module:
+    """Replace every torch.nn.LSTM inside `model` (or `model` itself) by a fastlstm.LSTM sharing its parameters.
+
+    Returns the converted model: `model` itself, modified in place, unless `model` is an nn.LSTM.
+    """
+    check_backend_name(backend)
+
+    def one(module):
+        return LSTM.from_torch(module, backend=backend, telemetry=telemetry)
+
+    return _swap_all(model, one, nn.LSTM)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Replace every fastlstm.LSTM inside `model` (or `model` itself) by a torch.nn.LSTM sharing its parameters.
+
+    Returns the reverted model: `model` itself, modified in place, unless `model` is a fastlstm.LSTM.
+    """
+    return _swap_all(model, LSTM.to_torch, LSTM)

@@ -4,6 +4,13 @@ A `Monitor` attaches to a model (every `fastlstm.LSTM` inside it, named by modul
 through `monitor.step(loss=...)`. The step only queues device tensors; they are read in batches, with one
 device-to-host copy every `read_every` steps (or when the history is requested). Telemetry windows and input
 statistics are closed every `every` steps. The result is a `History` in the JSON format of docs/history.md.
+
+Besides what the loop passes, the Monitor records on the device, with hooks: the gradient norm before clipping
+(when each parameter's gradient is accumulated) and the norm the optimizer step used (read right after it), so that
+clipping shows; the update-to-weight ratio ‖Δθ‖/‖θ‖ of every `every`-th step; the learning rate; and whether each
+LSTM pass started from a state passed in (hx) that was not all zeros and carried no autograd graph: a stream cut
+into chunks whose gradient stops at each chunk's start, whoever does the chunking. `monitor.findings()` diagnoses
+what has been read so far without waiting for the device.
 """
 
 from __future__ import annotations
@@ -242,12 +249,19 @@ class Monitor:
 
     Args:
       model:       any nn.Module; every fastlstm.LSTM inside it is monitored, named by its module path.
-      optimizer:   optional; the learning rate of its first parameter group is recorded when `step()` gets none.
+      optimizer:   optional; the learning rate of its first parameter group is recorded when `step()` gets none, the
+                   gradient norm its step used is measured right after the step (after any clipping), and every
+                   `every`-th step's update-to-weight ratio ‖Δθ‖/‖θ‖ (one copy of the parameters, on the device).
       every:       close a telemetry window (one `telemetry` and one `inputs` entry per LSTM) every this many steps.
       read_every:  read the queued device values (losses, norms, flags, statistics) every this many steps, with one
                    device-to-host copy; defaults to `every`.
       input_stats: record per-feature statistics of what each LSTM received (a forward pre-hook, device sums only).
-      grad_norm:   when `step()` gets no grad_norm, record the 2-norm of the model's current `.grad`s.
+      grad_norm:   when `step()` gets no grad_norm, record the gradient 2-norm before clipping (see grad_hooks) and
+                   the norm the step used (after clipping; `grad_norm_applied`).
+      grad_hooks:  measure the norm before clipping as each parameter's gradient is accumulated in backward. Off,
+                   or under DistributedDataParallel (whose hooks see the local gradient before the all-reduce), the
+                   norm of the `.grad`s at `step()` is recorded instead. Under torch.amp.GradScaler the hooks see
+                   scaled gradients: pass `grad_norm=clip_grad_norm_(...)` (after `scaler.unscale_`) instead.
     """
 
     def __init__(
@@ -259,6 +273,7 @@ class Monitor:
         read_every: int | None = None,
         input_stats: bool = True,
         grad_norm: bool = True,
+        grad_hooks: bool = True,
     ):
         if every < 1 or (read_every is not None and read_every < 1):
             raise ValueError("every and read_every must be >= 1")
@@ -280,11 +295,22 @@ class Monitor:
         self._input_stats = {name: _FeatureStats() for name in self.lstms} if input_stats else {}
         self._target_stats = _FeatureStats()
         self._unresolved: list = []  # skipped-step events still waiting for their telemetry window
+        self._states = {name: _StateCarry() for name in self.lstms}
         self._hooks = [
-            m.register_forward_pre_hook(self._make_input_hook(name), with_kwargs=True)
-            for name, m in self.lstms.items()
-            if input_stats
+            m.register_forward_pre_hook(self._make_input_hook(name), with_kwargs=True) for name, m in self.lstms.items()
         ]
+        self._params = _trained_parameters(model, optimizer)
+        self._grad_norms: dict = {}  # id(parameter) -> ‖grad‖ (device) at its last accumulation, this step
+        if grad_norm and grad_hooks and not isinstance(model, nn.parallel.DistributedDataParallel):
+            self._hooks += [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self._params]
+        self._applied = None  # the norm the optimizer step used (device), measured in its post-hook
+        self._update = None  # ‖Δθ‖/‖θ‖ of the sampled step (device), measured in its post-hook
+        self._before_update = None  # the parameters before a sampled step
+        if optimizer is not None and grad_norm:
+            self._hooks += [
+                optimizer.register_step_pre_hook(self._before_optimizer_step),
+                optimizer.register_step_post_hook(self._after_optimizer_step),
+            ]
 
     # ---- the training loop's side ----
 
@@ -310,11 +336,23 @@ class Monitor:
         n = self._step
         if lr is None and self.optimizer is not None:
             lr = self.optimizer.param_groups[0]["lr"]
-        if grad_norm is None and self.track_grad_norm:
-            grad_norm = _current_grad_norm(self.model)
+        applied = None
+        if self.track_grad_norm:
+            applied = self._applied if self.optimizer is not None else None
+            if grad_norm is None and self._grad_norms:
+                grad_norm = torch.linalg.vector_norm(torch.stack(list(self._grad_norms.values())))
+                if applied is None:  # no optimizer hook: the .grad the loop leaves is what its step used
+                    applied = _current_grad_norm(self._params)
+            elif grad_norm is None:
+                grad_norm = _current_grad_norm(self._params)
         entry = {"step": n, "loss": None, "lr": None, "grad_norm": None, "skipped": False}
         self._history.steps.append(entry)
         self._defer_scalars(entry, loss=loss, lr=lr, grad_norm=grad_norm)
+        if applied is not None:
+            self._defer_scalars(entry, grad_norm_applied=applied)
+        if self._update is not None:
+            self._defer_scalars(entry, update_ratio=self._update)
+        self._grad_norms, self._applied, self._update = {}, None, None
         if isinstance(skipped, torch.Tensor):
             self._reads.add([skipped], lambda v, n=n, e=entry: self._read_skipped(e, n, bool(v)))
         elif skipped:
@@ -384,6 +422,8 @@ class Monitor:
                 self._defer_stats("inputs", {"step": last, "lstm": name}, count, moments)
         for count, moments in self._target_stats.take():
             self._defer_stats("targets", {"step": last}, count, moments)
+        for name, carry in self._states.items():
+            self._record_state_carry(name, carry, first=self._window_first, last=last)
         self._window_first = self._step
 
     def flush(self) -> History:
@@ -411,6 +451,14 @@ class Monitor:
     def live_history(self) -> History:
         """The history as recorded so far, without reading anything (values in flight are missing)."""
         return self._history
+
+    def findings(self, *, flush: bool = False) -> list:
+        """What the doctor sees in the history so far (`fastlstm.diagnose`). Cheap by default: only the values
+        already read back are diagnosed, nothing waits for the device; `flush=True` reads everything first (one
+        host synchronisation)."""
+        from .doctor import diagnose
+
+        return diagnose(self.flush() if flush else self._history)
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -442,12 +490,51 @@ class Monitor:
             if self._paused:
                 return
             x = args[0] if args else kwargs.get("input")
+            if module.training and torch.is_grad_enabled():
+                hx = args[1] if len(args) > 1 else kwargs.get("hx")
+                self._states[name].add(hx, _timesteps(x, module.batch_first))
             if isinstance(x, PackedSequence):
                 x = x.data
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) and name in self._input_stats:
                 self._input_stats[name].add(x)
 
         return hook
+
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        """After p's gradient is accumulated in backward: its norm before any clipping (device, no sync). With
+        gradient accumulation the last backward before the step sees the full gradient."""
+        if p.grad is not None:
+            grad = p.grad.detach()
+            grad = grad.coalesce().values() if grad.is_sparse else grad
+            wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None  # 16-bit sums overflow
+            self._grad_norms[id(p)] = torch.linalg.vector_norm(grad, dtype=wide).to(torch.float64)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._step % self.every == 0:  # a sampled step: keep the parameters to measure the update
+            self._before_update = [p.detach().clone() for p in self._params]
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        # The gradient the step used, after any clipping: measured after the step, because a step given a closure
+        # (LBFGS, Lightning) computes its gradient inside the step, after the pre-hooks ran.
+        self._applied = _current_grad_norm(self._params)
+        before, self._before_update = self._before_update, None
+        if before is None:
+            return
+        with torch.no_grad():
+            delta = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(self._params, before)])
+            weight = torch.nn.utils.get_total_norm(before)
+            self._update = delta / weight
+
+    def _record_state_carry(self, name: str, carry: _StateCarry, first: int, last: int) -> None:
+        taken = carry.take()
+        if taken is None:
+            return
+        entry, nonzero = taken
+        entry = {"step": last, "first_step": first, "lstm": name, **entry}
+        if nonzero is None:
+            self._history.add("states", {**entry, "nonzero_state": 0})
+        else:
+            self._reads.add([nonzero], lambda v, e=entry: self._history.add("states", {**e, "nonzero_state": int(v)}))
 
     def _defer_scalars(self, target: dict, **values) -> None:
         """Set target[key] = value now for host numbers, or when the batch is read for tensors."""
@@ -508,6 +595,59 @@ def _describe(lstm: LSTM) -> dict:
     }
 
 
-def _current_grad_norm(model: nn.Module):
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+def _current_grad_norm(params: list):
+    grads = [p.grad for p in params if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def _trained_parameters(model: nn.Module, optimizer) -> list:
+    """The parameters the optimizer updates (the model's that require grad without one), each once."""
+    if optimizer is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return list({id(p): p for p in params}.values())
+
+
+def _timesteps(x, batch_first: bool) -> int:
+    if isinstance(x, PackedSequence):
+        return int(x.batch_sizes.numel())
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return 0
+    return int(x.shape[1] if (batch_first and x.dim() == 3) else x.shape[0])
+
+
+class _StateCarry:
+    """Per window: how many training passes of one LSTM were given an initial state, how many of those states
+    still carried an autograd graph (the gradient flows into the previous chunk), and, on the device, how many
+    were not all zeros (a state carried over, not a fresh one passed explicitly)."""
+
+    def __init__(self):
+        self.passes = self.with_state = self.attached = self.timesteps = 0
+        self.nonzero = None  # device count
+
+    def add(self, hx, timesteps: int) -> None:
+        self.passes += 1
+        self.timesteps = max(self.timesteps, timesteps)
+        states = [t for t in (hx if isinstance(hx, (tuple, list)) else [hx]) if isinstance(t, torch.Tensor)]
+        if not states:
+            return
+        self.with_state += 1
+        self.attached += int(any(t.grad_fn is not None for t in states))
+        flag = torch.stack([(t.detach() != 0).any() for t in states]).any().to(torch.int64)
+        self.nonzero = flag if self.nonzero is None else self.nonzero + flag
+
+    def take(self):
+        """(entry without nonzero_state, device count of nonzero states or None) since the last take, or None."""
+        if not self.passes:
+            return None
+        entry = {
+            "passes": self.passes,
+            "with_state": self.with_state,
+            "attached_state": self.attached,
+            "timesteps": self.timesteps,
+        }
+        taken = (entry, self.nonzero)
+        self.passes = self.with_state = self.attached = self.timesteps = 0
+        self.nonzero = None
+        return taken

@@ -109,6 +109,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     watch = probe is not None
     if watch:
         sumsq = gates.new_zeros(steps, dtype=torch.float64)
+        cell_sumsq = gates.new_zeros(steps, dtype=torch.float64)
         step_nonfinite = gates.new_zeros(steps, batch, 2, dtype=torch.bool)  # grad_hidden, grad_cell
 
     for t in time_order(steps, not reverse):
@@ -140,6 +141,10 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
             grad_c = torch.where(keep, dc_prev, grad_c)
         if watch:
             sumsq[t] = dh.double().square().sum()
+            # dc is the total gradient reaching c_t (through h_t and through step t+1's forget gate); past a
+            # sequence's end it holds the carried gradient of a state that step t does not produce: not counted.
+            counted_dc = dc if keep is None else torch.where(keep, dc, 0.0)
+            cell_sumsq[t] = counted_dc.double().square().sum()
             step_nonfinite[t, :, 0] = ~torch.isfinite(dh).all(dim=1)
             step_nonfinite[t, :, 1] = ~torch.isfinite(dc).all(dim=1)
 
@@ -147,7 +152,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     if w_hr is not None:
         hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)
     if watch:
-        _record_backward(probe, grad_out, grad_gates, sumsq, step_nonfinite, active, reverse)
+        _record_backward(probe, grad_out, grad_gates, sumsq, cell_sumsq, step_nonfinite, active, reverse)
     return BackwardResult(grad_gates, grad_h, grad_c, grad_hidden, hidden_full)
 
 
@@ -192,9 +197,10 @@ def _record_forward_stats(stats, gates, cells, active) -> None:
     stats[C.STAT_CELL_ABSMAX] = torch.maximum(stats[C.STAT_CELL_ABSMAX], cell_abs.amax().double())
 
 
-def _record_backward(probe, grad_out, grad_gates, sumsq, step_nonfinite, active, reverse: bool) -> None:
+def _record_backward(probe, grad_out, grad_gates, sumsq, cell_sumsq, step_nonfinite, active, reverse: bool) -> None:
     steps = grad_gates.shape[0]
     probe.target[C.GRAD_SUMSQ, :steps] += sumsq
+    probe.target[C.GRAD_CELL_SUMSQ, :steps] += cell_sumsq
     probe.target[C.GRAD_PASSES, :steps] += 1
     flags = torch.cat(
         (_row_nonfinite(grad_out).unsqueeze(-1), step_nonfinite, _row_nonfinite(grad_gates).unsqueeze(-1)), dim=-1

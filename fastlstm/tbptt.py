@@ -3,16 +3,18 @@
 `TBPTTTrainer` walks long streams in chunks of k1 steps and backpropagates through windows of k2 >= k1 steps
 (Williams & Peng's TBPTT(k1, k2)); k1 == k2 is ordinary truncation. Around that loop:
 
-  * adaptive truncation: the per-timestep gradient norms of the telemetry give the decay of ‖∂L/∂h_{t-k}‖ with
-    the lag k; the trainer picks the smallest lag whose relative gradient bias is below a target (in the spirit of
-    Aicher, Foti & Fox, UAI 2019), smoothed and bounded;
+  * adaptive truncation (truncation.py): the per-timestep gradient norms of the telemetry give the decay of
+    ‖∂L/∂h_{t-k}‖ and ‖∂L/∂c_{t-k}‖ with the lag k; the trainer keeps every lag the gradients still reach and whose
+    gradient mass matters (in the spirit of Aicher, Foti & Fox, UAI 2019), smoothed, bounded, and undone when a
+    decrease makes the loss rise;
+  * padding past a stream's end takes no part in the computation (padding.py): zeroed in the inputs, packed away
+    from every recurrent module, dropped from the loss;
   * non-finite steps are skipped on the device: parameters and optimizer state stay bit-identical, nothing waits
     for the GPU; the event and its first location are read later, in a batch;
   * checkpoints hold everything needed to continue bit for bit, written atomically;
   * under DistributedDataParallel the non-finite flag (and the adaptive estimate) is reduced across ranks.
 
-Sections: data and state helpers · non-finite skipping · truncation estimates · residual probe · evidence for the
-doctor · the trainer · checkpoints.
+Sections: data and state helpers · non-finite skipping · the trainer (checkpoints at its end).
 """
 
 from __future__ import annotations
@@ -33,6 +35,30 @@ from torch import nn
 
 from .jsonio import atomic_write
 from .monitor import History, Monitor, find_lstms, unwrap_model
+from .padding import RecurrentLengths, without_padding
+from .truncation import (
+    GUARD_CHUNKS,
+    USED_GRADIENT,
+    AdaptiveTruncation,
+    DependencyEstimate,
+    ResidualProbe,
+    correlation_by_lag,
+    estimate_dependency,
+    estimate_state_dependency,
+    residual_dependencies,
+    truncation_evidence,
+)
+
+__all__ = [
+    "AdaptiveTruncation",
+    "DependencyEstimate",
+    "NonFiniteError",
+    "ResidualProbe",
+    "StepGuard",
+    "TBPTTTrainer",
+    "estimate_dependency",
+    "truncation_evidence",
+]
 
 CHECKPOINT_FORMAT = "fastlstm.tbptt/1"
 
@@ -68,9 +94,14 @@ class _Chunk(NamedTuple):
     end: int
     next_start: int
     rows: torch.Tensor | None  # indices of the rows still alive (None: all)
+    lengths: list  # host ints: the stream length of each row still alive
     flat_index: torch.Tensor | None  # valid positions among the flattened chunk (None: all)
-    inputs: torch.Tensor  # the window's inputs
+    inputs: torch.Tensor  # the window's inputs, zero past each stream's end
     targets: torch.Tensor  # the chunk's targets
+
+    def valid(self, a: int, b: int) -> list:
+        """Steps of [a, b) inside each row's stream (>= 1 for a < first: every row alive starts before first)."""
+        return [max(0, min(length, b) - a) for length in self.lengths]
 
 
 def _as_batches(data, batch_first: bool) -> list:
@@ -207,258 +238,6 @@ def _tensor_state(state, clone: bool) -> dict:
     return {k: (v.clone() if clone else v) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-# ---- truncation estimates from the gradient norms ----
-
-
-class DependencyEstimate(NamedTuple):
-    rate: float  # fitted per-step decay of ‖∂L/∂h_{t-k}‖ over the last half of the measured lags (>= 1: none)
-    dependency: float  # smallest lag whose relative gradient bias is <= the target (inf without decay)
-    bias: float  # relative gradient bias of the truncation that was measured (mass beyond its last lag)
-
-
-def estimate_dependency(lag_profile, target_bias: float) -> DependencyEstimate | None:
-    """How far back gradients matter, from g[k] = ‖∂L/∂h‖ at lag k = 0..m before the first loss of a window.
-
-    The relative bias of truncating at lag k is the gradient mass beyond k over the total, with the measured
-    values up to m and a geometric tail beyond m (rate fitted on the last half of the profile):
-    bias(k) = (Σ_{k<j<=m} g_j + T) / (Σ_{j<=m} g_j + T), T = g_m·β/(1-β). Returns None when the profile is too
-    short (m < 2) or not usable (non-finite, zero).
-    """
-    g = np.asarray(lag_profile, dtype=np.float64)
-    if g.size < 3 or not np.all(np.isfinite(g)) or g[0] <= 0:
-        return None
-    g = np.maximum(g, g[0] * 1e-12)  # logs of exact zeros
-    m = g.size - 1
-    lags = np.arange(max(1, m // 2), m + 1)
-    slope = np.polyfit(lags, np.log(g[lags]), 1)[0]
-    rate = float(math.exp(slope))
-    if rate >= 1.0:
-        return DependencyEstimate(rate, math.inf, 1.0)
-    beyond = g[m] * rate / (1.0 - rate)
-    total = g.sum() + beyond
-    after = np.append(np.cumsum(g[::-1])[::-1][1:], 0.0) + beyond  # mass beyond lag k, k = 0..m
-    bias = after / total
-    within = np.flatnonzero(bias <= target_bias)
-    if within.size:
-        dependency = float(within[0])
-    else:  # beyond the measured lags: beyond·β^(k-m) <= target·total
-        dependency = float(m + math.ceil(math.log(target_bias * total / beyond) / math.log(rate)))
-    return DependencyEstimate(rate, dependency, float(bias[m]))
-
-
-class AdaptiveTruncation:
-    """Chooses the backpropagation lag (k2 - k1) from dependency estimates: an exponential moving average of the
-    gradient-decay estimates (starting from the initial lag), raised to the residual floor (the farthest lag at
-    which the residual probe still sees an unexplained dependency), rounded up, bounded to [k_min, k_max], and
-    changed only when it moves by at least max(1, lag / 8)."""
-
-    def __init__(
-        self, k_min: int, k_max: int, target_bias: float = 0.1, smoothing: float = 0.7, initial: int | None = None
-    ):
-        if not 2 <= k_min <= k_max:
-            raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-        if not 0 < target_bias < 1 or not 0 <= smoothing < 1:
-            raise ValueError("target_bias must be in (0, 1) and smoothing in [0, 1)")
-        self.k_min, self.k_max = int(k_min), int(k_max)
-        self.target_bias = float(target_bias)
-        self.smoothing = float(smoothing)
-        # Start long: a dependency the model has not learned yet cannot show in its gradients.
-        self.lag = int(min(max(initial if initial is not None else k_max, k_min), k_max))
-        self.dependency: float = float(self.lag)
-        self.rate: float | None = None
-        self.floor: int = 0
-
-    def observe(self, dependency: float | None, rate: float | None, floor: int | None = None) -> bool:
-        """Fold in one window's estimate (the largest over the monitored layers; None: no estimate) and the
-        latest residual floor (None: unchanged); True when the lag changed."""
-        s = self.smoothing
-        if dependency is not None:
-            dependency = min(dependency, 2.0 * self.k_max)  # infinity (no decay seen): "far beyond k_max"
-            self.dependency = s * self.dependency + (1 - s) * dependency
-        if rate is not None:
-            rate = min(rate, 1.0)
-            self.rate = rate if self.rate is None else s * self.rate + (1 - s) * rate
-        if floor is not None:
-            self.floor = int(floor)
-        wanted = max(math.ceil(self.dependency - 1e-9), self.floor)
-        target = int(min(max(wanted, self.k_min), self.k_max))
-        if abs(target - self.lag) >= max(1, self.lag // 8):
-            self.lag = target
-            return True
-        return False
-
-    def state_dict(self) -> dict:
-        return {"lag": self.lag, "dependency": self.dependency, "rate": self.rate, "floor": self.floor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.lag, self.dependency, self.rate = int(state["lag"]), float(state["dependency"]), state["rate"]
-        self.floor = int(state["floor"])
-
-
-# ---- residual probe: dependencies the model has not learned ----
-
-
-class ResidualProbe:
-    """Correlation between the loss gradient w.r.t. the model's outputs (the residual) and the inputs k steps
-    earlier, k = 0..lags, accumulated on the device.
-
-    The gradient norms only show dependencies the model already uses; a truncation shorter than the data's
-    dependency keeps the model from learning it, so its gradients look short. The residual still correlates with
-    the input it should have used: Σ e_t x_{t-k}ᵀ is the gradient a direct connection from lag k would receive.
-    Inputs and outputs wider than `dims` are reduced by a fixed random projection.
-    """
-
-    def __init__(self, lags: int, dims: int = 8):
-        self.lags = int(lags)
-        self.dims = int(dims)
-        self.count = 0
-        self.sums = None  # [cross (F, O, lags+1), residual energy (O,), input energy (F, lags+1)], float64
-        self._projections: dict = {}
-
-    def watch(self, pred: torch.Tensor, lagged_inputs: torch.Tensor, steps: int, flat_index, batch_first: bool):
-        """Register a hook on `pred` (the tensor given to the loss). lagged_inputs: [rows, lags + steps, F], the
-        inputs from `lags` steps before the chunk to its end, zero before the stream start."""
-        if not pred.requires_grad:
-            return
-        rows = lagged_inputs.shape[0]
-        self.count += pred.shape[0]
-
-        def hook(grad):
-            with torch.no_grad():
-                self._accumulate(grad, lagged_inputs, rows, steps, flat_index, batch_first)
-
-        pred.register_hook(hook)
-
-    def _accumulate(self, grad, x, rows, steps, flat_index, batch_first):
-        e = grad.detach().reshape(grad.shape[0], -1).float()
-        mask = None
-        if flat_index is not None:  # ragged chunk: scatter the valid positions back into the padded layout
-            full = e.new_zeros(rows * steps, e.shape[1])
-            e = full.index_copy_(0, flat_index, e)
-            mask = e.new_zeros(rows * steps).index_fill_(0, flat_index, 1.0)
-        e = e.view(rows, steps, -1) if batch_first else e.view(steps, rows, -1).transpose(0, 1)
-        if mask is None:
-            mask = e.new_ones(rows, steps)
-        else:
-            mask = mask.view(rows, steps) if batch_first else mask.view(steps, rows).t()
-        e = self._project("out", e)
-        x = self._project("in", x.float())
-        inputs = x.permute(2, 0, 1).contiguous()  # [F, rows, lags + steps]
-        # conv1d(input [F, rows, L+n], weight [O, rows, n])[f, o, j] = Σ_b Σ_t e[b,t,o]·x[b, j+t, f]; j = lags - k.
-        cross = F.conv1d(inputs, e.permute(2, 0, 1).contiguous()).flip(-1)
-        input_energy = F.conv1d(inputs * inputs, mask.unsqueeze(0)).flip(-1)[:, 0]
-        residual_energy = (e * e).sum(dim=(0, 1))
-        current = [cross.double(), residual_energy.double(), input_energy.double()]
-        self.sums = current if self.sums is None else [a + b for a, b in zip(self.sums, current)]
-
-    def _project(self, kind: str, t: torch.Tensor) -> torch.Tensor:
-        width = t.shape[-1]
-        if width <= self.dims:
-            return t
-        key = (kind, width, t.device)
-        if key not in self._projections:
-            # Its own generator: the global RNG (dropout) must not notice the probe.
-            gen = torch.Generator().manual_seed(1234 + width)
-            self._projections[key] = torch.randn(width, self.dims, generator=gen).to(t.device)
-        return t @ self._projections[key]
-
-    def take(self):
-        """(count, [cross, residual energy, input energy]) since the previous take, or None."""
-        if self.sums is None or self.count == 0:
-            self.sums, self.count = None, 0
-            return None
-        taken = (self.count, self.sums)
-        self.sums, self.count = None, 0
-        return taken
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "sums": self.sums}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count, self.sums = int(state["count"]), state["sums"]
-
-
-def residual_dependencies(correlation, noise: float, *, z: float = 5.0, min_correlation: float = 0.05):
-    """Lags whose residual correlation is significant (above z·noise and min_correlation) and at least half the
-    largest one, ascending."""
-    r = np.nan_to_num(np.asarray(correlation, dtype=np.float64))
-    threshold = max(z * noise, min_correlation, 0.5 * r.max(initial=0.0))
-    return np.flatnonzero(r > threshold)
-
-
-def correlation_by_lag(cross: np.ndarray, residual_energy: np.ndarray, input_energy: np.ndarray) -> np.ndarray:
-    """max over (output, input feature) of |correlation| for each lag."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        denom = np.sqrt(input_energy[:, None, :] * residual_energy[None, :, None])
-        corr = np.where(denom > 0, np.abs(cross) / denom, 0.0)
-    return np.nan_to_num(corr.max(axis=(0, 1)), nan=0.0)
-
-
-# ---- evidence for the doctor ----
-
-
-def truncation_evidence(
-    history, *, z: float = 5.0, min_correlation: float = 0.05, bias_threshold: float = 0.25
-) -> dict | None:
-    """Evidence that the truncation in force is shorter than the dependencies in the data, or None.
-
-    Two sources, the first that fires wins:
-      residual_correlation: in the latest `dependency` entry, the residual correlates with the input at some lag
-        >= k2 (no loss of a window reaches that far) above z/sqrt(count) and min_correlation, and at least half as
-        much as at any lag (`residual_dependencies`); the farthest such lag is the estimated dependency;
-      gradient_decay: over the latter half of the `truncation_estimates` for the k2 in force, the median relative
-        gradient bias (mass beyond the measured lag) exceeds bias_threshold.
-    Keys: k (k2 in force), k1, lag (k2 - k1), estimated_dependency (steps), source, lstm (name or None), step, and
-    correlation/noise or bias/rate.
-    """
-    h = history if isinstance(history, History) else History.from_dict(history)
-    truncations = h.events_of("truncation")
-    if not truncations:
-        return None
-    detail = truncations[-1]["detail"]
-    k1, k2 = int(detail["k1"]), int(detail["k2"])
-    base = {"k": k2, "k1": k1, "lag": k2 - k1}
-    single = next(iter(h.lstms)) if len(h.lstms) == 1 else None
-
-    probes = [e for e in h.extra.get("dependency", []) if e.get("count", 0) > 0 and int(e.get("k2", -1)) == k2]
-    if probes:
-        latest = max(probes, key=lambda e: e["step"])
-        r = np.nan_to_num(np.asarray(latest["correlation"], dtype=np.float64))
-        significant = residual_dependencies(r, float(latest["noise"]), z=z, min_correlation=min_correlation)
-        beyond = significant[significant >= k2]
-        if beyond.size:
-            lag = int(beyond[-1])
-            return {
-                **base,
-                "estimated_dependency": lag,
-                "source": "residual_correlation",
-                "lstm": single,
-                "step": latest["step"],
-                "correlation": float(r[lag]),
-                "noise": float(latest["noise"]),
-            }
-
-    estimates = sorted(
-        (e for e in h.extra.get("truncation_estimates", []) if int(e["k2"]) == k2), key=lambda e: e["step"]
-    )
-    recent = estimates[len(estimates) // 2 :]
-    if recent:
-        bias = float(np.median([e["bias"] for e in recent]))
-        if bias > bias_threshold:
-            dependency = float(np.median([e["estimated_dependency"] for e in recent]))
-            worst = max(recent, key=lambda e: e["bias"])
-            return {
-                **base,
-                "estimated_dependency": dependency,
-                "source": "gradient_decay",
-                "lstm": worst["lstm"],
-                "step": recent[-1]["step"],
-                "bias": bias,
-                "rate": float(np.median([e["rate"] for e in recent])),
-            }
-    return None
-
-
 # ---- the trainer ----
 
 
@@ -473,7 +252,7 @@ class TBPTTTrainer:
       k1:         steps per chunk (one optimizer step per chunk).
       k2:         steps backpropagated per window, >= k1 (default k1). Ignored when adaptive.
       adaptive:   choose k2 = k1 + lag with the lag in [k_min, k_max] from the telemetry (default bounds 2, 8·k1).
-      target_bias, smoothing, k_init: the adaptive controller (see AdaptiveTruncation).
+      target_bias, smoothing, k_init, reach_fraction: the adaptive controller (see AdaptiveTruncation).
       scheduler:  an LR scheduler stepped per chunk (scheduler_interval="chunk") or per epoch ("epoch");
                   ReduceLROnPlateau is stepped with the validation loss.
       clip_grad_norm: clip the global gradient 2-norm to this value.
@@ -502,6 +281,7 @@ class TBPTTTrainer:
         k_init: int | None = None,
         target_bias: float = 0.1,
         smoothing: float = 0.7,
+        reach_fraction: float = USED_GRADIENT,
         scheduler=None,
         scheduler_interval: str = "chunk",
         clip_grad_norm: float | None = None,
@@ -533,7 +313,7 @@ class TBPTTTrainer:
         self.adaptive = None
         if adaptive:
             k_max = int(k_max if k_max is not None else 8 * self.k1)
-            self.adaptive = AdaptiveTruncation(k_min, k_max, target_bias, smoothing, k_init)
+            self.adaptive = AdaptiveTruncation(k_min, k_max, target_bias, smoothing, k_init, reach_fraction)
             self._lag = self.adaptive.lag
         else:
             k2 = self.k1 if k2 is None else int(k2)
@@ -541,6 +321,7 @@ class TBPTTTrainer:
                 raise ValueError(f"k2 ({k2}) must be >= k1 ({self.k1})")
             self._lag = k2 - self.k1
         self.target_bias = float(target_bias)
+        self.reach_fraction = float(reach_fraction)
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
         self.clip_grad_norm = clip_grad_norm
@@ -571,6 +352,7 @@ class TBPTTTrainer:
         self._estimates: list = []  # (dependency, rate) collected since the last adaptive decision
         self._residual_floor = None  # farthest significant residual lag of the latest probe entry
         self._row_index_cache: dict = {}
+        self._lengths = RecurrentLengths(self.core)
         self.monitor.event("truncation", self._truncation_detail(), step=self.monitor.step_count)
 
     # ---- public ----
@@ -637,7 +419,9 @@ class TBPTTTrainer:
         chunk = self._plan(streams)
         carry = None
         if chunk.start < chunk.next_start < chunk.end:  # the next window starts inside this one
-            carry = self._carry_pass(self._time(chunk.inputs, 0, chunk.next_start - chunk.start), self._start_state)
+            steps = chunk.next_start - chunk.start
+            with self._lengths(chunk.valid(chunk.start, chunk.next_start), steps):
+                carry = self._carry_pass(self._time(chunk.inputs, 0, steps), self._start_state)
         loss, target, state = self._window_loss(streams, chunk)
         mean_loss, norm, skip, lr = self._optimizer_step(loss)
         if chunk.next_start == chunk.end:
@@ -664,21 +448,25 @@ class TBPTTTrainer:
         index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
         self._align_rows(rows, device)
         w = self._start_pos
-        valid = [min(streams.lengths[b] - s, n) for b in rows]
+        lengths = [streams.lengths[b] for b in rows]
+        valid = [min(length - s, n) for length in lengths]
+        inputs = self._slice(streams.inputs, index, w, s + n)
         return _Chunk(
             start=w,
             first=s,
             end=s + n,
             next_start=max(w, s + n - self._lag),
             rows=index,
+            lengths=lengths,
             flat_index=None if min(valid) == n else self._flat_index(valid, n, device),
-            inputs=self._slice(streams.inputs, index, w, s + n),
+            inputs=without_padding(inputs, [length - w for length in lengths], self.batch_first),
             targets=self._slice(streams.targets, index, s, s + n),
         )
 
     def _window_loss(self, streams: _Streams, chunk: _Chunk) -> tuple:
         """Forward over the window from the carried state; the loss on the chunk's valid positions."""
-        out, state = self.model(chunk.inputs, self._start_state)
+        with self._lengths(chunk.valid(chunk.start, chunk.end), chunk.end - chunk.start):
+            out, state = self.model(chunk.inputs, self._start_state)
         offset = chunk.first - chunk.start
         pred = self._flatten(self._time(out, offset, offset + chunk.end - chunk.first))
         target = self._flatten(chunk.targets)
@@ -686,7 +474,7 @@ class TBPTTTrainer:
             pred, target = pred.index_select(0, chunk.flat_index), target.index_select(0, chunk.flat_index)
         if self.probe is not None and self._probe_applies(streams):
             steps = chunk.end - chunk.first
-            lagged = self._lagged_inputs(streams, chunk.rows, chunk.first, steps)
+            lagged = self._lagged_inputs(streams, chunk, steps)
             self.probe.watch(pred, lagged, steps, chunk.flat_index, self.batch_first)
         return self.loss_fn(pred, target), target, state
 
@@ -752,27 +540,33 @@ class TBPTTTrainer:
                 continue
             overlap, length = geometry
             for layer in snap.layers:
-                g = layer.grad_norm_per_step
-                if layer.direction != 0 or g.size <= overlap:
+                g_h, g_c = layer.grad_norm_per_step, layer.cell_grad_norm_per_step
+                if layer.direction != 0 or g_h.size <= overlap:
                     continue
-                estimate = estimate_dependency(g[overlap::-1], self.target_bias)
+                # Lag k = 0..overlap before the chunk's first loss, for both parts of the state.
+                cell = g_c[overlap::-1] if g_c.size > overlap else None
+                estimate = estimate_state_dependency(g_h[overlap::-1], cell, self.target_bias, self.reach_fraction)
                 if estimate is None:
                     continue
-                self.monitor.live_history.add(
-                    "truncation_estimates",
-                    {
-                        "step": last,
-                        "first_step": first,
-                        "lstm": name,
-                        "layer": layer.layer,
-                        "k1": length - overlap,
-                        "k2": length,
-                        "lag": overlap,
-                        "rate": estimate.rate,
-                        "estimated_dependency": estimate.dependency,
-                        "bias": estimate.bias,
-                    },
-                )
+                entry = {
+                    "step": last,
+                    "first_step": first,
+                    "lstm": name,
+                    "layer": layer.layer,
+                    "k1": length - overlap,
+                    "k2": length,
+                    "lag": overlap,
+                    "rate": estimate.rate,
+                    "estimated_dependency": estimate.dependency,
+                    "bias": estimate.bias,
+                }
+                for part, e in (("hidden", estimate.hidden), ("cell", estimate.cell)):
+                    if e is not None:
+                        entry.update(
+                            {f"{part}_rate": e.rate, f"{part}_dependency": e.dependency, f"{part}_bias": e.bias}
+                        )
+                        entry[f"{part}_reach"] = e.reach
+                self.monitor.live_history.add("truncation_estimates", entry)
                 self._estimates.append((estimate.dependency, estimate.rate))
 
     def _uniform_geometry(self, first: int, last: int):
@@ -780,11 +574,13 @@ class TBPTTTrainer:
         return shapes.pop() if len(shapes) == 1 and None not in shapes else None
 
     def _adapt(self) -> None:
-        """At a telemetry boundary: fold the collected estimates and the residual floor into the controller. Every
-        rank takes the same decision: the values are reduced with a max first."""
+        """At a telemetry boundary: judge a pending decrease by the training loss, then fold the collected
+        estimates and the residual floor into the controller. Every rank takes the same decision: the estimates
+        are reduced with a max first, and the losses are already means over the ranks."""
         if self.adaptive is None:
             self._estimates.clear()
             return
+        a = self.adaptive
         dependency = max((d for d, _ in self._estimates), default=-1.0)
         rate = max((r for _, r in self._estimates), default=-1.0)
         floor = -1.0 if self._residual_floor is None else float(self._residual_floor)
@@ -794,11 +590,41 @@ class TBPTTTrainer:
             values = torch.tensor([min(dependency, 1e30), rate, floor], dtype=torch.float64, device=self._device())
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.process_group)
             dependency, rate, floor = values.tolist()  # a periodic read, once per telemetry window
-        if self.adaptive.observe(
+        if a.guard is not None:
+            horizon = self._losses_read_below()
+            if a.check_loss(self._read_losses(a.guard.step - GUARD_CHUNKS, horizon), horizon):
+                self._set_lag("loss_rose")
+        before = a.lag
+        if a.observe(
             dependency if dependency >= 0 else None, rate if rate >= 0 else None, int(floor) if floor >= 0 else None
         ):
-            self._lag = self.adaptive.lag
-            self.monitor.event("truncation", self._truncation_detail())
+            if a.lag < before:
+                a.decreased(self.monitor.step_count, before)
+            else:
+                a.increased()
+            self._set_lag("estimate")
+
+    def _set_lag(self, reason: str) -> None:
+        self._lag = self.adaptive.lag
+        self.monitor.event("truncation", {**self._truncation_detail(), "reason": reason})
+
+    def _losses_read_below(self) -> int:
+        """Every training loss of a step below this one has been read back, whatever else read the history
+        (checkpoints, `trainer.history`): the batch of a read period is decoded at the end of the next one. A
+        bound that depends on the step alone keeps the loss guard's decisions identical across ranks and resumes."""
+        every = self.monitor.read_every
+        return (self.monitor.step_count // every - 1) * every
+
+    def _read_losses(self, first: int, horizon: int) -> list:
+        """(step, loss) of the steps in [first, horizon) whose loss has been read back, oldest first."""
+        found = []
+        for entry in reversed(self.monitor.live_history.steps):
+            step = entry["step"]
+            if step < first:
+                break
+            if step < horizon and entry.get("loss") is not None:
+                found.append((step, float(entry["loss"])))
+        return found[::-1]
 
     def _truncation_detail(self) -> dict:
         detail = {"k1": self.k1, "k2": self.k2, "adaptive": self.adaptive is not None}
@@ -809,9 +635,11 @@ class TBPTTTrainer:
                 k_min=a.k_min,
                 k_max=a.k_max,
                 target_bias=a.target_bias,
+                reach_fraction=a.reach_fraction,
                 estimated_dependency=a.dependency,
                 rate=a.rate,
                 residual_floor=a.floor,
+                loss_floor=a.loss_floor,
             )
         return detail
 
@@ -820,10 +648,11 @@ class TBPTTTrainer:
     def _probe_applies(self, streams: _Streams) -> bool:
         return streams.inputs.dim() == 3 and streams.inputs.is_floating_point()
 
-    def _lagged_inputs(self, streams: _Streams, index, s: int, n: int) -> torch.Tensor:
-        lags = self.probe.lags
+    def _lagged_inputs(self, streams: _Streams, chunk: _Chunk, n: int) -> torch.Tensor:
+        lags, s = self.probe.lags, chunk.first
         lo = max(0, s - lags)
-        x = self._slice(streams.inputs, index, lo, s + n).detach()
+        x = self._slice(streams.inputs, chunk.rows, lo, s + n).detach()
+        x = without_padding(x, chunk.valid(lo, s + n), self.batch_first)
         if not self.batch_first:
             x = x.transpose(0, 1)
         return F.pad(x, (0, 0, lags - (s - lo), 0))  # zeros before the stream start
@@ -889,21 +718,28 @@ class TBPTTTrainer:
         chunk = self.val_chunk or self.k1
         total, count = None, 0
         for streams in batches:
-            state = None
+            state, alive = None, None
             device = streams.inputs.device
             for s in range(0, streams.longest, chunk):
-                n = min(chunk, streams.longest - s)
-                out, state = self.core(self._slice(streams.inputs, None, s, s + n), state)
-                valid = [max(0, min(length - s, n)) for length in streams.lengths]
-                pred, target = self._flatten(out), self._flatten(self._slice(streams.targets, None, s, s + n))
+                # As in training: streams that ended leave the batch, padding is zeroed and packed away.
+                rows = [b for b, length in enumerate(streams.lengths) if length > s]
+                if state is not None and rows != alive:
+                    state = select_rows(state, self._row_index([alive.index(b) for b in rows], device))
+                alive = rows
+                index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
+                n = min(chunk, max(streams.lengths[b] for b in rows) - s)
+                valid = [min(streams.lengths[b] - s, n) for b in rows]
+                x = without_padding(self._slice(streams.inputs, index, s, s + n), valid, self.batch_first)
+                with self._lengths(valid, n):
+                    out, state = self.core(x, state)
+                pred, target = self._flatten(out), self._flatten(self._slice(streams.targets, index, s, s + n))
                 if min(valid) < n:
                     flat = self._flat_index(valid, n, device)
                     pred, target = pred.index_select(0, flat), target.index_select(0, flat)
                 positions = sum(valid)
-                if positions:
-                    part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
-                    total = part if total is None else total + part
-                    count += positions
+                part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
+                total = part if total is None else total + part
+                count += positions
         return total, count
 
     def _all_reduce_sums(self, totals: dict) -> dict:

@@ -2,11 +2,19 @@
 
 The backends write into the tensors held here (see docs/telemetry.md for the definitions and constants.py for the
 layout); this module only allocates them, hands each layer its slice, and turns a copy of them into a `Snapshot`.
+
+The counters are plain tensor attributes, not registered buffers: DistributedDataParallel broadcasts every buffer
+from rank 0 before each forward (which would overwrite each rank's own window), and `.half()`, `.to(dtype)` and
+FSDP's mixed precision cast floating-point buffers (which would break exact float64 counts). They follow the
+module's device instead (LSTM._apply), stay out of its state_dict, and never appear in an exported or scripted
+program, because those run the native implementation, which records nothing (routing.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +27,7 @@ from .jsonio import to_json_safe
 class StageProbe(NamedTuple):
     """Where one launch (one layer-direction, one stage) writes its telemetry; what the backends receive."""
 
-    target: torch.Tensor  # forward: the slot's float64 [NUM_STATS] row; backward: its float64 [2, capacity] rows
+    target: torch.Tensor  # forward: the slot's float64 [NUM_STATS] row; backward: its [NUM_GRAD_ROWS, capacity] rows
     first: torch.Tensor  # int64 [1]: the stage's first non-finite key (atomic min)
     seq: torch.Tensor  # int64 [1]: the pass number, the key's most significant field
     order: int  # the launch's place in its stage (forward: slot; backward: top-down), a field of the key
@@ -30,6 +38,39 @@ class LayerProbe(NamedTuple):
 
     forward: StageProbe
     backward: StageProbe
+
+
+class PassProbe(NamedTuple):
+    """Where one layer-direction of one module pass writes, as function.py carries it through autograd.
+
+    The counter rows are not here: the ops find them at run time through `telemetry_of(key)` (stats_row,
+    step_rows). The per-step rows grow with the longest sequence seen, and a tensor that grows cannot be an input
+    of a compiled graph; and any counter of size > 1 in a graph would take part in torch.compile's dynamic-shape
+    guards (duck sizing: a [slots, 8] tensor would tie T to 8 when T happens to be 8). What a compiled graph sees
+    is only the tensors of size 1 here, which the ops mutate visibly, so that they are never treated as pure."""
+
+    first_forward: torch.Tensor  # int64 [1]: the forward's first non-finite key
+    first_backward: torch.Tensor  # int64 [1]
+    seq: torch.Tensor  # int64 [1]: the pass number
+    slot: int  # layer * num_directions + direction, also the forward launch order
+    backward_order: int  # the launch's place in the backward (top-down)
+    key: int  # the Telemetry's registry key
+
+
+# Every live Telemetry by key, so that an op (whose arguments can only be tensors and scalars) finds the counters
+# it writes. Weak: the registry never keeps a module's counters alive.
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count(1)
+
+
+def telemetry_of(key: int) -> Telemetry:
+    return _LIVE[key]
+
+
+def _register(telemetry: Telemetry) -> int:
+    key = next(_NEXT_KEY)
+    _LIVE[key] = telemetry
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +97,7 @@ class LayerTelemetry:
     cell_absmax: float | None
     grad_norm_per_step: np.ndarray  # float64 [timesteps], nan where no backward pass reached
     backward_passes: np.ndarray  # int64 [timesteps]
+    cell_grad_norm_per_step: np.ndarray  # float64 [timesteps], like grad_norm_per_step for dL/dc_t
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +109,7 @@ class LayerTelemetry:
             "cell_absmax": to_json_safe(self.cell_absmax),
             "grad_norm_per_step": to_json_safe(self.grad_norm_per_step),
             "backward_passes": self.backward_passes.tolist(),
+            "cell_grad_norm_per_step": to_json_safe(self.cell_grad_norm_per_step),
         }
 
 
@@ -112,9 +155,14 @@ def _layer_from_rows(slot: int, num_directions: int, stats: np.ndarray, grad: np
     passes = grad[C.GRAD_PASSES].astype(np.int64)
     reached = np.flatnonzero(passes)
     steps = int(reached[-1]) + 1 if reached.size else 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms = np.sqrt(grad[C.GRAD_SUMSQ, :steps] / passes[:steps])
-    rms[passes[:steps] == 0] = np.nan
+    unreached = passes[:steps] == 0
+
+    def rms(row: int) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.sqrt(grad[row, :steps] / passes[:steps])
+        values[unreached] = np.nan
+        return values
+
     return LayerTelemetry(
         layer=slot // num_directions,
         direction=slot % num_directions,
@@ -124,8 +172,9 @@ def _layer_from_rows(slot: int, num_directions: int, stats: np.ndarray, grad: np
         },
         forget_gate_mean=float(stats[C.STAT_FORGET_SUM]) / elements if seen else None,
         cell_absmax=float(stats[C.STAT_CELL_ABSMAX]) if seen else None,
-        grad_norm_per_step=rms,
+        grad_norm_per_step=rms(C.GRAD_SUMSQ),
         backward_passes=passes[:steps],
+        cell_grad_norm_per_step=rms(C.GRAD_CELL_SUMSQ),
     )
 
 
@@ -134,7 +183,7 @@ class _Capture(NamedTuple):
     done: torch.cuda.Event | None  # None when the copy was synchronous
 
 
-# Timesteps the per-step gradient rows hold before they grow (by doubling).
+# Timesteps the per-step gradient rows hold before they grow (to the next power of two that fits).
 INITIAL_STEPS = 1024
 
 
@@ -150,6 +199,7 @@ class Telemetry:
         self.stats = self.grad = self.first_forward = self.first_backward = self.passes = None
         self._pending: _Capture | None = None
         self._latest: Snapshot | None = None
+        self.key = _register(self)
 
     @property
     def num_slots(self) -> int:
@@ -159,44 +209,67 @@ class Telemetry:
 
     def allocate(self, device: torch.device) -> None:
         """Put the counters on `device` (a new window if they were elsewhere). The module calls this when it is
-        built or moved, so that no forward pass has to create them: under torch.compile a tensor created inside
-        the graph could not also be updated by the backward."""
-        if self.stats is None or self.stats.device != device:
-            self._ensure(device, INITIAL_STEPS)
+        built, converted, moved or loaded, so that no forward pass has to create them: under torch.compile a tensor
+        created inside the graph could not also be updated by the backward."""
+        self._ensure(device)
 
-    def begin_pass(self, device: torch.device, steps: int) -> torch.Tensor:
-        """Count a new forward pass of the module; returns its number (a device scalar) for the non-finite keys."""
-        self._ensure(device, steps)
+    def begin_pass(self, device: torch.device, steps: int = 0) -> torch.Tensor:
+        """Count a new forward pass of the module; returns its number (a device scalar) for the non-finite keys.
+        `steps` grows the per-step rows now, for callers that hand `probe()`'s tensors to a backend themselves."""
+        self._ensure(device)
+        if steps:
+            self.step_rows(device, steps)
         self.passes += 1
         return self.passes.clamp(max=C.SEQ_MAX)
 
     def probe(self, layer: int, direction: int, seq: torch.Tensor) -> LayerProbe:
-        """Where this layer-direction writes in the pass `seq` (from begin_pass)."""
+        """The tensors this layer-direction writes in the pass `seq` (from begin_pass), for a direct backend call."""
         slot = layer * self.num_directions + direction
-        backward_order = (self.num_layers - 1 - layer) * self.num_directions + direction
         return LayerProbe(
             StageProbe(self.stats[slot], self.first_forward, seq, slot),
-            StageProbe(self.grad[slot], self.first_backward, seq, backward_order),
+            StageProbe(self.grad[slot], self.first_backward, seq, self._backward_order(layer, direction)),
         )
 
-    def _ensure(self, device: torch.device, steps: int) -> None:
-        if self.stats is None or self.stats.device != device:
-            # A new device starts a new window: the old counters cannot be merged without a copy across devices.
-            def zeros(*shape, dtype=torch.float64):
-                return torch.zeros(*shape, dtype=dtype, device=device)
+    def pass_probe(self, layer: int, direction: int, seq: torch.Tensor) -> PassProbe:
+        """What the module hands to function.lstm_layer for this layer-direction in the pass `seq`."""
+        slot = layer * self.num_directions + direction
+        backward_order = self._backward_order(layer, direction)
+        return PassProbe(self.first_forward, self.first_backward, seq, slot, backward_order, self.key)
 
-            self.stats = zeros(self.num_slots, C.NUM_STATS)
-            self.grad = zeros(self.num_slots, 2, 0)
-            self.first_forward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
-            self.first_backward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
-            self.passes = zeros(1, dtype=torch.int64)
+    def stats_row(self, device: torch.device, slot: int) -> torch.Tensor:
+        """The slot's [NUM_STATS] forward counters; the forward op calls this at run time."""
+        self._ensure(device)
+        return self.stats[slot]
+
+    def step_rows(self, device: torch.device, steps: int) -> torch.Tensor:
+        """The per-step gradient rows [slots, NUM_GRAD_ROWS, capacity >= steps], grown first if needed. The
+        backward op calls this at run time (eagerly, also inside a compiled graph), which is why T has no cap and
+        no compiled graph depends on the capacity."""
+        self._ensure(device)
         capacity = self.grad.shape[-1]
         if steps > capacity:
-            # A backward whose forward ran before this growth still holds the old rows, and its gradient norms are
-            # lost; doubling makes that rare (it needs a longer sequence between a forward and its backward).
-            grown = torch.zeros(self.num_slots, 2, 1 << (steps - 1).bit_length(), dtype=torch.float64, device=device)
+            grown = self.grad.new_zeros(self.num_slots, C.NUM_GRAD_ROWS, 1 << (steps - 1).bit_length())
             grown[..., :capacity] = self.grad
             self.grad = grown
+        return self.grad
+
+    def _backward_order(self, layer: int, direction: int) -> int:
+        return (self.num_layers - 1 - layer) * self.num_directions + direction
+
+    def _ensure(self, device: torch.device) -> None:
+        # Checked on the pass counter, the one tensor of the set that a compiled forward reads anyway.
+        if self.passes is not None and self.passes.device == device:
+            return
+
+        # A new device starts a new window: the old counters cannot be merged without a copy across devices.
+        def zeros(*shape, dtype=torch.float64):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.stats = zeros(self.num_slots, C.NUM_STATS)
+        self.grad = zeros(self.num_slots, C.NUM_GRAD_ROWS, INITIAL_STEPS)
+        self.first_forward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
+        self.first_backward = torch.full((1,), C.NO_NONFINITE, dtype=torch.int64, device=device)
+        self.passes = zeros(1, dtype=torch.int64)
 
     # ---- reading side ----
 
@@ -272,7 +345,7 @@ class Telemetry:
     def _decode(self, capture: _Capture) -> Snapshot:
         if capture.host is None:
             empty_stats = np.zeros(C.NUM_STATS)
-            empty_grad = np.zeros((2, 0))
+            empty_grad = np.zeros((C.NUM_GRAD_ROWS, 0))
             layers = [_layer_from_rows(s, self.num_directions, empty_stats, empty_grad) for s in range(self.num_slots)]
             return Snapshot(layers, None, 0)
         stats, grad, first_forward, first_backward = (t.numpy() for t in capture.host)
@@ -282,8 +355,18 @@ class Telemetry:
         launches = int(stats[:, C.STAT_LAUNCHES].sum() + backward_launches)
         return Snapshot(layers, decode_nonfinite_key(key, self.num_layers, self.num_directions), launches)
 
-    # Events and in-flight copies belong to one process: drop them when the module is copied or pickled.
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_pending"] = None
-        return state
+    # Copies and pickles carry the window's counters as plain data (tensors and numbers, so that
+    # torch.load(weights_only=True) accepts them); events, in-flight copies and the last decoded snapshot belong to
+    # one process, and the registry key to one object.
+    def __getstate__(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "num_directions": self.num_directions,
+            "enabled": self.enabled,
+            "counters": None if self.stats is None else self._counters() + (self.passes,),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["num_layers"], state["num_directions"], state["enabled"])
+        if state["counters"] is not None:
+            self.stats, self.grad, self.first_forward, self.first_backward, self.passes = state["counters"]

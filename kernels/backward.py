@@ -18,8 +18,8 @@ Per step t, from the specification (reference.recurrence_backward):
   carried dh <- dgates @ W_hh, carried dc <- dc * f                              (unchanged outside the sequence)
 The saved gates and cells of step t and grad_out[t] are loaded one step ahead; the carried gradients stay in
 registers (host-stepped launches hand them over through grad_h / grad_c, which also return dL/dh0 and dL/dc0).
-Per-step squared gradient norms leave each program as one float per step in `partials` (the launcher adds them
-up once after the launch); the first non-finite codes leave it as one atomic after the loop.
+Per-step squared gradient norms (of dL/dh_t and dL/dc_t) leave each program as two floats per step in `partials`
+(the launcher adds them up once after the launch); the first non-finite codes leave it as one atomic after the loop.
 
 Layouts: grad_out [T, B, H] · gates [T, B, 4H] fp32 · cells [T, B, H] fp32 · c0 [B, H] · w_hh [4H, H]
   dgates [T, B, 4H] fp32 · grad_h, grad_c [B, H] fp32 (in: dL/dh_n, dL/dc_n; out: dL/dh0, dL/dc0)
@@ -67,6 +67,7 @@ def lstm_persistent_backward_kernel(
     batch_group = tl.program_id(1)
     unit_groups = tl.num_programs(0)
     program = batch_group * unit_groups + unit_group
+    num_programs = unit_groups * tl.num_programs(1)
     KC: tl.constexpr = K_PAD // K_SPLIT
 
     units = unit_group * UNITS + tl.arange(0, UNITS)
@@ -129,8 +130,10 @@ def lstm_persistent_backward_kernel(
         if TELEMETRY:
             counted = keep & unit_ok[None, :]
             code = q * 4
-            sumsq = tl.sum(tl.sum(tl.where(counted, dh * dh, 0.0), axis=1), axis=0)
-            tl.store(partials_ptr + program * T + t, sumsq)
+            # This program's share of ||dL/dh_t||^2 and ||dL/dc_t||^2: partials[0 | 1, program, t].
+            partial = partials_ptr + program * T + t
+            tl.store(partial, tl.sum(tl.sum(tl.where(counted, dh * dh, 0.0), axis=1), axis=0))
+            tl.store(partial + num_programs * T, tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0))
             first = note_nonfinite(first, g_out, counted, code)
             first = note_nonfinite(first, dh, counted, code + 1)
             first = note_nonfinite(first, dc, counted, code + 2)

@@ -26,6 +26,7 @@ STAT_CELL_ABSMAX = tl.constexpr(C.STAT_CELL_ABSMAX)
 STAT_LAUNCHES = tl.constexpr(C.STAT_LAUNCHES)
 GRAD_SUMSQ = tl.constexpr(C.GRAD_SUMSQ)
 GRAD_PASSES = tl.constexpr(C.GRAD_PASSES)
+GRAD_CELL_SUMSQ = tl.constexpr(C.GRAD_CELL_SUMSQ)
 # "No non-finite seen yet" for the per-element first-event codes (step * 4 + tensor, int32).
 NO_EVENT = tl.constexpr(2**31 - 1)
 

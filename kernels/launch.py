@@ -350,12 +350,14 @@ def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, g
     # Two slots of every unit's gate gradients, in the storage dtype: step q writes slot q % 2 while the others
     # still read slot (q - 1) % 2 (backward.py; a program cannot reach step q + 2 before every program has read q).
     exchange = _new((2, batch, 4 * hidden), w_hh.dtype, device)
-    partials = _new((cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
+    partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
     args = (grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, exchange, partials,
             grad_rows, _capacity(grad_rows), first, seq, order)  # fmt: skip
     _launch_split(lstm_persistent_backward_kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
     if partials is not None:  # the per-program squared norms of every step, added up once
-        grad_rows[C.GRAD_SUMSQ, :steps] += partials.sum(dim=0, dtype=torch.float64)
+        sums = partials.sum(dim=1, dtype=torch.float64)
+        grad_rows[C.GRAD_SUMSQ, :steps] += sums[0]
+        grad_rows[C.GRAD_CELL_SUMSQ, :steps] += sums[1]
 
 
 def _backward_streaming(grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden, grad_rows,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .cell import (
+    GRAD_CELL_SUMSQ,
     GRAD_SUMSQ,
     NO_EVENT,
     STAGE_BACKWARD,
@@ -231,6 +232,8 @@ def lstm_single_backward_kernel(
             counted = keep & tile_ok
             sumsq = tl.sum(tl.sum(tl.where(counted_outs, dh * dh, 0.0), axis=1), axis=0)
             tl.atomic_add(grad_ptr + GRAD_SUMSQ * capacity + t, sumsq.to(tl.float64))
+            cell_sumsq = tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0)
+            tl.atomic_add(grad_ptr + GRAD_CELL_SUMSQ * capacity + t, cell_sumsq.to(tl.float64))
             first_outs = note_nonfinite(first_outs, g_out, counted_outs, code)
             first_outs = note_nonfinite(first_outs, dh, counted_outs, code + 1)
             first_units = note_nonfinite(first_units, dc, counted, code + 2)

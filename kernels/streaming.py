@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .cell import (
+    GRAD_CELL_SUMSQ,
     GRAD_SUMSQ,
     NO_EVENT,
     STAGE_BACKWARD,
@@ -248,6 +249,7 @@ def lstm_streaming_backward_kernel(
         prev_row_step = t_prev.to(tl.int64) * B + rows
         code = p * 4
         sumsq = 0.0
+        cell_sumsq = 0.0
 
         if HAS_PROJ:
             # Phase A: dh_t over the P projected units, kept for dW_hr, then dh_full = dh_t @ W_hr.
@@ -301,11 +303,13 @@ def lstm_streaming_backward_kernel(
             store_gate_tiles(dgates_ptr + gate_tile, H, d_i, d_f, d_g, d_o, tile_ok)
             tl.store(grad_c_ptr + rows[:, None] * H + units[None, :], tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok)
             if TELEMETRY:
+                cell_sumsq += tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0)
                 first = note_nonfinite(first, dc, counted, code + 2)
                 d_bad = any_nonfinite(d_i, d_f, d_g, d_o)
                 first = tl.minimum(first, tl.where(counted & d_bad, code + 3, NO_EVENT))
         if TELEMETRY:
             tl.atomic_add(grad_ptr + GRAD_SUMSQ * capacity + t, sumsq.to(tl.float64))
+            tl.atomic_add(grad_ptr + GRAD_CELL_SUMSQ * capacity + t, cell_sumsq.to(tl.float64))
         tl.debug_barrier()
 
         # Phase C: carried dh <- dgates_t @ W_hh (K = 4H), for the sequences still running.

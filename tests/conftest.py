@@ -91,3 +91,16 @@ def weighted_loss(out, h_n, c_n, weights):
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
+
+
+def lstm_cell_step(lstm: nn.LSTM, layer: int, x_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple:
+    """One step of torch.nn.LSTM's equations for one layer (forward direction, no projection), written out so that
+    c_t is the single tensor feeding both h_t and the next step: after `retain_grad()` its gradient is the total
+    ∂L/∂c_t (nn.LSTM's own c_n output misses the path through h_t, computed inside the op). x_t [B, I], h, c [B, H]."""
+    w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+    pre = x_t @ w_ih.t() + h @ w_hh.t()
+    if lstm.bias:
+        pre = pre + getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+    i, f, g, o = pre.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c

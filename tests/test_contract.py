@@ -11,8 +11,8 @@ import typing
 
 import pytest
 import torch
-import torch.nn.utils.parametrize as parametrize
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal, weight_norm
 
 import fastlstm
@@ -80,28 +80,28 @@ def test_positional_construction_and_defaults():
 
 
 BAD_CONFIGS = [
-    dict(dropout=1.5),
-    dict(dropout=-0.1),
-    dict(dropout=True),
-    dict(dropout="x"),
-    dict(proj_size=H),
-    dict(proj_size=H + 2),
-    dict(proj_size=-1),
-    dict(hidden_size=0),
-    dict(hidden_size=-3),
-    dict(hidden_size=2.0),
-    dict(input_size=0),
-    dict(num_layers=0),
-    dict(num_layers=1.5),
-    dict(bias=1),
-    dict(bias="yes"),
-    dict(batch_first=1),
+    {"dropout": 1.5},
+    {"dropout": -0.1},
+    {"dropout": True},
+    {"dropout": "x"},
+    {"proj_size": H},
+    {"proj_size": H + 2},
+    {"proj_size": -1},
+    {"hidden_size": 0},
+    {"hidden_size": -3},
+    {"hidden_size": 2.0},
+    {"input_size": 0},
+    {"num_layers": 0},
+    {"num_layers": 1.5},
+    {"bias": 1},
+    {"bias": "yes"},
+    {"batch_first": 1},
 ]
 
 
 @pytest.mark.parametrize("bad", BAD_CONFIGS, ids=[f"{k}={v!r}" for d in BAD_CONFIGS for k, v in d.items()])
 def test_constructor_validation_matches_nn_lstm(bad):
-    kwargs = dict(input_size=I, hidden_size=H)
+    kwargs = {"input_size": I, "hidden_size": H}
     kwargs.update(bad)
     with pytest.raises(Exception) as expected:
         nn.LSTM(**kwargs)
@@ -118,11 +118,11 @@ def test_bad_backend_name():
 # ---- parameters, init, state_dict, repr ----
 
 CONFIGS = [
-    dict(num_layers=1),
-    dict(num_layers=2, bias=False),
-    dict(num_layers=2, bidirectional=True),
-    dict(num_layers=3, bidirectional=True, proj_size=P),
-    dict(num_layers=2, proj_size=P, bias=False, batch_first=True),
+    {"num_layers": 1},
+    {"num_layers": 2, "bias": False},
+    {"num_layers": 2, "bidirectional": True},
+    {"num_layers": 3, "bidirectional": True, "proj_size": P},
+    {"num_layers": 2, "proj_size": P, "bias": False, "batch_first": True},
 ]
 CONFIG_IDS = ["-".join(f"{k}{v}" for k, v in c.items()) for c in CONFIGS]
 
@@ -182,9 +182,9 @@ def test_state_dict_both_ways(cfg):
     "args,kwargs",
     [
         ((I, H), {}),
-        ((I, H, 3), dict(bias=False, batch_first=True, dropout=0.5, bidirectional=True, proj_size=P)),
-        ((I, H), dict(proj_size=2)),
-        ((I, H, 2), dict(dropout=0.1)),
+        ((I, H, 3), {"bias": False, "batch_first": True, "dropout": 0.5, "bidirectional": True, "proj_size": P}),
+        ((I, H), {"proj_size": 2}),
+        ((I, H, 2), {"dropout": 0.1}),
     ],
 )
 def test_repr_matches_nn_lstm(args, kwargs):
@@ -205,6 +205,21 @@ def test_flatten_parameters_harmless():
     assert [p for p in fast.parameters()] == before  # same Parameter objects
     assert torch.equal(fast(x)[0], out)
     _assert_same_results(fast, ref, x)
+
+
+def test_telemetry_is_not_module_state():
+    """The counters are neither parameters nor buffers (DDP would broadcast buffers from rank 0, `.half()` would
+    cast them): named_buffers and state_dict are nn.LSTM's, and load_state_dict(assign=True) on a meta-built
+    module brings the telemetry to the loaded parameters' device."""
+    ref = nn.LSTM(I, H, 2, proj_size=P, dtype=F64)
+    ours = fastlstm.LSTM(I, H, 2, proj_size=P, dtype=F64, device="meta", backend="reference")
+    assert list(ours.named_buffers()) == list(ref.named_buffers()) == []
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    assert ours.weight_hh_l1.device.type == "cpu" and ours.telemetry.passes.device.type == "cpu"
+    _assert_same_results(ours, ref, _randn(T, B, I))
+    assert ours.telemetry.snapshot().layers[0].elements == T * B * H
+    half = copy.deepcopy(ours).half()
+    assert half.telemetry.stats.dtype == F64  # counts stay exact whatever the parameters' dtype
 
 
 # ---- replacing and substituting parameters ----
@@ -313,6 +328,7 @@ def test_meta_construction_and_to_empty():
     assert [(n, p.shape) for n, p in m.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
     m = m.to_empty(device="cpu")
     assert all(p.device.type == "cpu" and p.dtype == F64 for p in m.parameters())
+    assert m.telemetry.passes.device.type == "cpu"
     m.load_state_dict(ref.state_dict())
     _assert_same_results(m, ref, _randn(T, B, I))
     # reset_parameters after to_empty gives a valid init again
@@ -335,7 +351,7 @@ def _trained_copy_check(original, clone, ref):
     assert not torch.equal(clone.weight_hh_l0, original.weight_hh_l0)
     # the copy's telemetry window works on its own
     clone.telemetry.reset()
-    out, (h, c) = clone(x)
+    out, (_h, _c) = clone(x)
     out.sum().backward()
     snap = clone.telemetry.snapshot()
     assert snap.layers[0].elements == T * B * H
@@ -402,7 +418,7 @@ def test_packed_wrong_hx_batch_and_feature_size():
     lengths = [5, 3, 2]
     packed = pack(_randn(5, 3, I), lengths, False, True)
     for batch in (2, 4):
-        with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 3, 6\), got \[2, %d, 6\]" % batch):
+        with pytest.raises(RuntimeError, match=rf"Expected hidden\[0\] size \(2, 3, 6\), got \[2, {batch}, 6\]"):
             fast(packed, (_randn(2, batch, H), _randn(2, batch, H)))
     with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(2, 3, 6\), got \[2, 4, 6\]"):
         fast(packed, (_randn(2, 3, H), _randn(2, 4, H)))
@@ -428,6 +444,8 @@ def test_from_torch_shares_parameters():
     for (n, a), (m, b) in zip(fast.named_parameters(), ref.named_parameters()):
         assert n == m and a is b
     _assert_same_results(fast, ref, _randn(B, T, I))
+    assert fast.telemetry.passes.device == ref.weight_ih_l0.device  # built on meta, but its telemetry is not
+    assert fast.telemetry.snapshot().layers[0].elements == B * T * H
     with pytest.raises(TypeError):
         fastlstm.LSTM.from_torch(nn.GRU(I, H))
     parametrized = nn.LSTM(I, H)

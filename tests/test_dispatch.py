@@ -1,17 +1,17 @@
-"""Which backend runs, and the autocast dtype rule."""
+"""Which implementation runs a pass (routing.py), and the autocast dtype rule."""
 
 import pytest
 import torch
 from torch import nn
 
 import fastlstm
-from fastlstm import backends, reference
+from fastlstm import reference, routing
 
 
 def test_auto_uses_the_reference_on_cpu_and_for_float64():
-    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "reference"
-    assert backends.resolve("auto", torch.device("cuda"), torch.float64) == "reference"
-    assert backends.backend_module("reference") is reference
+    assert routing.choose("auto", torch.device("cpu"), torch.float32) == "reference"
+    assert routing.choose("auto", torch.device("cuda"), torch.float64) == "reference"
+    assert routing.time_loops("reference") is reference
 
 
 def test_unknown_backend_name_is_a_value_error():
@@ -22,7 +22,7 @@ def test_unknown_backend_name_is_a_value_error():
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
-        backends.resolve("triton", torch.device("cpu"), torch.float32)
+        routing.choose("triton", torch.device("cpu"), torch.float32)
 
 
 def test_autocast_runs_in_the_autocast_dtype_and_stays_close_to_float32():
@@ -38,3 +38,26 @@ def test_autocast_runs_in_the_autocast_dtype_and_stays_close_to_float32():
     assert err < 2e-2
     out.float().sum().backward()
     assert fast.weight_hh_l0.grad.dtype == torch.float32  # master weights keep their dtype
+
+
+def test_program_transforms_are_recognised_and_eager_passes_are_not():
+    seen = []
+
+    def note(x):
+        seen.append(routing.program_transform())
+        return x * 2
+
+    note(torch.randn(3))
+    torch.func.grad(lambda x: note(x).sum())(torch.randn(3))
+    torch.jit.trace(note, torch.randn(3), check_trace=False)
+    assert seen == [None, "torch.func", "tracing"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "native"])
+def test_every_backend_runs_natively_under_a_program_transform(backend):
+    assert routing.choose(backend, torch.device("cpu"), torch.float32) == (
+        "native" if backend == "native" else "reference"
+    )
+    chosen = []
+    torch.func.grad(lambda x: chosen.append(routing.choose(backend, x.device, x.dtype)) or x.sum())(torch.randn(2))
+    assert chosen == ["native"]

@@ -111,6 +111,7 @@ def assert_same_telemetry(kernel, ref, tol):
     assert k.cell_absmax == pytest.approx(r.cell_absmax, rel=tol)
     assert (k.backward_passes == r.backward_passes).all()
     assert rel(torch.from_numpy(k.grad_norm_per_step), torch.from_numpy(r.grad_norm_per_step)) <= tol
+    assert rel(torch.from_numpy(k.cell_grad_norm_per_step), torch.from_numpy(r.cell_grad_norm_per_step)) <= tol
     assert kernel.first_nonfinite == ref.first_nonfinite
     assert kernel.launches == ref.launches
 

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 import fastlstm
+from fastlstm.padding import RecurrentLengths
 from fastlstm.tbptt import NonFiniteError, TBPTTTrainer, estimate_dependency, truncation_evidence
+from fastlstm.truncation import estimate_state_dependency
+
+try:
+    from conftest import lstm_cell_step
+except ImportError:  # tests/ turned into a package
+    from tests.conftest import lstm_cell_step
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +36,15 @@ def _one_thread():
 class Net(nn.Module):
     """fastlstm.LSTM + linear head, in the trainer's `model(x, state) -> (y, state)` form."""
 
-    def __init__(self, inputs=3, hidden=5, outputs=2, layers=1, dropout=0.0, batch_first=True, dtype=torch.float64):
+    def __init__(
+        self, inputs=3, hidden=5, outputs=2, layers=1, dropout=0.0, batch_first=True, dtype=torch.float64, bidir=False
+    ):
         super().__init__()
         self.lstm = fastlstm.LSTM(
-            inputs, hidden, layers, batch_first=batch_first, dropout=dropout, dtype=dtype, backend="reference"
-        )
-        self.head = nn.Linear(hidden, outputs, dtype=dtype)
+            inputs, hidden, layers, batch_first=batch_first, dropout=dropout, dtype=dtype, backend="reference",
+            bidirectional=bidir,
+        )  # fmt: skip
+        self.head = nn.Linear(hidden * (2 if bidir else 1), outputs, dtype=dtype)
 
     def forward(self, x, state=None):
         out, state = self.lstm(x, state)
@@ -44,8 +54,9 @@ class Net(nn.Module):
 def reference_of(net: Net):
     """torch.nn.LSTM + head with net's weights: the independent implementation."""
     lstm = nn.LSTM(
-        net.lstm.input_size, net.lstm.hidden_size, net.lstm.num_layers, batch_first=True, dtype=net.head.weight.dtype
-    )
+        net.lstm.input_size, net.lstm.hidden_size, net.lstm.num_layers, batch_first=True,
+        bidirectional=net.lstm.bidirectional, dtype=net.head.weight.dtype,
+    )  # fmt: skip
     lstm.load_state_dict(net.lstm.state_dict())
     return lstm, copy.deepcopy(net.head)
 
@@ -95,15 +106,26 @@ def hand_written_tbptt(lstm, head, x, y, lengths, k1, k2, lr, clip):
 
 
 @pytest.mark.parametrize(
-    "k1, k2, ragged, clip",
-    [(3, 3, False, None), (3, 7, True, None), (4, 6, True, 0.05), (2, 9, False, None)],
+    "k1, k2, ragged, clip, bidir",
+    [
+        (3, 3, False, None, False),
+        (3, 7, True, None, False),
+        (4, 6, True, 0.05, False),
+        (2, 9, False, None, False),
+        (3, 3, True, None, True),
+    ],
 )
-def test_gradients_equal_hand_written_truncation(k1, k2, ragged, clip):
+def test_gradients_equal_hand_written_truncation(k1, k2, ragged, clip, bidir):
+    """Streams that end inside a chunk (ragged), their padding filled with NaN: the trainer's gradients equal those
+    of each stream run alone on its real steps (the reverse direction of a bidirectional LSTM starting at the
+    stream's own end, as PackedSequence gives it)."""
     torch.manual_seed(0)
-    net = Net(layers=2)
+    net = Net(layers=2, bidir=bidir)
     lstm, head = reference_of(net)
     x, y = streams(4, 19, 3, 2)
     lengths = [19, 11, 19, 6] if ragged else [19] * 4
+    for b, n in enumerate(lengths):
+        x[b, n:], y[b, n:] = float("nan"), float("nan")
     trainer = TBPTTTrainer(
         net,
         torch.optim.SGD(net.parameters(), lr=0.3),
@@ -166,7 +188,8 @@ def _with_forget_bias(net: Net, bias: float) -> Net:
 
 def test_recorded_dependency_estimates_use_the_autograd_lag_profile():
     """With frozen weights (lr 0) every window can be replayed on torch.nn.LSTM one step at a time; the total
-    gradient reaching each h_t, lag by lag before the chunk's first loss, must give the recorded estimates."""
+    gradients reaching each h_t and c_t, lag by lag before the chunk's first loss, must give the recorded
+    estimates."""
     torch.manual_seed(3)
     net = _with_forget_bias(Net(inputs=2, hidden=6, outputs=1), 2.0)
     lstm, head = reference_of(net)
@@ -188,21 +211,32 @@ def test_recorded_dependency_estimates_use_the_autograd_lag_profile():
     for entry in estimates:
         first = entry["step"] * k1
         start = max(0, first - (k2 - k1))  # the first windows start at the stream start
-        state = lstm(x[:, :start])[1] if start else None
-        hidden = []
-        h, c = state if state is not None else (torch.zeros(1, 3, 6, dtype=torch.float64),) * 2
+        with torch.no_grad():
+            h, c = (t[0] for t in lstm(x[:, :start])[1]) if start else (torch.zeros(3, 6, dtype=torch.float64),) * 2
+        hidden, cells = [], []
         for t in range(start, first + k1):
-            _, (h, c) = lstm(x[:, t : t + 1], (h, c))
+            h, c = lstm_cell_step(lstm, 0, x[:, t], h, c)
             h.retain_grad()
+            c.retain_grad()
             hidden.append(h)
-        pred = torch.cat([head(h[-1]) for h in hidden[-k1:]])
+            cells.append(c)
+        pred = torch.cat([head(h) for h in hidden[-k1:]])
         nn.functional.mse_loss(pred, y[:, first : first + k1].transpose(0, 1).reshape(-1, 1)).backward()
-        norms = [float(h.grad.norm()) for h in hidden]
-        want = estimate_dependency(norms[first - start :: -1], trainer.target_bias)
+        lags = slice(first - start, None, -1)
+        h_norms = [float(h.grad.norm()) for h in hidden][lags]
+        c_norms = [float(c.grad.norm()) for c in cells][lags]
         assert (entry["k1"], entry["k2"], entry["lag"]) == (k1, k1 + first - start, first - start)
-        assert entry["rate"] == pytest.approx(want.rate, rel=1e-9)
+        for part, norms in (("hidden", h_norms), ("cell", c_norms)):
+            want = estimate_dependency(norms, trainer.target_bias)
+            assert entry[f"{part}_rate"] == pytest.approx(want.rate, rel=1e-9)
+            assert entry[f"{part}_bias"] == pytest.approx(want.bias, rel=1e-9)
+            assert entry[f"{part}_dependency"] == want.dependency
+            assert entry[f"{part}_reach"] == pytest.approx(want.reach, rel=1e-9)
+        want = estimate_state_dependency(h_norms, c_norms, trainer.target_bias)
+        assert entry["estimated_dependency"] == pytest.approx(want.dependency, rel=1e-9)
         assert entry["bias"] == pytest.approx(want.bias, rel=1e-9)
-        assert entry["estimated_dependency"] == want.dependency
+    # the case discriminates: with a forget bias of 2 the cell's gradient reaches farther than the hidden state's
+    assert any(e["cell_reach"] > e["hidden_reach"] for e in estimates)
 
 
 def test_gradients_reaching_past_a_fixed_truncation_are_reported():
@@ -357,8 +391,8 @@ def _make_trainer(net, opt, sched, path):
         k1=3,
         adaptive=True,
         k_min=2,
-        k_max=7,
-        k_init=7,
+        k_max=12,
+        k_init=12,
         smoothing=0.3,
         scheduler=sched,
         clip_grad_norm=1.0,
@@ -402,9 +436,122 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
     assert resumed_history.losses() == history.losses()
     assert [e["val_loss"] for e in resumed_history.evals] == [e["val_loss"] for e in history.evals]
     assert set(history.evals[0]["subset_losses"]) == {"long", "short"}
-    assert len(history.events_of("truncation")) >= 2  # the adaptive state mattered
+    k2_path = [e["detail"]["k2"] for e in history.events_of("truncation")]
+    assert len(k2_path) >= 3 and min(k2_path) < k2_path[-1]  # the adaptive state mattered: down, then up again
     assert resumed_history.events_of("resume")
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ---- padding past a stream's end ----
+
+
+class InputLayerNet(nn.Module):
+    """A model whose LSTM sees a learned projection of the inputs: padding content would reach that layer's weight
+    gradient (0 × NaN) unless the trainer removes it before the model is called."""
+
+    def __init__(self, inputs=3, hidden=6, outputs=2, dtype=torch.float32):
+        super().__init__()
+        self.embed = nn.Linear(inputs, 4, dtype=dtype)
+        self.lstm = fastlstm.LSTM(4, hidden, batch_first=True, dtype=dtype, backend="reference")
+        self.head = nn.Linear(hidden, outputs, dtype=dtype)
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(torch.tanh(self.embed(x)), state)
+        return self.head(out), state
+
+
+PADDING = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "finite": 1e6, "zero": 0.0}
+
+
+def _train_with_padding(fill, seed=0):
+    torch.manual_seed(seed)
+    net = InputLayerNet()
+    x, y = streams(5, 60, 3, 2, dtype=torch.float32, seed=20 + seed)
+    lengths = [60, 21, 38, 60, 3]  # ends inside chunks, on a chunk boundary, and inside the first chunk
+    for b, n in enumerate(lengths):
+        x[b, n:], y[b, n:] = fill, fill
+    trainer = TBPTTTrainer(
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-2),
+        nn.MSELoss(),
+        k1=4,
+        adaptive=True,
+        k_max=12,
+        smoothing=0.3,
+        telemetry_every=2,
+        read_every=4,
+        validate_every=3,
+    )
+    val = (x[:3], y[:3], lengths[:3])
+    history = trainer.fit((x, y, lengths), epochs=2, val_data=val)
+    return net, trainer, history
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_padding_content_leaves_training_bit_identical(seed):
+    """NaN, ±inf and finite padding past each stream's length: the same weights, optimizer state, losses,
+    validation losses, truncation decisions, telemetry and input statistics, bit for bit, and no skipped step."""
+    runs = {name: _train_with_padding(fill, seed) for name, fill in PADDING.items()}
+    net, trainer, history = runs["zero"]
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    for name, (other, other_trainer, other_history) in runs.items():
+        for p, q in zip(net.parameters(), other.parameters()):
+            assert torch.equal(p, q), name
+        for a, b in zip(trainer.optimizer.state.values(), other_trainer.optimizer.state.values()):
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert other_history.to_dict() == history.to_dict(), name  # every recorded number, events included
+    assert not history.events_of("nonfinite_step_skipped") and not any(e["skipped"] for e in history.steps)
+    assert len(history.events_of("truncation")) > 1  # the adaptive controller was part of what stayed identical
+
+
+def test_padding_is_excluded_from_the_recurrence_not_only_from_the_loss():
+    """The LSTM runs each stream only over its real steps: the telemetry counts exactly the (stream, step) pairs of
+    the windows that lie inside the streams, and the input statistics exactly those inputs."""
+    torch.manual_seed(2)
+    net = Net(dtype=torch.float32)
+    x, y = streams(4, 22, 3, 2, dtype=torch.float32, seed=21)
+    lengths = [22, 7, 13, 18]
+    for b, n in enumerate(lengths):
+        x[b, n:] = float("nan")
+    k1, k2 = 4, 7
+    trainer = TBPTTTrainer(
+        net, torch.optim.SGD(net.parameters(), lr=0.05), nn.MSELoss(), k1=k1, k2=k2, telemetry_every=1, read_every=1
+    )
+    history = trainer.fit((x, y, lengths))
+    real = []  # per chunk: real steps of the window, summed over the streams alive in it
+    for s in range(0, max(lengths), k1):
+        w = max(0, s - (k2 - k1))
+        real.append(sum(min(n, s + k1) - w for n in lengths if n > s))
+    elements = [e["snapshot"]["layers"][0]["elements"] for e in history.telemetry]
+    assert elements == [r * net.lstm.hidden_size for r in real]
+    assert [e["count"] for e in history.inputs] == real
+    assert all(math.isfinite(v) for e in history.inputs for v in e["mean"])
+    assert all(e["snapshot"]["first_nonfinite"] is None for e in history.telemetry)
+
+
+def test_models_that_do_not_take_packed_input_see_zeros():
+    """A model without a recurrent module of the window's shape still never sees the padding: the inputs it gets
+    are zero there."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3, 2))
+
+        def forward(self, x, state=None):
+            seen.append(x.detach().clone())
+            return x @ self.w, state
+
+    model = Recorder()
+    x, y = streams(3, 10, 3, 2, dtype=torch.float32, seed=22)
+    lengths = [10, 5, 7]
+    for b, n in enumerate(lengths):
+        x[b, n:] = float("nan")
+    trainer = TBPTTTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), k1=4, k2=6, batch_first=True)
+    trainer.fit((x, y, lengths))
+    assert seen and all(torch.isfinite(v).all() for v in seen)
+    assert torch.isfinite(model.w).all()
 
 
 # ---- validation ----
@@ -517,11 +664,22 @@ def test_training_loop_reads_nothing_back_between_batched_reads(monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def counting(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
+            if self.untyped_storage().data_ptr() not in packed_sizes:
+                calls.append(_name)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
+    packed_sizes = []  # PackedSequence.batch_sizes: host metadata by PyTorch's contract, read by nn.LSTM's checks
+    pack = RecurrentLengths._pack
+
+    def recording_pack(self, *args):
+        packed = pack(self, *args)
+        packed_sizes.append(packed.batch_sizes.untyped_storage().data_ptr())
+        return packed
+
+    monkeypatch.setattr(RecurrentLengths, "_pack", recording_pack)
     trainer.fit((x, y, [30, 30, 17, 8]), max_chunks=9)
+    assert packed_sizes  # streams ended inside chunks: their windows were packed
     assert calls == []
     monkeypatch.undo()
     history = trainer.history  # the batched read

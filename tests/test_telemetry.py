@@ -1,8 +1,9 @@
 """Telemetry (docs/telemetry.md) field by field against an independent recomputation.
 
 The expected values come from a per-sequence, per-step float64 loop over nn.LSTM's weights written here (it does
-not use fastlstm.reference); ‖∂L/∂h_t‖ comes from autograd through that loop (retain_grad on every h_t, which is
-the one tensor feeding both the output at t and step t+1, so its gradient is the total one).
+not use fastlstm.reference); ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ come from autograd through that loop (retain_grad on every h_t
+and c_t: each is the one tensor feeding everything that depends on it, the output at t, step t+1 and the final state,
+so its gradient is the total one).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class Expected:
         self.elements = np.zeros(slots, dtype=np.int64)
         self.forget = np.zeros(slots)
         self.cell_absmax = np.zeros(slots)
-        self.sumsq = [dict() for _ in range(slots)]  # t -> summed squared norms over passes
-        self.passes = [dict() for _ in range(slots)]  # t -> number of passes
+        self.sumsq = [{} for _ in range(slots)]  # t -> summed squared norms of dL/dh_t over passes
+        self.cell_sumsq = [{} for _ in range(slots)]  # t -> the same for dL/dc_t
+        self.passes = [{} for _ in range(slots)]  # t -> number of passes
 
-    def grad_norm(self, slot):
+    def grad_norm(self, slot, cell=False):
         steps = max(self.passes[slot], default=-1) + 1
-        return np.array([math.sqrt(self.sumsq[slot][t] / self.passes[slot][t]) for t in range(steps)])
+        sums = (self.cell_sumsq if cell else self.sumsq)[slot]
+        return np.array([math.sqrt(sums[t] / self.passes[slot][t]) for t in range(steps)])
 
     def backward_passes(self, slot):
         steps = max(self.passes[slot], default=-1) + 1
@@ -61,7 +64,7 @@ def manual_pass(ref: nn.LSTM, x, lengths, hx, loss_weights, expected: Expected, 
     lengths = [steps] * batch if lengths is None else list(lengths)
     h0, c0 = (t.detach().double() for t in hx)
     w_out, w_h, w_c = (w.double() for w in loss_weights)
-    hs = [[] for _ in range(layers * dirs)]  # (t, h_t tensor)
+    hs = [[] for _ in range(layers * dirs)]  # (t, h_t tensor, c_t tensor)
     loss = 0.0
     for b in range(batch):
         n = lengths[b]
@@ -80,11 +83,12 @@ def manual_pass(ref: nn.LSTM, x, lengths, hx, loss_weights, expected: Expected, 
                     i, f, g, o = pre.chunk(4)
                     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
                     c = f * c + i * g
+                    c.retain_grad()
                     h = o * torch.tanh(c)
                     if w_hr is not None:
                         h = w_hr @ h
                     h.retain_grad()
-                    hs[slot].append((t, h))
+                    hs[slot].append((t, h, c))
                     out[t] = h
                     with torch.no_grad():
                         for k, act in enumerate((i, f, g, o)):
@@ -100,11 +104,13 @@ def manual_pass(ref: nn.LSTM, x, lengths, hx, loss_weights, expected: Expected, 
     if backward:
         loss.backward()
         for slot, entries in enumerate(hs):
-            per_t = {}
-            for t, h in entries:
+            per_t, cell_per_t = {}, {}
+            for t, h, c in entries:
                 per_t[t] = per_t.get(t, 0.0) + float(h.grad.square().sum())
+                cell_per_t[t] = cell_per_t.get(t, 0.0) + float(c.grad.square().sum())
             for t in range(steps):
                 expected.sumsq[slot][t] = expected.sumsq[slot].get(t, 0.0) + per_t.get(t, 0.0)
+                expected.cell_sumsq[slot][t] = expected.cell_sumsq[slot].get(t, 0.0) + cell_per_t.get(t, 0.0)
                 expected.passes[slot][t] = expected.passes[slot].get(t, 0) + 1
     return loss
 
@@ -146,13 +152,16 @@ def assert_window(snap: fastlstm.Snapshot, expected: Expected, ref: nn.LSTM, gra
         if grads:
             np.testing.assert_array_equal(lt.backward_passes, expected.backward_passes(slot), err_msg=where)
             np.testing.assert_allclose(lt.grad_norm_per_step, expected.grad_norm(slot), rtol=1e-10, err_msg=where)
+            np.testing.assert_allclose(
+                lt.cell_grad_norm_per_step, expected.grad_norm(slot, cell=True), rtol=1e-10, err_msg=where
+            )
     # the case must be discriminating: some activations saturated, most not
     assert 0 < expected.sat.sum() < 0.8 * 4 * expected.elements.sum()
 
 
 CONFIGS = {
-    "1layer": dict(num_layers=1),
-    "2layer-bidir-proj": dict(num_layers=2, bidirectional=True, proj_size=P),
+    "1layer": {"num_layers": 1},
+    "2layer-bidir-proj": {"num_layers": 2, "bidirectional": True, "proj_size": P},
 }
 
 
@@ -328,33 +337,33 @@ def _nan_case(name):
 
     cases = {
         # forward, input: layer 0, the timestep of the NaN (direction 0 runs first, even when bidirectional)
-        "input_nan": (dict(), lambda m, x, hx: x[3, 1].fill_(nan), None, (0, 0, 3, "forward", "input")),
+        "input_nan": ({}, lambda m, x, hx: x[3, 1].fill_(nan), None, (0, 0, 3, "forward", "input")),
         "input_two_nans": (
-            dict(num_layers=2, bidirectional=True),
+            {"num_layers": 2, "bidirectional": True},
             lambda m, x, hx: (x[4, 0, 1].fill_(nan), x[2, 2, 0].fill_(inf)),
             None,
             (0, 0, 2, "forward", "input"),
         ),
-        "input_nan_last_step": (dict(bidirectional=True), lambda m, x, hx: x[T - 1, 0].fill_(nan), None,
+        "input_nan_last_step": ({"bidirectional": True}, lambda m, x, hx: x[T - 1, 0].fill_(nan), None,
                                 (0, 0, T - 1, "forward", "input")),
-        "w_ih_reverse": (dict(bidirectional=True), set_param("weight_ih_l0_reverse", nan), None,
+        "w_ih_reverse": ({"bidirectional": True}, set_param("weight_ih_l0_reverse", nan), None,
                          (0, 1, T - 1, "forward", "input")),
-        "w_hh_inf": (dict(num_layers=2), set_param("weight_hh_l0", inf), None, (0, 0, 0, "forward", "gates")),
-        "w_hh_inf_layer1_reverse": (dict(num_layers=2, bidirectional=True), set_param("weight_hh_l1_reverse", inf),
+        "w_hh_inf": ({"num_layers": 2}, set_param("weight_hh_l0", inf), None, (0, 0, 0, "forward", "gates")),
+        "w_hh_inf_layer1_reverse": ({"num_layers": 2, "bidirectional": True}, set_param("weight_hh_l1_reverse", inf),
                                     None, (1, 1, T - 1, "forward", "gates")),
-        "h0_nan_reverse": (dict(bidirectional=True), lambda m, x, hx: hx[0][1, 2].fill_(nan), None,
+        "h0_nan_reverse": ({"bidirectional": True}, lambda m, x, hx: hx[0][1, 2].fill_(nan), None,
                            (0, 1, T - 1, "forward", "gates")),
-        "c0_nan": (dict(), lambda m, x, hx: hx[1][0, 1, 2].fill_(nan), None, (0, 0, 0, "forward", "cell")),
-        "c0_nan_reverse": (dict(bidirectional=True), lambda m, x, hx: hx[1][1, 0].fill_(nan), None,
+        "c0_nan": ({}, lambda m, x, hx: hx[1][0, 1, 2].fill_(nan), None, (0, 0, 0, "forward", "cell")),
+        "c0_nan_reverse": ({"bidirectional": True}, lambda m, x, hx: hx[1][1, 0].fill_(nan), None,
                            (0, 1, T - 1, "forward", "cell")),
-        "w_hr_nan": (dict(proj_size=P, num_layers=2), set_param("weight_hr_l1", nan), None,
+        "w_hr_nan": ({"proj_size": P, "num_layers": 2}, set_param("weight_hr_l1", nan), None,
                      (1, 0, 0, "forward", "hidden")),
         # backward
-        "loss_nan": (dict(num_layers=2), None, "loss_nan", (1, 0, T - 1, "backward", "grad_output")),
-        "grad_out_reverse_half": (dict(bidirectional=True), None, "reverse_half", (0, 1, 1, "backward", "grad_output")),
-        "grad_out_forward_half": (dict(bidirectional=True), None, "forward_half", (0, 0, 4, "backward", "grad_output")),
-        "grad_h_n": (dict(), None, "h_n", (0, 0, T - 1, "backward", "grad_hidden")),
-        "grad_c_n": (dict(), None, "c_n", (0, 0, T - 1, "backward", "grad_cell")),
+        "loss_nan": ({"num_layers": 2}, None, "loss_nan", (1, 0, T - 1, "backward", "grad_output")),
+        "grad_out_reverse_half": ({"bidirectional": True}, None, "reverse_half", (0, 1, 1, "backward", "grad_output")),
+        "grad_out_forward_half": ({"bidirectional": True}, None, "forward_half", (0, 0, 4, "backward", "grad_output")),
+        "grad_h_n": ({}, None, "h_n", (0, 0, T - 1, "backward", "grad_hidden")),
+        "grad_c_n": ({}, None, "c_n", (0, 0, T - 1, "backward", "grad_cell")),
     }
     return cases[name]
 
@@ -414,7 +423,7 @@ def test_first_nonfinite_packed_reverse():
     x, hx, _ = random_pass_inputs(ref, 5, 3)
     with torch.no_grad():
         fast.weight_hh_l0_reverse[0, 0] = float("inf")
-    out, (h, c) = fast(pack(x, lengths, False, enforce_sorted=False), hx)
+    _out, (_h, _c) = fast(pack(x, lengths, False, enforce_sorted=False), hx)
     r = fast.telemetry.snapshot().first_nonfinite
     assert (r.layer, r.direction, r.timestep, r.stage, r.tensor) == (0, 1, 4, "forward", "gates")
 
@@ -489,7 +498,7 @@ GUARDED = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__",
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_no_host_sync(monkeypatch, packed):
     ref, fast = make_pair(I, H, num_layers=2, bidirectional=True, proj_size=P)
-    x, hx, weights = random_pass_inputs(ref, 5, 3)
+    x, hx, _weights = random_pass_inputs(ref, 5, 3)
     inp = pack(x, [3, 5, 2], False, enforce_sorted=False) if packed else x
     host_meta = inp.batch_sizes if packed else None  # PackedSequence keeps batch_sizes on the host by contract
     fast(inp, hx)  # warm-up allocates the counters

@@ -4,35 +4,36 @@
     print(fastlstm.doctor.format_report(findings))
     print(fastlstm.doctor.dumps(findings))      # the stable JSON form, "fastlstm.findings/1"
 
-Each rule (rules.py) reads measured signals (signals.py: losses, validation results, per-timestep gradient norms,
-gate saturation, first non-finite location, input and target statistics, truncation events), compares them with a
-documented threshold (`Thresholds`), and reports a `Finding(code, severity, message, evidence, remedy)`
-(findings.py). docs/doctor.md documents every rule and the precision/recall measured on real failure reproductions.
+Each rule (rules/<family>.py, registered in registry.py) reads measured signals (signals.py: losses, gradient norms
+before and after clipping, update ratios, per-timestep gradient norms, gate saturation, first non-finite location,
+input and target statistics, carried state, truncation events), compares them with a documented threshold
+(`Thresholds`), and reports a `Finding(code, severity, message, evidence, remedy, caused_by)` (findings.py). The
+causal links (causes.py) put each symptom under the fault that explains it. docs/doctor.md documents every rule and
+the precision/recall measured on failure reproductions and real datasets.
+
+Reading a history needs numpy only: nothing here imports torch or the trainer.
 """
 
 from __future__ import annotations
 
 from ..history_view import HistoryView
-from .findings import CODES, FINDINGS_FORMAT, SEVERITIES, Finding, dumps, findings_to_json, format_report
-from .rules import CONSEQUENCES, RULES, attribute_causes
+from .causes import LINKS, attach_causes, consequences_of
+from .findings import FINDINGS_FORMAT, SEVERITIES, Finding, dumps, findings_to_json, format_report, root_causes
+from .registry import codes, codes_table, specs
 from .signals import DEFAULT_THRESHOLDS, Signals, Thresholds
+
+CODES = codes()  # the fixed vocabulary, in report order (registry.py)
+CONSEQUENCES = {code: consequences_of(code) for code in CODES if consequences_of(code)}
 
 
 def diagnose(history, thresholds: Thresholds | None = None) -> list:
-    """Findings for `history` (a History, a docs/history.md dict or a path to its JSON), most severe first."""
+    """Findings for `history` (a History, a docs/history.md dict or a path to its JSON): each root cause, worst
+    group first, followed by the findings it explains (their `caused_by` names it)."""
     signals = Signals(HistoryView(history), thresholds or DEFAULT_THRESHOLDS)
     findings = []
-    for rule in RULES:
-        findings.extend(rule(signals))
-    findings = attribute_causes(findings)
-    # Most severe first; within a severity, causes before the findings they explain.
-    return sorted(
-        findings, key=lambda f: (-SEVERITIES.index(f.severity), "likely_caused_by" in f.evidence, code_rank(f.code))
-    )
-
-
-def code_rank(code: str) -> int:
-    return CODES.index(code) if code in CODES else len(CODES)
+    for spec in specs():
+        findings.extend(spec.check(signals))
+    return attach_causes(findings, CODES)
 
 
 __all__ = [
@@ -40,11 +41,14 @@ __all__ = [
     "CONSEQUENCES",
     "DEFAULT_THRESHOLDS",
     "FINDINGS_FORMAT",
+    "LINKS",
     "SEVERITIES",
     "Finding",
     "Thresholds",
+    "codes_table",
     "diagnose",
     "dumps",
     "findings_to_json",
     "format_report",
-]  # fmt: skip
+    "root_causes",
+]

@@ -1,5 +1,6 @@
-"""The doctor's vocabulary and output: `Finding`, the severity levels, the codes, and the two output forms
-(a text report for people, and the stable JSON form `fastlstm.findings/1` documented in docs/doctor.md).
+"""The doctor's output: `Finding`, the severity levels, and the two output forms (a text report for people that
+leads with each root cause and lists its consequences under it, and the stable JSON form `fastlstm.findings/1`
+documented in docs/doctor.md). The vocabulary of codes lives with the rules (registry.py).
 """
 
 from __future__ import annotations
@@ -14,43 +15,32 @@ from ..jsonio import to_json_safe
 SEVERITIES = ("info", "warning", "error")
 
 
-# The fixed vocabulary (DESIGN.md §2), then the codes this module adds. Reports list findings in this order
-# within a severity.
-CODES = (
-    "non_finite",
-    "initial_loss_nonfinite",
-    "exploding_gradients",
-    "vanishing_gradients",
-    "gate_saturation",
-    "unscaled_inputs",
-    "unscaled_targets",
-    "loss_stagnant",
-    "loss_zero",
-    "constant_target",
-    "train_val_divergence",
-    "val_oscillation",
-    "subset_disparity",
-    "truncation_too_short",
-    "history_incomplete",
-)
-
-
 FINDINGS_FORMAT = "fastlstm.findings/1"
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """One diagnosis. `evidence` is a JSON-safe dict of the measured numbers the finding rests on."""
+    """One diagnosis. `evidence` is a JSON-safe dict of the measured numbers the finding rests on.
+
+    `caused_by` names the findings of the same run that explain this one (codes, the one it is reported under
+    first); it is empty for a root cause. `diagnose` sets it from the causal links (causes.py).
+    """
 
     code: str
     severity: str  # "info" | "warning" | "error"
     message: str
     evidence: dict
     remedy: str
+    caused_by: tuple = ()
 
     def __post_init__(self):
         if self.severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+        object.__setattr__(self, "caused_by", tuple(self.caused_by))
+
+    @property
+    def is_consequence(self) -> bool:
+        return bool(self.caused_by)
 
     def to_dict(self) -> dict:
         return {
@@ -59,11 +49,15 @@ class Finding:
             "message": self.message,
             "evidence": to_json_safe(self.evidence),
             "remedy": self.remedy,
+            "caused_by": list(self.caused_by),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Finding:
-        return cls(d["code"], d["severity"], d["message"], dict(d.get("evidence") or {}), d.get("remedy", ""))
+        return cls(
+            d["code"], d["severity"], d["message"], dict(d.get("evidence") or {}), d.get("remedy", ""),
+            tuple(d.get("caused_by") or ()),
+        )  # fmt: skip
 
 
 def findings_to_json(findings, source: str | None = None) -> dict:
@@ -81,24 +75,55 @@ def dumps(findings, source: str | None = None) -> str:
     return json.dumps(findings_to_json(findings, source), indent=2, sort_keys=True, allow_nan=False)
 
 
+def root_causes(findings) -> list:
+    """The findings no other finding explains, in report order."""
+    return [f for f in findings if not f.caused_by]
+
+
 def format_report(findings, title: str | None = None) -> str:
-    """A human-readable report: a summary line, then each finding with its evidence and remedy."""
+    """A human-readable report: a summary line, then each root cause with its evidence and remedy, and under it
+    the findings it explains (its consequences), indented."""
     counts = {sev: sum(f.severity == sev for f in findings) for sev in SEVERITIES}
     summary = ", ".join(
         f"{n} {sev}{'s' if n != 1 and sev != 'info' else ''}" for sev, n in reversed(counts.items()) if n
     )
+    consequences = sum(f.is_consequence for f in findings)
+    if consequences:
+        roots = len(findings) - consequences
+        summary += f" ({roots} root cause{'s' if roots != 1 else ''}, {consequences} consequence{'s' if consequences != 1 else ''})"
     lines = [f"{title or 'fastlstm doctor'}: {summary or 'no findings'}"]
     if not findings:
         lines.append("  Nothing to report: no rule found a problem in this history.")
-    for f in findings:
+    depths = _depths(findings)
+    for f, depth in zip(findings, depths):
+        pad = "    " * depth
         lines.append("")
-        lines.append(f"[{f.severity.upper()}] {f.code}")
-        lines.extend(_wrap(f.message, "  "))
-        lines.append("  evidence:")
-        lines.extend(f"    {line}" for line in _evidence_lines(f.evidence))
-        lines.append("  remedy:")
-        lines.extend(_wrap(f.remedy, "    "))
+        if depth:
+            lines.append(f"{pad}[{f.severity.upper()}] {f.code}: a consequence of {' and '.join(f.caused_by)}")
+        else:
+            lines.append(f"[{f.severity.upper()}] {f.code}")
+        lines.extend(_wrap(f.message, pad + "  "))
+        lines.append(f"{pad}  evidence:")
+        lines.extend(f"{pad}    {line}" for line in _evidence_lines(f.evidence))
+        lines.append(f"{pad}  remedy:")
+        lines.extend(_wrap(f.remedy, pad + "    "))
     return "\n".join(lines)
+
+
+def _depths(findings) -> list:
+    """How deep under its root cause each finding sits (0 for a root), following caused_by[0]."""
+    by_code = {}
+    for f in findings:
+        by_code.setdefault(f.code, f)
+    depths = []
+    for f in findings:
+        depth, seen, current = 0, {f.code}, f
+        while current.caused_by and current.caused_by[0] in by_code and current.caused_by[0] not in seen:
+            seen.add(current.caused_by[0])
+            current = by_code[current.caused_by[0]]
+            depth += 1
+        depths.append(depth)
+    return depths
 
 
 def _wrap(text: str, indent: str, width: int = 110) -> list:

@@ -25,8 +25,12 @@ class Thresholds:
     min_steps: int = 10  # loss rules need at least this many finite training losses
     # exploding_gradients
     explode_through_time: float = 1e3  # max_t ‖∂L/∂h_t‖ / ‖∂L/∂h_T‖ (or 10·T if larger)
-    explode_spike: float = 100.0  # max grad norm / median grad norm across steps
+    explode_spike: float = 100.0  # a step's grad norm / its baseline (see `spike_baseline_steps`)
     explode_error: float = 1e4  # spike or growth ratio at which the finding is an error
+    spike_baseline_steps: int = 20  # baseline: median norm of this many preceding steps, floored (docs/doctor.md)
+    spike_min_steps: int = 2  # a warning needs this many spiking steps; a lone spike is info
+    explode_growth: float = 100.0  # median grad norm of the last 20% of steps / of the first 10%
+    clip_contains: float = 0.9  # clipping "contains" the spikes when it was in effect on this share of them
     # vanishing_gradients
     vanish_ratio: float = 1e-3  # ‖∂L/∂h‖ at the sequence start / at its end
     learned_fraction: float = 0.5  # the run "learned" if final loss < this × initial loss
@@ -42,6 +46,11 @@ class Thresholds:
     stagnant_improvement: float = 0.05  # relative fall of the loss from its start to its end
     stagnant_sigmas: float = 3.0  # the fall must exceed this many standard errors of the loss level
     zero_relative: float = 1e-6  # final / initial loss at or below which the loss counts as zero
+    # loss_diverging
+    diverge_rise: float = 0.2  # final loss above the lower of its initial and best level by this fraction
+    diverge_error: float = 10.0  # final / reference at which the finding is an error (or a non-finite end)
+    update_ratio_high: float = 1e-2  # ‖Δθ‖/‖θ‖ per step; ~1e-3 is the usual healthy order
+    clip_active_share: float = 0.5  # clipping counts as in effect when it scaled this share of the steps
     # train_val_divergence
     min_evals: int = 5
     divergence_rise: float = 0.1  # recent validation loss above its best by this fraction
@@ -56,9 +65,14 @@ class Thresholds:
     # truncation_too_short
     truncation_bias: float = 0.1  # estimated share of the gradient that lies beyond the truncation window
     truncation_min_correlation: float = 0.2  # residual-input correlation beyond k2 that matters (r² ≥ 4%)
+    carried_share: float = 0.5  # share of an LSTM's training passes given a nonzero, detached state: chunked
 
 
 DEFAULT_THRESHOLDS = Thresholds()
+
+# Loss levels are compared over five consecutive blocks (fifths of the run): long enough to average out structure
+# within a run (a stream's easy first chunks, an epoch's batch order), short enough that a late rise is its own block.
+LOSS_BLOCKS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +152,84 @@ class Signals:
     def final_loss(self) -> float:
         return float(np.median(self.final_window)) if self.final_window.size else math.nan
 
+    @cached_property
+    def loss_blocks(self) -> list:
+        """The finite training losses cut into `LOSS_BLOCKS` consecutive blocks of (nearly) equal length: levels
+        compared block by block, not step by step, so that structure within a run (a stream whose first chunks are
+        easy, an epoch's order) averages out inside each block."""
+        _, loss = self.losses
+        return [b for b in np.array_split(loss, LOSS_BLOCKS) if b.size] if loss.size >= self.th.min_steps else []
+
+    @cached_property
+    def best_level(self) -> float:
+        """The lowest block median before the final block: the best level the loss held, not one lucky batch."""
+        medians = [float(np.median(b)) for b in self.loss_blocks[:-1]]
+        return min(medians) if medians else math.nan
+
+    @cached_property
+    def ended_nonfinite(self) -> bool:
+        """The last measured loss is NaN/inf and its step was not skipped: the run ended broken."""
+        view = self.view
+        known = np.flatnonzero(view.loss_known & ~view.skipped)
+        return bool(known.size) and not math.isfinite(view.loss[known[-1]])
+
+    @cached_property
+    def rising(self) -> dict | None:
+        """Evidence that the training loss rose instead of falling, or None. The final block's median must exceed
+        the best earlier block's by more than `diverge_rise` and by more than `stagnant_sigmas` standard errors of
+        the two, and either by orders of magnitude (≥ `diverge_error`×, measured from the lower of the best block
+        and the first few losses) or as a trend (Kendall's τ of the block medians from the best block on ≥ 0.5).
+        Keys: reference, final, rise, noise_standard_error, onset_step (the first step after the best block whose
+        running median passes reference × (1 + diverge_rise))."""
+        th, blocks = self.th, self.loss_blocks
+        if len(blocks) < 2:
+            return None
+        medians = np.array([np.median(b) for b in blocks])
+        final = float(medians[-1])
+        _, loss = self.losses
+        best = int(np.argmin(medians[:-1]))
+        best_start = sum(b.size for b in blocks[:best])
+        # Orders of magnitude above the loss at initialisation need no trend (the rise may be over within a few
+        # steps), only a final block that never comes back near it (a stream whose first chunks are easy revisits
+        # its low start every epoch); a moderate rise must be a trend across blocks.
+        candidates = [(float(loss[0]), loss[:1], True), (float(medians[best]), blocks[best], False)]
+        for reference, near, fast in candidates:
+            if not reference > 0:
+                continue
+            if fast and not (final >= th.diverge_error * reference and blocks[-1].min() > 2.0 * reference):
+                continue
+            if not fast and not final > reference * (1.0 + th.diverge_rise):
+                continue
+            # Positive losses are compared in log terms: after a rise by orders of magnitude the last block's
+            # spread is as large as its level, which would swamp a linear comparison.
+            logs = bool(near.min() > 0 and blocks[-1].min() > 0)
+            scale = np.log if logs else (lambda x: x)
+            noise = math.hypot(median_se(scale(near)), median_se(scale(blocks[-1])))
+            if not float(scale(final) - scale(reference)) > th.stagnant_sigmas * noise:
+                continue
+            trend = kendall_tau(medians[best:]) if medians.size - best >= 3 else 1.0
+            if not fast and trend < 0.5:
+                continue
+            break
+        else:
+            return None
+        steps, loss = self.losses
+        width = max(3, loss.size // 20)
+        return {
+            "reference": reference,
+            "final": final,
+            "rise": final / reference - 1.0,
+            "noise_standard_error": noise,
+            "noise_in_log_terms": logs,
+            "block_trend_kendall_tau": trend,
+            "from_initialisation": fast,
+            "onset_step": _onset(steps, loss, width, reference * (1.0 + th.diverge_rise), 0 if fast else best_start),
+        }
+
+    @property
+    def divergence_onset(self) -> int | None:
+        return None if self.rising is None else self.rising["onset_step"]
+
     @property
     def learned(self) -> bool:
         """The loss fell substantially over the run (a task the network is solving)."""
@@ -164,16 +256,65 @@ class Signals:
         keep = np.isfinite(self.view.grad_norm) & ~self.view.skipped
         return self.view.step[keep], self.view.grad_norm[keep]
 
+    @cached_property
+    def applied_norms(self) -> tuple:
+        """(steps, norm before clipping, norm the optimizer step used) where both were measured and finite."""
+        v = self.view
+        keep = np.isfinite(v.grad_norm) & np.isfinite(v.grad_norm_applied) & ~v.skipped
+        return v.step[keep], v.grad_norm[keep], v.grad_norm_applied[keep]
+
+    @cached_property
+    def clipped(self) -> np.ndarray:
+        """Per step of `applied_norms`: clipping scaled the gradient down (by more than 0.1%)."""
+        _, before, after = self.applied_norms
+        return after < (1.0 - 1e-3) * before
+
+    @property
+    def clip_share(self) -> float:
+        """Share of the measured steps whose gradient was clipped; nan when nothing says."""
+        return float(self.clipped.mean()) if self.clipped.size else math.nan
+
+    @cached_property
+    def update_ratios(self) -> tuple:
+        """(steps, ‖Δθ‖/‖θ‖) of the sampled steps with a finite ratio."""
+        v = self.view
+        keep = np.isfinite(v.update_ratio) & ~v.skipped
+        return v.step[keep], v.update_ratio[keep]
+
+    # ---- recurrent state ----
+
+    @cached_property
+    def chunked_lstms(self) -> dict:
+        """LSTM name -> carried_state totals, for the LSTMs whose training passes mostly started from a state that
+        was passed in, not all zeros, and detached: a stream cut into chunks whose gradient stops at each chunk's
+        start, whoever does the chunking."""
+        result = {}
+        share = self.th.carried_share
+        for name in self.view.states:
+            c = self.view.carried_state(name)
+            if c["passes"] and c["nonzero_state"] >= share * c["passes"] and c["attached_state"] < share * c["passes"]:
+                result[name] = c
+        return result
+
     # ---- telemetry ----
 
     @cached_property
     def profiles(self) -> list:
-        """One GradientProfile per LSTM layer-direction that has backward telemetry."""
+        """One GradientProfile per LSTM layer-direction that has backward telemetry (the later half of its
+        windows)."""
+        return self._profiles(0.5)
+
+    @cached_property
+    def latest_profiles(self) -> list:
+        """The same from the latest quarter of the windows (at least three): the network as it ends."""
+        return self._profiles(0.25)
+
+    def _profiles(self, fraction: float) -> list:
         result = []
         for name, windows in self.view.telemetry.items():
             slots = max((len(w.layers) for w in windows), default=0)
             for k in range(slots):
-                profile = _recent_profile(name, windows, k)
+                profile = _recent_profile(name, windows, k, fraction)
                 if profile is not None:
                     result.append(profile)
         return result
@@ -211,24 +352,56 @@ class Signals:
         return result
 
 
-def _recent_profile(name: str, windows: list, slot: int) -> GradientProfile | None:
+def _recent_profile(name: str, windows: list, slot: int, fraction: float = 0.5) -> GradientProfile | None:
+    """The profile of one layer-direction from the latest `fraction` of its usable windows (at least three).
+
+    A window is usable when no non-finite value arose in it and its gradient norms are finite: a window in which
+    the backward overflowed says nothing about how gradients decay. Windows are compared by shape, not scale
+    (each divided by its own end level before the median), so that windows from different stages of a run whose
+    gradients grew or shrank by orders of magnitude do not mix into a profile that none of them had.
+    """
     rows = []
     for w in windows:
-        if slot < len(w.layers):
-            norms = w.layers[slot].grad_in_own_order()
-            if norms.size >= 4 and np.isfinite(norms).any():
-                rows.append((w.step, w.layers[slot], norms))
+        if slot >= len(w.layers) or w.first_nonfinite:
+            continue
+        norms = w.layers[slot].grad_in_own_order()
+        if norms.size >= 4 and np.isfinite(norms).all() and median_positive(norms[-max(1, norms.size // 10) :]) > 0:
+            rows.append((w.step, w.layers[slot], norms))
     if not rows:
         return None
     # Windows can differ in length (a shorter last chunk); keep those of the most common length.
     lengths = [r[2].size for r in rows]
     modal = max(set(lengths), key=lengths.count)
     rows = [r for r in rows if r[2].size == modal]
-    recent = rows[len(rows) // 2 :]
-    with np.errstate(all="ignore"):
-        norms = np.nanmedian(np.stack([r[2] for r in recent]), axis=0)
+    recent = rows[-max(3, math.ceil(fraction * len(rows))) :]
+    ends = np.array([median_positive(r[2][-max(1, modal // 10) :]) for r in recent])
+    shapes = np.stack([r[2] / end for r, end in zip(recent, ends)])
+    norms = np.median(shapes, axis=0) * float(np.median(ends))
     layer = recent[0][1]
     return GradientProfile(name, layer.layer, layer.direction, norms, len(recent), recent[0][0], recent[-1][0])
+
+
+def _running_median(loss: np.ndarray, width: int) -> np.ndarray:
+    if loss.size < width:
+        return np.array([np.median(loss)]) if loss.size else loss
+    return np.median(np.lib.stride_tricks.sliding_window_view(loss, width), axis=1)
+
+
+def _lowest_run(loss: np.ndarray, width: int) -> np.ndarray:
+    """The `width` consecutive losses with the lowest median (the best level and its noise)."""
+    if loss.size <= width:
+        return loss
+    start = int(np.argmin(_running_median(loss, width)))
+    return loss[start : start + width]
+
+
+def _onset(steps: np.ndarray, loss: np.ndarray, width: int, level: float, start: int) -> int:
+    """The first step from index `start` on at which the running median of `width` losses exceeds `level`."""
+    smooth = _running_median(loss, width)
+    start = min(start, smooth.size - 1)
+    above = np.flatnonzero(smooth[start:] > level)
+    index = start + (int(above[0]) if above.size else smooth.size - 1 - start)
+    return int(steps[min(index + width // 2, steps.size - 1)])  # the middle of the first window above
 
 
 def scale_offenders(stats, th: Thresholds) -> tuple:

@@ -1,0 +1,104 @@
+"""The Lightning callback: a tiny CPU training logs telemetry through the logger, records a history the doctor and
+`fastlstm doctor` read, and stops an induced failure with its location (seconds on one thread)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+lightning = pytest.importorskip("lightning")
+
+import failure_suite as suite
+from lightning.pytorch.loggers import CSVLogger
+
+import fastlstm
+from fastlstm import cli
+from fastlstm.integrations.lightning import DoctorCallback
+
+
+class Forecaster(lightning.LightningModule):
+    def __init__(self, lr: float, nan_at_step: int | None = None):
+        super().__init__()
+        self.net = suite.Net(3)
+        self.lr, self.nan_at_step = lr, nan_at_step
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == self.nan_at_step:
+            x = x.clone()
+            x[2, 5, 1] = math.nan  # one corrupted reading
+        pred, _ = self.net(x)
+        return (pred - y).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", (self.net(x)[0] - y).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _loaders(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = suite.sines(gen, 96, 24)
+    xv, yv = suite.sines(gen, 32, 24)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=32)
+    return train, val
+
+
+def _fit(tmp_path, module, callback, epochs):
+    trainer = lightning.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path)), callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(module, *_loaders())
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
+def _logged_columns(trainer) -> set:
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv"), encoding="utf-8") as handle:
+        return set(next(csv.reader(handle)))
+
+
+def test_callback_logs_telemetry_and_records_a_history(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = str(tmp_path / "history.json")
+    callback = DoctorCallback(every=3, history_path=path, targets=lambda batch: batch[1])
+    trainer = _fit(tmp_path, Forecaster(lr=1e-2), callback, epochs=3)
+    assert trainer.current_epoch == 3 and callback.stopped_by is None
+    columns = _logged_columns(trainer)
+    assert {"fastlstm/net.lstm/layer0/saturation_f", "fastlstm/net.lstm/layer0/grad_norm_last_step"} <= columns
+    assert "fastlstm/doctor/error" in columns
+    history = fastlstm.History.load(path)
+    assert len(history.steps) == 3 * 6  # one entry per optimizer step: 96 / 16 batches × 3 epochs
+    assert all(s["lr"] == 1e-2 and s["grad_norm"] > 0 and "grad_norm_applied" in s for s in history.steps)
+    assert [e["epoch"] for e in history.evals] == [0, 1, 2] and history.telemetry and history.targets
+    # Validation passes stayed out of the input statistics: only training batches were counted.
+    assert sum(e["count"] for e in history.inputs) == 3 * 96 * 24
+    assert not [f for f in fastlstm.diagnose(history) if f.severity != "info"]
+    assert cli.main(["doctor", path, "--fail-on", "warning"]) == 0
+    capsys.readouterr()
+
+
+def test_callback_stops_on_an_error_and_names_where_it_arose(tmp_path):
+    torch.manual_seed(0)
+    printed = []
+    callback = DoctorCallback(every=2, read_every=2, printer=printed.append)
+    trainer = _fit(tmp_path, Forecaster(lr=1e-2, nan_at_step=4), callback, epochs=5)
+    assert trainer.current_epoch < 4  # stopped long before max_epochs
+    assert callback.stopped_by is not None and callback.stopped_by.code == "non_finite"
+    where = callback.stopped_by.evidence["first_location"]
+    assert (where["stage"], where["tensor"], where["timestep"]) == ("forward", "input", 5)
+    text = "\n".join(printed)
+    assert "stopping training on non_finite" in text and "timestep 5" in text
+    assert "[ERROR] non_finite" in text
