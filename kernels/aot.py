@@ -212,12 +212,26 @@ def compile_variant(variant: Variant, arch: int) -> Result:
                 target=GPUTarget("cuda", arch, 32),
                 options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, "maxnreg": variant.maxnreg},
             )
-    except Exception as exc:  # any compiler failure is a result to report, not a crash of the whole matrix
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report, not a crash of the matrix
         return Result(variant, arch, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     text = log.getvalue()
     registers = _last_int(r"Used (\d+) registers", text)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
     return Result(variant, arch, registers, sum(spills) if spills else None, compiled.metadata.shared, None)
+
+
+def compile_kernel(variant: Variant, arch: int = 90):
+    """(kernel function, triton's compiled kernel) of one variant for sm_<arch>, without a GPU: what the
+    performance model (kernels/model.py) reads. Uses triton's cache, unlike compile_variant, which needs ptxas's log."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs, attrs = _signature(variant)
+    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages, "maxnreg": variant.maxnreg}
+    source = ASTSource(fn, signature, constexprs, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return fn, compiled
 
 
 def _last_int(pattern: str, text: str) -> int | None:
@@ -261,6 +275,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the all-flags-off and all-flags-on variants")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
+    parser.add_argument("--model", action="store_true", help="run the performance model instead (fastlstm.kernels.model;"
+                        " the options after --model are its own)")  # fmt: skip
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:
+        from . import model
+
+        return model.main([a for a in argv if a != "--model"])
     args = parser.parse_args(argv)
     results = run_matrix(quick=args.quick, jobs=args.jobs)
     print(format_table(results))
