@@ -179,3 +179,60 @@ def test_persistent_training_step_never_synchronises(persistent_launches):
     model = fastlstm.LSTM(16, 512, device="cuda", backend="triton")
     assert_training_step_never_synchronises(model, torch.randn(64, 8, 16, device="cuda"))
     assert len(persistent_launches) == 4
+
+
+# ---- the grid of `fastlstm bench --gpu-check` (the performance model's shapes), every kernel that routes there ----
+
+CHECK_SHAPES = [(256, 1), (256, 16), (256, 64), (512, 1), (512, 16), (512, 64), (768, 1), (768, 16), (768, 64),
+                (1024, 1), (1024, 16), (1024, 64)]  # fmt: skip
+CHECK_FP32 = [(512, 16), (1024, 64)]
+
+
+def _check_grid():
+    from fastlstm.kernels.model import model_shapes
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    return [pytest.param(dtypes[s.dtype], s.hidden, s.batch, id=s.key) for s in model_shapes()]
+
+
+def test_check_grid_here_is_the_models():
+    from fastlstm.kernels.model import model_shapes
+
+    shapes = {(s.hidden, s.batch, s.dtype) for s in model_shapes()}
+    assert shapes == {(h, b, "bf16") for h, b in CHECK_SHAPES} | {(h, b, "fp32") for h, b in CHECK_FP32}
+
+
+@pytest.mark.parametrize("dtype,hidden,batch", _check_grid())
+def test_parity_of_the_routed_kernels_on_the_check_grid(dtype, hidden, batch):
+    """The kernels backend="triton" routes each check shape to, at its width and batch (64 steps: the timing run
+    covers T = 1024)."""
+    assert_single_layer_parity(dtype, hidden, 64, batch)
+
+
+@pytest.mark.parametrize("dtype,hidden,batch", _check_grid())
+def test_parity_of_the_persistent_kernels_on_the_check_grid(persistent_launches, dtype, hidden, batch):
+    from fastlstm.kernels import launch
+
+    if launch.persistent_programs(hidden) > torch.cuda.get_device_properties(0).multi_processor_count:
+        pytest.skip("more programs than SMs")
+    assert_single_layer_parity(dtype, hidden, 64, batch)
+    assert len(persistent_launches) == 2
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64, 256], ids=lambda b: f"{-(-b // 16)}programs-b{b}")
+def test_tiled_kernels_over_1000_back_to_back_launches_at_every_grid_size(batch):
+    """500 forward+backward pairs without a sync in between: results stay deterministic and nothing faults."""
+    model = fastlstm.LSTM(256, 256, device="cuda", backend="triton", dtype=torch.bfloat16)
+    x = torch.randn(16, batch, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    first, _ = model(x)
+    for _ in range(500):
+        out, _ = model(x)
+        out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    out, _ = model(x)
+    assert torch.equal(out, first)
+
+
+def test_bf16_training_step_at_a_check_shape_never_synchronises():
+    model = fastlstm.LSTM(768, 768, device="cuda", backend="triton", dtype=torch.bfloat16)
+    assert_training_step_never_synchronises(model, torch.randn(32, 16, 768, device="cuda", dtype=torch.bfloat16))

@@ -62,6 +62,10 @@ PRINT_TABLES_UP_TO = 60  # cases; larger runs print the summary and leave the ta
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu-check" in argv:  # its own command line: fastlstm/bench/gpu_check.py
+        from . import gpu_check
+
+        return gpu_check.main([a for a in argv if a != "--gpu-check"])
     args = _parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -130,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--list", action="store_true", help="print the selected cases and the time estimate, then exit")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="the GPU tests plus model-vs-measured timings in a fixed budget (fastlstm/bench/gpu_check.py;"
+                        " see its --help)")  # fmt: skip
     return parser
 
 
