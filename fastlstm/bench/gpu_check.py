@@ -76,8 +76,15 @@ def model_document(path: str | None = None) -> dict | None:
 
 
 def modelled(model: dict | None, problem: Problem) -> dict | None:
+    """The model's estimate for the kernels backend="auto" routes the problem to."""
     case = (model or {}).get("cases", {}).get(problem.name)
     return None if case is None else case.get("modelled")
+
+
+def modelled_kernels(model: dict | None, problem: Problem) -> dict:
+    """The model's estimate for every kernel family it read for the problem (tiled, persistent, ...)."""
+    case = (model or {}).get("cases", {}).get(problem.name) or {}
+    return {label: k.get("modelled") for label, k in case.get("kernels", {}).items()}
 
 
 def cheapest_first(problems: list[Problem], model: dict | None) -> list[Problem]:
@@ -117,18 +124,20 @@ def timed(step, device, budget_s: float = MEASURE_BUDGET_S) -> dict:
     return {**stats, "first_call_ms": first_ms, "samples": len(samples)}
 
 
-def measure_problem(problem: Problem, device, seed: int) -> dict:
-    """The correctness gate, then every mode and provider that passed it."""
+def measure_problem(problem: Problem, device, seed: int, providers=PROVIDERS) -> dict:
+    """The correctness gate, then every mode and provider that passed it. The baseline (nn.LSTM) is timed
+    whatever its gate says (a bf16 nn.LSTM accumulates in bf16 and can miss the float64 budget at T = 1024): it is
+    the time users get; its gate result is recorded beside it."""
     import torch
 
-    from .providers import POOL, check_correctness, make_inputs, make_step, make_weights, precision
+    from .providers import BASELINE, POOL, check_correctness, make_inputs, make_step, make_weights, precision
     from .providers import PROVIDERS as ALL
     from .runner import problem_seed
 
     case_seed = problem_seed(problem, seed)
     result = {"correctness": {}, "timing": {}}
     passed = []
-    for name in PROVIDERS:
+    for name in providers:
         provider = ALL[name]
         reason = provider.unsupported(problem, device)
         if reason:
@@ -137,7 +146,7 @@ def measure_problem(problem: Problem, device, seed: int) -> dict:
         with provider.environment():
             check = check_correctness(problem, provider, device, case_seed)
         result["correctness"][name] = check
-        if check["passed"]:
+        if check["passed"] or name == BASELINE:
             passed.append(name)
     for mode in MODES:
         result["timing"][mode] = {}
@@ -155,7 +164,7 @@ def measure_problem(problem: Problem, device, seed: int) -> dict:
     return result
 
 
-def worker(cases_path: str, device_name: str, seed: int) -> int:
+def worker(cases_path: str, device_name: str, seed: int, providers=PROVIDERS) -> int:
     """Child process: one JSON line per event on stdout ({"event": "start" | "result", "case": ...})."""
     import torch
 
@@ -168,7 +177,7 @@ def worker(cases_path: str, device_name: str, seed: int) -> int:
         for problem in problems:
             _emit({"event": "start", "case": problem.name})
             try:
-                result = {"status": "ok", **measure_problem(problem, device, seed)}
+                result = {"status": "ok", **measure_problem(problem, device, seed, providers)}
             except Exception as exc:  # noqa: BLE001 - recorded; the next case still runs
                 result = {"status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             _emit({"event": "result", "case": problem.name, "result": jsonio.to_json_safe(result)})
@@ -228,7 +237,7 @@ def _junit_counts(path: str) -> dict:
 
 
 def run_cases(doc: dict, problems: list[Problem], deadline: Deadline, case_timeout_s: float, device: str, seed: int,
-              save, log: str, command: list | None = None) -> None:  # fmt: skip
+              save, log: str, command: list | None = None, providers=PROVIDERS) -> None:  # fmt: skip
     """Stage 2: the problems in worker processes, a fresh worker after any case that had to be killed."""
     remaining = list(problems)
     while remaining:
@@ -240,7 +249,7 @@ def run_cases(doc: dict, problems: list[Problem], deadline: Deadline, case_timeo
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump([vars(p) for p in remaining], f)
         argv = [*(command or [sys.executable, "-m", "fastlstm.bench.gpu_check", "--worker"]), f.name,
-                "--device", device, "--seed", str(seed)]  # fmt: skip
+                "--device", device, "--seed", str(seed), "--providers", ",".join(providers)]  # fmt: skip
         try:
             done = _drive_worker(argv, doc, remaining, deadline, case_timeout_s, save, log)
         finally:
@@ -309,7 +318,8 @@ def _drive_worker(argv, doc, problems, deadline, case_timeout_s, save, log) -> s
 def gpu_check(out: str, device: str = "cuda", budget_s: float = BUDGET_S, case_timeout_s: float = CASE_TIMEOUT_S,
               tests_timeout_s: float = TESTS_TIMEOUT_S, seed: int = 0, skip_tests: bool = False,
               tests_command: list | None = None, worker_command: list | None = None,
-              problems: list[Problem] | None = None, model_path: str | None = None) -> dict:  # fmt: skip
+              problems: list[Problem] | None = None, model_path: str | None = None,
+              providers=PROVIDERS) -> dict:  # fmt: skip
     """The whole check; returns the document it wrote to out/gpu-check.json."""
     import torch
 
@@ -324,12 +334,12 @@ def gpu_check(out: str, device: str = "cuda", budget_s: float = BUDGET_S, case_t
         "environment": environment(torch.device(device)),
         "settings": {"device": device, "budget_s": budget_s, "case_timeout_s": case_timeout_s,
                      "tests_timeout_s": tests_timeout_s, "measure_budget_s": MEASURE_BUDGET_S, "repeats": REPEATS,
-                     "providers": list(PROVIDERS), "modes": list(MODES), "seed": seed,
+                     "providers": list(providers), "modes": list(MODES), "seed": seed,
                      "model": None if model is None else {"triton": model.get("triton"), "generated":
                                                           model.get("generated")}},
         "tests": {"status": "not run"},
-        "cases": {p.name: {"problem": p.to_dict(), "status": "pending", "modelled": modelled(model, p)}
-                  for p in problems},
+        "cases": {p.name: {"problem": p.to_dict(), "status": "pending", "modelled": modelled(model, p),
+                           "modelled_kernels": modelled_kernels(model, p)} for p in problems},
         "notes": [] if model else ["no performance-model table found: cases carry no modelled estimate"],
     }  # fmt: skip
     started = time.monotonic()
@@ -345,9 +355,8 @@ def gpu_check(out: str, device: str = "cuda", budget_s: float = BUDGET_S, case_t
     else:
         run_tests(doc, out, deadline, tests_timeout_s, tests_command)
     save()
-    run_cases(
-        doc, problems, deadline, case_timeout_s, device, seed, save, os.path.join(out, "worker.log"), worker_command
-    )
+    log = os.path.join(out, "worker.log")
+    run_cases(doc, problems, deadline, case_timeout_s, device, seed, save, log, worker_command, providers)
     save()
     with open(os.path.join(out, "gpu-check.md"), "w") as f:
         f.write(markdown(doc))
@@ -377,6 +386,7 @@ def markdown(doc: dict) -> str:
     env = doc["environment"]
     gpu = (env.get("gpu") or {}).get("name", env.get("device"))
     tests = doc["tests"]
+    extras = [p for p in doc["settings"]["providers"] if p not in ("fastlstm", "nn.LSTM")]
     lines = [
         f"# fastlstm GPU check: {gpu}",
         "",
@@ -392,8 +402,9 @@ def markdown(doc: dict) -> str:
             f": {tests.get('reason', '')}"),
         "",
         ("| case | status | fastlstm fwd ms | modelled | nn.LSTM fwd ms | speedup | fastlstm fwd+bwd ms | modelled | "
-        "nn.LSTM fwd+bwd ms | speedup | fastlstm µs/step fwd / fwd+bwd |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "nn.LSTM fwd+bwd ms | speedup | " + "".join(f"{p} fwd / fwd+bwd ms | " for p in extras) +
+        "fastlstm µs/step fwd / fwd+bwd |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extras) + "---:|",
     ]  # fmt: skip
     for name, case in doc["cases"].items():
         timing, model = case.get("timing", {}), case.get("modelled") or {}
@@ -402,9 +413,14 @@ def markdown(doc: dict) -> str:
             fast, base = _median(timing, mode, "fastlstm"), _median(timing, mode, "nn.LSTM")
             speed = f"{base / fast:.2f}×" if fast and base else "—"
             cells += [_ms(fast), _ms(model.get(key)), _ms(base), speed]
+        for extra in extras:
+            cells.append("/".join(_ms(_median(timing, m, extra)) for m in MODES))
         per_step = "/".join(_ms(_median(timing, m, "fastlstm") and _median(timing, m, "fastlstm") * 1e3 /
                                 case["problem"]["seq"]) for m in MODES)  # fmt: skip
         status = case.get("status", "?") + (f" ({case['reason']})" if case.get("reason") else "")
+        missed = [f"{p} error {c['max_error']:.1e} > {c['threshold']:.0e}"
+                  for p, c in case.get("correctness", {}).items() if c.get("passed") is False]  # fmt: skip
+        status += f" (gate: {'; '.join(missed)})" if missed else ""
         lines.append(f"| {name} | {status} | {' | '.join(cells)} | {per_step} |")
     if doc["notes"]:
         lines += ["", *[f"- {n}" for n in doc["notes"]]]
@@ -430,8 +446,9 @@ def main(argv=None) -> int:
         p.add_argument("cases")
         p.add_argument("--device", default="cuda")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--providers", default=",".join(PROVIDERS))
         a = p.parse_args(argv[1:])
-        return worker(a.cases, a.device, a.seed)
+        return worker(a.cases, a.device, a.seed, tuple(a.providers.split(",")))
     parser = argparse.ArgumentParser(prog="fastlstm bench --gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="fastlstm-gpu-check", help="output folder")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
@@ -439,6 +456,9 @@ def main(argv=None) -> int:
     parser.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="one problem's time limit")
     parser.add_argument("--tests-timeout-s", type=float, default=TESTS_TIMEOUT_S, help="the GPU tests' time limit")
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="comma-separated providers of fastlstm bench (add fastlstm-persistent to time the"
+                        " persistent kernels too)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     import torch
@@ -447,15 +467,22 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("fastlstm bench --gpu-check: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    from .providers import PROVIDERS as ALL
+
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    unknown = [p for p in providers if p not in ALL]
+    if unknown:
+        print(f"fastlstm bench --gpu-check: unknown providers {unknown}; choose from {list(ALL)}", file=sys.stderr)
+        return 2
     doc = gpu_check(args.out, device, args.budget_s, args.case_timeout_s, args.tests_timeout_s, args.seed,
-                    args.skip_tests)  # fmt: skip
+                    args.skip_tests, providers=providers)  # fmt: skip
     print(markdown(doc))
     print(f"wrote {args.out}/gpu-check.json, gpu-check.md" + (", model-with-measurements.json"
                                                              if os.path.exists(os.path.join(args.out,
                                                              "model-with-measurements.json")) else ""))  # fmt: skip
     bad = [n for n, c in doc["cases"].items() if c.get("status") not in ("ok", "skipped")]
     failed_gate = [n for n, c in doc["cases"].items()
-                   if any(v.get("passed") is False for v in c.get("correctness", {}).values())]  # fmt: skip
+                   if any(v.get("passed") is False for p, v in c.get("correctness", {}).items() if p != "nn.LSTM")]  # fmt: skip
     return 1 if bad or failed_gate or doc["tests"].get("status") in ("failed", "timeout") else 0
 
 
