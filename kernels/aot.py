@@ -51,7 +51,7 @@ OPTIONAL_POINTERS = {
 
 
 class Variant(NamedTuple):
-    family: str  # "single" | "split" | "streaming"
+    family: str  # "single" | "split" | "split-gluon" | "streaming"
     stage: str  # "forward" | "backward"
     dtype: str
     precision: str
@@ -102,54 +102,78 @@ def _torch_dtype(dtype: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def family_configs(family: str, dtype: str) -> list:
-    """Every configuration the launcher can choose for a family and dtype, largest first, each as the constexpr and
-    option pairs it sets (plus, for the split kernels, whether the variant may take a projection: never)."""
+def config_pairs(chosen) -> tuple:
+    """The constexpr and option pairs a launch.Plan sets, as a variant's `config`."""
     import triton
 
+    cfg = chosen.config
+    if chosen.kind == "single":
+        return (("BLOCK_B", cfg.block_b), ("H_PAD", cfg.h_pad), ("P_PAD", cfg.p_pad), ("num_warps", cfg.num_warps),
+                ("maxnreg", cfg.maxnreg))  # fmt: skip
+    if chosen.kind == "split":
+        return (("UNITS", cfg.units), ("BLOCK_B", cfg.block_b), ("K_PAD", cfg.k_pad), ("K_SPLIT", cfg.k_split),
+                ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)), ("ASM_FENCE", True),
+                ("num_warps", cfg.num_warps), ("maxnreg", cfg.maxnreg))  # fmt: skip
+    return (("BLOCK_B", cfg.block_b), ("BLOCK_H", cfg.block_h), ("BLOCK_K", cfg.block_k), ("num_warps", cfg.num_warps),
+            ("num_stages", cfg.num_stages), ("maxnreg", cfg.maxnreg))  # fmt: skip
+
+
+def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
+    """The variant a launch.Plan compiles for one pass, with the given switches."""
+    family = "split-gluon" if chosen.implementation == "gluon" else chosen.kind
+    return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen))
+
+
+def family_configs(family: str, dtype: str) -> list:
+    """Every configuration the launcher can choose for a family and dtype, largest first, as (config pairs,
+    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, launch.py)."""
     from . import launch
 
     torch_dtype = _torch_dtype(dtype)
-    configs = []
+    plans = []
     if family == "single":
         pads = [p for p in (64, 32, 16) if p <= launch.SINGLE_MAX_PAD[torch_dtype]]
-        for h_pad in pads:
-            for proj in sorted({h_pad, 16}, reverse=True):
-                cfg = launch.single_config(h_pad, proj, torch_dtype)
-                configs.append((("BLOCK_B", cfg.block_b), ("H_PAD", cfg.h_pad), ("P_PAD", cfg.p_pad),
-                                ("num_warps", cfg.num_warps)))  # fmt: skip
-    elif family == "split":
+        for h_pad, is_aligned in itertools.product(pads, (True, False)):
+            hidden = h_pad if is_aligned else h_pad - 1
+            for proj in sorted({hidden, 16 if is_aligned else 15}, reverse=True):
+                plans.append((launch.Plan("single", launch.single_config(hidden, proj, torch_dtype)), is_aligned))
+    elif family in ("split", "split-gluon"):
+        if family == "split-gluon" and torch_dtype not in launch.GLUON_DTYPES:
+            return []
         smallest = launch.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
-        pads = [p for p in (1024, 512, 256, 128, 64) if smallest <= p <= launch.SPLIT_MAX_PAD[torch_dtype]]
-        for k_pad, batch in itertools.product(pads, (16, 8)):
-            cfg = launch.split_config(k_pad, batch, torch_dtype)
-            configs.append((("UNITS", cfg.units), ("BLOCK_B", cfg.block_b), ("K_PAD", cfg.k_pad),
-                            ("K_SPLIT", cfg.k_split), ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)),
-                            ("ASM_FENCE", True), ("num_warps", cfg.num_warps)))  # fmt: skip
+        for is_aligned, batch in itertools.product((True, False), (16, 8)):
+            limit = (launch.SPLIT_MAX_PAD if is_aligned else launch.SPLIT_MAX_PAD_UNALIGNED)[torch_dtype]
+            for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
+                hidden = k_pad if is_aligned else k_pad - 1
+                plans.append((launch.Plan("split", launch.split_config(hidden, batch, torch_dtype)), is_aligned))
     else:
-        cfg = launch.STREAMING
-        configs.append((("BLOCK_B", cfg.block_b), ("BLOCK_H", cfg.block_h), ("BLOCK_K", cfg.block_k),
-                        ("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages), ("maxnreg", cfg.maxnreg)))  # fmt: skip
-    return configs
+        plans = [(launch.Plan("streaming", launch.STREAMING), True), (launch.Plan("streaming", launch.STREAMING), False)]
+    unique = []
+    for chosen, is_aligned in plans:
+        entry = (config_pairs(chosen), is_aligned)
+        if entry not in unique:
+            unique.append(entry)
+    return unique
 
 
 FAMILY_SWITCHES = {
     "single": ("reverse", "lengths", "telemetry", "proj"),
     "split": ("reverse", "lengths", "telemetry", "exchange"),
+    "split-gluon": ("reverse", "lengths", "telemetry", "exchange"),
     "streaming": ("reverse", "lengths", "telemetry", "proj"),
 }
 
 
 def variants(quick: bool = False) -> list[Variant]:
-    """Every (family, stage, dtype, precision, switches, config) the launcher can produce, aligned. Every switch
-    combination is compiled for each family's largest configuration (the most registers); the others with every
-    switch on and every switch off, the two ends of their register budget. Each variant with every switch on is
-    also compiled unaligned. `quick` keeps each family's largest configuration with every switch on, aligned."""
+    """Every (family, stage, dtype, precision, switches, config, alignment) the launcher can produce. Every switch
+    combination is compiled for each family's largest aligned configuration (the most registers); the other
+    configurations with every switch on and every switch off, the two ends of their register budget. `quick`
+    keeps each family's largest aligned configuration with every switch on."""
     result = []
     for family, stage, (dtype, precision) in itertools.product(FAMILY_SWITCHES, ("forward", "backward"), PRECISIONS):
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
-        for index, config in enumerate(family_configs(family, dtype)):
+        for index, (config, is_aligned) in enumerate(family_configs(family, dtype)):
             if quick:
                 if index == 0:
                     result.append(Variant(family, stage, dtype, precision, everything, config))
@@ -159,9 +183,15 @@ def variants(quick: bool = False) -> list[Variant]:
             else:
                 combos = [frozenset(), everything]
             for switches in combos:
-                result.append(Variant(family, stage, dtype, precision, switches, config))
-            result.append(Variant(family, stage, dtype, precision, everything, config, aligned=False))
+                if _possible(switches, config):
+                    result.append(Variant(family, stage, dtype, precision, switches, config, aligned=is_aligned))
     return result
+
+
+def _possible(switches, config) -> bool:
+    """A layer without a projection has P = H: a single-kernel tile for P narrower than H's needs one."""
+    pads = dict(config)
+    return "proj" in switches or pads.get("P_PAD") == pads.get("H_PAD")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,6 +204,7 @@ def kernel_of(variant: Variant):
     from .backward import lstm_persistent_backward_kernel
     from .forward import lstm_persistent_forward_kernel
     from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
+    from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
     from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
 
     return {
@@ -181,6 +212,8 @@ def kernel_of(variant: Variant):
         ("single", "backward"): lstm_single_backward_kernel,
         ("split", "forward"): lstm_persistent_forward_kernel,
         ("split", "backward"): lstm_persistent_backward_kernel,
+        ("split-gluon", "forward"): lstm_split_forward_gluon_kernel,
+        ("split-gluon", "backward"): lstm_split_backward_gluon_kernel,
         ("streaming", "forward"): lstm_streaming_forward_kernel,
         ("streaming", "backward"): lstm_streaming_backward_kernel,
     }[(variant.family, variant.stage)]
@@ -232,30 +265,43 @@ def signature(variant: Variant):
     return fn, signature, constexprs, attrs, options
 
 
-def compile_kernel(variant: Variant, arch: int):
-    """(triton CompiledKernel, ptxas log) of one variant for sm_<arch>; raises what the compiler raises."""
+class Compiled(NamedTuple):
+    fn: object  # the @triton.jit function (what the performance model reads the source of)
+    kernel: object  # triton's CompiledKernel: asm["ptx"], asm["cubin"], metadata
+    ptxas_log: str  # registers and spills; empty unless asked for
+
+
+def compile_kernel(variant: Variant, arch: int = 90, ptxas_log: bool = False) -> Compiled:
+    """One variant compiled for sm_<arch> without a GPU; raises what the compiler raises. With ptxas_log the cache
+    is bypassed (a cache hit skips ptxas, and with it the log that reports registers and spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     fn, sig, constexprs, attrs, options = signature(variant)
+    source = (GluonASTSource if variant.family.endswith("-gluon") else ASTSource)(fn, sig, constexprs, attrs)
     log = io.StringIO()
-    triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and so its log
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                  options=options)  # fmt: skip
-    return compiled, log.getvalue()
+    with contextlib.ExitStack() as stack:
+        if ptxas_log:
+            stack.enter_context(triton.knobs.nvidia.scope())
+            stack.enter_context(triton.knobs.compilation.scope())
+            triton.knobs.nvidia.dump_ptxas_log = True
+            triton.knobs.compilation.always_compile = True
+            stack.enter_context(contextlib.redirect_stdout(log))
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return Compiled(fn, kernel, log.getvalue())
 
 
 def compile_variant(variant: Variant, arch: int) -> Result:
     try:
-        compiled, text = compile_kernel(variant, arch)
+        compiled = compile_kernel(variant, arch, ptxas_log=True)
     except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report, not a crash of the matrix
         return Result(variant, arch, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    text = compiled.ptxas_log
     registers = _last_int(r"Used (\d+) registers", text)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
-    return Result(variant, arch, registers, sum(spills) if spills else None, compiled.metadata.shared, None)
+    return Result(variant, arch, registers, sum(spills) if spills else None, compiled.kernel.metadata.shared, None)
 
 
 def _last_int(pattern: str, text: str) -> int | None:
@@ -300,6 +346,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="each family's largest configuration, every switch on")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
+    parser.add_argument("--model", action="store_true", help="run the performance model instead (fastlstm.kernels.model;"
+                        " the options after --model are its own)")  # fmt: skip
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:
+        from . import model
+
+        return model.main([a for a in argv if a != "--model"])
     args = parser.parse_args(argv)
     results = run_matrix(quick=args.quick, jobs=args.jobs)
     print(format_table(results))

@@ -26,6 +26,7 @@ from fastlstm.reference import BackwardResult, ForwardResult
 from .backward import lstm_persistent_backward_kernel
 from .forward import lstm_persistent_forward_kernel
 from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
+from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
 from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,11 +44,12 @@ def _option(name: str, default: str, choices: tuple) -> str:
 
 
 # Launch options, read once at import (docs/environment.md lists every variable):
-#   FASTLSTM_KERNELS   auto (`plan` below) | streaming (the streaming kernels for every layer: a fallback that needs
-#                      no co-residency, and the baseline the benchmarks compare the resident kernels with)
+#   FASTLSTM_KERNELS   auto (`plan` below) | tl (the split kernels' `tl` twins also on a GPU, where auto runs the Gluon
+#                      ones: to tell a wrong result of one from the other) | streaming (the streaming kernels for every
+#                      layer: a fallback that needs no co-residency, and the baseline of the benchmarks)
 #   FASTLSTM_EXCHANGE  cooperative (one launch per pass) | host-stepped (one launch per step: the interpreter's mode,
 #                      for debugging a cooperative kernel on a GPU)
-KERNEL_CHOICES = ("auto", "streaming")
+KERNEL_CHOICES = ("auto", "tl", "streaming")
 KERNELS = _option("FASTLSTM_KERNELS", "auto", KERNEL_CHOICES)
 EXCHANGE = _option("FASTLSTM_EXCHANGE", "cooperative", ("cooperative", "host-stepped"))
 
@@ -78,6 +80,7 @@ class SingleConfig(NamedTuple):
     h_pad: int  # H and P padded to powers of two (>= 16, tl.dot's smallest reduction)
     p_pad: int
     num_warps: int
+    maxnreg: int  # register cap handed to ptxas (see MAX_REGISTERS)
 
 
 class SplitConfig(NamedTuple):
@@ -88,6 +91,7 @@ class SplitConfig(NamedTuple):
     k_pad: int  # the reduction axis (H), padded to a power of two
     k_split: int  # slices of the reduction axis, one per warp
     num_warps: int
+    maxnreg: int
     unit_groups: int
     batch_groups: int
 
@@ -99,21 +103,41 @@ class SplitConfig(NamedTuple):
 class Plan(NamedTuple):
     kind: str  # "single" | "split" | "streaming"
     config: SingleConfig | SplitConfig | StreamingConfig
+    # How the split kernels are written: "gluon" (split_gluon.py: explicit layouts, 16-bit storage on a GPU) or
+    # "tl" (forward.py / backward.py: their twins, which the interpreter runs and fp32 uses).
+    implementation: str = "tl"
 
+
+# Left to itself, ptxas caps some of these kernels at 128 (or fewer) registers, aiming at two programs per SM, and
+# spills; both resident kernels hold their weights in registers and want the whole budget of one program per SM.
+MAX_REGISTERS = 255
 
 # single.py holds 4 * H_PAD * P_PAD weights (plus W_hr) in registers: the largest padded sizes, per storage dtype,
-# with which every variant compiles without spills for sm_80 and sm_90 (kernels/aot.py checks them all). fp32 dots
-# are exact (ieee) FMA products whose operands take more registers, so fp32 stops earlier and, at 32 units, takes
-# 8 sequences per program.
+# with which every variant compiles without spills for sm_80 and sm_90 (kernels/aot.py checks them all).
 SINGLE_MAX_PAD = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 SINGLE_WARPS = 8
 
 # Units per program when they are split: 8 gives 32 gate rows (the A operand of the forward product) and, at
 # H=1024, 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8
-# warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp.
+# warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp. The largest padded H per storage dtype
+# that compiles without spills (kernels/aot.py): fp32 weights take twice the registers (at 512 units the fp32
+# forward spilled over a kilobyte).
 SPLIT_UNITS = 8
 SPLIT_WARPS = 8
-SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
+SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
+SPLIT_MAX_PAD_UNALIGNED = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
+
+
+def aligned(*sizes: int) -> bool:
+    """Whether triton compiles a launch with these sizes as multiples of 16 (it specialises on that): otherwise
+    every row address is unaligned, loads lose their 16-byte vectors and the kernels need more registers."""
+    return all(n % 16 == 0 for n in sizes)
+
+
+def block_b_for(batch: int, dtype: torch.dtype, is_aligned: bool) -> int:
+    """Sequences per program: 16, or 8 where the tiles must shrink to fit the registers without spills (fp32, whose
+    dots take more registers; unaligned sizes, see `aligned`) or where there are no more than 8 sequences."""
+    return 8 if batch <= 8 or dtype == torch.float32 or not is_aligned else 16
 
 
 def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | None:
@@ -124,38 +148,57 @@ def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | 
     limit = SINGLE_MAX_PAD[dtype]
     if h_pad > limit or p_pad > limit:
         return None
-    block_b = 8 if dtype == torch.float32 and max(h_pad, p_pad) == 32 else 16
-    return SingleConfig(block_b=block_b, h_pad=h_pad, p_pad=p_pad, num_warps=SINGLE_WARPS)
+    block_b = block_b_for(16, dtype, aligned(hidden, proj))
+    return SingleConfig(block_b=block_b, h_pad=h_pad, p_pad=p_pad, num_warps=SINGLE_WARPS, maxnreg=MAX_REGISTERS)
 
 
 def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
     k_pad = max(16, triton.next_power_of_2(hidden))
-    if k_pad > SPLIT_MAX_PAD[dtype]:
+    is_aligned = aligned(hidden)
+    if k_pad > (SPLIT_MAX_PAD if is_aligned else SPLIT_MAX_PAD_UNALIGNED)[dtype]:
         return None
-    block_b = 8 if batch <= 8 else 16
+    block_b = block_b_for(batch, dtype, is_aligned)
     return SplitConfig(
         units=SPLIT_UNITS,
         block_b=block_b,
         k_pad=k_pad,
         k_split=max(1, min(SPLIT_WARPS, k_pad // 16)),  # each slice at least 16 wide (tl.dot's K >= 16)
         num_warps=SPLIT_WARPS,
+        maxnreg=MAX_REGISTERS,
         unit_groups=triton.cdiv(hidden, SPLIT_UNITS),
         batch_groups=triton.cdiv(batch, block_b),
     )
 
 
 def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device) -> Plan:
-    """The kernel that runs a layer-direction: single.py while one program holds all of W_hh, else the split kernels
-    while their programs all fit on the device at once (a cooperative launch) and take the layer (no projection),
-    else the streaming kernels, which take everything."""
+    """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
+    gluon = not _interpreting() and _capability(device) >= (8, 0)
+    return plan_for(hidden, proj, batch, dtype, max_programs=None if _host_stepped() else _multiprocessors(device),
+                    gluon=gluon)  # fmt: skip
+
+
+def plan_for(hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None,
+             gluon: bool = False) -> Plan:  # fmt: skip
+    """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
+    projection, a W_hh share that fits) and all their programs can be resident at once (at most max_programs;
+    None: no limit, host-stepped), written in Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the
+    dtype; else the streaming kernels, which take everything."""
     if KERNELS != "streaming":
         single = single_config(hidden, proj, dtype)
         if single is not None:
             return Plan("single", single)
         split = split_config(hidden, batch, dtype) if proj == hidden else None
-        if split is not None and (_host_stepped() or split.programs <= _multiprocessors(device)):
-            return Plan("split", split)
+        if split is not None and (max_programs is None or split.programs <= max_programs):
+            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES
+            return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
+
+
+def programs_of(chosen: Plan, batch: int) -> int:
+    """How many programs a plan launches for `batch` sequences."""
+    if chosen.kind == "split":
+        return chosen.config.programs
+    return triton.cdiv(batch, chosen.config.block_b)
 
 
 @contextlib.contextmanager
@@ -170,6 +213,15 @@ def kernels(choice: str):
         yield
     finally:
         KERNELS = previous
+
+
+# The Gluon split kernels run tensor-core (mma.sync) products of 16-bit operands; fp32 storage, whose exact dots are
+# FMA products, keeps the tl twins.
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def _host_stepped() -> bool:
@@ -269,11 +321,12 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
                 xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order,
                 steps, batch, hidden, proj,
                 REVERSE=reverse, BLOCK_B=cfg.block_b, H_PAD=cfg.h_pad, P_PAD=cfg.p_pad, DOT_DTYPE=dot_dtype(dtype),
-                DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps,
+                DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
             )  # fmt: skip
         elif chosen.kind == "split":
             args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
-            _launch_split(lstm_persistent_forward_kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
+            kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_persistent_forward_kernel
+            _launch_split(kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
         else:
             _record("forward", chosen, "streaming")
             _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq,
@@ -324,6 +377,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                     grad_rows, _capacity(grad_rows), first, seq, order, steps, batch, hidden, proj,
                     REVERSE=reverse, BLOCK_B=cfg.block_b, H_PAD=cfg.h_pad, P_PAD=cfg.p_pad,
                     DOT_DTYPE=dot_dtype(dtype), DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps,
+                    maxnreg=cfg.maxnreg,
                 )  # fmt: skip
             elif chosen.kind == "split":
                 _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first,
@@ -353,7 +407,8 @@ def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, g
     partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
     args = (grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, exchange, partials,
             grad_rows, _capacity(grad_rows), first, seq, order)  # fmt: skip
-    _launch_split(lstm_persistent_backward_kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
+    kernel = lstm_split_backward_gluon_kernel if chosen.implementation == "gluon" else lstm_persistent_backward_kernel
+    _launch_split(kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
     if partials is not None:  # the per-program squared norms of every step, added up once
         sums = partials.sum(dim=1, dtype=torch.float64)
         grad_rows[C.GRAD_SUMSQ, :steps] += sums[0]
@@ -393,13 +448,14 @@ def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, revers
         "REVERSE": reverse, "UNITS": cfg.units, "BLOCK_B": cfg.block_b, "K_PAD": cfg.k_pad, "K_SPLIT": cfg.k_split,
         "MAX_PROGRAMS": triton.next_power_of_2(cfg.unit_groups), "ASM_FENCE": not _interpreting(),
         "DOT_DTYPE": dot_dtype(dtype), "DOT_PRECISION": dot_precision(dtype), "num_warps": cfg.num_warps,
+        "maxnreg": cfg.maxnreg,
     }  # fmt: skip
     grid = (cfg.unit_groups, cfg.batch_groups)
     if _host_stepped():
         _record(name, chosen, "host-stepped")
         for step in range(steps):
             kernel[grid](*args, None, step, step + 1, steps, batch, hidden, **constants)
-        if kernel is lstm_persistent_backward_kernel:
+        if name == "backward":
             kernel[grid](*args, None, steps, steps, steps, batch, hidden, **constants)
         return
     _record(name, chosen, "cooperative")

@@ -20,15 +20,15 @@ if torch.cuda.is_available():
     pytest.skip("a GPU is present: the kernels compile for it (tests/test_gpu.py)", allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the kernels
 
-import triton  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.utils.rnn import pack_sequence  # noqa: E402
+import triton
+from fastlstm.kernels import launch
+from fastlstm.kernels.single import lstm_single_forward_kernel
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
 
-import fastlstm  # noqa: E402
-from fastlstm import reference  # noqa: E402
-from fastlstm.kernels import launch  # noqa: E402
-from fastlstm.kernels.single import lstm_single_forward_kernel  # noqa: E402
-from fastlstm.telemetry import Telemetry  # noqa: E402
+import fastlstm
+from fastlstm import reference
+from fastlstm.telemetry import Telemetry
 
 if not isinstance(lstm_single_forward_kernel.fn, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("fastlstm.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
@@ -68,22 +68,22 @@ def rel(actual, expected):
 
 def random_problem(steps, batch, hidden, proj, dtype, with_lengths, scale=0.4):
     out_size = proj or hidden
-    problem = dict(
-        xw=torch.randn(steps, batch, 4 * hidden) * 1.5,
-        h0=torch.randn(batch, out_size),
-        c0=torch.randn(batch, hidden),
-        w_hh=torch.randn(4 * hidden, out_size) * scale,
-        w_hr=torch.randn(proj, hidden) * scale if proj else None,
-    )
+    problem = {
+        "xw": torch.randn(steps, batch, 4 * hidden) * 1.5,
+        "h0": torch.randn(batch, out_size),
+        "c0": torch.randn(batch, hidden),
+        "w_hh": torch.randn(4 * hidden, out_size) * scale,
+        "w_hr": torch.randn(proj, hidden) * scale if proj else None,
+    }
     problem = {k: None if v is None else v.to(dtype) for k, v in problem.items()}
     problem["lengths"] = torch.randint(1, steps + 1, (batch,)) if with_lengths else None
     if with_lengths:
         problem["lengths"][0] = steps  # the longest sequence defines T, as for a PackedSequence
-    grads = dict(
-        grad_out=torch.randn(steps, batch, out_size).to(dtype),
-        grad_hn=torch.randn(batch, out_size).to(dtype),
-        grad_cn=torch.randn(batch, hidden).to(dtype),
-    )
+    grads = {
+        "grad_out": torch.randn(steps, batch, out_size).to(dtype),
+        "grad_hn": torch.randn(batch, out_size).to(dtype),
+        "grad_cn": torch.randn(batch, hidden).to(dtype),
+    }
     return problem, grads
 
 
@@ -161,7 +161,7 @@ def test_fp32_matches_reference(launched, family, reverse, with_lengths):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("family", ["single-proj", "split"])
 def test_half_precision_matches_reference(launched, family, dtype):
-    steps, batch, hidden, proj = FAMILIES[family]
+    steps, _batch, hidden, proj = FAMILIES[family]
     problem, grads = random_problem(steps, 5, hidden, proj, dtype, with_lengths=True)
     assert_matches_reference(problem, grads, reverse=True, tol=TOLERANCE[dtype])
     assert {kind for _, kind, _ in launched} == {family.split("-")[0]}
@@ -248,7 +248,7 @@ def assert_first_nonfinite_like_reference(problem, grads, stage):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_nonfinite_located_like_reference(family):
-    steps, batch, hidden, proj = FAMILIES[family]
+    steps, _batch, hidden, proj = FAMILIES[family]
     problem, grads = random_problem(steps, 3, hidden, proj, torch.float32, with_lengths=False)
     grads["grad_out"][2, 1, 3] = float("inf")
     assert_first_nonfinite_like_reference(problem, grads, "backward")
@@ -316,7 +316,7 @@ def test_weights_are_read_once_per_launch_whatever_the_length(request, reads_of,
 
 def test_telemetry_off_gives_identical_results():
     for hidden in (8, 40):  # single and split kernels
-        problem, grads = random_problem(3, 4, hidden, 0, torch.float32, with_lengths=True)
+        problem, _grads = random_problem(3, 4, hidden, 0, torch.float32, with_lengths=True)
         off = launch.recurrence_forward(**_forward_args(problem), reverse=False, probe=None)
         telemetry = Telemetry(1, 1)
         probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), 3))
@@ -339,7 +339,7 @@ def test_float64_is_refused_with_a_clear_error():
 
 
 def test_non_contiguous_inputs_give_correct_results():
-    problem, grads = random_problem(3, 4, 8, 0, torch.float32, with_lengths=False)
+    problem, _grads = random_problem(3, 4, 8, 0, torch.float32, with_lengths=False)
     strided = dict(problem)
     strided["xw"] = problem["xw"].transpose(0, 1).contiguous().transpose(0, 1)
     strided["w_hh"] = problem["w_hh"].t().contiguous().t()
@@ -372,3 +372,30 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
     assert torch.equal(negative.out, torch.zeros_like(negative.out))
 
 
+
+
+# ---- the Gluon split kernels (GPU only: Gluon does not run under the interpreter) ----
+
+
+def test_gluon_split_kernels_take_exactly_their_tl_twins_arguments():
+    """The launcher passes the same arguments to either implementation of the split kernels."""
+    from fastlstm.kernels import backward, forward, split_gluon
+
+    pairs = [
+        (split_gluon.lstm_split_forward_gluon_kernel, forward.lstm_persistent_forward_kernel),
+        (split_gluon.lstm_split_backward_gluon_kernel, backward.lstm_persistent_backward_kernel),
+    ]
+    for gluon_kernel, twin in pairs:
+        assert gluon_kernel.fn.arg_names == twin.fn.arg_names
+        assert set(gluon_kernel.values) == set(twin.values)  # the same heuristics-derived switches
+
+
+def test_plan_takes_gluon_only_on_a_gpu_for_16_bit_storage(monkeypatch):
+    on_gpu = {dtype: launch.plan_for(512, 512, 16, dtype, max_programs=132, gluon=True).implementation
+              for dtype in (torch.float16, torch.bfloat16, torch.float32)}  # fmt: skip
+    assert on_gpu == {torch.float16: "gluon", torch.bfloat16: "gluon", torch.float32: "tl"}
+    assert launch.plan_for(512, 512, 16, torch.bfloat16, max_programs=None, gluon=False).implementation == "tl"
+    monkeypatch.setattr(launch, "KERNELS", "tl")
+    assert launch.plan_for(512, 512, 16, torch.bfloat16, max_programs=132, gluon=True).implementation == "tl"
+    # Here, under the interpreter, the launcher never plans Gluon.
+    assert launch.plan(512, 512, 16, torch.bfloat16, torch.device("cpu")).implementation == "tl"

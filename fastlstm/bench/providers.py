@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from .cases import Problem
 
 STORAGE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Relative-error budgets of DESIGN.md §6, against float64.
+# Relative-error budgets of docs/design.md, against float64.
 THRESHOLDS = {"fp32": 1e-5, "tf32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 BASELINE = "nn.LSTM"
 POOL = 4  # input buffers rotated between calls, so no call finds its input still in L2 from the one before
@@ -115,33 +115,14 @@ def _native_unsupported(problem, device):
     return None if device.type == "cuda" else "the same code as nn.LSTM off CUDA"
 
 
-# The persistent kernels (kernels/persistent.py) are off by default; this provider measures them where they apply.
-PERSISTENT_MIN_HIDDEN = 512  # below this the tiled kernels already spread a small batch over few SMs at little cost
-
-
-def _persistent_kernels():
+def _streaming_kernels():
     from fastlstm.kernels import launch
 
-    return launch.persistent_mode("on")
+    return launch.kernels("streaming")
 
 
-def _persistent_unsupported(problem, device):
-    if device.type != "cuda":
-        return "the persistent kernels run on CUDA only"
-    if problem.proj_size:
-        return "the persistent kernels take no projection"
-    if problem.hidden < PERSISTENT_MIN_HIDDEN:
-        return f"the persistent kernels are measured from hidden {PERSISTENT_MIN_HIDDEN} up"
-    from fastlstm.kernels import launch
-
-    if problem.batch > launch.PERSISTENT_MAX_BATCH:
-        return f"the persistent kernels take at most {launch.PERSISTENT_MAX_BATCH} sequences"
-    if not torch.cuda.is_available():  # `--list` on a machine without a GPU: the SM count is unknown
-        return None
-
-    if launch.persistent_programs(problem.hidden) > torch.cuda.get_device_properties(device).multi_processor_count:
-        return "more programs than SMs: the persistent kernels cannot keep them all resident"
-    return None
+def _streaming_unsupported(problem, device):
+    return None if device.type == "cuda" else "the streaming kernels run on CUDA only"
 
 
 # haste_pytorch (github.com/lmnt-com/haste): one layer, one direction, fp32/fp16, gate order i,g,f,o, weights
@@ -190,8 +171,9 @@ PROVIDERS = {
         Provider("fastlstm", "fastlstm.LSTM, telemetry on (Triton kernels on CUDA, reference backend on CPU)",
                  _build_fastlstm(True)),
         Provider("fastlstm-notelemetry", "fastlstm.LSTM(telemetry=False)", _build_fastlstm(False)),
-        Provider("fastlstm-persistent", "fastlstm.LSTM, telemetry on, persistent kernels on (FASTLSTM_PERSISTENT=on)",
-                 _build_fastlstm(True), unsupported=_persistent_unsupported, environment=_persistent_kernels),
+        Provider("fastlstm-streaming", "fastlstm.LSTM, telemetry on, streaming kernels for every layer "
+                 "(FASTLSTM_KERNELS=streaming): the baseline the resident kernels replace",
+                 _build_fastlstm(True), unsupported=_streaming_unsupported, environment=_streaming_kernels),
         Provider(BASELINE, "torch.nn.LSTM (cuDNN on CUDA)", _build_nn_lstm),
         Provider("nn.LSTM-native", "torch.nn.LSTM with cuDNN disabled (ATen's per-step kernels)", _build_native,
                  unsupported=_native_unsupported, native_grads=lambda m: _named_grads(m.lstm), default=False),
