@@ -142,7 +142,7 @@ def family_configs(family: str, dtype: str) -> list:
             return []
         smallest = launch.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
         for is_aligned, batch in itertools.product((True, False), (16, 8)):
-            limit = (launch.SPLIT_MAX_PAD if is_aligned else launch.SPLIT_MAX_PAD_UNALIGNED)[torch_dtype]
+            limit = launch.SPLIT_MAX_PAD[torch_dtype]
             for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
                 hidden = k_pad if is_aligned else k_pad - 1
                 plans.append((launch.Plan("split", launch.split_config(hidden, batch, torch_dtype)), is_aligned))

@@ -114,7 +114,7 @@ def lstm_persistent_forward_kernel(
     p = step_begin
     while p < step_end:  # the time loop (a while loop on purpose: see the module docstring)
         t, t_prev = step_time(p, T, REVERSE)
-        x = x_next.to(tl.float32)
+        x = x_next
         next_t, _ = step_time(p + 1, T, REVERSE)
         x_next = _load_gate_inputs(xw_ptr, next_t, B, H, seqs, w_row, gate_tile_ok & (p + 1 < step_end))
         active = seq_ok & (t < length)
@@ -124,7 +124,7 @@ def lstm_persistent_forward_kernel(
             wait_for(flags_ptr, batch_group * unit_groups, unit_groups, p, MAX_PROGRAMS, ASM_FENCE)
         h = _load_exchanged(out_ptr - B * H, t_prev, B, H, seqs, seq_ok, from_prev, k_of_h).to(DOT_DTYPE)
 
-        pre_i, pre_f, pre_g, pre_o = split_gates(tl.sum(tl.dot(w, h, input_precision=DOT_PRECISION), axis=0) + x, UNITS)
+        pre_i, pre_f, pre_g, pre_o = split_gates(tl.sum(tl.dot(w, h, input_precision=DOT_PRECISION), axis=0) + x.to(tl.float32), UNITS)
         gate_i = sigmoid(pre_i)
         gate_f = sigmoid(pre_f)
         gate_g = tanh(pre_g)

@@ -121,11 +121,11 @@ SINGLE_WARPS = 8
 # H=1024, 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8
 # warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp. The largest padded H per storage dtype
 # that compiles without spills (kernels/aot.py): fp32 weights take twice the registers (at 512 units the fp32
-# forward spilled over a kilobyte).
+# forward spilled over a kilobyte, at 256 the fp32 backward 8-40 bytes in most switch combinations). The batch tile
+# shrinks instead of the limit where sizes are unaligned (block_b_for).
 SPLIT_UNITS = 8
 SPLIT_WARPS = 8
-SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
-SPLIT_MAX_PAD_UNALIGNED = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
+SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
 
 
 def aligned(*sizes: int) -> bool:
@@ -155,7 +155,7 @@ def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | 
 def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
     k_pad = max(16, triton.next_power_of_2(hidden))
     is_aligned = aligned(hidden)
-    if k_pad > (SPLIT_MAX_PAD if is_aligned else SPLIT_MAX_PAD_UNALIGNED)[dtype]:
+    if k_pad > SPLIT_MAX_PAD[dtype]:
         return None
     block_b = block_b_for(batch, dtype, is_aligned)
     return SplitConfig(

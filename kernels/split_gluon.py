@@ -313,10 +313,19 @@ def lstm_split_backward_gluon_kernel(
     u_w = unit_group * UNITS + gl.arange(0, UNITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_load)))
     j_of_w = s_w[:, None, None] * KC + j_w[None, :, None]
     w_mask = (j_of_w < H) & (u_w < H)[None, None, :]
-    w_i = gl.convert_layout(_weight_columns(w_hh_ptr, 0, H, j_of_w, u_w, w_mask).to(DOT_DTYPE), b_layout)
-    w_f = gl.convert_layout(_weight_columns(w_hh_ptr, 1, H, j_of_w, u_w, w_mask).to(DOT_DTYPE), b_layout)
-    w_g = gl.convert_layout(_weight_columns(w_hh_ptr, 2, H, j_of_w, u_w, w_mask).to(DOT_DTYPE), b_layout)
-    w_o = gl.convert_layout(_weight_columns(w_hh_ptr, 3, H, j_of_w, u_w, w_mask).to(DOT_DTYPE), b_layout)
+    # Loaded once into shared memory (64 KiB at H=1024 in 16 bits), read every step as the B operand: in registers
+    # they left ptxas a handful of registers short on sm_90 (8-40 bytes of spills, moving with the switches, even
+    # with two gates in registers). A step already passes 128 KiB of exchanged gradients through shared memory on
+    # their way to the dot layout, so the weights' 64 KiB read adds less than that.
+    resident: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    w_i = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
+                                    _weight_columns(w_hh_ptr, 0, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
+    w_f = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
+                                    _weight_columns(w_hh_ptr, 1, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
+    w_g = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
+                                    _weight_columns(w_hh_ptr, 2, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
+    w_o = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
+                                    _weight_columns(w_hh_ptr, 3, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
 
     # The exchanged gradients' indices: [S, BLOCK_B, KC].
     s_d = gl.arange(0, S, layout=gl.SliceLayout(1, gl.SliceLayout(2, dg_load)))
@@ -363,7 +372,7 @@ def lstm_split_backward_gluon_kernel(
             if EXCHANGE:
                 _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
             product = _gluon_carried_product(exchange_ptr, (q - 1) % 2, B, H, b_d, j_of_dg, dg_mask, w_i, w_f, w_g, w_o,
-                                             mma, a_layout, red, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+                                             mma, a_layout, b_layout, red, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             dh_carried = gl.where((seq_ok & (after_t < length))[:, None], product, dh_carried)
 
         dh = gl.where(keep, g_out + dh_carried, 0.0)
@@ -402,7 +411,7 @@ def lstm_split_backward_gluon_kernel(
         if EXCHANGE:
             _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, T, MAX_PROGRAMS, S)
         product = _gluon_carried_product(exchange_ptr, (T - 1) % 2, B, H, b_d, j_of_dg, dg_mask, w_i, w_f, w_g, w_o,
-                                         mma, a_layout, red, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+                                         mma, a_layout, b_layout, red, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
         dh_carried = gl.where((seq_ok & (t0 < length))[:, None], product, dh_carried)
     gl.store(grad_h_ptr + state, dh_carried, mask=tile_ok)
     gl.store(grad_c_ptr + state, dc_carried, mask=tile_ok)
@@ -457,18 +466,24 @@ def _gluon_step_inputs(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H
 
 @gluon.jit
 def _gluon_carried_product(exchange_ptr, slot, B, H, b_d, j_of_dg, dg_mask, w_i, w_f, w_g, w_o, mma: gl.constexpr,
-                           a_layout: gl.constexpr, red: gl.constexpr, DOT_DTYPE: gl.constexpr,
-                           DOT_PRECISION: gl.constexpr):  # fmt: skip
-    """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], one gate's operand at a time."""
+                           a_layout: gl.constexpr, b_layout: gl.constexpr, red: gl.constexpr,
+                           DOT_DTYPE: gl.constexpr, DOT_PRECISION: gl.constexpr):  # fmt: skip
+    """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], one gate's operands at a time
+    (the weights from shared memory)."""
     rows = exchange_ptr + ((slot * B + b_d).to(gl.int64) * (4 * H))[None, :, None] + j_of_dg
-    acc = gl.zeros([w_i.shape[0], b_d.shape[0], w_i.shape[2]], gl.float32, mma)
-    acc = mma_v2(_exchanged_operand(rows, dg_mask, a_layout, DOT_DTYPE), w_i, acc, input_precision=DOT_PRECISION)
-    acc = mma_v2(_exchanged_operand(rows + H, dg_mask, a_layout, DOT_DTYPE), w_f, acc, input_precision=DOT_PRECISION)
-    acc = mma_v2(_exchanged_operand(rows + 2 * H, dg_mask, a_layout, DOT_DTYPE), w_g, acc,
-                 input_precision=DOT_PRECISION)  # fmt: skip
-    acc = mma_v2(_exchanged_operand(rows + 3 * H, dg_mask, a_layout, DOT_DTYPE), w_o, acc,
-                 input_precision=DOT_PRECISION)  # fmt: skip
+    acc = gl.zeros([gl.constexpr(w_i.shape[0]), b_d.shape[0], gl.constexpr(w_i.shape[2])], gl.float32, mma)
+    acc = _gate_product(acc, rows, dg_mask, w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    acc = _gate_product(acc, rows + H, dg_mask, w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    acc = _gate_product(acc, rows + 2 * H, dg_mask, w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    acc = _gate_product(acc, rows + 3 * H, dg_mask, w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
     return gl.sum(gl.convert_layout(acc, red), axis=0)
+
+
+@gluon.jit
+def _gate_product(acc, rows, mask, w, a_layout: gl.constexpr, b_layout: gl.constexpr, DOT_DTYPE: gl.constexpr,
+                  DOT_PRECISION: gl.constexpr):  # fmt: skip
+    operand = _exchanged_operand(rows, mask, a_layout, DOT_DTYPE)
+    return mma_v2(operand, w.load(b_layout), acc, input_precision=DOT_PRECISION)
 
 
 @gluon.jit

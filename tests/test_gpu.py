@@ -137,8 +137,10 @@ def launched(monkeypatch):
     ids=str,
 )  # fmt: skip
 def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidden, batch, kind):
-    if kind == "split" and dtype == torch.float32 and hidden > 256:
-        kind = "streaming"  # fp32 split programs hold at most 256 units' share (launch.SPLIT_MAX_PAD)
+    from fastlstm.kernels import launch
+
+    if kind == "split" and dtype == torch.float32 and hidden > launch.SPLIT_MAX_PAD[torch.float32]:
+        kind = "streaming"  # fp32 split programs hold a share of at most SPLIT_MAX_PAD units
     assert_single_layer_parity(dtype, hidden, 256, batch)
     assert {k for _, k, _ in launched} == {kind}
 
