@@ -219,8 +219,21 @@ def test_accumulation_reset_and_snapshot_reset():
 
     # a forward without backward adds forward statistics only
     x, hx, weights = random_pass_inputs(ref, 5, 2)
+    module_pass(fast, x, None, hx, weights, backward=False)
+    manual_pass(ref, x, None, hx, weights, expected, backward=False)
+    assert_window(tel.snapshot(), expected, ref)
+
+    # an inference pass (no autograd) adds nothing, unless record_inference asks for its forward statistics
+    x, hx, weights = random_pass_inputs(ref, 4, 3)
+    with torch.inference_mode():
+        module_pass(fast, x, None, hx, weights, backward=False)
     with torch.no_grad():
         module_pass(fast, x, None, hx, weights, backward=False)
+    assert_window(tel.snapshot(), expected, ref)
+    fast.telemetry.record_inference = True
+    with torch.no_grad():
+        module_pass(fast, x, None, hx, weights, backward=False)
+    fast.telemetry.record_inference = False
     manual_pass(ref, x, None, hx, weights, expected, backward=False)
     assert_window(tel.snapshot(), expected, ref)
 
