@@ -92,6 +92,9 @@ class HistoryView:
         self.loss_known = np.array([s.get("loss") is not None for s in steps], dtype=bool)
         self.grad_norm_known = np.array([s.get("grad_norm") is not None for s in steps], dtype=bool)
         self.skipped = np.array([bool(s.get("skipped", False)) for s in steps], dtype=bool)
+        # Sampled telemetry (docs/history.md): which steps recorded telemetry; a history without the key, all.
+        self.instrumented = np.array([bool(s.get("instrumented", True)) for s in steps], dtype=bool)
+        self.instrument_every = int((raw.get("sampling") or {}).get("instrument_every") or 1)
         self.evals = [_eval_entry(e) for e in raw.get("evals") or []]
         self.events = list(raw.get("events") or [])
         self.lstms = dict(raw.get("lstms") or {})

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import native
 from .function import lstm_layer
-from .routing import check_backend_name, choose
+from .routing import PassShape, check_backend_name, choose
 from .telemetry import Telemetry
 
 
@@ -28,12 +28,13 @@ class LSTM(nn.RNNBase):
     """Drop-in replacement for `torch.nn.LSTM`; see its documentation for the arguments.
 
     Extra keyword-only arguments:
-      backend:   "auto" (Triton kernels on CUDA, the reference elsewhere), "reference", "triton", or "native"
-                 (PyTorch's own LSTM op, which records no telemetry). Exporting, tracing and torch.func always run
-                 the native op (docs/deploy.md).
+      backend:   "auto" (passes that record telemetry: Triton kernels on CUDA, the reference elsewhere; passes
+                 that record none: PyTorch's own LSTM op, as nn.LSTM), "reference", "triton", or "native" (PyTorch's
+                 own LSTM op, which records no telemetry). Exporting, tracing and torch.func always run the native
+                 op (docs/deploy.md); fastlstm/routing.py decides.
       telemetry: record gate saturation, gradient norms through time and the first non-finite value into
-                 `self.telemetry` (docs/telemetry.md). False removes that work entirely; `self.telemetry.enabled`
-                 switches it at run time.
+                 `self.telemetry` (docs/telemetry.md) on every pass that autograd records. False removes that
+                 work entirely; `self.telemetry.enabled` switches it at run time.
     """
 
     # nn.LSTM's own shape checks, so the error messages are the same.
@@ -148,16 +149,17 @@ class LSTM(nn.RNNBase):
         # TorchScript compiles only what follows this block (it folds is_scripting() to True), so a scripted
         # module is the native path alone.
         if not torch.jit.is_scripting():
-            implementation = self._implementation(input)
+            records = self.telemetry.records()
+            implementation = self._implementation(input, records)
             if implementation != "native":
-                return self._fused_forward(input, hx, implementation)
+                return self._fused_forward(input, hx, implementation, records)
             _check_hx_form(hx)
             self._update_flat_weights()  # functional_call, parametrizations and reassigned weights
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
 
-    def _implementation(self, input) -> str:
+    def _implementation(self, input, records_telemetry: bool) -> str:
         if isinstance(input, PackedSequence):
             data = input.data
         elif isinstance(input, torch.Tensor):
@@ -169,7 +171,22 @@ class LSTM(nn.RNNBase):
             )
         else:
             raise TypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
-        return choose(self.backend, data.device, data.dtype)
+        return choose(
+            self.backend, data.device, data.dtype, records_telemetry=records_telemetry, shape=lambda: self._shape(input)
+        )
+
+    def _shape(self, input) -> PassShape:
+        """What routing's measured table looks up. A PackedSequence's batch sizes live on the CPU: no device sync."""
+        if isinstance(input, PackedSequence):
+            batch, steps = (int(input.batch_sizes[0]), input.batch_sizes.numel()) if input.batch_sizes.numel() else (0, 0)
+        elif input.dim() == 3:
+            batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        else:
+            batch, steps = 1, input.shape[0]
+        return PassShape(
+            self.hidden_size, self.proj_size, self.num_layers, self.bidirectional, isinstance(input, PackedSequence),
+            batch, steps,
+        )  # fmt: skip
 
     # ---- native: nn.LSTM's own forward, TorchScript-compatible ----
 
@@ -225,7 +242,7 @@ class LSTM(nn.RNNBase):
 
     # ---- fused: fastlstm's own ops, layer by layer, with telemetry ----
 
-    def _fused_forward(self, input, hx, implementation: str):
+    def _fused_forward(self, input, hx, implementation: str, records: bool):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -252,7 +269,7 @@ class LSTM(nn.RNNBase):
             weights = [tuple(None if w is None else w.to(autocast_dtype) for w in ws) for ws in weights]
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
-            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation)
+            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation, records)
 
         if packed:
             out_data = pack_padded_sequence(out, lengths).data
@@ -266,10 +283,11 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
 
-    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str):
+    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str, records: bool):
         num_directions = 2 if self.bidirectional else 1
-        # docs/telemetry.md: nothing is recorded when telemetry is off or the batch is empty.
-        record = self.telemetry.enabled and x.shape[1] > 0
+        # docs/telemetry.md: nothing is recorded when the pass does not record (Telemetry.records) or the batch is
+        # empty.
+        record = records and x.shape[1] > 0
         seq = self.telemetry.begin_pass(x.device) if record else None
         h_n, c_n = [], []
         layer_input = x

@@ -3,7 +3,8 @@
 A `Monitor` attaches to a model (every `fastlstm.LSTM` inside it, named by module path) and to any training loop
 through `monitor.step(loss=...)`. The step only queues device tensors; they are read in batches, with one
 device-to-host copy every `read_every` steps (or when the history is requested). Telemetry windows and input
-statistics are closed every `every` steps. The result is a `History` in the JSON format of docs/history.md.
+statistics are closed every `every` steps. With `instrument_every=N` only every N-th step records telemetry and the
+others run PyTorch's own LSTM op (sampling.py). The result is a `History` in the JSON format of docs/history.md.
 
 Besides what the loop passes, the Monitor records on the device, with hooks: the gradient norm before clipping
 (when each parameter's gradient is accumulated) and the norm the optimizer step used (read right after it), so that
@@ -27,8 +28,12 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .jsonio import HISTORY_FORMAT, atomic_write, from_json_safe, to_json_safe
 from .module import LSTM
+from .sampling import Sampler
 
-EVENT_KINDS = ("nonfinite_step_skipped", "nonfinite_stop", "truncation", "checkpoint", "resume")
+EVENT_KINDS = (
+    "nonfinite_step_skipped", "nonfinite_stop", "telemetry_hunt", "telemetry_hunt_end", "truncation", "checkpoint",
+    "resume",
+)  # fmt: skip
 _LISTS = ("steps", "evals", "telemetry", "inputs", "targets", "events")
 
 
@@ -255,6 +260,12 @@ class Monitor:
       every:       close a telemetry window (one `telemetry` and one `inputs` entry per LSTM) every this many steps.
       read_every:  read the queued device values (losses, norms, flags, statistics) every this many steps, with one
                    device-to-host copy; defaults to `every`.
+      instrument_every: let the LSTMs record telemetry on every this many steps only (steps 0, N, 2N, ...; 1:
+                   every step). The other steps record no telemetry, so `backend="auto"` runs PyTorch's own LSTM
+                   op there. Losses, gradient norms, skip flags, input statistics and everything else are still
+                   recorded on every step; a non-finite value on an uninstrumented step makes every step
+                   instrumented from two window boundaries later until a window of them has been read (sampling.py).
+                   Not to be confused with `every`, the window length.
       input_stats: record per-feature statistics of what each LSTM received (a forward pre-hook, device sums only).
       grad_norm:   when `step()` gets no grad_norm, record the gradient 2-norm before clipping (see grad_hooks) and
                    the norm the step used (after clipping; `grad_norm_applied`).
@@ -271,6 +282,7 @@ class Monitor:
         optimizer=None,
         every: int = 10,
         read_every: int | None = None,
+        instrument_every: int = 1,
         input_stats: bool = True,
         grad_norm: bool = True,
         grad_hooks: bool = True,
@@ -283,8 +295,11 @@ class Monitor:
         self.read_every = int(read_every or every)
         self.track_grad_norm = grad_norm
         self.lstms = find_lstms(model)
+        self.sampler = Sampler(instrument_every, self.every)
         self._history = History()
         self._history.lstms = {name: _describe(m) for name, m in self.lstms.items()}
+        if self.sampler.sampling:
+            self._history.extra["sampling"] = {"instrument_every": self.sampler.instrument_every}
         self.listeners: list = []  # called with [(lstm name, first step, last step, Snapshot)] per closed window
         self.skipped_steps: list = []  # steps read back as skipped, in the order they were read
         self._step = 0
@@ -311,6 +326,7 @@ class Monitor:
                 optimizer.register_step_pre_hook(self._before_optimizer_step),
                 optimizer.register_step_post_hook(self._after_optimizer_step),
             ]
+        self._instrument(self._step)
 
     # ---- the training loop's side ----
 
@@ -346,6 +362,12 @@ class Monitor:
             elif grad_norm is None:
                 grad_norm = _current_grad_norm(self._params)
         entry = {"step": n, "loss": None, "lr": None, "grad_norm": None, "skipped": False}
+        instrumented = self.sampler.instrumented(n)
+        if self.sampler.sampling:
+            entry["instrumented"] = instrumented
+            self.sampler.record(n, instrumented)
+            if not instrumented:  # nothing locates a NaN here: watch for one, to instrument the coming steps
+                self.sampler.watch(loss, grad_norm, skipped)
         self._history.steps.append(entry)
         self._defer_scalars(entry, loss=loss, lr=lr, grad_norm=grad_norm)
         if applied is not None:
@@ -367,7 +389,13 @@ class Monitor:
         if self._step % self.read_every == 0:
             self._reads.start()
             self._resolve_skipped()
+        self._instrument(self._step)
         return n
+
+    @property
+    def instrumented(self) -> bool:
+        """Whether the step about to run (the next `step()` call's) records telemetry."""
+        return self.sampler.instrumented(self._step)
 
     def evaluate(self, val_loss=None, *, subset_losses=None, epoch=None, step=None) -> None:
         """Record a validation result at `step` (default: the last recorded step)."""
@@ -416,7 +444,17 @@ class Monitor:
                 closed.append((name, *window, snap))
             if tel.in_flight:
                 self._inflight[name] = window
-        self._record_windows(closed)
+        read = self._record_windows(closed)
+        change = self.sampler.boundary(self._step, read)
+        if change is not None:
+            detail = {"instrument_every": self.sampler.instrument_every}
+            if change == "started":
+                detail["reason"] = "a non-finite loss, gradient norm or skipped step on an uninstrumented step"
+                self._history.event(self._step, "telemetry_hunt", detail)
+            else:
+                first, last, located = self.sampler.hunts[-1]
+                self._history.event(last, "telemetry_hunt_end", {**detail, "first_step": first, "located": located})
+            self._instrument(self._step)
         for name, stats in self._input_stats.items():
             for count, moments in stats.take():
                 self._defer_stats("inputs", {"step": last, "lstm": name}, count, moments)
@@ -464,6 +502,8 @@ class Monitor:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        for lstm in self.lstms.values():
+            lstm.telemetry.suspended = False
 
     def state_dict(self) -> dict:
         """Everything needed to continue recording after a restart (call `flush()` first)."""
@@ -473,6 +513,7 @@ class Monitor:
             "window_first": self._window_first,
             "skipped_steps": list(self.skipped_steps),
             "history": self._history.to_dict(),
+            "sampler": self.sampler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -482,8 +523,19 @@ class Monitor:
         lstms = self._history.lstms
         self._history = History.from_dict(state["history"])
         self._history.lstms = {**self._history.lstms, **lstms}
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        self._instrument(self._step)
 
     # ---- internals ----
+
+    def _instrument(self, step: int) -> None:
+        """Let the LSTMs record telemetry in `step`, or suspend it (sampled telemetry)."""
+        if not self.sampler.sampling:
+            return
+        suspended = not self.sampler.instrumented(step)
+        for lstm in self.lstms.values():
+            lstm.telemetry.suspended = suspended
 
     def _make_input_hook(self, name: str):
         def hook(module, args, kwargs):
@@ -547,42 +599,81 @@ class Monitor:
     def _defer_stats(self, key: str, entry: dict, count: int, moments: torch.Tensor) -> None:
         self._reads.add([moments], lambda m: self._history.add(key, {**entry, **stats_entry(count, m)}))
 
-    def _record_windows(self, closed: list) -> None:
+    def _record_windows(self, closed: list) -> list:
+        """Append the windows that recorded something; returns (first, last, located) of each."""
         kept = []
         for name, first, last, snap in closed:
-            if snap is None or snap.launches == 0:  # nothing ran in the window
+            if snap is None or snap.launches == 0:  # nothing ran in the window (or no step of it was instrumented)
                 continue
-            self._history.telemetry.append(
-                {"step": last, "first_step": first, "lstm": name, "snapshot": snap.to_dict()}
-            )
+            entry = {"step": last, "first_step": first, "lstm": name, "snapshot": snap.to_dict()}
+            if self.sampler.sampling:
+                entry["instrumented_steps"] = len(self.sampler.instrumented_between(first, last))
+            self._history.telemetry.append(entry)
             kept.append((name, first, last, snap))
         if kept:
             for listener in self.listeners:
                 listener(kept)
+        return [(first, last, snap.first_nonfinite is not None) for _, first, last, snap in kept]
+
+    def instrumented_steps(self, first: int, last: int) -> list:
+        """The steps of [first, last] that recorded telemetry (all of them without sampling), for listeners that
+        relate a window's telemetry to what each of its steps did (the TBPTT trainer's truncation estimates)."""
+        if not self.sampler.sampling:
+            return list(range(first, last + 1))
+        return self.sampler.instrumented_between(first, last)
 
     def _read_skipped(self, entry: dict, step: int, skipped: bool) -> None:
         entry["skipped"] = skipped
         if skipped:
             self.skipped_steps.append(step)
-            event = self._history.event(step, "nonfinite_step_skipped", {"first_nonfinite": None})
+            detail = {"first_nonfinite": None}
+            if not entry.get("instrumented", True):
+                detail["instrumented"] = False
+            event = self._history.event(step, "nonfinite_step_skipped", detail)
             self._unresolved.append(event)
 
     def _resolve_skipped(self, final: bool = False) -> None:
-        """Attach to each skipped-step event the first non-finite value of the telemetry windows covering it."""
+        """Attach to each skipped-step event the first non-finite value of the telemetry windows covering it; for a
+        step that was not instrumented, of the first window after it that located one (the hunt's)."""
         waiting = []
         for event in self._unresolved:
             step = event["step"]
-            found = {}
-            for entry in self._history.telemetry:
-                if entry.get("first_step", -1) <= step <= entry["step"]:
-                    found[entry["lstm"]] = entry["snapshot"]["first_nonfinite"]
+            if event["detail"].get("instrumented", True):
+                found = {
+                    entry["lstm"]: entry["snapshot"]["first_nonfinite"]
+                    for entry in self._history.telemetry
+                    if entry.get("first_step", -1) <= step <= entry["step"]
+                }
+                span = None
+            else:
+                found, span = self._located_after(step)
             if not found and not final:
                 waiting.append(event)
                 continue
             located = [dict(where, lstm=name) for name, where in found.items() if where is not None]
             first = next((w for w in located if w["stage"] == "forward"), located[0] if located else None)
-            event["detail"] = {"first_nonfinite": first, "locations": found}
+            event["detail"] = {**event["detail"], "first_nonfinite": first, "locations": found}
+            if span is not None:
+                event["detail"]["located_in_window"] = span
         self._unresolved = waiting
+
+    def _located_after(self, step: int) -> tuple:
+        """({lstm: first_nonfinite}, [first, last]) of the first telemetry window at or after an uninstrumented
+        `step` that located a non-finite value, within the hunt that followed it; ({}, None) while that is still
+        open, and ({lstm: None}, None) once the hunt ended without locating one."""
+        hunt_end = next((last for first, last, _ in self.sampler.hunts if first > step), None)
+        windows: dict = {}
+        for entry in self._history.telemetry:
+            if entry["step"] >= step and (hunt_end is None or entry.get("first_step", 0) <= hunt_end):
+                windows.setdefault((entry.get("first_step", entry["step"]), entry["step"]), {})[entry["lstm"]] = entry[
+                    "snapshot"
+                ]["first_nonfinite"]
+        for span in sorted(windows):
+            if any(where is not None for where in windows[span].values()):
+                return windows[span], list(span)
+        if hunt_end is not None:
+            return {name: None for name in self.lstms}, None
+        return {}, None
 
 
 def _describe(lstm: LSTM) -> dict:

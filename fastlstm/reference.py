@@ -9,6 +9,13 @@ Shapes: T timesteps, B sequences, H hidden units, P = proj_size or H (the size o
   lengths [B] int64 on the device, or None when every sequence spans all T steps
 A sequence b takes part in step t only while t < lengths[b]; past its end its state is left untouched and its
 output is zero. In the reverse direction the same rule makes each sequence start from its own last step.
+
+It is also what `backend="auto"` runs on the CPU when a pass records telemetry, so it is written for speed the one
+way eager PyTorch allows. An operation costs a few microseconds whatever its size, so each step issues only what
+the recurrence needs, into buffers allocated once (forward: one GEMM and six pointwise ops; backward: one GEMM and
+four). Everything that does not depend on the previous step is computed for all steps at once: before the
+backward's loop its gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what
+the loop stored.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import constants as C
+from .reference_telemetry import record_backward, record_forward
 
 
 class ForwardResult(NamedTuple):
@@ -51,177 +58,199 @@ def active_mask(lengths: torch.Tensor | None, steps: int) -> torch.Tensor | None
     return torch.arange(steps, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)
 
 
-def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
-    steps, batch, _ = xw.shape
-    hidden = c0.shape[-1]
-    dtype = compute_dtype(xw.dtype)
-    w_hh_t = w_hh.to(dtype).t()
-    w_hr_t = None if w_hr is None else w_hr.to(dtype).t()
-    active = active_mask(lengths, steps)
+def gate_blocks(x: torch.Tensor) -> tuple:
+    """Views of the i, f, g, o blocks of x's last dimension (4H wide)."""
+    hidden = x.shape[-1] // 4
+    return tuple(x[..., k * hidden : (k + 1) * hidden] for k in range(4))
 
-    h, c = h0.to(dtype), c0.to(dtype)
-    out = xw.new_empty(steps, batch, h0.shape[-1], dtype=dtype)
-    gates = xw.new_empty(steps, batch, 4 * hidden, dtype=dtype)
-    cells = xw.new_empty(steps, batch, hidden, dtype=dtype)
-    pre_nonfinite = xw.new_zeros(steps, batch, dtype=torch.bool) if probe is not None else None
-    sigmoid_gates = (slice(0, 2 * hidden), slice(3 * hidden, 4 * hidden))
-    for t in time_order(steps, reverse):
-        pre = torch.addmm(xw[t].to(dtype), h, w_hh_t)
-        act = gates[t]
-        for block in sigmoid_gates:
-            torch.sigmoid(pre[:, block], out=act[:, block])
-        torch.tanh(pre[:, 2 * hidden : 3 * hidden], out=act[:, 2 * hidden : 3 * hidden])
-        i, f, g, o = act.chunk(4, dim=1)
-        c_new = torch.addcmul(f * c, i, g)
-        h_new = o * torch.tanh(c_new)
-        if w_hr_t is not None:
-            h_new = h_new @ w_hr_t
-        if active is None:
-            c, h = c_new, h_new
-            out[t] = h_new
-        else:
-            keep = active[t].unsqueeze(1)
-            c = torch.where(keep, c_new, c)
-            h = torch.where(keep, h_new, h)
-            out[t] = torch.where(keep, h_new, 0.0)
-        cells[t] = c
-        if pre_nonfinite is not None:
-            pre_nonfinite[t] = ~torch.isfinite(pre).all(dim=1)
+
+def _per_step(x: torch.Tensor | None) -> tuple | None:
+    """x's views along its first (time) dimension, taken once: indexing in the loop would cost an op per step."""
+    return None if x is None else x.unbind(0)
+
+
+# ---- forward ----
+
+# tanh(x) = 2·σ(2x) − 1, and this CPU build's tanh costs about three sigmoids (torch 2.13, 64×64 float32: 18 µs
+# against 6 µs), so the forward computes both of its tanh through sigmoid. The candidate's pre-activation comes
+# doubled from doubled rows of the input projection and of W_hh, and the loop carries 2·c_t, halved once after the
+# loop: scaling by 2 is exact, so this changes only the rounding of the two tanh.
+TANH_VIA_SIGMOID = 2.0
+
+
+def _candidate_scale(four_h: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[4H]: 1 for the sigmoid gates' columns, TANH_VIA_SIGMOID for the candidate's."""
+    scale = torch.ones(four_h, dtype=dtype, device=device)
+    scale[four_h // 2 : 3 * four_h // 4] = TANH_VIA_SIGMOID
+    return scale
+
+
+def tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) as the forward computes it, for a whole (contiguous) tensor: 2·σ(2x) − 1."""
+    s = torch.sigmoid(x.mul(2.0))
+    return torch.add(s.new_full((), -1.0), s, alpha=2.0, out=s)
+
+
+def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
+    steps, batch, four_h = xw.shape
+    hidden = four_h // 4
+    dtype = compute_dtype(xw.dtype)
+    active = active_mask(lengths, steps)
+    # Each step adds h_{t-1} W_hhᵀ into its row of `pre` in place, so `pre` starts as the (candidate-doubled) xw.
+    scale = _candidate_scale(four_h, dtype, xw.device)
+    # Also the conversion of 16-bit storage to float32. (Broadcast over a 2-D view: over the 3-D tensor, the same
+    # product takes seven times longer on the CPU.)
+    pre = (xw.reshape(-1, four_h) * scale).view(steps, batch, four_h)
+    w_hh_t = (w_hh.to(dtype) * scale.unsqueeze(1)).t()
+    w_hr_t = None if w_hr is None else w_hr.to(dtype).t()
+
+    out = pre.new_empty(steps, batch, h0.shape[-1])
+    gates = pre.new_empty(steps, batch, four_h)
+    cells = pre.new_empty(steps, batch, hidden)  # 2·c_t during the loop
+    h_n, c2_n = _forward_loop(pre, h0.to(dtype), c0.to(dtype) * 2.0, w_hh_t, w_hr_t, active, reverse, gates, cells, out)
+    c_n = c2_n * 0.5  # before halving `cells`, which c2_n may be a view of
+    cells.mul_(0.5)
 
     if probe is not None:
-        _record_forward(probe, xw, gates, cells, out, pre_nonfinite, active, reverse)
-    return ForwardResult(out.to(xw.dtype), h.to(xw.dtype), c.to(xw.dtype), (gates, cells))
+        record_forward(probe, xw, pre, gates, cells, out if w_hr is not None else None, active, reverse)
+    # Copies: the final states must not alias `out` (a custom op may not return aliases).
+    return ForwardResult(out.to(xw.dtype), h_n.to(xw.dtype, copy=True), c_n.to(xw.dtype), (gates, cells))
+
+
+def _forward_loop(pre, h, c2, w_hh_t, w_hr_t, active, reverse, gates, cells, out):
+    """Fill gates, cells (with 2·c_t) and out step by step; returns the carried (h, 2·c) after the last step."""
+    steps = pre.shape[0]
+    pre_t, gates_t, cells_t, out_t = _per_step(pre), _per_step(gates), _per_step(cells), _per_step(out)
+    i_t, f_t, g_t, o_t = (_per_step(block) for block in gate_blocks(gates))
+    keep_t = _per_step(None if active is None else active.unsqueeze(-1))
+    tanh_c = torch.empty_like(c2)
+    full = None if w_hr_t is None else torch.empty_like(c2)  # o * tanh(c) before the projection
+    zero, minus_one = c2.new_zeros(()), c2.new_full((), -1.0)  # where(..., out=) and add(..., out=) take tensors
+    for t in time_order(steps, reverse):
+        torch.sigmoid(pre_t[t].addmm_(h, w_hh_t), out=gates_t[t])
+        g = torch.add(minus_one, g_t[t], alpha=2.0, out=g_t[t])  # 2σ(2x) − 1 = tanh(x)
+        if keep_t is None:
+            c2 = torch.mul(f_t[t], c2, out=cells_t[t]).addcmul_(i_t[t], g, value=2.0)
+            torch.add(minus_one, torch.sigmoid(c2, out=tanh_c), alpha=2.0, out=tanh_c)
+            if w_hr_t is None:
+                h = torch.mul(o_t[t], tanh_c, out=out_t[t])
+            else:
+                h = torch.mm(torch.mul(o_t[t], tanh_c, out=full), w_hr_t, out=out_t[t])
+            continue
+        keep = keep_t[t]
+        c2_new = torch.mul(f_t[t], c2).addcmul_(i_t[t], g, value=2.0)
+        c2 = torch.where(keep, c2_new, c2, out=cells_t[t])
+        h_new = torch.mul(o_t[t], torch.add(minus_one, torch.sigmoid(c2_new, out=tanh_c), alpha=2.0, out=tanh_c))
+        if w_hr_t is not None:
+            h_new = h_new @ w_hr_t
+        torch.where(keep, h_new, zero, out=out_t[t])
+        h = torch.where(keep, h_new, h)
+    return h, c2
+
+
+# ---- backward ----
 
 
 def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None):
     gates, cells = saved
-    steps, batch, _ = gates.shape
-    hidden = cells.shape[-1]
+    steps, batch, four_h = gates.shape
     dtype = gates.dtype
     w_hh_c = w_hh.to(dtype)
     w_hr_c = None if w_hr is None else w_hr.to(dtype)
     active = active_mask(lengths, steps)
-    c0 = c0.to(dtype)
+    grad_out = grad_out.to(dtype)
+    tanh_c = tanh_via_sigmoid(cells)
+    derivatives = _GateDerivatives(gates, cells, tanh_c, c0.to(dtype), reverse)
 
-    grad_h, grad_c = grad_hn.to(dtype), grad_cn.to(dtype)
-    grad_gates = gates.new_empty(steps, batch, 4 * hidden)
-    grad_hidden = gates.new_zeros(steps, batch, grad_h.shape[-1]) if w_hr is not None else None
-    watch = probe is not None
-    if watch:
-        sumsq = gates.new_zeros(steps, dtype=torch.float64)
-        cell_sumsq = gates.new_zeros(steps, dtype=torch.float64)
-        step_nonfinite = gates.new_zeros(steps, batch, 2, dtype=torch.bool)  # grad_hidden, grad_cell
+    grad_gates = gates.new_empty(steps, batch, four_h)
+    # dL/dh_t of every step (zero past each sequence's end): dW_hr needs it with a projection, telemetry always.
+    grad_hidden = gates.new_empty(steps, batch, grad_hn.shape[-1]) if w_hr is not None or probe is not None else None
+    grad_cell = gates.new_empty(steps, batch, four_h // 4) if probe is not None else None  # dL/dc_t, for telemetry
+    grad_h0, grad_c0 = _backward_loop(
+        grad_out, grad_hn.to(dtype), grad_cn.to(dtype), derivatives, w_hh_c, w_hr_c, active, reverse, grad_gates,
+        grad_hidden, grad_cell,
+    )  # fmt: skip
 
-    for t in time_order(steps, not reverse):
-        keep = None if active is None else active[t].unsqueeze(1)
-        dh = grad_out[t].to(dtype) + grad_h
-        if keep is not None:
-            dh = torch.where(keep, dh, 0.0)
-        if w_hr_c is not None:
-            grad_hidden[t] = dh
-            dh_full = dh @ w_hr_c
-        else:
-            dh_full = dh
-        i, f, g, o = gates[t].chunk(4, dim=1)
-        tanh_c = torch.tanh(cells[t])
-        c_prev = _previous(cells, t, reverse, c0)
-        dc = grad_c + dh_full * o * (1 - tanh_c * tanh_c)
-        d_pre = torch.cat(
-            (dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh_full * tanh_c * o * (1 - o)),
-            dim=1,
-        )
-        if keep is not None:
-            d_pre = torch.where(keep, d_pre, 0.0)
-        grad_gates[t] = d_pre
-        dh_prev, dc_prev = d_pre @ w_hh_c, dc * f
-        if keep is None:
-            grad_h, grad_c = dh_prev, dc_prev
-        else:
-            grad_h = torch.where(keep, dh_prev, grad_h)
-            grad_c = torch.where(keep, dc_prev, grad_c)
-        if watch:
-            sumsq[t] = dh.double().square().sum()
-            # dc is the total gradient reaching c_t (through h_t and through step t+1's forget gate); past a
-            # sequence's end it holds the carried gradient of a state that step t does not produce: not counted.
-            counted_dc = dc if keep is None else torch.where(keep, dc, 0.0)
-            cell_sumsq[t] = counted_dc.double().square().sum()
-            step_nonfinite[t, :, 0] = ~torch.isfinite(dh).all(dim=1)
-            step_nonfinite[t, :, 1] = ~torch.isfinite(dc).all(dim=1)
-
-    hidden_full = None
-    if w_hr is not None:
-        hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)
-    if watch:
-        _record_backward(probe, grad_out, grad_gates, sumsq, cell_sumsq, step_nonfinite, active, reverse)
-    return BackwardResult(grad_gates, grad_h, grad_c, grad_hidden, hidden_full)
+    hidden_full = None if w_hr is None else (_rows(gate_blocks(gates)[3]) * _rows(tanh_c)).view_as(tanh_c)
+    if probe is not None:
+        record_backward(probe, grad_out, grad_hidden, grad_cell, grad_gates, active, reverse)
+    return BackwardResult(grad_gates, grad_h0, grad_c0, grad_hidden if w_hr is not None else None, hidden_full)
 
 
-def _previous(states: torch.Tensor, t: int, reverse: bool, initial: torch.Tensor) -> torch.Tensor:
-    """The carried state before step t (states holds the carried state after every step)."""
-    prev = t + 1 if reverse else t - 1
-    return initial if prev < 0 or prev >= states.shape[0] else states[prev]
+class _GateDerivatives:
+    """What the backward multiplies at step t, computed for every step before the loop.
+
+    With dh the total gradient reaching h_t (through the projection, if any) and dc the one reaching c_t:
+      dc              = dc_next · f_{t+1} + dh · o·(1 − tanh²c)           (from_hidden = o·(1 − tanh²c))
+      d(i, f, g) pre  = dc · (g·i·(1 − i), c_{t−1}·f·(1 − f), i·(1 − g²))  (from_cell, [T, B, 3, H])
+      d(o) pre        = dh · tanh c · o·(1 − o)                           (output_gate)
+    Computed on [T·B, ·] views: eager PyTorch runs a pointwise op on a strided 3-D view several times slower.
+    """
+
+    def __init__(self, gates, cells, tanh_c, c0, reverse: bool):
+        steps, batch, hidden = cells.shape
+        i, _, g, o = (_rows(block) for block in gate_blocks(gates))
+        slopes = torch.rsub(gates, 1.0).mul_(gates)  # s·(1 − s) of every gate (the candidate's is not used)
+        slope_i, slope_f, _, slope_o = gate_blocks(slopes)
+        tanh_rows = _rows(tanh_c)
+        self.forget = gate_blocks(gates)[1]
+        self.from_hidden = torch.addcmul(o, o, tanh_rows * tanh_rows, value=-1.0).view(steps, batch, hidden)
+        self.output_gate = torch.mul(_rows(slope_o), tanh_rows).view(steps, batch, hidden)
+        from_cell = gates.new_empty(steps, batch, 3, hidden)
+        torch.mul(g, _rows(slope_i), out=_rows(from_cell[:, :, 0]))
+        # c_{t-1} is the carried state of the previous step in the direction's own order, c0 before the first.
+        first, rest, before = (0, slice(1, None), slice(None, -1)) if not reverse else (-1, slice(None, -1), slice(1, None))
+        torch.mul(_rows(cells[before]), _rows(slope_f[rest]), out=_rows(from_cell[rest, :, 1]))
+        torch.mul(c0, slope_f[first], out=from_cell[first, :, 1])
+        torch.addcmul(i, i, g * g, value=-1.0, out=_rows(from_cell[:, :, 2]))
+        self.from_cell = from_cell
 
 
-# ---- telemetry (docs/telemetry.md) ----
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [T·B, F] (a view for every layout used here)."""
+    return x.view(-1, x.shape[-1])
 
 
-def _record_forward(probe, xw, gates, cells, out, pre_nonfinite, active, reverse: bool) -> None:
-    steps, batch, _ = gates.shape
-    probe.target[C.STAT_LAUNCHES] += 1
-    if steps * batch > 0:
-        _record_forward_stats(probe.target, gates, cells, active)
-    flags = torch.stack(
-        (_row_nonfinite(xw), pre_nonfinite, _row_nonfinite(cells), _row_nonfinite(out)), dim=-1
-    )  # [T, B, 4] in FORWARD_TENSORS order
-    _record_first_nonfinite(probe, flags, active, C.STAGE_FORWARD, ascending=not reverse)
-
-
-def _record_forward_stats(stats, gates, cells, active) -> None:
-    steps, batch, four_h = gates.shape
+def _backward_loop(grad_out, grad_h, grad_c, d, w_hh, w_hr, active, reverse, grad_gates, grad_hidden, grad_cell):
+    """Fill grad_gates (and grad_hidden / grad_cell when given) in reverse time order; returns (grad_h0, grad_c0)."""
+    steps, batch, four_h = grad_gates.shape
     hidden = four_h // 4
-    blocks = gates.view(steps, batch, 4, hidden)
-    saturated = (blocks < C.SIGMOID_LOW) | (blocks > 1.0 - C.SIGMOID_LOW)
-    saturated[:, :, 2] = blocks[:, :, 2].abs() > C.TANH_HIGH
-    forget = blocks[:, :, 1]
-    cell_abs = cells.abs()
-    if active is None:
-        elements = float(steps * batch * hidden)
-    else:
-        saturated &= active[:, :, None, None]
-        forget = torch.where(active.unsqueeze(-1), forget, 0.0)
-        cell_abs = torch.where(active.unsqueeze(-1), cell_abs, 0.0)
-        elements = active.sum(dtype=torch.float64) * hidden
-    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += saturated.sum(dim=(0, 1, 3), dtype=torch.float64)
-    stats[C.STAT_ELEMENTS] += elements
-    stats[C.STAT_FORGET_SUM] += forget.sum(dtype=torch.float64)
-    stats[C.STAT_CELL_ABSMAX] = torch.maximum(stats[C.STAT_CELL_ABSMAX], cell_abs.amax().double())
+    order = list(time_order(steps, not reverse))
+    grad_out_t = _per_step(grad_out)
+    gates_t = _per_step(grad_gates)
+    ifg_t = _per_step(grad_gates[..., : 3 * hidden].unflatten(-1, (3, hidden)))
+    o_t = _per_step(gate_blocks(grad_gates)[3])
+    dh_t = _per_step(grad_hidden)
+    dc_t = _per_step(grad_cell)
+    forget_t, from_hidden_t, from_cell_t, output_gate_t = (
+        _per_step(x) for x in (d.forget, d.from_hidden, d.from_cell, d.output_gate)
+    )
+    keep_t = _per_step(None if active is None else active.unsqueeze(-1))
+    full = None if w_hr is None else grad_c.new_empty(batch, hidden)
+    dc_scratch, carry_scratch = torch.empty_like(grad_c), torch.empty_like(grad_c)
+    zero = grad_c.new_zeros(())  # where(..., out=) takes no Python number
 
-
-def _record_backward(probe, grad_out, grad_gates, sumsq, cell_sumsq, step_nonfinite, active, reverse: bool) -> None:
-    steps = grad_gates.shape[0]
-    probe.target[C.GRAD_SUMSQ, :steps] += sumsq
-    probe.target[C.GRAD_CELL_SUMSQ, :steps] += cell_sumsq
-    probe.target[C.GRAD_PASSES, :steps] += 1
-    flags = torch.cat(
-        (_row_nonfinite(grad_out).unsqueeze(-1), step_nonfinite, _row_nonfinite(grad_gates).unsqueeze(-1)), dim=-1
-    )  # [T, B, 4] in BACKWARD_TENSORS order
-    _record_first_nonfinite(probe, flags, active, C.STAGE_BACKWARD, ascending=reverse)
-
-
-def _row_nonfinite(x: torch.Tensor) -> torch.Tensor:
-    return ~torch.isfinite(x).all(dim=-1)
-
-
-def _record_first_nonfinite(probe, flags, active, stage: int, ascending: bool) -> None:
-    """Fold [T, B, tensors] non-finite flags into the stage's first-event key with a device-side minimum."""
-    if active is not None:
-        flags = flags & active.unsqueeze(-1)
-    per_step = flags.any(dim=1)  # [T, tensors]
-    steps, tensors = per_step.shape
-    time = torch.arange(steps, device=flags.device, dtype=torch.int64)
-    order = time if ascending else C.STEP_MAX - time
-    tensor_ids = torch.arange(tensors, device=flags.device, dtype=torch.int64)
-    launch = (stage << C.STAGE_SHIFT) + (probe.order << C.ORDER_SHIFT)
-    keys = (probe.seq << C.SEQ_SHIFT) + launch + (order.unsqueeze(1) << C.STEP_SHIFT) + tensor_ids
-    first = torch.where(per_step, keys, C.NO_NONFINITE).amin()
-    probe.first.copy_(torch.minimum(probe.first, first))
+    if not steps:
+        return grad_h.clone(), grad_c.clone()
+    if keep_t is None:  # later steps get theirs from the previous step's GEMM
+        dh = torch.add(grad_out_t[order[0]], grad_h, out=None if dh_t is None else dh_t[order[0]])
+    for k, t in enumerate(order):
+        keep = None if keep_t is None else keep_t[t]
+        if keep is not None:
+            dh = torch.where(keep, grad_out_t[t] + grad_h, zero, out=None if dh_t is None else dh_t[t])
+        dh_full = dh if w_hr is None else torch.mm(dh, w_hr, out=full)
+        dc = torch.addcmul(grad_c, dh_full, from_hidden_t[t], out=dc_scratch if dc_t is None else dc_t[t])
+        torch.mul(dc.unsqueeze(1), from_cell_t[t], out=ifg_t[t])
+        torch.mul(dh_full, output_gate_t[t], out=o_t[t])
+        if keep is None:
+            grad_c = torch.mul(dc, forget_t[t], out=carry_scratch)
+            if k + 1 < steps:
+                after = order[k + 1]
+                dh = torch.addmm(grad_out_t[after], gates_t[t], w_hh, out=None if dh_t is None else dh_t[after])
+            else:
+                grad_h = gates_t[t] @ w_hh
+            continue
+        gates_t[t].masked_fill_(~keep, 0.0)
+        grad_h = torch.where(keep, gates_t[t] @ w_hh, grad_h)
+        grad_c = torch.where(keep, dc * forget_t[t], grad_c)
+    return grad_h, (grad_c.clone() if keep_t is None else grad_c)  # the padded loop's grad_c is a scratch buffer

@@ -1,12 +1,21 @@
-"""Which implementation runs a forward pass of fastlstm.LSTM (and so its backward).
+"""Which implementation runs a forward pass of fastlstm.LSTM (and so its backward): `choose`, the one place that
+decides.
 
   native     PyTorch's own LSTM op, the one nn.LSTM calls (cuDNN on CUDA, PyTorch's CPU kernels elsewhere):
              fastlstm/native.py. Gives nn.LSTM's results and records no telemetry.
   triton     the fused kernels (fastlstm.kernels.launch) for CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
   reference  the plain-torch specification (fastlstm/reference.py), any device.
 
-The last two run layer by layer through fastlstm's own ops (function.py) and record telemetry; which Triton kernel
-variant runs is the launcher's choice (kernels/launch.py), not this module's.
+The last two run layer by layer through fastlstm's own ops (function.py) and are what records telemetry; which
+Triton kernel variant runs is the launcher's choice (kernels/launch.py), not this module's.
+
+backend="auto" pays for fastlstm's own implementations only where they are worth it:
+  * a pass that records telemetry runs the kernels on CUDA (in their dtypes) and the reference elsewhere;
+  * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
+    Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
+    GPU measurement found the kernels faster (KERNELS_FASTER below), under torch.compile, and under CPU autocast
+    (both of which PyTorch's op does not support, see _native_unsupported).
+An explicit backend forces its implementation, with or without telemetry.
 
 A pass that one of PyTorch's program transforms is tracing (torch.export and the ONNX exporters, torch.jit.trace,
 torch.func) always runs natively, whatever the module's backend: the artifact then holds aten::lstm, which every
@@ -16,7 +25,10 @@ directly (module.py). torch.compile is not such a transform: it traces fastlstm'
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -54,14 +66,74 @@ def program_transform() -> str | None:
     return None
 
 
-def choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+class PassShape(NamedTuple):
+    """What the measured table distinguishes about a pass."""
+
+    hidden_size: int
+    proj_size: int
+    num_layers: int
+    bidirectional: bool
+    packed: bool
+    batch: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelsFaster:
+    """A region of shapes (inclusive ranges) where a GPU benchmark measured the kernels faster than cuDNN for
+    passes that record no telemetry."""
+
+    dtype: torch.dtype
+    hidden: tuple[int, int]
+    batch: tuple[int, int]
+    steps: tuple[int, int]
+    num_layers: tuple[int, int] = (1, 1)
+    bidirectional: bool = False
+    projected: bool = False
+    packed: bool = False
+
+    def covers(self, dtype: torch.dtype, shape: PassShape) -> bool:
+        return (
+            dtype == self.dtype
+            and self.hidden[0] <= shape.hidden_size <= self.hidden[1]
+            and self.batch[0] <= shape.batch <= self.batch[1]
+            and self.steps[0] <= shape.steps <= self.steps[1]
+            and self.num_layers[0] <= shape.num_layers <= self.num_layers[1]
+            and shape.bidirectional == self.bidirectional
+            and (shape.proj_size > 0) == self.projected
+            and shape.packed == self.packed
+        )
+
+
+# Where fastlstm's kernels beat cuDNN for uninstrumented passes, so that backend="auto" runs them there too. Written
+# by hand from a GPU run of `fastlstm bench` (the `fastlstm-notelemetry` provider against `nn.LSTM`, forward and
+# forward+backward both faster) whose results.json lies under benchmarks/results/; KERNELS_FASTER_SOURCE names
+# that file. The package never reads benchmarks/ (it is not installed with it). Empty: no GPU run exists yet.
+KERNELS_FASTER_SOURCE: str | None = None
+KERNELS_FASTER: tuple[KernelsFaster, ...] = ()
+
+
+def choose(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    records_telemetry: bool = True,
+    shape: Callable[[], PassShape] | None = None,
+) -> str:
     """The implementation ("native" | "triton" | "reference") that runs one pass of a module whose backend setting
-    is `backend`, on input of this device and dtype."""
+    is `backend`, on input of this device and dtype. `records_telemetry`: whether the pass records telemetry
+    (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could apply."""
     if backend == "native" or program_transform() is not None:
         return "native"
     if backend == "auto":
-        use_kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
-        return "triton" if use_kernels else "reference"
+        kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
+        fused = "triton" if kernels else "reference"
+        if records_telemetry or _native_unsupported(device):
+            return fused
+        if kernels and shape is not None and any(region.covers(dtype, shape()) for region in KERNELS_FASTER):
+            return "triton"
+        return "native"
     if backend == "triton":
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
             raise RuntimeError(
@@ -70,6 +142,13 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         if not _triton_importable():
             raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
     return backend
+
+
+def _native_unsupported(device: torch.device) -> bool:
+    """Eager settings under which PyTorch's LSTM op fails where fastlstm's own ops work (torch 2.13): inside
+    torch.compile (Dynamo refuses nn.LSTM, and the op's CPU kernel fails in a compiled graph), and under CPU
+    autocast (oneDNN rejects the bfloat16 LSTM). Those passes stay on fastlstm's ops, without telemetry."""
+    return torch.compiler.is_compiling() or (device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 
 
 def time_loops(implementation: str):

@@ -259,6 +259,9 @@ class TBPTTTrainer:
       on_nonfinite: "skip" (skip the step on the device and continue) or "stop" (skip every step from the first
                   non-finite one and raise NonFiniteError at the next batched read).
       telemetry_every, read_every: the Monitor's window and read periods, in chunks.
+      instrument_every: record telemetry on every this many chunks only (the Monitor's instrument_every; the other
+                  chunks run PyTorch's own LSTM op under backend="auto"). Non-finite chunks are still skipped on
+                  every chunk; the adaptive truncation estimates from the instrumented chunks.
       dependency_lags: lags of the residual probe (None: automatic, 0: off).
       validate_every: validate every this many chunks (and at each epoch end) when fit gets val_data.
       checkpoint_path, checkpoint_every: save a checkpoint every this many chunks (and at the end of fit).
@@ -288,6 +291,7 @@ class TBPTTTrainer:
         on_nonfinite: str = "skip",
         telemetry_every: int = 10,
         read_every: int = 50,
+        instrument_every: int = 1,
         dependency_lags: int | None = None,
         validate_every: int | None = None,
         val_chunk: int | None = None,
@@ -336,7 +340,9 @@ class TBPTTTrainer:
         if batch_first is None:
             batch_first = next(iter(self.lstms.values())).batch_first if self.lstms else False
         self.batch_first = bool(batch_first)
-        self.monitor = monitor or Monitor(model, every=telemetry_every, read_every=read_every, grad_norm=False)
+        self.monitor = monitor or Monitor(
+            model, every=telemetry_every, read_every=read_every, instrument_every=instrument_every, grad_norm=False
+        )
         self.monitor.listeners.append(self._on_telemetry)
         if dependency_lags is None:
             longest = self.k1 + (self.adaptive.k_max if self.adaptive else self._lag)
@@ -570,7 +576,8 @@ class TBPTTTrainer:
                 self._estimates.append((estimate.dependency, estimate.rate))
 
     def _uniform_geometry(self, first: int, last: int):
-        shapes = {self._geometry.get(step) for step in range(first, last + 1)}
+        """The (overlap, window length) every chunk whose telemetry the window holds had, or None if they differ."""
+        shapes = {self._geometry.get(step) for step in self.monitor.instrumented_steps(first, last)}
         return shapes.pop() if len(shapes) == 1 and None not in shapes else None
 
     def _adapt(self) -> None:

@@ -190,12 +190,14 @@ INITIAL_STEPS = 1024
 class Telemetry:
     """The telemetry window of one `fastlstm.LSTM`: device counters plus lazy reading (docs/telemetry.md)."""
 
-    def __init__(self, num_layers: int, num_directions: int, enabled: bool = True):
+    def __init__(self, num_layers: int, num_directions: int, enabled: bool = True, record_inference: bool = False):
         if num_layers * num_directions > C.MAX_SLOTS:
             raise ValueError(f"telemetry supports at most {C.MAX_SLOTS} layer-directions")
         self.num_layers = num_layers
         self.num_directions = num_directions
-        self.enabled = enabled
+        self.enabled = enabled  # the user's switch
+        self.record_inference = record_inference  # also record passes that autograd does not record
+        self.suspended = False  # set by a sampling Monitor for its uninstrumented steps (never by users)
         self.stats = self.grad = self.first_forward = self.first_backward = self.passes = None
         self._pending: _Capture | None = None
         self._latest: Snapshot | None = None
@@ -204,6 +206,15 @@ class Telemetry:
     @property
     def num_slots(self) -> int:
         return self.num_layers * self.num_directions
+
+    def records(self) -> bool:
+        """Whether a pass starting now records telemetry (docs/telemetry.md, "Which passes record"): when enabled,
+        not suspended by a sampling Monitor, and either autograd records the pass (training, or any pass that can
+        be backpropagated) or `record_inference` is set. Inference (torch.no_grad(), torch.inference_mode())
+        records nothing by default, so that it runs at nn.LSTM's speed and keeps evaluation out of the window."""
+        if not self.enabled or self.suspended:
+            return False
+        return self.record_inference or torch.is_grad_enabled()
 
     # ---- writing side (the module and the backends) ----
 
@@ -363,10 +374,13 @@ class Telemetry:
             "num_layers": self.num_layers,
             "num_directions": self.num_directions,
             "enabled": self.enabled,
+            "record_inference": self.record_inference,
             "counters": None if self.stats is None else self._counters() + (self.passes,),
         }
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["num_layers"], state["num_directions"], state["enabled"])
+        self.__init__(
+            state["num_layers"], state["num_directions"], state["enabled"], state.get("record_inference", False)
+        )
         if state["counters"] is not None:
             self.stats, self.grad, self.first_forward, self.first_backward, self.passes = state["counters"]

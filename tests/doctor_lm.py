@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from failure_suite import _s, single_threaded
+from failure_suite import _s, lstm_backend, make_monitor, single_threaded
 from torch import nn
 
 import fastlstm
@@ -66,7 +66,7 @@ class WordLM(nn.Module):
     def __init__(self, vocab: int, embedding: int = 64, hidden: int = 64, layers: int = 2):
         super().__init__()
         self.encoder = nn.Embedding(vocab, embedding)
-        self.rnn = fastlstm.LSTM(embedding, hidden, layers, backend="reference")
+        self.rnn = fastlstm.LSTM(embedding, hidden, layers, backend=lstm_backend())
         self.decoder = nn.Linear(hidden, vocab)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)  # the example's initialisation
         nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
@@ -87,7 +87,7 @@ def word_lm(lr: float, clip: float | None, steps: int = 120, bptt: int = 35, bat
         val = batchify(torch.tensor([vocab[w] for w in generated_text(seed + 1000, 1500)]), 10)
         model = WordLM(len(vocab))
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        monitor = fastlstm.Monitor(model, optimizer=opt, every=10)
+        monitor = make_monitor(model, optimizer=opt, every=10)
         while monitor.step_count < steps:
             hidden = None
             for i in range(0, train.size(0) - 1, bptt):

@@ -12,9 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from failure_suite import Net, _s, sines, single_threaded
-
-import fastlstm
+from failure_suite import Net, _s, make_monitor, sines, single_threaded
 
 
 def stream_task(gen: torch.Generator, batch: int, length: int, kind: str, span: int):
@@ -43,7 +41,7 @@ def chunked_stream(kind: str, span: int, chunk: int, steps: int = 150, length: i
         gen = torch.Generator().manual_seed(seed)
         model = Net(2)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+        monitor = make_monitor(model, optimizer=opt, every=5)
         while monitor.step_count < steps:
             x, y = stream_task(gen, 16, length, kind, span)
             state = None
@@ -73,7 +71,7 @@ def classifier_to_zero(seed: int, steps: int = 300) -> dict:
     x = x + 2.0 * (2.0 * y[:, None, None].float() - 1.0)
     model = Net(2, outputs=2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+    monitor = make_monitor(model, optimizer=opt, every=5)
     for _ in range(steps):
         pred, _ = model(x)
         loss = F.cross_entropy(pred[:, -1], y)
@@ -95,7 +93,7 @@ def forecaster(optimizer: str, lr: float, *, clip: float | None = None, warmup: 
         val = sines(torch.Generator().manual_seed(seed + 1), 64, 32)
         model = Net(3)
         opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer](model.parameters(), lr=lr)
-        monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+        monitor = make_monitor(model, optimizer=opt, every=5)
         for step in range(steps):
             if warmup is not None:
                 length, peak = warmup

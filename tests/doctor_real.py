@@ -16,9 +16,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from failure_suite import Net, _s, single_threaded
-
-import fastlstm
+from failure_suite import Net, _s, make_monitor, make_trainer, single_threaded
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -83,7 +81,7 @@ def classify(name: str, *, lr=1e-2, optimizer="adam", raw_units=None, nan_at=Non
         classes = int(y.max()) + 1
         model = Net(x.shape[-1], outputs=classes)
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer](model.parameters(), lr=lr)
-        monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+        monitor = make_monitor(model, optimizer=opt, every=5)
         for step in range(steps):
             rows = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=gen)
             xb, yb = x[rows], y[rows]
@@ -128,7 +126,7 @@ def forecast(name: str, *, lr=1e-2, optimizer="adam", raw=False, nan_at=None, wi
             train, val = (train - mean) / std, (val - mean) / std
         model = Net(1)
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer](model.parameters(), lr=lr)
-        monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+        monitor = make_monitor(model, optimizer=opt, every=5)
         xv, yv = _windows(val, window, np.arange(val.size - window))
         for step in range(steps):
             starts = torch.randint(0, train.size - window, (16,), generator=gen).numpy()
@@ -164,7 +162,7 @@ def truncated_forecast(name: str, *, k: int, streams: int = 8, epochs: int = 4):
         xv, yv = _windows(val, val.size - 1, [0])
         model = Net(1)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        trainer = fastlstm.TBPTTTrainer(model, opt, torch.nn.MSELoss(), k1=k, k2=k, telemetry_every=5, read_every=10)
+        trainer = make_trainer(model, opt, torch.nn.MSELoss(), k1=k, k2=k, telemetry_every=5, read_every=10)
         return trainer.fit((x, y), epochs=epochs, val_data=(xv, yv)).to_dict()
 
     return runner

@@ -6,6 +6,7 @@ Used by tests/test_doctor.py, and runnable on its own to print the precision/rec
     python tests/failure_suite.py 0 1 2                    # every scenario, seeds 0-2
     python tests/failure_suite.py --group real 40 41       # one group (synthetic, loops, lm, real)
     python tests/failure_suite.py --held-out 40 41 42      # only the held-out datasets
+    python tests/failure_suite.py --compare-sampled 4 0    # findings of sampled histories against full ones
 
 Every scenario is a real training run on the CPU (reference backend, a few seconds each); nothing is synthesised
 into the history. `expected` are the codes the run must produce; `allowed` are other warning/error codes that the
@@ -19,6 +20,7 @@ datasets, some held out), collected by `all_scenarios()`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -34,6 +36,34 @@ import fastlstm.init as finit
 from fastlstm import doctor
 
 HIDDEN = 24
+
+# How every scenario records (scenario modules build their LSTMs, Monitors and trainers through the helpers below):
+# telemetry on every step on the reference backend, as the doctor's tables in docs/doctor.md were measured; or, in
+# `sampled(n)`, telemetry on one step in n, with backend "auto" so that the other steps run PyTorch's own LSTM op.
+RECORDING = {"instrument_every": 1}
+
+
+def lstm_backend() -> str:
+    return "reference" if RECORDING["instrument_every"] == 1 else "auto"
+
+
+def make_monitor(model, **kwargs) -> fastlstm.Monitor:
+    return fastlstm.Monitor(model, instrument_every=RECORDING["instrument_every"], **kwargs)
+
+
+def make_trainer(model, optimizer, loss_fn, **kwargs) -> fastlstm.TBPTTTrainer:
+    return fastlstm.TBPTTTrainer(model, optimizer, loss_fn, instrument_every=RECORDING["instrument_every"], **kwargs)
+
+
+@contextlib.contextmanager
+def sampled(instrument_every: int):
+    """Record the scenarios run inside with telemetry on one step in `instrument_every`."""
+    before = dict(RECORDING)
+    RECORDING["instrument_every"] = int(instrument_every)
+    try:
+        yield
+    finally:
+        RECORDING.update(before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,7 +98,7 @@ def remember_first(gen, batch: int, steps: int):
 class Net(nn.Module):
     def __init__(self, features: int, outputs: int = 1, hidden: int = HIDDEN, layers: int = 1):
         super().__init__()
-        self.lstm = fastlstm.LSTM(features, hidden, layers, batch_first=True, backend="reference")
+        self.lstm = fastlstm.LSTM(features, hidden, layers, batch_first=True, backend=lstm_backend())
         self.head = nn.Linear(hidden, outputs)
 
     def forward(self, x, state=None):
@@ -144,7 +174,7 @@ def _train(setup: Setup, seed: int) -> dict:
     if setup.truncation:
         return _train_tbptt(setup, model, opt, gen)
     loss_fn = setup.loss_fn or _mse
-    monitor = fastlstm.Monitor(model, optimizer=opt, every=5)
+    recorder = make_monitor(model, optimizer=opt, every=5)
     val_sets = setup.val(torch.Generator().manual_seed(seed + 1))
     for step in range(setup.steps):
         x, y = setup.batch(gen)
@@ -156,18 +186,18 @@ def _train(setup: Setup, seed: int) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        monitor.step(loss=loss.detach(), targets=y)
+        recorder.step(loss=loss.detach(), targets=y)
         if (step + 1) % setup.eval_every == 0:
             total, subsets = _validate(model, val_sets, setup.last_only, loss_fn)
-            monitor.evaluate(total, subset_losses=subsets, epoch=(step + 1) // setup.eval_every)
-    return monitor.history.to_dict()
+            recorder.evaluate(total, subset_losses=subsets, epoch=(step + 1) // setup.eval_every)
+    return recorder.history.to_dict()
 
 
 def _train_tbptt(setup: Setup, model, opt, gen) -> dict:
     k1, k2, length, epochs = setup.truncation
     x, y = setup.batch(gen, length)
     xv, yv = setup.val(gen)["all"]
-    trainer = fastlstm.TBPTTTrainer(
+    trainer = make_trainer(
         model, opt, setup.loss_fn or nn.MSELoss(), k1=k1, k2=k2, telemetry_every=5, read_every=10,
         validate_every=setup.eval_every, dependency_lags=None if setup.residual_probe else 0,
     )  # fmt: skip
@@ -659,6 +689,58 @@ def _ratio(num, den) -> str:
     return "n/a" if den == 0 else f"{num / den:.2f}"
 
 
+def findings_key(findings, severe_only: bool = False) -> list:
+    """What two runs' reports are compared by: (code, severity, caused_by) of every finding, in report order."""
+    return [
+        (f.code, f.severity, tuple(f.caused_by))
+        for f in findings
+        if not severe_only or f.severity in ("warning", "error")
+    ]
+
+
+def compare_sampled(scenarios, seeds, instrument_every: int, log=print) -> list:
+    """Each scenario trained twice per seed, recorded on every step and sampled; [(scenario, seed, full outcome,
+    sampled outcome)]."""
+    pairs = []
+    for seed in seeds:
+        for scenario in scenarios:
+            full = run(scenario, seed)
+            with sampled(instrument_every):
+                part = run(scenario, seed)
+            pairs.append((scenario, seed, full, part))
+            same = findings_key(full.findings) == findings_key(part.findings)
+            severe = findings_key(full.findings, True) == findings_key(part.findings, True)
+            log(
+                f"seed {seed} {scenario.name:34s} {full.seconds:5.1f}s {part.seconds:5.1f}s  "
+                f"{'same' if same else ('same warnings/errors' if severe else 'DIFFERENT')}: "
+                f"{_codes(full.findings)} | {_codes(part.findings)}",
+            )
+    return pairs
+
+
+def _codes(findings) -> str:
+    return ", ".join(f"{f.code}:{f.severity}" for f in findings) or "-"
+
+
+def sampled_table(pairs, instrument_every: int) -> str:
+    rows = [
+        f"| scenario | seed | full: findings | instrument_every={instrument_every}: findings | same |",
+        "|---|---|---|---|---|",
+    ]
+    for scenario, seed, full, part in pairs:
+        if findings_key(full.findings) == findings_key(part.findings):
+            verdict = "yes"
+        elif findings_key(full.findings, True) == findings_key(part.findings, True):
+            verdict = "warnings/errors"
+        else:
+            verdict = "**no**"
+        rows.append(f"| {scenario.name} | {seed} | {_codes(full.findings)} | {_codes(part.findings)} | {verdict} |")
+    same = sum(findings_key(f.findings) == findings_key(p.findings) for _, _, f, p in pairs)
+    severe = sum(findings_key(f.findings, True) == findings_key(p.findings, True) for _, _, f, p in pairs)
+    rows += ["", f"Identical reports: {same} of {len(pairs)} runs; identical warnings and errors: {severe} of {len(pairs)}."]
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the doctor's failure reproductions and score the findings.")
     parser.add_argument("seeds", nargs="*", type=int, default=[0])
@@ -666,12 +748,21 @@ def main(argv=None) -> int:
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--held-out", action="store_true", help="only scenarios on held-out data")
     data.add_argument("--development", action="store_true", help="only scenarios not on held-out data")
+    parser.add_argument(
+        "--compare-sampled", type=int, metavar="N", default=None,
+        help="train each scenario twice, telemetry on every step and on one step in N, and compare the findings",
+    )  # fmt: skip
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     chosen = [
         s for s in all_scenarios()
         if (not args.group or s.group in args.group)
         and not (args.held_out and not s.held_out) and not (args.development and s.held_out)
     ]  # fmt: skip
+    if args.compare_sampled is not None:
+        pairs = compare_sampled(chosen, args.seeds, args.compare_sampled)
+        print()
+        print(sampled_table(pairs, args.compare_sampled))
+        return 0
     outcomes = []
     for seed in args.seeds:
         for scenario in chosen:

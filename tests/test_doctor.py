@@ -69,6 +69,26 @@ def test_precision_and_recall_over_the_suite():
     assert tp / (tp + fn) == 1.0 and tp / (tp + fp) == 1.0, suite.markdown(outcomes)
 
 
+# One scenario per family that reads telemetry (non-finite values, gradients through time, gates, truncation) and a
+# healthy control; the whole suite is compared by `python tests/failure_suite.py --compare-sampled 4` (docs/doctor.md).
+SAMPLED = ("nan_input", "exploding", "gate_saturation", "truncation_too_short", "healthy_forecast")
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_a_sampled_history_gets_the_findings_of_a_full_one(name):
+    full = outcome(name)
+    scenario = next(s for s in suite.SCENARIOS if s.name == name)
+    with suite.sampled(4):
+        part = suite.run(scenario, seed=0)
+    steps = part.history["steps"]
+    assert part.history["sampling"] == {"instrument_every": 4}
+    assert sum(s["instrumented"] for s in steps) < len(steps) / 2  # most steps ran natively
+    assert suite.findings_key(part.findings) == suite.findings_key(full.findings)
+    for a, b in zip(part.findings, full.findings):
+        if a.code == "non_finite":
+            assert a.evidence["data_fault"] == b.evidence["data_fault"]
+
+
 def _finding(name, code) -> doctor.Finding:
     return next(f for f in outcome(name).findings if f.code == code)
 

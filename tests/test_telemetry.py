@@ -184,6 +184,26 @@ def test_fields_match_recomputation(cfg, packed):
     assert module_loss.item() == pytest.approx(manual_loss.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("loss_scale", [1e25, 1e-25], ids=["exploding", "vanishing"])
+def test_float32_grad_norms_are_those_of_a_float64_sum_of_squares(loss_scale):
+    """Gradients of 1e25 (or 1e-25) are finite float32 values whose squares are not: the rows must still hold
+    the norms a float64 sum of squares gives, not inf or 0 (exploding gradients are what they are for)."""
+    ref = make_pair(I, H, weight_scale=0.8, num_layers=2, proj_size=P)[0]
+    fast = fast_like(ref.float())
+    ref.double()
+    steps, batch = 6, 3
+    lengths = mixed_lengths(steps, batch, sorted_=False)
+    x, hx, weights = random_pass_inputs(ref, steps, batch)
+    weights = tuple(w * loss_scale for w in weights)
+    expected = Expected(len(fast.telemetry.snapshot().layers))
+    manual_pass(ref, x, lengths, hx, weights, expected)
+    module_pass(fast, x.float(), lengths, tuple(t.float() for t in hx), tuple(w.float() for w in weights))
+    for slot, lt in enumerate(fast.telemetry.snapshot().layers):
+        for cell in (False, True):
+            recorded = lt.cell_grad_norm_per_step if cell else lt.grad_norm_per_step
+            np.testing.assert_allclose(recorded, expected.grad_norm(slot, cell), rtol=1e-4, err_msg=f"{slot} {cell}")
+
+
 def test_packed_equals_sequences_one_by_one():
     """A packed batch and the same sequences run one at a time give identical forward telemetry."""
     ref, fast = make_pair(I, H, weight_scale=0.8, num_layers=2, bidirectional=True, proj_size=P)
@@ -219,8 +239,21 @@ def test_accumulation_reset_and_snapshot_reset():
 
     # a forward without backward adds forward statistics only
     x, hx, weights = random_pass_inputs(ref, 5, 2)
+    module_pass(fast, x, None, hx, weights, backward=False)
+    manual_pass(ref, x, None, hx, weights, expected, backward=False)
+    assert_window(tel.snapshot(), expected, ref)
+
+    # an inference pass (no autograd) adds nothing, unless record_inference asks for its forward statistics
+    x, hx, weights = random_pass_inputs(ref, 4, 3)
+    with torch.inference_mode():
+        module_pass(fast, x, None, hx, weights, backward=False)
     with torch.no_grad():
         module_pass(fast, x, None, hx, weights, backward=False)
+    assert_window(tel.snapshot(), expected, ref)
+    fast.telemetry.record_inference = True
+    with torch.no_grad():
+        module_pass(fast, x, None, hx, weights, backward=False)
+    fast.telemetry.record_inference = False
     manual_pass(ref, x, None, hx, weights, expected, backward=False)
     assert_window(tel.snapshot(), expected, ref)
 

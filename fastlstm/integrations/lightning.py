@@ -44,6 +44,7 @@ class DoctorCallback(Callback):
 
     Args:
       every, read_every: the Monitor's telemetry window and read periods, in optimizer steps.
+      instrument_every: record telemetry on every this many optimizer steps only (the Monitor's option).
       stop_on:        stop training on a finding of this severity or worse ("error", "warning"), or None.
       val_loss_key:   the logged metric recorded as the validation loss.
       targets:        optional `batch -> target tensor`, for the target statistics of the data rules.
@@ -58,6 +59,7 @@ class DoctorCallback(Callback):
         *,
         every: int = 10,
         read_every: int | None = None,
+        instrument_every: int = 1,
         stop_on: str | None = "error",
         val_loss_key: str = "val_loss",
         targets=None,
@@ -68,7 +70,7 @@ class DoctorCallback(Callback):
     ):
         if stop_on is not None and stop_on not in SEVERITIES:
             raise ValueError(f"stop_on must be one of {SEVERITIES} or None, got {stop_on!r}")
-        self.every, self.read_every = every, read_every
+        self.every, self.read_every, self.instrument_every = every, read_every, instrument_every
         self.stop_on = stop_on
         self.val_loss_key = val_loss_key
         self.targets = targets
@@ -100,8 +102,9 @@ class DoctorCallback(Callback):
             self.monitor.close()
         # grad_hooks off: Lightning hands us the gradient before clipping (and after AMP unscaling) itself.
         self.monitor = Monitor(
-            pl_module, optimizer=optimizer, every=self.every, read_every=self.read_every, grad_hooks=False
-        )
+            pl_module, optimizer=optimizer, every=self.every, read_every=self.read_every,
+            instrument_every=self.instrument_every, grad_hooks=False,
+        )  # fmt: skip
         if state is not None:
             self.monitor.load_state_dict(state)
         self.monitor.listeners.append(self._on_windows)

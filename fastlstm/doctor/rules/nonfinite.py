@@ -48,7 +48,16 @@ def rule_non_finite(s: Signals) -> list:
         evidence["first_location"] = location
     evidence.update(bad_inputs)
     evidence["data_fault"] = is_data_fault(view, location, bad_inputs)
-    where = _describe_location(location) if location else "no telemetry location recorded"
+    if location:
+        where = _describe_location(location)
+    elif view.instrument_every > 1 and not view.instrumented[flagged].any():
+        evidence["instrument_every"] = view.instrument_every
+        where = (
+            f"on steps that recorded no telemetry (sampled: one step in {view.instrument_every}), and it did not "
+            "recur on the instrumented steps after them"
+        )
+    else:
+        where = "no telemetry location recorded"
     message = (
         f"Non-finite values (NaN/inf) appeared from step {first_step}: {evidence['nonfinite_loss_steps']} of "
         f"{view.num_steps} steps had a non-finite loss; first seen {where}."
@@ -84,19 +93,28 @@ def _first_nonfinite_location(view: HistoryView) -> dict | None:
                 candidates.append({"step": w.step, "lstm": name, **w.first_nonfinite})
                 break
     for event in view.events_of("nonfinite_step_skipped", "nonfinite_stop"):
-        record = (event.get("detail") or {}).get("first_nonfinite")
+        detail = event.get("detail") or {}
+        record = detail.get("first_nonfinite")
         if isinstance(record, dict) and record:
-            candidates.append({"step": int(event.get("step", 0)), **record})
+            candidate = {"step": int(event.get("step", 0)), **record}
+            if detail.get("located_in_window"):  # an uninstrumented step, located by the instrumented ones after it
+                candidate["located_in_window"] = list(detail["located_in_window"])
+            candidates.append(candidate)
             break
     return min(candidates, key=lambda c: c["step"]) if candidates else None
 
 
 def _describe_location(loc: dict) -> str:
     lstm = f"LSTM {loc['lstm']!r} " if loc.get("lstm") else ""
+    if loc.get("located_in_window"):
+        first, last = loc["located_in_window"]
+        when = f"step {loc.get('step', '?')} recorded no telemetry; located on the instrumented steps {first}-{last}"
+    else:
+        when = f"window ending at step {loc.get('step', '?')}"
     return (
         f"in the {loc.get('stage', '?')} pass of {lstm}layer {loc.get('layer', '?')}, direction "
         f"{loc.get('direction', '?')}, timestep {loc.get('timestep', '?')}, tensor {loc.get('tensor', '?')!r} "
-        f"(window ending at step {loc.get('step', '?')})"
+        f"({when})"
     )
 
 
@@ -155,6 +173,13 @@ def _nonfinite_remedy(location: dict | None, bad_features: dict, s: Signals) -> 
             "Gradients overflowed while flowing back through time. Clip them with "
             f"`torch.nn.utils.clip_grad_norm_(model.parameters(), {num(clip_value(s))})`, lower the learning rate "
             "and re-initialise the recurrent weights with `fastlstm.init.orthogonal_(lstm)`."
+        )
+    if s.view.instrument_every > 1:
+        return (
+            f"Telemetry was sampled (instrument_every={s.view.instrument_every}) and the value did not recur once "
+            "every step was instrumented: a one-off. To locate such values, record every step "
+            "(`instrument_every=1`). Meanwhile check the data and targets of the skipped steps with "
+            "`torch.isfinite(...).all()`."
         )
     return (
         "Record telemetry (fastlstm.Monitor) to locate the first non-finite value. Meanwhile check the data and "

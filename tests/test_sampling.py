@@ -1,0 +1,139 @@
+"""Sampled telemetry (instrument_every): uninstrumented steps run PyTorch's own LSTM op, non-finite values are still
+caught on every step, and the steps after one that was not instrumented locate it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlstm
+from fastlstm import module as module_impl
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(2, 6, batch_first=True)  # backend="auto": native wherever nothing is recorded
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(x, state)
+        return self.head(out), state
+
+
+K1 = 4
+DEAD = range(3 * K1 + 1, 8 * K1 - 1)  # a sensor that died: stream 1 is NaN over chunks 3-7
+ONE_OFF = 13 * K1 + 2  # and a single NaN sample in chunk 13, which never recurs
+
+
+def _streams():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20 * K1, 2, generator=g)
+    y = torch.randn(3, 20 * K1, 1, generator=g)
+    x[1, DEAD.start : DEAD.stop, 0] = float("nan")
+    x[2, ONE_OFF, 1] = float("nan")
+    return x, y
+
+
+@pytest.fixture
+def native_steps(monkeypatch):
+    """How many LSTM passes ran natively."""
+    calls = []
+    original = module_impl.native.lstm
+    monkeypatch.setattr(module_impl.native, "lstm", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_a_nan_on_an_uninstrumented_step_is_skipped_and_located_by_the_steps_after_it(native_steps):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = fastlstm.TBPTTTrainer(
+        model, opt, nn.MSELoss(), k1=K1, telemetry_every=2, read_every=2, instrument_every=10, dependency_lags=0
+    )
+    data = _streams()
+    trainer.fit(data, max_chunks=3)
+    before = copy.deepcopy(model.state_dict())
+    trainer.fit(data, max_chunks=1)  # chunk 3: the first with the dead sensor, not instrumented
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # skipped on the device: bit-identical
+    history = trainer.fit(data)
+
+    steps = history.steps
+    assert [s["step"] for s in steps if s["skipped"]] == [3, 4, 5, 6, 7, 13]
+    # Steps 0 and 10 by the schedule; 6 and 7 hunt for the NaN of step 3 (its flag is read two boundaries later)
+    # and 16, 17 for the one of step 13, which does not recur.
+    assert [s["step"] for s in steps if s["instrumented"]] == [0, 6, 7, 10, 16, 17]
+    assert history.extra["sampling"] == {"instrument_every": 10}
+    # Every uninstrumented step ran PyTorch's own op: one training pass per chunk, plus the carry pass (none here).
+    assert len(native_steps) == 20 - 6
+    hunts = [(e["kind"], e["step"], e["detail"].get("located")) for e in history.events if "hunt" in e["kind"]]
+    assert hunts == [
+        ("telemetry_hunt", 6, None),
+        ("telemetry_hunt_end", 7, True),
+        ("telemetry_hunt", 16, None),
+        ("telemetry_hunt_end", 17, False),
+    ]
+    events = {e["step"]: e["detail"] for e in history.events_of("nonfinite_step_skipped")}
+    first = events[3]
+    assert first["instrumented"] is False and first["located_in_window"] == [6, 7]
+    where = first["first_nonfinite"]
+    assert (where["lstm"], where["layer"], where["stage"], where["tensor"]) == ("lstm", 0, "forward", "input")
+    assert events[6].get("instrumented", True) and events[6]["first_nonfinite"]["tensor"] == "input"
+    assert events[13]["instrumented"] is False and events[13]["first_nonfinite"] is None
+    windows = [(e["first_step"], e["step"], e["instrumented_steps"]) for e in history.telemetry]
+    assert windows == [(0, 1, 1), (6, 7, 2), (10, 11, 1), (16, 17, 2)]
+    # The doctor reads it as a history: a data fault, located.
+    (finding,) = [f for f in fastlstm.diagnose(history) if f.code == "non_finite"]
+    assert finding.evidence["data_fault"] and finding.evidence["first_location"]["tensor"] == "input"
+
+
+def test_a_plain_loop_with_a_sampling_monitor_records_every_loss_and_samples_telemetry(native_steps):
+    torch.manual_seed(1)
+    lstm = fastlstm.LSTM(3, 5)
+    twin = copy.deepcopy(lstm)  # every step recorded: what the instrumented steps must match
+    opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (lstm, twin))
+    monitor = fastlstm.Monitor(lstm, optimizer=opt, every=4, instrument_every=2)
+    twin_windows, losses = [], []
+    for step in range(8):
+        x = torch.randn(6, 2, 3)
+        for m, o in ((lstm, opt), (twin, twin_opt)):
+            assert m is twin or monitor.instrumented == (step % 2 == 0)
+            loss = m(x)[0].square().mean()
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            if m is lstm:
+                losses.append(float(loss.detach()))
+                monitor.step(loss=loss.detach())
+            elif step % 2 == 0:
+                twin_windows.append(twin.telemetry.snapshot(reset=True))
+            else:
+                twin.telemetry.reset()
+    history = monitor.history
+    assert [s["loss"] for s in history.steps] == pytest.approx(losses, rel=1e-5)
+    assert [s["instrumented"] for s in history.steps] == [True, False] * 4
+    assert len(native_steps) == 4
+    for entry, pair in zip(history.telemetry, (twin_windows[:2], twin_windows[2:])):
+        assert entry["instrumented_steps"] == 2
+        layer = entry["snapshot"]["layers"][0]
+        assert layer["elements"] == sum(w.layers[0].elements for w in pair)
+        assert layer["backward_passes"] == [2] * 6
+    monitor.close()
+    assert not lstm.telemetry.suspended
+
+
+def test_instrument_every_must_be_positive():
+    with pytest.raises(ValueError, match="instrument_every"):
+        fastlstm.Monitor(fastlstm.LSTM(2, 3), instrument_every=0)
