@@ -199,10 +199,18 @@ def _possible(switches, config) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _not_specialized(fn) -> set:
+    """The arguments a kernel marks do_not_specialize, from a JIT function or (under the interpreter, as the test
+    suite runs) from the keywords its InterpretedFunction kept."""
+    if hasattr(fn, "params"):
+        return {fn.arg_names[p.num] for p in fn.params if p.do_not_specialize}
+    return set(fn.kwargs.get("do_not_specialize") or ())
+
+
 def kernel_of(variant: Variant):
     """The @triton.jit function (under its heuristics) a variant compiles."""
-    from .backward import lstm_persistent_backward_kernel
-    from .forward import lstm_persistent_forward_kernel
+    from .backward import lstm_split_backward_kernel
+    from .forward import lstm_split_forward_kernel
     from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
     from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
     from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
@@ -210,8 +218,8 @@ def kernel_of(variant: Variant):
     return {
         ("single", "forward"): lstm_single_forward_kernel,
         ("single", "backward"): lstm_single_backward_kernel,
-        ("split", "forward"): lstm_persistent_forward_kernel,
-        ("split", "backward"): lstm_persistent_backward_kernel,
+        ("split", "forward"): lstm_split_forward_kernel,
+        ("split", "backward"): lstm_split_backward_kernel,
         ("split-gluon", "forward"): lstm_split_forward_gluon_kernel,
         ("split-gluon", "backward"): lstm_split_backward_gluon_kernel,
         ("streaming", "forward"): lstm_streaming_forward_kernel,
@@ -258,7 +266,7 @@ def signature(variant: Variant):
     if variant.aligned:
         # What triton specialises at run time: 16-byte aligned tensors and integers divisible by 16, except the
         # integers the kernel marks do_not_specialize (those are compiled as any value).
-        generic = {fn.arg_names[p.num] for p in fn.params if p.do_not_specialize}
+        generic = _not_specialized(fn)
         for index, name in enumerate(fn.arg_names):
             if name in types and (types[name].startswith("*") or name not in generic):
                 attrs[(index,)] = [["tt.divisibility", 16]]

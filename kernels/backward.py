@@ -53,7 +53,7 @@ from .exchange import publish, wait_for
     }
 )
 @triton.jit(do_not_specialize=["capacity", "order", "step_begin", "step_end", "T", "B"])
-def lstm_persistent_backward_kernel(
+def lstm_split_backward_kernel(
     grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, lengths_ptr,
     dgates_ptr, grad_h_ptr, grad_c_ptr, exchange_ptr, partials_ptr,
     grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr,

@@ -60,7 +60,7 @@ from .exchange import publish, wait_for
     }
 )
 @triton.jit(do_not_specialize=["order", "step_begin", "step_end", "T", "B"])
-def lstm_persistent_forward_kernel(
+def lstm_split_forward_kernel(
     xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, lengths_ptr,
     out_ptr, gates_ptr, cells_ptr, hn_ptr, cn_ptr,
     stats_ptr, first_ptr, seq_ptr, order, flags_ptr,

@@ -23,8 +23,8 @@ import triton.language as tl
 from fastlstm import constants as C
 from fastlstm.reference import BackwardResult, ForwardResult
 
-from .backward import lstm_persistent_backward_kernel
-from .forward import lstm_persistent_forward_kernel
+from .backward import lstm_split_backward_kernel
+from .forward import lstm_split_forward_kernel
 from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
 from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
 from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
@@ -325,7 +325,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
             )  # fmt: skip
         elif chosen.kind == "split":
             args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
-            kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_persistent_forward_kernel
+            kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_forward_kernel
             _launch_split(kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
         else:
             _record("forward", chosen, "streaming")
@@ -407,7 +407,7 @@ def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, g
     partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
     args = (grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, exchange, partials,
             grad_rows, _capacity(grad_rows), first, seq, order)  # fmt: skip
-    kernel = lstm_split_backward_gluon_kernel if chosen.implementation == "gluon" else lstm_persistent_backward_kernel
+    kernel = lstm_split_backward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_backward_kernel
     _launch_split(kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
     if partials is not None:  # the per-program squared norms of every step, added up once
         sums = partials.sum(dim=1, dtype=torch.float64)

@@ -323,7 +323,7 @@ def test_list_prints_cases_and_estimate_without_a_device(capsys):
     assert "h768-b16-t1024-fp16-fwdbwd" in out and "36 cases × 4 providers on cuda" in out
 
 
-def test_persistent_targets_are_the_acceptance_grid(capsys):
+def test_kernel_targets_are_the_acceptance_grid(capsys):
     assert bench.main(["--list", "--kernel-targets", "--modes", "forward_backward", "--device", "cuda"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("h")]
     assert listed == [f"h{h}-b{b}-t1024-bf16-fwdbwd" for h in (512, 768, 1024) for b in (1, 16, 64)]

@@ -382,8 +382,8 @@ def test_gluon_split_kernels_take_exactly_their_tl_twins_arguments():
     from fastlstm.kernels import backward, forward, split_gluon
 
     pairs = [
-        (split_gluon.lstm_split_forward_gluon_kernel, forward.lstm_persistent_forward_kernel),
-        (split_gluon.lstm_split_backward_gluon_kernel, backward.lstm_persistent_backward_kernel),
+        (split_gluon.lstm_split_forward_gluon_kernel, forward.lstm_split_forward_kernel),
+        (split_gluon.lstm_split_backward_gluon_kernel, backward.lstm_split_backward_kernel),
     ]
     for gluon_kernel, twin in pairs:
         assert gluon_kernel.fn.arg_names == twin.fn.arg_names
