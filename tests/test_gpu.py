@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# Relative-error budgets of DESIGN.md §6, against nn.LSTM in float64 (cuDNN's double path) with the same weights and
+# Relative-error budgets of docs/design.md §6, against nn.LSTM in float64 (cuDNN's float64) with the same weights and
 # inputs rounded to the tested dtype: a bf16 nn.LSTM is no reference (cuDNN refuses bf16, and the generic loop
 # accumulates its weight gradients in bf16, ~4e-2 off at T=1024).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}

@@ -145,7 +145,7 @@ def full_problems(device: str) -> list[Problem]:
 
 # --quick on the GPU: one problem per question the full grid answers, all three modes each.
 QUICK_GPU = (
-    Problem(768, 16, 1024, "fp16"),  # DESIGN §5's cuDNN reference point (~2.0 ms fwd, ~5.2 ms fwd+bwd on an H100)
+    Problem(768, 16, 1024, "fp16"),  # docs/design.md §5: cuDNN ~2.0 ms fwd, ~5.2 ms fwd+bwd (H100)
     Problem(256, 64, 1024, "bf16"),  # long sequences at moderate width
     Problem(1024, 16, 128, "bf16"),  # wide, small batch
     Problem(2048, 1, 128, "bf16"),  # the widest at batch 1: where the persistent kernel is meant to matter
@@ -206,7 +206,7 @@ TIMER_FULL = TimerSettings(warmup_ms=25, rep_ms=100, repeats=5, min_iters=3, max
 TIMER_QUICK = TimerSettings(warmup_ms=10, rep_ms=30, repeats=3, min_iters=3, max_iters=200, budget_ms=1_500)
 TIMER_CPU = TimerSettings(warmup_ms=0, rep_ms=2, repeats=3, min_iters=1, max_iters=20, budget_ms=1_000)
 
-# Per (problem, provider) costs the time budget does not cover, from the GPU machine's profile (DESIGN §4) rather
+# Per (problem, provider) costs the time budget does not cover, from the GPU profile (docs/design.md §4) rather
 # than a measurement of this suite: Triton compiles each kernel variant once (forward and backward, ~2 s each),
 # and the correctness check runs the problem once in float64 and once in the case's dtype.
 COMPILE_S_PER_VARIANT = 4.0

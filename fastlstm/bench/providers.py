@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from .cases import Problem
 
 STORAGE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Relative-error budgets of DESIGN.md §6, against float64.
+# Relative-error budgets of docs/design.md §6, against float64.
 THRESHOLDS = {"fp32": 1e-5, "tf32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 BASELINE = "nn.LSTM"
 POOL = 4  # input buffers rotated between calls, so no call finds its input still in L2 from the one before

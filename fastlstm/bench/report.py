@@ -140,7 +140,7 @@ def _tally(values, ok) -> dict:
 
 
 def targets(cases: list) -> dict:
-    """DESIGN §5's targets, counted over the cases that have the numbers: how many meet each."""
+    """The targets of docs/design.md §5, counted over the cases that have the numbers: how many meet each."""
     speedups = [(c, c["derived"]["speedup"].get(FAST)) for c in cases]
     small = [
         v
@@ -312,7 +312,7 @@ def _summary_lines(s: dict, gpu: bool) -> list:
         lines.append(f"- telemetry on / off: median {_times(t['median'])}, worst {_times(t['max'])}")
     met = [f"{name}: {t['met']} of {t['of']}" for name, t in s["targets"].items() if t["of"]]
     if met and gpu:  # the targets are about the kernels; a CPU run times the reference backend
-        lines.append("- DESIGN §5 targets, cases meeting them: " + "; ".join(met))
+        lines.append("- docs/design.md §5 targets, cases meeting them: " + "; ".join(met))
     if s["sync_checks"]:
         lines.append(
             "- host-sync check of a training step: "
