@@ -6,6 +6,9 @@ device-to-host copy every `read_every` steps (or when the history is requested).
 statistics are closed every `every` steps. With `instrument_every=N` only every N-th step records telemetry and the
 others run PyTorch's own LSTM op (sampling.py). The result is a `History` in the JSON format of docs/history.md.
 
+Owned elsewhere: the History format (history.py), when device values reach the host (windows.py), what the hooks
+accumulate on the device (recording.py).
+
 Besides what the loop passes, the Monitor records on the device, with hooks: the gradient norm before clipping
 (when each parameter's gradient is accumulated) and the norm the optimizer step used (read right after it), so that
 clipping shows; the update-to-weight ratio ‖Δθ‖/‖θ‖ of every `every`-th step; the learning rate; and whether each
@@ -17,236 +20,26 @@ what has been read so far without waiting for the device.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .jsonio import HISTORY_FORMAT, atomic_write, from_json_safe, to_json_safe
-from .module import LSTM
+from .history import EVENT_KINDS, History, stats_entry
+from .recording import (
+    DeviceMoments,
+    StateCarry,
+    current_grad_norm,
+    describe_lstm,
+    named_lstms,
+    timesteps,
+    trained_parameters,
+)
 from .sampling import Sampler
+from .windows import DeferredReads, WindowClock, oldest_undecoded_step, telemetry_off
 
-EVENT_KINDS = (
-    "nonfinite_step_skipped", "nonfinite_stop", "telemetry_hunt", "telemetry_hunt_end", "truncation", "checkpoint",
-    "resume",
-)  # fmt: skip
-_LISTS = ("steps", "evals", "telemetry", "inputs", "targets", "events")
-
-
-# ---- History ----
-
-
-class History:
-    """A training run as recorded by a `Monitor`: the lists of docs/history.md, each ordered by step.
-
-    Entries are plain dicts. Keys this version does not know (in a file, or added by the TBPTT trainer such as
-    `truncation_estimates` and `dependency`) are kept in `extra` and written back unchanged.
-    """
-
-    def __init__(self):
-        self.lstms: dict = {}
-        self.steps: list = []
-        self.evals: list = []
-        self.telemetry: list = []
-        self.inputs: list = []
-        self.targets: list = []
-        self.events: list = []
-        self.extra: dict = {}
-
-    def add(self, key: str, entry: dict) -> None:
-        """Append to one of the lists, standard or extra."""
-        (getattr(self, key) if key in _LISTS else self.extra.setdefault(key, [])).append(entry)
-
-    def event(self, step: int, kind: str, detail: dict | None = None) -> dict:
-        entry = {"step": int(step), "kind": kind, "detail": detail or {}}
-        self.events.append(entry)
-        return entry
-
-    def events_of(self, kind: str) -> list:
-        return [e for e in _by_step(self.events) if e["kind"] == kind]
-
-    def losses(self) -> list:
-        """[(step, loss)] of the training steps whose loss has been read."""
-        return [(e["step"], e["loss"]) for e in _by_step(self.steps) if e.get("loss") is not None]
-
-    def to_dict(self) -> dict:
-        d = {"format": HISTORY_FORMAT, "lstms": self.lstms}
-        for key in _LISTS:
-            d[key] = _by_step(getattr(self, key))
-        for key, value in self.extra.items():
-            d[key] = _by_step(value) if _is_step_list(value) else value
-        return to_json_safe(d)
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write(path, json.dumps(self.to_dict()).encode())
-
-    @classmethod
-    def from_dict(cls, d: dict) -> History:
-        fmt = d.get("format", HISTORY_FORMAT)  # a hand-built dict may omit it
-        if not isinstance(fmt, str) or not fmt.startswith("fastlstm.history/1"):
-            raise ValueError(f"not a fastlstm history (format {fmt!r}, expected {HISTORY_FORMAT!r})")
-        d = from_json_safe(d)
-        history = cls()
-        history.lstms = dict(d.get("lstms") or {})
-        for key in _LISTS:
-            setattr(history, key, list(d.get(key) or []))
-        history.extra = {k: v for k, v in d.items() if k not in _LISTS and k not in ("format", "lstms")}
-        return history
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> History:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{key}={len(getattr(self, key))}" for key in _LISTS)
-        return f"History(lstms={list(self.lstms)}, {sizes})"
-
-
-def _is_step_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(e, dict) and "step" in e for e in value)
-
-
-def _by_step(entries: list) -> list:
-    # Entries can be appended out of order (values read lazily); sorted() is stable, so ties keep their order.
-    return sorted(entries, key=lambda e: e["step"])
-
-
-# ---- Device-side accumulation and batched reads ----
-
-
-class _FeatureStats:
-    """Per-feature count, sum, sum of squares, min and max of vectors, accumulated with device operations only.
-
-    The count is a host integer (it only depends on shapes). Sums are float64 so that long windows stay exact
-    enough for a standard deviation. A change in the number of features closes the current accumulation.
-    """
-
-    def __init__(self):
-        self.count = 0
-        self.moments = None  # float64 [4, F]: sum, sum of squares, min, max
-        self.closed: list = []  # (count, moments) closed early by a change of feature count
-
-    def add(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
-            return
-        x = x.detach()
-        x = x.reshape(-1, x.shape[-1] if x.dim() > 1 else 1).to(torch.float64)
-        current = torch.stack((x.sum(0), (x * x).sum(0), x.amin(0), x.amax(0)))
-        if self.moments is not None and self.moments.shape != current.shape:
-            self.closed.append((self.count, self.moments))
-            self.count, self.moments = 0, None
-        if self.moments is None:
-            self.moments = current
-        else:
-            m = self.moments
-            # torch.minimum/maximum propagate NaN, so a NaN input shows in min/max as it does in the sums.
-            self.moments = torch.stack(
-                (m[0] + current[0], m[1] + current[1], torch.minimum(m[2], current[2]), torch.maximum(m[3], current[3]))
-            )
-        self.count += x.shape[0]
-
-    def take(self) -> list:
-        """[(count, moments)] accumulated since the previous take, and start again."""
-        taken = self.closed + ([(self.count, self.moments)] if self.count else [])
-        self.count, self.moments, self.closed = 0, None, []
-        return taken
-
-
-def stats_entry(count: int, moments: np.ndarray) -> dict:
-    """The count/mean/std/min/max record of docs/history.md from the accumulated moments."""
-    mean = moments[0] / count
-    with np.errstate(invalid="ignore"):
-        std = np.sqrt(np.maximum(moments[1] / count - mean * mean, 0.0))
-    std = np.where(np.isnan(mean), np.nan, std)
-    return {
-        "count": int(count),
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-        "min": moments[2].tolist(),
-        "max": moments[3].tolist(),
-    }
-
-
-class DeferredReads:
-    """Device tensors whose values are wanted later, read together with one device-to-host copy.
-
-    `add(tensors, callback)` queues; `start()` launches one non-blocking copy of everything queued; `finish()`
-    waits for that copy (normally long done by then) and calls each callback with numpy arrays.
-    """
-
-    def __init__(self):
-        self._queue: list = []
-        self._inflight = None  # ([(tensor indices, host copy)], tensor count, CUDA event or None, layout)
-
-    def add(self, tensors, callback: Callable) -> None:
-        self._queue.append(([t.detach() for t in tensors], callback))
-
-    def start(self) -> None:
-        self._finish_inflight()  # started one read period ago: long finished on the device
-        if not self._queue:
-            return
-        queue, self._queue = self._queue, []
-        tensors = [t for ts, _ in queue for t in ts]
-        by_device: dict = {}
-        for i, t in enumerate(tensors):
-            by_device.setdefault(t.device, []).append(i)
-        copies, done = [], []
-        for device, indices in by_device.items():
-            flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in indices])
-            if flat.is_cuda:
-                flat = flat.to("cpu", non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))  # the stream that runs this device's copy
-                done.append(event)
-            # On the CPU torch.cat made a fresh tensor: later in-place updates of the sources cannot reach it.
-            copies.append((indices, flat))
-        layout = [([tuple(t.shape) for t in ts], callback) for ts, callback in queue]
-        self._inflight = (copies, len(tensors), done, layout)
-
-    def finish(self) -> None:
-        self.start()
-        self._finish_inflight()
-
-    def _finish_inflight(self) -> None:
-        if self._inflight is None:
-            return
-        copies, count, done, layout = self._inflight
-        self._inflight = None
-        for event in done:
-            event.synchronize()
-        shapes = [shape for tensor_shapes, _ in layout for shape in tensor_shapes]
-        values = [None] * count
-        for indices, flat in copies:
-            host = flat.numpy()
-            offset = 0
-            for i in indices:
-                size = int(np.prod(shapes[i])) if shapes[i] else 1
-                values[i] = host[offset : offset + size].reshape(shapes[i])
-                offset += size
-        position = 0
-        for shapes, callback in layout:
-            callback(*values[position : position + len(shapes)])
-            position += len(shapes)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel wrappers, so names stay the same."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def find_lstms(model: nn.Module) -> dict:
-    """{module path: fastlstm.LSTM} inside `model`; the model itself, if it is one, is called "lstm"."""
-    return {name or "lstm": m for name, m in unwrap_model(model).named_modules() if isinstance(m, LSTM)}
-
-
-# ---- Monitor ----
+__all__ = ["EVENT_KINDS", "History", "Monitor"]  # History and EVENT_KINDS live in history.py
 
 
 class Monitor:
@@ -294,27 +87,27 @@ class Monitor:
         self.every = int(every)
         self.read_every = int(read_every or every)
         self.track_grad_norm = grad_norm
-        self.lstms = find_lstms(model)
+        self.lstms = named_lstms(model)
         self.sampler = Sampler(instrument_every, self.every)
         self._history = History()
-        self._history.lstms = {name: _describe(m) for name, m in self.lstms.items()}
+        self._history.lstms = {name: describe_lstm(m) for name, m in self.lstms.items()}
         if self.sampler.sampling:
             self._history.extra["sampling"] = {"instrument_every": self.sampler.instrument_every}
         self.listeners: list = []  # called with [(lstm name, first step, last step, Snapshot)] per closed window
         self.skipped_steps: list = []  # steps read back as skipped, in the order they were read
         self._step = 0
         self._window_first = 0
-        self._inflight: dict = {}  # LSTM name -> (first, last) of the telemetry window whose copy is in flight
+        self._windows = WindowClock(self.lstms)
         self._reads = DeferredReads()
         self._paused = 0
-        self._input_stats = {name: _FeatureStats() for name in self.lstms} if input_stats else {}
-        self._target_stats = _FeatureStats()
+        self._input_stats = {name: DeviceMoments() for name in self.lstms} if input_stats else {}
+        self._target_stats = DeviceMoments()
         self._unresolved: list = []  # skipped-step events still waiting for their telemetry window
-        self._states = {name: _StateCarry() for name in self.lstms}
+        self._states = {name: StateCarry() for name in self.lstms}
         self._hooks = [
             m.register_forward_pre_hook(self._make_input_hook(name), with_kwargs=True) for name, m in self.lstms.items()
         ]
-        self._params = _trained_parameters(model, optimizer)
+        self._params = trained_parameters(model, optimizer)
         self._grad_norms: dict = {}  # id(parameter) -> ‖grad‖ (device) at its last accumulation, this step
         if grad_norm and grad_hooks and not isinstance(model, nn.parallel.DistributedDataParallel):
             self._hooks += [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self._params]
@@ -358,9 +151,9 @@ class Monitor:
             if grad_norm is None and self._grad_norms:
                 grad_norm = torch.linalg.vector_norm(torch.stack(list(self._grad_norms.values())))
                 if applied is None:  # no optimizer hook: the .grad the loop leaves is what its step used
-                    applied = _current_grad_norm(self._params)
+                    applied = current_grad_norm(self._params)
             elif grad_norm is None:
-                grad_norm = _current_grad_norm(self._params)
+                grad_norm = current_grad_norm(self._params)
         entry = {"step": n, "loss": None, "lr": None, "grad_norm": None, "skipped": False}
         instrumented = self.sampler.instrumented(n)
         if self.sampler.sampling:
@@ -425,25 +218,25 @@ class Monitor:
         finally:
             self._paused -= 1
 
+    @contextlib.contextmanager
+    def quiet(self):
+        """For passes that are not training steps (re-runs, validation): no telemetry from the LSTMs and no input
+        statistics."""
+        with telemetry_off(self.lstms.values()), self.paused():
+            yield
+
+    def oldest_undecoded_step(self) -> int:
+        """No telemetry window decoded from now on covers a step below this one (windows.UNDECODED_PERIODS): what a
+        listener must keep about its steps to relate them to windows still to come."""
+        return oldest_undecoded_step(self._step, self.every)
+
     # ---- windows and reads ----
 
     def boundary(self) -> None:
         """Close the current telemetry / statistics window at the last recorded step. Never waits for the device
         except for a telemetry copy started a whole window ago."""
         last = self._step - 1
-        window = (self._window_first, last)
-        closed = []
-        for name, lstm in self.lstms.items():
-            tel = lstm.telemetry
-            previous = self._inflight.pop(name, None)
-            tel.wait()  # the copy started a whole window ago: keeps boundaries at fixed steps
-            snap = tel.poll(reset=True)
-            if previous is not None:  # CUDA: poll returned the window captured at the previous boundary
-                closed.append((name, *previous, snap))
-            elif snap is not None:  # CPU: the copy is synchronous, poll returned this window
-                closed.append((name, *window, snap))
-            if tel.in_flight:
-                self._inflight[name] = window
+        closed = self._windows.close(self._window_first, last)
         read = self._record_windows(closed)
         change = self.sampler.boundary(self._step, read)
         if change is not None:
@@ -467,14 +260,7 @@ class Monitor:
     def flush(self) -> History:
         """Close the current window and read everything still on the device (one host synchronisation)."""
         self.boundary()
-        closed = []
-        for name, (first, last) in list(self._inflight.items()):
-            tel = self.lstms[name].telemetry
-            tel.wait()  # the copy started a whole window ago: keeps boundaries at fixed steps
-            closed.append((name, first, last, tel.poll(reset=True)))
-            del self._inflight[name]
-            if tel.in_flight:  # that poll started a copy of the empty window since the boundary
-                self._inflight[name] = (self._step, self._step - 1)
+        closed = self._windows.drain(self._step)
         self._record_windows(closed)
         self._reads.finish()
         self._resolve_skipped(final=True)
@@ -544,7 +330,7 @@ class Monitor:
             x = args[0] if args else kwargs.get("input")
             if module.training and torch.is_grad_enabled():
                 hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                self._states[name].add(hx, _timesteps(x, module.batch_first))
+                self._states[name].add(hx, timesteps(x, module.batch_first))
             if isinstance(x, PackedSequence):
                 x = x.data
             if isinstance(x, torch.Tensor) and name in self._input_stats:
@@ -568,7 +354,7 @@ class Monitor:
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         # The gradient the step used, after any clipping: measured after the step, because a step given a closure
         # (LBFGS, Lightning) computes its gradient inside the step, after the pre-hooks ran.
-        self._applied = _current_grad_norm(self._params)
+        self._applied = current_grad_norm(self._params)
         before, self._before_update = self._before_update, None
         if before is None:
             return
@@ -577,7 +363,7 @@ class Monitor:
             weight = torch.nn.utils.get_total_norm(before)
             self._update = delta / weight
 
-    def _record_state_carry(self, name: str, carry: _StateCarry, first: int, last: int) -> None:
+    def _record_state_carry(self, name: str, carry: StateCarry, first: int, last: int) -> None:
         taken = carry.take()
         if taken is None:
             return
@@ -674,71 +460,3 @@ class Monitor:
         if hunt_end is not None:
             return {name: None for name in self.lstms}, None
         return {}, None
-
-
-def _describe(lstm: LSTM) -> dict:
-    return {
-        "input_size": lstm.input_size,
-        "hidden_size": lstm.hidden_size,
-        "proj_size": lstm.proj_size,
-        "num_layers": lstm.num_layers,
-        "num_directions": 2 if lstm.bidirectional else 1,
-    }
-
-
-def _current_grad_norm(params: list):
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else None
-
-
-def _trained_parameters(model: nn.Module, optimizer) -> list:
-    """The parameters the optimizer updates (the model's that require grad without one), each once."""
-    if optimizer is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    return list({id(p): p for p in params}.values())
-
-
-def _timesteps(x, batch_first: bool) -> int:
-    if isinstance(x, PackedSequence):
-        return int(x.batch_sizes.numel())
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        return 0
-    return int(x.shape[1] if (batch_first and x.dim() == 3) else x.shape[0])
-
-
-class _StateCarry:
-    """Per window: how many training passes of one LSTM were given an initial state, how many of those states
-    still carried an autograd graph (the gradient flows into the previous chunk), and, on the device, how many
-    were not all zeros (a state carried over, not a fresh one passed explicitly)."""
-
-    def __init__(self):
-        self.passes = self.with_state = self.attached = self.timesteps = 0
-        self.nonzero = None  # device count
-
-    def add(self, hx, timesteps: int) -> None:
-        self.passes += 1
-        self.timesteps = max(self.timesteps, timesteps)
-        states = [t for t in (hx if isinstance(hx, (tuple, list)) else [hx]) if isinstance(t, torch.Tensor)]
-        if not states:
-            return
-        self.with_state += 1
-        self.attached += int(any(t.grad_fn is not None for t in states))
-        flag = torch.stack([(t.detach() != 0).any() for t in states]).any().to(torch.int64)
-        self.nonzero = flag if self.nonzero is None else self.nonzero + flag
-
-    def take(self):
-        """(entry without nonzero_state, device count of nonzero states or None) since the last take, or None."""
-        if not self.passes:
-            return None
-        entry = {
-            "passes": self.passes,
-            "with_state": self.with_state,
-            "attached_state": self.attached,
-            "timesteps": self.timesteps,
-        }
-        taken = (entry, self.nonzero)
-        self.passes = self.with_state = self.attached = self.timesteps = 0
-        self.nonzero = None
-        return taken

@@ -14,42 +14,38 @@
   * checkpoints hold everything needed to continue bit for bit, written atomically;
   * under DistributedDataParallel the non-finite flag (and the adaptive estimate) is reduced across ranks.
 
-Sections: data and state helpers · non-finite skipping · the trainer (checkpoints at its end).
+The parts live beside it: the data model and stream position (streams.py), the device-side step skip
+(step_guard.py), the truncation state and its decisions (truncation_state.py, maths in truncation.py), the
+cross-rank reductions (distributed.py) and the checkpoint file (checkpoint.py). This module is the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import math
-import random
-import warnings
 from collections.abc import Callable
-from typing import NamedTuple
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .jsonio import atomic_write
-from .monitor import History, Monitor, find_lstms, unwrap_model
+from .checkpoint import CHECKPOINT_FORMAT, rng_state, set_rng_state, write_checkpoint
+from .distributed import all_reduce_sums, rank_path, start_flag_reduction
+from .history import History
+from .monitor import Monitor
 from .padding import RecurrentLengths, without_padding
+from .recording import named_lstms, unwrap_model
+from .step_guard import StepGuard
+from .streams import Chunk, Layout, StreamCursor, Streams, as_batches, detach_state, reset_nonfinite_rows, select_rows
 from .truncation import (
-    GUARD_CHUNKS,
     USED_GRADIENT,
     AdaptiveTruncation,
     DependencyEstimate,
     ResidualProbe,
-    correlation_by_lag,
     estimate_dependency,
-    estimate_state_dependency,
-    residual_dependencies,
     truncation_evidence,
 )
+from .truncation_state import TruncationTracker
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "AdaptiveTruncation",
     "DependencyEstimate",
     "NonFiniteError",
@@ -60,8 +56,6 @@ __all__ = [
     "truncation_evidence",
 ]
 
-CHECKPOINT_FORMAT = "fastlstm.tbptt/1"
-
 
 class NonFiniteError(FloatingPointError):
     """Raised by `TBPTTTrainer.fit` with on_nonfinite="stop" once a non-finite step has been read back."""
@@ -69,176 +63,6 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, event: dict):
         super().__init__(message)
         self.event = event
-
-
-# ---- data and state helpers ----
-
-
-class _Streams(NamedTuple):
-    """One batch of streams: every row of `inputs`/`targets` is one long sequence, `lengths[b]` steps long."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    lengths: list  # host ints
-
-    @property
-    def longest(self) -> int:
-        return max(self.lengths)
-
-
-class _Chunk(NamedTuple):
-    """One chunk: its new steps [first, end), its window [start, end), where the next window starts."""
-
-    start: int
-    first: int
-    end: int
-    next_start: int
-    rows: torch.Tensor | None  # indices of the rows still alive (None: all)
-    lengths: list  # host ints: the stream length of each row still alive
-    flat_index: torch.Tensor | None  # valid positions among the flattened chunk (None: all)
-    inputs: torch.Tensor  # the window's inputs, zero past each stream's end
-    targets: torch.Tensor  # the chunk's targets
-
-    def valid(self, a: int, b: int) -> list:
-        """Steps of [a, b) inside each row's stream (>= 1 for a < first: every row alive starts before first)."""
-        return [max(0, min(length, b) - a) for length in self.lengths]
-
-
-def _as_batches(data, batch_first: bool) -> list:
-    """Normalise `(inputs, targets[, lengths])` or a sequence of such tuples into a list of `_Streams`."""
-    if isinstance(data, (tuple, list)) and 2 <= len(data) <= 3 and isinstance(data[0], torch.Tensor):
-        data = [data]
-    batches = []
-    for item in data:
-        inputs, targets, *rest = item
-        lengths = rest[0] if rest else None
-        if inputs.dim() < 2 or targets.dim() < 2:
-            raise ValueError("inputs and targets need a batch and a time dimension")
-        rows, steps = (inputs.shape[0], inputs.shape[1]) if batch_first else (inputs.shape[1], inputs.shape[0])
-        if tuple(targets.shape[:2]) != tuple(inputs.shape[:2]):
-            raise ValueError(f"targets {tuple(targets.shape)} do not match inputs {tuple(inputs.shape)} in batch/time")
-        if lengths is None:
-            lengths = [steps] * rows
-        else:  # read once, before training: lengths belong on the host
-            lengths = [int(v) for v in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-            if len(lengths) != rows or min(lengths) < 1 or max(lengths) > steps:
-                raise ValueError(f"lengths must be {rows} values in [1, {steps}]")
-        batches.append(_Streams(inputs, targets, lengths))
-    if not batches:
-        raise ValueError("no data")
-    return batches
-
-
-def _map_tensors(fn: Callable, obj):
-    """Apply `fn` to every tensor of a nested tuple/list/dict (a model's recurrent state)."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_tensors(fn, v) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(fn, v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(fn, v) for k, v in obj.items()}
-    return obj
-
-
-def _tensors(obj) -> list:
-    found = []
-    _map_tensors(found.append, obj)
-    return found
-
-
-def detach_state(state):
-    return _map_tensors(lambda t: t.detach(), state)
-
-
-def select_rows(state, index: torch.Tensor):
-    """Keep the rows `index` of a state in nn.LSTM's layout (batch on dimension 1)."""
-    return _map_tensors(lambda t: t.index_select(1, index) if t.dim() >= 2 else t, state)
-
-
-def reset_nonfinite_rows(state):
-    """Rows (streams) whose state holds a NaN/inf restart from zeros, as at the start of a stream: a poisoned
-    input would otherwise poison every later chunk of that stream. Device operations only."""
-    tensors = [t for t in _tensors(state) if t.dim() >= 2 and t.is_floating_point()]
-    if not tensors:
-        return state
-    ok = None
-    for t in tensors:
-        row_ok = torch.isfinite(t).transpose(0, 1).reshape(t.shape[1], -1).all(dim=1)
-        ok = row_ok if ok is None else ok & row_ok
-
-    def fix(t):
-        if t.dim() < 2 or not t.is_floating_point():
-            return t
-        shape = [1] * t.dim()
-        shape[1] = -1
-        return torch.where(ok.view(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-    return _map_tensors(fix, state)
-
-
-# ---- non-finite skipping ----
-
-
-class StepGuard:
-    """`optimizer.step()` that becomes a no-op when a device flag is set, without reading the flag on the host.
-
-    Fused Adam/AdamW take the flag natively (`found_inf`, as under GradScaler). Any other optimizer steps as usual
-    and then every parameter and state tensor is put back with `torch.where(skip, before, after)`, which restores
-    the exact bits. State created by a skipped first step is reset to zeros (the initial state of Adam, AdamW,
-    RMSprop and momentum SGD without dampening).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.native = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
-            g.get("fused") for g in optimizer.param_groups
-        )
-        self._warned = False
-
-    def step(self, skip: torch.Tensor) -> None:
-        if self.native:
-            self.optimizer.found_inf = skip.to(torch.float32)
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-            return
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        with torch.no_grad():
-            before = [p.detach().clone() for p in params]
-            state_before = [_tensor_state(self.optimizer.state.get(p), clone=True) for p in params]
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, old in zip(params, before):
-                p.copy_(torch.where(skip, old, p))
-            for p, old_state in zip(params, state_before):
-                for key, value in (self.optimizer.state.get(p) or {}).items():
-                    self._restore(skip, key, value, old_state.get(key))
-
-    def _restore(self, skip, key, value, old) -> None:
-        if not isinstance(value, torch.Tensor) or value.device != skip.device:
-            # A host value (Adam's `step` without capturable=True on a GPU) cannot follow a device flag without
-            # a synchronisation; the parameters are still restored exactly.
-            if not self._warned:
-                warnings.warn(
-                    f"optimizer state {key!r} is not a tensor on {skip.device}: it advances on skipped "
-                    "steps (use fused=True or capturable=True for exact skips)",
-                    stacklevel=3,
-                )
-                self._warned = True
-            return
-        value.copy_(torch.where(skip, torch.zeros_like(value) if old is None else old, value))
-
-
-def _tensor_state(state, clone: bool) -> dict:
-    if not state:
-        return {}
-    return {k: (v.clone() if clone else v) for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-# ---- the trainer ----
 
 
 class TBPTTTrainer:
@@ -318,14 +142,12 @@ class TBPTTTrainer:
         if adaptive:
             k_max = int(k_max if k_max is not None else 8 * self.k1)
             self.adaptive = AdaptiveTruncation(k_min, k_max, target_bias, smoothing, k_init, reach_fraction)
-            self._lag = self.adaptive.lag
+            lag = self.adaptive.lag
         else:
             k2 = self.k1 if k2 is None else int(k2)
             if k2 < self.k1:
                 raise ValueError(f"k2 ({k2}) must be >= k1 ({self.k1})")
-            self._lag = k2 - self.k1
-        self.target_bias = float(target_bias)
-        self.reach_fraction = float(reach_fraction)
+            lag = k2 - self.k1
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
         self.clip_grad_norm = clip_grad_norm
@@ -336,36 +158,35 @@ class TBPTTTrainer:
         self.checkpoint_every = checkpoint_every
         self.shuffle, self.seed = shuffle, int(seed)
         self.process_group = process_group
-        self.lstms = find_lstms(model)
+        self.target_bias, self.reach_fraction = float(target_bias), float(reach_fraction)
+        self.lstms = named_lstms(model)
         if batch_first is None:
             batch_first = next(iter(self.lstms.values())).batch_first if self.lstms else False
         self.batch_first = bool(batch_first)
+        self.layout = Layout(self.batch_first)
         self.monitor = monitor or Monitor(
             model, every=telemetry_every, read_every=read_every, instrument_every=instrument_every, grad_norm=False
         )
-        self.monitor.listeners.append(self._on_telemetry)
         if dependency_lags is None:
-            longest = self.k1 + (self.adaptive.k_max if self.adaptive else self._lag)
+            longest = self.k1 + (self.adaptive.k_max if self.adaptive else lag)
             dependency_lags = min(256, max(32, 4 * longest))
         self.probe = ResidualProbe(dependency_lags) if dependency_lags else None
+        self.truncation = TruncationTracker(
+            self.k1, lag, self.adaptive, self.probe, self.monitor, target_bias, reach_fraction, process_group
+        )
         self._guard = StepGuard(optimizer)
         self._params = [p for p in self.core.parameters() if p.requires_grad]
         self._latched = None  # on_nonfinite="stop": device flag, set from the first non-finite step on
-        self._pos = [0, 0, 0]  # epoch, batch (index into the epoch's order), time step within the batch's streams
+        self.cursor = StreamCursor()
         self._chunks = 0
-        self._reset_streams()
-        self._geometry: dict = {}  # step -> (overlap, window length), to keep telemetry windows of one shape
-        self._estimates: list = []  # (dependency, rate) collected since the last adaptive decision
-        self._residual_floor = None  # farthest significant residual lag of the latest probe entry
-        self._row_index_cache: dict = {}
         self._lengths = RecurrentLengths(self.core)
-        self.monitor.event("truncation", self._truncation_detail(), step=self.monitor.step_count)
+        self.monitor.event("truncation", self.truncation.detail(), step=self.monitor.step_count)
 
     # ---- public ----
 
     @property
     def k2(self) -> int:
-        return self.k1 + self._lag
+        return self.truncation.k2
 
     @property
     def history(self) -> History:
@@ -380,21 +201,19 @@ class TBPTTTrainer:
         """Train until `epochs` epochs are complete, continuing from where the trainer stands (after a resume,
         or a previous call stopped by `max_chunks`). Pass the same data every time. Returns the history; with
         max_chunks, the live one (values still in flight are read by `trainer.history`)."""
-        batches = _as_batches(data, self.batch_first)
-        trained = 0
-        while self._pos[0] < epochs:
-            order = self._batch_order(len(batches), self._pos[0])
-            while self._pos[1] < len(batches):
-                streams = batches[order[self._pos[1]]]
-                while self._pos[2] < streams.longest:
+        batches = as_batches(data, self.batch_first)
+        trained, cursor = 0, self.cursor
+        while cursor.epoch < epochs:
+            order = self._batch_order(len(batches), cursor.epoch)
+            while cursor.batch < len(batches):
+                streams = batches[order[cursor.batch]]
+                while cursor.step < streams.longest:
                     if max_chunks is not None and trained >= max_chunks:
                         return self.monitor.live_history
                     self._train_chunk(streams)
                     trained += 1
                     self._after_chunk(val_data)
-                self._pos[1] += 1
-                self._pos[2] = 0
-                self._reset_streams()
+                cursor.next_batch()
             self._end_epoch(val_data)
         if self.checkpoint_path is not None:
             self.save_checkpoint()
@@ -409,79 +228,78 @@ class TBPTTTrainer:
         self.model.eval()
         totals = {}
         try:
-            with torch.no_grad(), self._quiet():
+            with torch.no_grad(), self.monitor.quiet():
                 for name, data in subsets.items():
-                    totals[name] = self._validation_sums(_as_batches(data, self.batch_first))
+                    totals[name] = self._validation_sums(as_batches(data, self.batch_first))
         finally:
             self.model.train(was_training)
-        totals = self._all_reduce_sums(totals)
+        totals = all_reduce_sums(totals, self.process_group)
         losses = {name: total / count for name, (total, count) in totals.items()}
         overall = sum(total for total, _ in totals.values()) / sum(count for _, count in totals.values())
         return overall, ({} if None in subsets else losses)
 
     # ---- one chunk ----
 
-    def _train_chunk(self, streams: _Streams) -> None:
-        chunk = self._plan(streams)
+    def _train_chunk(self, streams: Streams) -> None:
+        chunk, cursor = self._plan(streams), self.cursor
         carry = None
         if chunk.start < chunk.next_start < chunk.end:  # the next window starts inside this one
             steps = chunk.next_start - chunk.start
             with self._lengths(chunk.valid(chunk.start, chunk.next_start), steps):
-                carry = self._carry_pass(self._time(chunk.inputs, 0, steps), self._start_state)
+                carry = self._carry_pass(self.layout.time(chunk.inputs, 0, steps), cursor.start_state)
         loss, target, state = self._window_loss(streams, chunk)
         mean_loss, norm, skip, lr = self._optimizer_step(loss)
         if chunk.next_start == chunk.end:
             new_start = detach_state(state)
         else:
-            new_start = carry if chunk.next_start > chunk.start else self._start_state
-        self._start_state = None if new_start is None else reset_nonfinite_rows(new_start)
-        self._start_pos = chunk.next_start
-        self._pos[2] = chunk.end
+            new_start = carry if chunk.next_start > chunk.start else cursor.start_state
+        cursor.start_state = None if new_start is None else reset_nonfinite_rows(new_start)
+        cursor.window_start = chunk.next_start
+        cursor.step = chunk.end
         self._chunks += 1
         step = self.monitor.step_count
         # Recorded before step(), which may close the telemetry window that this chunk ends.
-        self._geometry[step] = (chunk.first - chunk.start, chunk.end - chunk.start)
+        self.truncation.record_chunk(step, chunk.first - chunk.start, chunk.end - chunk.start)
         if self.probe is not None and (step + 1) % self.monitor.read_every == 0:
-            self._record_probe(step)  # queued now, it travels with the batch that step() is about to read
+            self.truncation.record_probe(step)  # queued now, it travels with the batch step() is about to read
         self.monitor.step(loss=mean_loss, lr=lr, grad_norm=norm, skipped=skip, targets=target.detach())
 
-    def _plan(self, streams: _Streams) -> _Chunk:
+    def _plan(self, streams: Streams) -> Chunk:
         """Where the chunk and its window lie, the rows still alive, and their inputs and targets."""
-        s = self._pos[2]
+        s, layout = self.cursor.step, self.layout
         rows = [b for b, length in enumerate(streams.lengths) if length > s]
         n = min(self.k1, max(streams.lengths[b] for b in rows) - s)
         device = streams.inputs.device
-        index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
-        self._align_rows(rows, device)
-        w = self._start_pos
+        index = None if len(rows) == len(streams.lengths) else layout.row_index(rows, device)
+        self.cursor.align_rows(rows, device)
+        w = self.cursor.window_start
         lengths = [streams.lengths[b] for b in rows]
         valid = [min(length - s, n) for length in lengths]
-        inputs = self._slice(streams.inputs, index, w, s + n)
-        return _Chunk(
+        inputs = layout.slice(streams.inputs, index, w, s + n)
+        return Chunk(
             start=w,
             first=s,
             end=s + n,
-            next_start=max(w, s + n - self._lag),
+            next_start=max(w, s + n - self.truncation.state.lag),
             rows=index,
             lengths=lengths,
-            flat_index=None if min(valid) == n else self._flat_index(valid, n, device),
+            flat_index=None if min(valid) == n else layout.flat_index(valid, n, device),
             inputs=without_padding(inputs, [length - w for length in lengths], self.batch_first),
-            targets=self._slice(streams.targets, index, s, s + n),
+            targets=layout.slice(streams.targets, index, s, s + n),
         )
 
-    def _window_loss(self, streams: _Streams, chunk: _Chunk) -> tuple:
+    def _window_loss(self, streams: Streams, chunk: Chunk) -> tuple:
         """Forward over the window from the carried state; the loss on the chunk's valid positions."""
         with self._lengths(chunk.valid(chunk.start, chunk.end), chunk.end - chunk.start):
-            out, state = self.model(chunk.inputs, self._start_state)
-        offset = chunk.first - chunk.start
-        pred = self._flatten(self._time(out, offset, offset + chunk.end - chunk.first))
-        target = self._flatten(chunk.targets)
+            out, state = self.model(chunk.inputs, self.cursor.start_state)
+        offset, layout = chunk.first - chunk.start, self.layout
+        pred = layout.flatten(layout.time(out, offset, offset + chunk.end - chunk.first))
+        target = layout.flatten(chunk.targets)
         if chunk.flat_index is not None:
             pred, target = pred.index_select(0, chunk.flat_index), target.index_select(0, chunk.flat_index)
-        if self.probe is not None and self._probe_applies(streams):
-            steps = chunk.end - chunk.first
-            lagged = self._lagged_inputs(streams, chunk, steps)
-            self.probe.watch(pred, lagged, steps, chunk.flat_index, self.batch_first)
+        if self.probe is not None and streams.inputs.dim() == 3 and streams.inputs.is_floating_point():
+            lagged = self.truncation.lagged_inputs(streams, chunk, layout)
+            self.probe.watch(pred, lagged, chunk.end - chunk.first, chunk.flat_index, self.batch_first)
         return self.loss_fn(pred, target), target, state
 
     def _optimizer_step(self, loss: torch.Tensor) -> tuple:
@@ -492,7 +310,7 @@ class TBPTTTrainer:
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
-        reduced = self._reduce_flag(loss.detach(), bad)  # asynchronous across ranks; waited just before the step
+        reduced = start_flag_reduction(loss.detach(), bad, self.process_group)  # waited for just before the step
         if self.clip_grad_norm is not None and grads:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.clip_grad_norm, norm)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -508,11 +326,7 @@ class TBPTTTrainer:
     def _after_chunk(self, val_data) -> None:
         monitor = self.monitor
         if monitor.step_count % monitor.every == 0:
-            self._adapt()
-            # A window still to be decoded spans at most the last two periods (one more on CUDA, where a
-            # window is decoded at the next boundary).
-            horizon = monitor.step_count - 3 * monitor.every
-            self._geometry = {k: v for k, v in self._geometry.items() if k >= horizon}
+            self.truncation.at_boundary(self._device())
         if self.on_nonfinite == "stop" and monitor.skipped_steps:
             self._stop()
         if val_data is not None and self.validate_every and self._chunks % self.validate_every == 0:
@@ -521,187 +335,20 @@ class TBPTTTrainer:
             self.save_checkpoint()
 
     def _end_epoch(self, val_data) -> None:
-        epoch = self._pos[0]
         if val_data is not None:
-            self._record_validation(val_data, epoch=epoch + 1)
+            self._record_validation(val_data, epoch=self.cursor.epoch + 1)
         if self.scheduler is not None and self.scheduler_interval == "epoch" and not _is_plateau(self.scheduler):
             self.scheduler.step()
-        self._pos = [epoch + 1, 0, 0]
-        self._reset_streams()
+        self.cursor.next_epoch()
 
     def _carry_pass(self, x, state):
         """Forward over the first steps of the window, for the next window's start state: no gradient, no
         telemetry, no input statistics (the window's own forward records them)."""
-        with torch.no_grad(), self._quiet():
+        with torch.no_grad(), self.monitor.quiet():
             _, carry = self.core(x, state)
         return detach_state(carry)
 
-    # ---- truncation ----
-
-    def _on_telemetry(self, windows: list) -> None:
-        """Monitor listener: estimate the dependency from every closed telemetry window of one geometry."""
-        for name, first, last, snap in windows:
-            geometry = self._uniform_geometry(first, last)
-            if geometry is None or geometry[0] < 2:
-                continue
-            overlap, length = geometry
-            for layer in snap.layers:
-                g_h, g_c = layer.grad_norm_per_step, layer.cell_grad_norm_per_step
-                if layer.direction != 0 or g_h.size <= overlap:
-                    continue
-                # Lag k = 0..overlap before the chunk's first loss, for both parts of the state.
-                cell = g_c[overlap::-1] if g_c.size > overlap else None
-                estimate = estimate_state_dependency(g_h[overlap::-1], cell, self.target_bias, self.reach_fraction)
-                if estimate is None:
-                    continue
-                entry = {
-                    "step": last,
-                    "first_step": first,
-                    "lstm": name,
-                    "layer": layer.layer,
-                    "k1": length - overlap,
-                    "k2": length,
-                    "lag": overlap,
-                    "rate": estimate.rate,
-                    "estimated_dependency": estimate.dependency,
-                    "bias": estimate.bias,
-                }
-                for part, e in (("hidden", estimate.hidden), ("cell", estimate.cell)):
-                    if e is not None:
-                        entry.update(
-                            {f"{part}_rate": e.rate, f"{part}_dependency": e.dependency, f"{part}_bias": e.bias}
-                        )
-                        entry[f"{part}_reach"] = e.reach
-                self.monitor.live_history.add("truncation_estimates", entry)
-                self._estimates.append((estimate.dependency, estimate.rate))
-
-    def _uniform_geometry(self, first: int, last: int):
-        """The (overlap, window length) every chunk whose telemetry the window holds had, or None if they differ."""
-        shapes = {self._geometry.get(step) for step in self.monitor.instrumented_steps(first, last)}
-        return shapes.pop() if len(shapes) == 1 and None not in shapes else None
-
-    def _adapt(self) -> None:
-        """At a telemetry boundary: judge a pending decrease by the training loss, then fold the collected
-        estimates and the residual floor into the controller. Every rank takes the same decision: the estimates
-        are reduced with a max first, and the losses are already means over the ranks."""
-        if self.adaptive is None:
-            self._estimates.clear()
-            return
-        a = self.adaptive
-        dependency = max((d for d, _ in self._estimates), default=-1.0)
-        rate = max((r for _, r in self._estimates), default=-1.0)
-        floor = -1.0 if self._residual_floor is None else float(self._residual_floor)
-        self._estimates.clear()
-        self._residual_floor = None
-        if self._world() > 1:
-            values = torch.tensor([min(dependency, 1e30), rate, floor], dtype=torch.float64, device=self._device())
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.process_group)
-            dependency, rate, floor = values.tolist()  # a periodic read, once per telemetry window
-        if a.guard is not None:
-            horizon = self._losses_read_below()
-            if a.check_loss(self._read_losses(a.guard.step - GUARD_CHUNKS, horizon), horizon):
-                self._set_lag("loss_rose")
-        before = a.lag
-        if a.observe(
-            dependency if dependency >= 0 else None, rate if rate >= 0 else None, int(floor) if floor >= 0 else None
-        ):
-            if a.lag < before:
-                a.decreased(self.monitor.step_count, before)
-            else:
-                a.increased()
-            self._set_lag("estimate")
-
-    def _set_lag(self, reason: str) -> None:
-        self._lag = self.adaptive.lag
-        self.monitor.event("truncation", {**self._truncation_detail(), "reason": reason})
-
-    def _losses_read_below(self) -> int:
-        """Every training loss of a step below this one has been read back, whatever else read the history
-        (checkpoints, `trainer.history`): the batch of a read period is decoded at the end of the next one. A
-        bound that depends on the step alone keeps the loss guard's decisions identical across ranks and resumes."""
-        every = self.monitor.read_every
-        return (self.monitor.step_count // every - 1) * every
-
-    def _read_losses(self, first: int, horizon: int) -> list:
-        """(step, loss) of the steps in [first, horizon) whose loss has been read back, oldest first."""
-        found = []
-        for entry in reversed(self.monitor.live_history.steps):
-            step = entry["step"]
-            if step < first:
-                break
-            if step < horizon and entry.get("loss") is not None:
-                found.append((step, float(entry["loss"])))
-        return found[::-1]
-
-    def _truncation_detail(self) -> dict:
-        detail = {"k1": self.k1, "k2": self.k2, "adaptive": self.adaptive is not None}
-        if self.adaptive is not None:
-            a = self.adaptive
-            detail.update(
-                lag=a.lag,
-                k_min=a.k_min,
-                k_max=a.k_max,
-                target_bias=a.target_bias,
-                reach_fraction=a.reach_fraction,
-                estimated_dependency=a.dependency,
-                rate=a.rate,
-                residual_floor=a.floor,
-                loss_floor=a.loss_floor,
-            )
-        return detail
-
-    # ---- residual probe ----
-
-    def _probe_applies(self, streams: _Streams) -> bool:
-        return streams.inputs.dim() == 3 and streams.inputs.is_floating_point()
-
-    def _lagged_inputs(self, streams: _Streams, chunk: _Chunk, n: int) -> torch.Tensor:
-        lags, s = self.probe.lags, chunk.first
-        lo = max(0, s - lags)
-        x = self._slice(streams.inputs, chunk.rows, lo, s + n).detach()
-        x = without_padding(x, chunk.valid(lo, s + n), self.batch_first)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        return F.pad(x, (0, 0, lags - (s - lo), 0))  # zeros before the stream start
-
-    def _record_probe(self, step: int) -> None:
-        taken = self.probe.take()
-        if taken is None:
-            return
-        count, sums = taken
-        entry = {
-            "step": step,
-            "count": count,
-            "k1": self.k1,
-            "k2": self.k2,
-            "lags": self.probe.lags,
-            "noise": 1.0 / math.sqrt(count),
-        }
-
-        def record(cross, residual_energy, input_energy):
-            r = correlation_by_lag(cross, residual_energy, input_energy)
-            entry["correlation"] = r.tolist()
-            self.monitor.live_history.add("dependency", entry)
-            significant = residual_dependencies(r, entry["noise"])
-            self._residual_floor = int(significant[-1]) if significant.size else 0
-
-        self.monitor.defer(sums, record)
-
     # ---- non-finite ----
-
-    def _reduce_flag(self, loss: torch.Tensor, bad: torch.Tensor) -> Callable:
-        """Start the cross-rank reduction of (loss, non-finite flag); the returned function waits for it."""
-        world = self._world()
-        if world == 1:
-            return lambda: (loss, bad)
-        both = torch.stack((loss.to(torch.float64), bad.to(torch.float64)))
-        work = dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
-
-        def finish():
-            work.wait()  # on NCCL this orders the stream, it does not block the host
-            return both[0] / world, both[1] > 0
-
-        return finish
 
     def _stop(self) -> None:
         self.monitor.flush()
@@ -727,42 +374,28 @@ class TBPTTTrainer:
         for streams in batches:
             state, alive = None, None
             device = streams.inputs.device
+            layout = self.layout
             for s in range(0, streams.longest, chunk):
                 # As in training: streams that ended leave the batch, padding is zeroed and packed away.
                 rows = [b for b, length in enumerate(streams.lengths) if length > s]
                 if state is not None and rows != alive:
-                    state = select_rows(state, self._row_index([alive.index(b) for b in rows], device))
+                    state = select_rows(state, layout.row_index([alive.index(b) for b in rows], device))
                 alive = rows
-                index = None if len(rows) == len(streams.lengths) else self._row_index(rows, device)
+                index = None if len(rows) == len(streams.lengths) else layout.row_index(rows, device)
                 n = min(chunk, max(streams.lengths[b] for b in rows) - s)
                 valid = [min(streams.lengths[b] - s, n) for b in rows]
-                x = without_padding(self._slice(streams.inputs, index, s, s + n), valid, self.batch_first)
+                x = without_padding(layout.slice(streams.inputs, index, s, s + n), valid, self.batch_first)
                 with self._lengths(valid, n):
                     out, state = self.core(x, state)
-                pred, target = self._flatten(out), self._flatten(self._slice(streams.targets, index, s, s + n))
+                pred, target = layout.flatten(out), layout.flatten(layout.slice(streams.targets, index, s, s + n))
                 if min(valid) < n:
-                    flat = self._flat_index(valid, n, device)
+                    flat = layout.flat_index(valid, n, device)
                     pred, target = pred.index_select(0, flat), target.index_select(0, flat)
                 positions = sum(valid)
                 part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
                 total = part if total is None else total + part
                 count += positions
         return total, count
-
-    def _all_reduce_sums(self, totals: dict) -> dict:
-        if self._world() == 1:
-            return totals
-        names = list(totals)
-        packed = torch.stack(
-            [
-                torch.stack(
-                    (totals[k][0], torch.tensor(float(totals[k][1]), dtype=torch.float64, device=totals[k][0].device))
-                )
-                for k in names
-            ]
-        )
-        dist.all_reduce(packed, group=self.process_group)
-        return {k: (packed[i, 0], packed[i, 1]) for i, k in enumerate(names)}
 
     # ---- checkpoints ----
 
@@ -775,23 +408,11 @@ class TBPTTTrainer:
             "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "position": {
-                "pos": list(self._pos),
-                "chunks": self._chunks,
-                "rows": self._rows,
-                "start_pos": self._start_pos,
-                "start_state": self._start_state,
-            },
-            "truncation": {
-                "lag": self._lag,
-                "controller": None if self.adaptive is None else self.adaptive.state_dict(),
-                "estimates": list(self._estimates),
-                "geometry": sorted(self._geometry.items()),
-                "residual_floor": self._residual_floor,
-            },
+            "position": self.cursor.state_dict(self._chunks),
+            "truncation": self.truncation.state.state_dict(self.adaptive),
             "latched": self._latched,
             "probe": None if self.probe is None else self.probe.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "monitor": self.monitor.state_dict(),
         }
 
@@ -805,38 +426,27 @@ class TBPTTTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        position = state["position"]
-        self._pos, self._chunks = list(position["pos"]), int(position["chunks"])
-        self._rows, self._start_pos = position["rows"], int(position["start_pos"])
-        self._start_state = position["start_state"]
-        truncation = state["truncation"]
-        self._lag = int(truncation["lag"])
-        if self.adaptive is not None:
-            self.adaptive.load_state_dict(truncation["controller"])
-        self._estimates = [tuple(e) for e in truncation["estimates"]]
-        self._geometry = {int(k): tuple(v) for k, v in truncation["geometry"]}
-        self._residual_floor = truncation["residual_floor"]
+        self._chunks = self.cursor.load_state_dict(state["position"])
+        self.truncation.state.load_state_dict(state["truncation"], self.adaptive)
         self._latched = state["latched"]
         if self.probe is not None and state["probe"] is not None:
             self.probe.load_state_dict(state["probe"])
         self.monitor.load_state_dict(state["monitor"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | None = None) -> str:
         """Write the checkpoint atomically (temporary file, fsync, rename); one file per rank under DDP."""
-        path = self._rank_path(path or self.checkpoint_path)
+        path = rank_path(path or self.checkpoint_path, self.process_group)
         self.monitor.event(
             "checkpoint", {"path": path, "chunks": self._chunks}, step=max(self.monitor.step_count - 1, 0)
         )
-        buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        atomic_write(path, buffer.getvalue())
+        write_checkpoint(path, self.state_dict())
         return path
 
     def load_checkpoint(self, path: str | None = None, *, weights_only: bool = True) -> None:
         """Restore a checkpoint into this trainer (built with the same configuration, model and optimizer
         types); the next `fit` continues exactly where the checkpointed run stood."""
-        path = self._rank_path(path or self.checkpoint_path)
+        path = rank_path(path or self.checkpoint_path, self.process_group)
         device = self._device()
         state = torch.load(path, map_location=device, weights_only=weights_only)
         self.load_state_dict(state)
@@ -844,79 +454,11 @@ class TBPTTTrainer:
 
     # ---- helpers ----
 
-    def _reset_streams(self) -> None:
-        self._rows = None  # rows of the current batch of streams carried in _start_state (None: all)
-        self._start_pos = 0
-        self._start_state = None
-
-    def _align_rows(self, rows: list, device) -> None:
-        """Streams that ended leave the batch: drop their rows from the carried state."""
-        if self._rows is None:  # first chunk of this batch of streams: every row is alive
-            self._rows = list(rows)
-            return
-        if rows == self._rows:
-            return
-        keep = [self._rows.index(b) for b in rows]
-        if self._start_state is not None:
-            self._start_state = select_rows(self._start_state, torch.tensor(keep).to(device, non_blocking=True))
-        self._rows = list(rows)
-
-    def _row_index(self, rows: list, device) -> torch.Tensor:
-        key = (tuple(rows), device)
-        if key not in self._row_index_cache:
-            self._row_index_cache = {key: torch.tensor(rows).to(device, non_blocking=True)}
-        return self._row_index_cache[key]
-
-    def _time(self, t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return t[:, a:b] if self.batch_first else t[a:b]
-
-    def _slice(self, t: torch.Tensor, index, a: int, b: int) -> torch.Tensor:
-        t = self._time(t, a, b)
-        return t if index is None else t.index_select(0 if self.batch_first else 1, index)
-
-    @staticmethod
-    def _flatten(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, *t.shape[2:])
-
-    def _flat_index(self, valid: list, n: int, device) -> torch.Tensor:
-        """Flat positions (in the layout `_flatten` produces) of the steps inside each stream."""
-        rows = len(valid)
-        if self.batch_first:
-            flat = [b * n + t for b in range(rows) for t in range(valid[b])]
-        else:
-            flat = [t * rows + b for t in range(n) for b in range(rows) if t < valid[b]]
-        return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
-
     def _batch_order(self, count: int, epoch: int) -> list:
         if not self.shuffle:
             return list(range(count))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(count, generator=gen).tolist()
-
-    @contextlib.contextmanager
-    def _quiet(self):
-        """No telemetry and no input statistics: for passes that are not training steps."""
-        saved = [(lstm.telemetry, lstm.telemetry.enabled) for lstm in self.lstms.values()]
-        for tel, _ in saved:
-            tel.enabled = False
-        try:
-            with self.monitor.paused():
-                yield
-        finally:
-            for tel, enabled in saved:
-                tel.enabled = enabled
-
-    def _world(self) -> int:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(self.process_group)
-        return 1
-
-    def _rank_path(self, path: str | None) -> str:
-        if path is None:
-            raise ValueError("no checkpoint path given")
-        if self._world() > 1:
-            return f"{path}.rank{dist.get_rank(self.process_group)}"
-        return str(path)
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
@@ -924,40 +466,3 @@ class TBPTTTrainer:
 
 def _is_plateau(scheduler) -> bool:
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
-
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state(legacy=False)
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(_as_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": "MT19937",
-            "state": {"key": n["key"].cpu().numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -22,6 +22,7 @@ import torch
 
 from . import constants as C
 from .jsonio import to_json_safe
+from .windows import HostCopy
 
 
 class StageProbe(NamedTuple):
@@ -178,11 +179,6 @@ def _layer_from_rows(slot: int, num_directions: int, stats: np.ndarray, grad: np
     )
 
 
-class _Capture(NamedTuple):
-    host: tuple  # (stats, grad, marks) on the host, possibly still being filled
-    done: torch.cuda.Event | None  # None when the copy was synchronous
-
-
 # Timesteps the per-step gradient rows hold before they grow (to the next power of two that fits).
 INITIAL_STEPS = 1024
 
@@ -199,7 +195,7 @@ class Telemetry:
         self.record_inference = record_inference  # also record passes that autograd does not record
         self.suspended = False  # set by a sampling Monitor for its uninstrumented steps (never by users)
         self.stats = self.grad = self.first_forward = self.first_backward = self.passes = None
-        self._pending: _Capture | None = None
+        self._pending: HostCopy | None = None  # the counters' copy poll() started (windows.py)
         self._latest: Snapshot | None = None
         self.key = _register(self)
 
@@ -307,7 +303,7 @@ class Telemetry:
         yields a snapshot every step or two without the step ever waiting for the GPU.
         """
         finished = None
-        if self._pending is not None and (self._pending.done is None or self._pending.done.query()):
+        if self._pending is not None and self._pending.ready():
             finished = self._decode(self._pending)
             self._latest = finished
             self._pending = None
@@ -326,8 +322,8 @@ class Telemetry:
     def wait(self) -> None:
         """Block until the copy poll() started has arrived, so that the next poll() returns it. For callers that
         need window boundaries at fixed steps (exact resume); poll() alone never waits."""
-        if self._pending is not None and self._pending.done is not None:
-            self._pending.done.synchronize()
+        if self._pending is not None:
+            self._pending.wait()
 
     @property
     def latest(self) -> Snapshot | None:
@@ -337,23 +333,15 @@ class Telemetry:
     def _counters(self) -> tuple:
         return (self.stats, self.grad, self.first_forward, self.first_backward)
 
-    def _capture(self, reset: bool, blocking: bool) -> _Capture:
+    def _capture(self, reset: bool, blocking: bool) -> HostCopy:
         if self.stats is None:
-            return _Capture(None, None)
-        on_gpu = self.stats.is_cuda
-        if on_gpu and not blocking:
-            host = tuple(t.to("cpu", non_blocking=True) for t in self._counters())
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.stats.device))  # where the copies were queued
-        else:
-            # copy=True: for CPU counters .cpu() would return the counters themselves, which reset() then zeroes.
-            host = tuple(t.to("cpu", copy=True) for t in self._counters())
-            done = None
+            return HostCopy(None, None)
+        capture = HostCopy.start(self._counters(), blocking=blocking)
         if reset:
             self.reset()
-        return _Capture(host, done)
+        return capture
 
-    def _decode(self, capture: _Capture) -> Snapshot:
+    def _decode(self, capture: HostCopy) -> Snapshot:
         if capture.host is None:
             empty_stats = np.zeros(C.NUM_STATS)
             empty_grad = np.zeros((C.NUM_GRAD_ROWS, 0))

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .monitor import History
+from .doctor.trainer_evidence import residual_dependencies  # noqa: F401  (re-exported: the probe's test)
+from .doctor.trainer_evidence import truncation_evidence as _evidence_in_view
+from .history_view import HistoryView
 
 # ---- truncation estimates from the gradient norms ----
 
@@ -342,14 +344,6 @@ class ResidualProbe:
         self.count, self.sums = int(state["count"]), state["sums"]
 
 
-def residual_dependencies(correlation, noise: float, *, z: float = 5.0, min_correlation: float = 0.05):
-    """Lags whose residual correlation is significant (above z·noise and min_correlation) and at least half the
-    largest one, ascending."""
-    r = np.nan_to_num(np.asarray(correlation, dtype=np.float64))
-    threshold = max(z * noise, min_correlation, 0.5 * r.max(initial=0.0))
-    return np.flatnonzero(r > threshold)
-
-
 def correlation_by_lag(cross: np.ndarray, residual_energy: np.ndarray, input_energy: np.ndarray) -> np.ndarray:
     """max over (output, input feature) of |correlation| for each lag."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -364,60 +358,9 @@ def correlation_by_lag(cross: np.ndarray, residual_energy: np.ndarray, input_ene
 def truncation_evidence(
     history, *, z: float = 5.0, min_correlation: float = 0.05, bias_threshold: float = 0.25
 ) -> dict | None:
-    """Evidence that the truncation in force is shorter than the dependencies in the data, or None.
-
-    Two sources, the first that fires wins:
-      residual_correlation: in the latest `dependency` entry, the residual correlates with the input at some lag
-        >= k2 (no loss of a window reaches that far) above z/sqrt(count) and min_correlation, and at least half as
-        much as at any lag (`residual_dependencies`); the farthest such lag is the estimated dependency;
-      gradient_decay: over the latter half of the `truncation_estimates` for the k2 in force, the median relative
-        gradient bias (mass beyond the measured lag) exceeds bias_threshold.
-    Keys: k (k2 in force), k1, lag (k2 - k1), estimated_dependency (steps), source, lstm (name or None), step, and
-    correlation/noise or bias/rate.
-    """
-    h = history if isinstance(history, History) else History.from_dict(history)
-    truncations = h.events_of("truncation")
-    if not truncations:
-        return None
-    detail = truncations[-1]["detail"]
-    k1, k2 = int(detail["k1"]), int(detail["k2"])
-    base = {"k": k2, "k1": k1, "lag": k2 - k1}
-    single = next(iter(h.lstms)) if len(h.lstms) == 1 else None
-
-    probes = [e for e in h.extra.get("dependency", []) if e.get("count", 0) > 0 and int(e.get("k2", -1)) == k2]
-    if probes:
-        latest = max(probes, key=lambda e: e["step"])
-        r = np.nan_to_num(np.asarray(latest["correlation"], dtype=np.float64))
-        significant = residual_dependencies(r, float(latest["noise"]), z=z, min_correlation=min_correlation)
-        beyond = significant[significant >= k2]
-        if beyond.size:
-            lag = int(beyond[-1])
-            return {
-                **base,
-                "estimated_dependency": lag,
-                "source": "residual_correlation",
-                "lstm": single,
-                "step": latest["step"],
-                "correlation": float(r[lag]),
-                "noise": float(latest["noise"]),
-            }
-
-    estimates = sorted(
-        (e for e in h.extra.get("truncation_estimates", []) if int(e["k2"]) == k2), key=lambda e: e["step"]
+    """Evidence that the truncation in force is shorter than the dependencies in the data, or None (a History, its
+    dict or a path). The doctor's reading (doctor/trainer_evidence.py) is the one implementation; see it for the
+    two sources and the keys."""
+    return _evidence_in_view(
+        HistoryView(history), z=z, min_correlation=min_correlation, bias_threshold=bias_threshold
     )
-    recent = estimates[len(estimates) // 2 :]
-    if recent:
-        bias = float(np.median([e["bias"] for e in recent]))
-        if bias > bias_threshold:
-            dependency = float(np.median([e["estimated_dependency"] for e in recent]))
-            worst = max(recent, key=lambda e: e["bias"])
-            return {
-                **base,
-                "estimated_dependency": dependency,
-                "source": "gradient_decay",
-                "lstm": worst["lstm"],
-                "step": recent[-1]["step"],
-                "bias": bias,
-                "rate": float(np.median([e["rate"] for e in recent])),
-            }
-    return None

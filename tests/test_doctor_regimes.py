@@ -268,6 +268,39 @@ print(",".join(f.code for f in doctor.diagnose({str(path)!r})))
     assert "truncation_too_short" in result.stdout
 
 
+def test_the_doctor_reads_a_recorded_history_importing_neither_torch_nor_the_trainer(tmp_path):
+    """A history the trainer recorded and saved is diagnosed by a process that imports only the doctor (and the
+    History format): torch and the trainer's modules never load."""
+    torch = pytest.importorskip("torch")
+    import fastlstm
+    from fastlstm.tbptt import TBPTTTrainer
+
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(2, 8)
+    x, y = torch.randn(40, 3, 2), torch.randn(40, 3, 8)
+    trainer = TBPTTTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss, k1=5)
+    path = tmp_path / "run.json"
+    trainer.fit((x, y)).save(path)
+    in_process = [f.code for f in doctor.diagnose(str(path))]
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    script = f"""
+import sys, types
+package = types.ModuleType("fastlstm")
+package.__path__ = [{os.path.join(root, "fastlstm")!r}]  # the package without its __init__ (which imports torch)
+sys.modules["fastlstm"] = package
+from fastlstm import doctor
+from fastlstm.history import History
+codes = [f.code for f in doctor.diagnose(History.load({str(path)!r}))]
+trainer = [m for m in sys.modules if m in ("fastlstm.tbptt", "fastlstm.monitor", "fastlstm.truncation_state")]
+print(",".join(codes)); print("torch" in sys.modules, trainer)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    codes, loaded = result.stdout.strip().splitlines()
+    assert loaded == "False []"
+    assert (codes.split(",") if codes else []) == in_process
+
+
 # ---- small end-to-end runs ----
 
 

@@ -4,7 +4,8 @@ The trainer records two lists besides the standard ones: `dependency` (its resid
 prediction error still correlates with the input k steps back) and `truncation_estimates` (its gradient-decay
 estimates per telemetry window). This module turns them into evidence that the truncation in force is too short,
 without importing the trainer or torch: the doctor reads histories on machines that have neither. The same maths
-lives in fastlstm.tbptt (`truncation_evidence`, `residual_dependencies`), which the trainer uses while training.
+is the one implementation: fastlstm.truncation re-exports it for the trainer (`truncation_evidence`,
+`residual_dependencies`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def truncation_evidence(
     if not truncations:
         return None
     detail = truncations[-1].get("detail") or {}
-    try:
-        k1, k2 = int(detail["k1"]), int(detail.get("k2") or detail["k1"])
-    except (KeyError, TypeError, ValueError):
-        return None
+    k1 = detail.get("k1")
+    k2 = detail.get("k2") or k1
+    if not isinstance(k1, (int, float)) or not isinstance(k2, (int, float)):
+        return None  # a truncation event from another recorder, without the trainer's fields
+    k1, k2 = int(k1), int(k2)
     base = {"k": k2, "k1": k1, "lag": k2 - k1}
     single = next(iter(view.lstms)) if len(view.lstms) == 1 else None
     return _from_probe(view, k2, base, single, z, min_correlation) or _from_estimates(view, k2, base, bias_threshold)

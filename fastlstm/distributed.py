@@ -1,0 +1,63 @@
+"""The trainer's cross-rank reductions under DistributedDataParallel (a world of one needs none of them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def world_size(group=None) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
+
+def rank_path(path: str | None, group=None) -> str:
+    """One checkpoint file per rank under DDP."""
+    if path is None:
+        raise ValueError("no checkpoint path given")
+    if world_size(group) > 1:
+        return f"{path}.rank{dist.get_rank(group)}"
+    return str(path)
+
+
+def start_flag_reduction(loss: torch.Tensor, bad: torch.Tensor, group=None) -> Callable:
+    """Start the cross-rank reduction of (loss, non-finite flag); the returned function waits for it and gives
+    (mean loss, any rank bad)."""
+    world = world_size(group)
+    if world == 1:
+        return lambda: (loss, bad)
+    both = torch.stack((loss.to(torch.float64), bad.to(torch.float64)))
+    work = dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+    def finish():
+        work.wait()  # on NCCL this orders the stream, it does not block the host
+        return both[0] / world, both[1] > 0
+
+    return finish
+
+
+def all_reduce_sums(totals: dict, group=None) -> dict:
+    """{name: (device total, host count)} summed over the ranks."""
+    if world_size(group) == 1:
+        return totals
+    names = list(totals)
+    packed = torch.stack(
+        [
+            torch.stack(
+                (totals[k][0], torch.tensor(float(totals[k][1]), dtype=torch.float64, device=totals[k][0].device))
+            )
+            for k in names
+        ]
+    )
+    dist.all_reduce(packed, group=group)
+    return {k: (packed[i, 0], packed[i, 1]) for i, k in enumerate(names)}
+
+
+def all_reduce_max(values: list, device, group=None) -> list:
+    """Element-wise max of host numbers over the ranks (a periodic read, once per telemetry window)."""
+    packed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    return packed.tolist()
