@@ -40,7 +40,7 @@ POINTER_TYPES = {
     **dict.fromkeys(("lengths_ptr", "first_ptr", "seq_ptr"), "i64"),
     "flags_ptr": "i32",
 }
-INTEGER_ARGUMENTS = ("T", "B", "H", "P", "order", "capacity", "step_begin", "step_end")
+INTEGER_ARGUMENTS = ("T", "B", "H", "P", "order", "capacity", "step_begin", "step_end", "batch_group_base")
 # Which switch of a variant makes an optional pointer present (absent pointers are compiled as None).
 OPTIONAL_POINTERS = {
     "lengths_ptr": "lengths",

@@ -52,11 +52,11 @@ from .exchange import publish, wait_for
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["capacity", "order", "step_begin", "step_end", "T", "B"])
+@triton.jit(do_not_specialize=["capacity", "order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_backward_kernel(
     grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, lengths_ptr,
     dgates_ptr, grad_h_ptr, grad_c_ptr, exchange_ptr, partials_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr,
+    grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
     step_begin, step_end, T, B, H,
     REVERSE: tl.constexpr, UNITS: tl.constexpr, BLOCK_B: tl.constexpr, K_PAD: tl.constexpr,
     K_SPLIT: tl.constexpr, MAX_PROGRAMS: tl.constexpr, ASM_FENCE: tl.constexpr,
@@ -64,10 +64,10 @@ def lstm_split_backward_kernel(
     EXCHANGE: tl.constexpr,
 ):  # fmt: skip
     unit_group = tl.program_id(0)
-    batch_group = tl.program_id(1)
+    batch_group = batch_group_base + tl.program_id(1)  # the launcher may run the batch groups in slices
     unit_groups = tl.num_programs(0)
     program = batch_group * unit_groups + unit_group
-    num_programs = unit_groups * tl.num_programs(1)
+    num_programs = unit_groups * tl.cdiv(B, BLOCK_B)  # of every slice: the partials' row count
     KC: tl.constexpr = K_PAD // K_SPLIT
 
     units = unit_group * UNITS + tl.arange(0, UNITS)
@@ -154,7 +154,7 @@ def lstm_split_backward_kernel(
 
     if TELEMETRY:
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_BACKWARD, REVERSE)
-        if step_begin == 0:
+        if (step_begin == 0) & (batch_group_base == 0):  # once per pass, not per slice
             count_backward_pass(grad_ptr, capacity, T, BLOCK_B)
 
 

@@ -59,18 +59,18 @@ from .exchange import publish, wait_for
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["order", "step_begin", "step_end", "T", "B"])
+@triton.jit(do_not_specialize=["order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_forward_kernel(
     xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, lengths_ptr,
     out_ptr, gates_ptr, cells_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, order, flags_ptr,
+    stats_ptr, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
     step_begin, step_end, T, B, H,
     REVERSE: tl.constexpr, UNITS: tl.constexpr, BLOCK_B: tl.constexpr, K_PAD: tl.constexpr,
     K_SPLIT: tl.constexpr, MAX_PROGRAMS: tl.constexpr, ASM_FENCE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_LENGTHS: tl.constexpr, TELEMETRY: tl.constexpr, EXCHANGE: tl.constexpr,
 ):  # fmt: skip
     unit_group = tl.program_id(0)
-    batch_group = tl.program_id(1)
+    batch_group = batch_group_base + tl.program_id(1)  # the launcher may run the batch groups in slices
     unit_groups = tl.num_programs(0)
     KC: tl.constexpr = K_PAD // K_SPLIT
 
@@ -166,7 +166,7 @@ def lstm_split_forward_kernel(
         ran = tl.where(seq_ok, steps_active(length, step_begin, step_end, T, REVERSE), 0)
         elements = tl.sum(ran, axis=0).to(tl.float64) * tl.sum(unit_ok.to(tl.int32), axis=0).to(tl.float64)
         flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, elements)
-        if step_begin == 0:
+        if (step_begin == 0) & (batch_group_base == 0):  # once per pass, not per slice
             count_forward_launch(stats_ptr)
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_FORWARD, not REVERSE)
 

@@ -94,10 +94,17 @@ class SplitConfig(NamedTuple):
     maxnreg: int
     unit_groups: int
     batch_groups: int
+    # Batch groups exchange nothing with each other, so where the whole grid would not be resident at once the
+    # launcher runs them in slices of this many, one cooperative launch per slice, one after another on the stream.
+    batch_groups_per_launch: int
 
     @property
     def programs(self) -> int:
         return self.unit_groups * self.batch_groups
+
+    @property
+    def launches(self) -> int:
+        return triton.cdiv(self.batch_groups, self.batch_groups_per_launch)
 
 
 class Plan(NamedTuple):
@@ -167,6 +174,7 @@ def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | N
         maxnreg=MAX_REGISTERS,
         unit_groups=triton.cdiv(hidden, SPLIT_UNITS),
         batch_groups=triton.cdiv(batch, block_b),
+        batch_groups_per_launch=triton.cdiv(batch, block_b),
     )
 
 
@@ -180,24 +188,28 @@ def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.d
 def plan_for(hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None,
              gluon: bool = False) -> Plan:  # fmt: skip
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
-    projection, a W_hh share that fits) and all their programs can be resident at once (at most max_programs;
-    None: no limit, host-stepped), written in Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the
-    dtype; else the streaming kernels, which take everything."""
+    projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
+    max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
+    Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype; else the streaming kernels, which take
+    everything."""
     if KERNELS != "streaming":
         single = single_config(hidden, proj, dtype)
         if single is not None:
             return Plan("single", single)
         split = split_config(hidden, batch, dtype) if proj == hidden else None
-        if split is not None and (max_programs is None or split.programs <= max_programs):
+        if split is not None and max_programs is not None:
+            per_launch = max_programs // split.unit_groups
+            split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
+        if split is not None:
             use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES
             return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
 
 
 def programs_of(chosen: Plan, batch: int) -> int:
-    """How many programs a plan launches for `batch` sequences."""
+    """How many programs one launch of a plan runs for `batch` sequences."""
     if chosen.kind == "split":
-        return chosen.config.programs
+        return chosen.config.unit_groups * chosen.config.batch_groups_per_launch
     return triton.cdiv(batch, chosen.config.block_b)
 
 
@@ -440,8 +452,9 @@ def _record(kernel: str, chosen: Plan, mode: str) -> None:
 
 
 def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, reverse, dtype):
-    """One cooperative launch for the whole sequence, exchanging every step, or one launch per step (host-stepped;
-    the backward adds a last launch that only finishes dL/dh0)."""
+    """Cooperative launches for the whole sequence, exchanging every step, one per slice of batch groups (one slice
+    when the grid fits the device), or one launch per step (host-stepped; the backward adds a last launch that only
+    finishes dL/dh0)."""
     cfg = chosen.config
     device = args[0].device
     constants = {
@@ -454,21 +467,25 @@ def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, revers
     if _host_stepped():
         _record(name, chosen, "host-stepped")
         for step in range(steps):
-            kernel[grid](*args, None, step, step + 1, steps, batch, hidden, **constants)
+            kernel[grid](*args, None, 0, step, step + 1, steps, batch, hidden, **constants)
         if name == "backward":
-            kernel[grid](*args, None, steps, steps, steps, batch, hidden, **constants)
+            kernel[grid](*args, None, 0, steps, steps, steps, batch, hidden, **constants)
         return
     _record(name, chosen, "cooperative")
-    # [abort word, one flag per program], zeroed per launch so that nothing survives into the next (exchange.py).
+    # [abort word, one flag per program of every slice], zeroed per pass so that nothing survives into the next
+    # (exchange.py); each slice's programs raise their own flags.
     flags = torch.zeros(1 + cfg.programs, dtype=torch.int32, device=device)
-    try:
-        kernel[grid](*args, flags, 0, steps, steps, batch, hidden, launch_cooperative_grid=True, **constants)
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"fastlstm: the {name} kernel needs its {cfg.programs} programs resident at once (a cooperative launch) "
-            f"and the device refused it ({error}); FASTLSTM_KERNELS=streaming selects kernels that need no "
-            "co-residency"
-        ) from error
+    for base in range(0, cfg.batch_groups, cfg.batch_groups_per_launch):
+        slice_grid = (cfg.unit_groups, min(cfg.batch_groups_per_launch, cfg.batch_groups - base))
+        try:
+            kernel[slice_grid](*args, flags, base, 0, steps, steps, batch, hidden, launch_cooperative_grid=True,
+                               **constants)  # fmt: skip
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"fastlstm: the {name} kernel needs its {slice_grid[0] * slice_grid[1]} programs resident at once (a "
+                f"cooperative launch) and the device refused it ({error}); FASTLSTM_KERNELS=streaming selects "
+                "kernels that need no co-residency"
+            ) from error
     # A program that gave up waiting (exchange.py) leaves wrong results: fail loudly on the device, without a host
     # sync, rather than return them.
     torch._assert_async(flags[0] == 0, "fastlstm: a resident LSTM kernel timed out waiting for another program")

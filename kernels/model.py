@@ -65,8 +65,9 @@ class Route:
     routed: bool
     forward: object  # aot.Variant
     backward: object
-    programs: int
+    programs: int  # per launch
     resident_weights: bool = False
+    launches: int = 1  # the split kernels' slices of batch groups, run one after another
 
 
 def routes(shape: Shape) -> list[Route]:
@@ -92,8 +93,9 @@ def routes(shape: Shape) -> list[Route]:
         switches = {"telemetry"} | ({"exchange"} if chosen.kind == "split" else set())
         forward, backward = (aot.plan_variant(chosen, stage, storage, precision, switches)
                              for stage in ("forward", "backward"))  # fmt: skip
+        launches = chosen.config.launches if chosen.kind == "split" else 1
         out.append(Route(forward.family, chosen is routed, forward, backward, launch.programs_of(chosen, shape.batch),
-                         resident_weights=chosen.kind in ("single", "split")))  # fmt: skip
+                         resident_weights=chosen.kind in ("single", "split"), launches=launches))  # fmt: skip
     return out
 
 
@@ -126,7 +128,8 @@ def run_isolated(fn, items, jobs: int = 2) -> list:
 def scalars(shape: Shape) -> dict:
     """The kernel's runtime integer arguments for a whole-sequence launch of this shape."""
     t, h = shape.seq, shape.hidden
-    return {"T": t, "B": shape.batch, "H": h, "P": h, "step_begin": 0, "step_end": t, "capacity": t, "order": 0}
+    return {"T": t, "B": shape.batch, "H": h, "P": h, "step_begin": 0, "step_end": t, "capacity": t, "order": 0,
+            "batch_group_base": 0}
 
 
 def profile_variant(task) -> dict:
@@ -165,15 +168,19 @@ def gemm_us_per_step(shape: Shape, backward: bool) -> float:
     return flops / (rate * H200.gemm_efficiency.value) * 1e6
 
 
-def estimate(shape: Shape, forward: dict, backward: dict) -> dict:
-    fwd = forward["step_us"] + gemm_us_per_step(shape, backward=False)
-    bwd = backward["step_us"] + gemm_us_per_step(shape, backward=True)
+def estimate(shape: Shape, forward: dict, backward: dict, launches: int = 1) -> dict:
+    """µs per step of one route; a route launched in `launches` slices of the batch, one after another, pays its
+    recurrence step once per slice."""
+    forward_step, backward_step = launches * forward["step_us"], launches * backward["step_us"]
+    fwd = forward_step + gemm_us_per_step(shape, backward=False)
+    bwd = backward_step + gemm_us_per_step(shape, backward=True)
     return {
         "forward_us_per_step": fwd,
         "forward_backward_us_per_step": fwd + bwd,
         "forward_ms": fwd * shape.seq / 1e3,
         "forward_backward_ms": (fwd + bwd) * shape.seq / 1e3,
-        "recurrence_us_per_step": {"forward": forward["step_us"], "backward": backward["step_us"]},
+        "recurrence_us_per_step": {"forward": forward_step, "backward": backward_step},
+        "launches": launches,
         "gemm_us_per_step": {"forward": gemm_us_per_step(shape, False), "backward": gemm_us_per_step(shape, True)},
     }
 
@@ -243,7 +250,7 @@ def build(shapes: list[Shape], jobs: int = 2) -> dict:
                             **fwd["profiles"][shape.key]},
                 "backward": {"variant": bwd["variant"], "weights_every_step": bwd["weights_every_step"],
                              **bwd["profiles"][shape.key]},
-                LABEL: estimate(shape, fwd["profiles"][shape.key], bwd["profiles"][shape.key]),
+                LABEL: estimate(shape, fwd["profiles"][shape.key], bwd["profiles"][shape.key], route.launches),
             }  # fmt: skip
         routed = next((label for label, k in kernels.items() if k["routed"]), None)
         cases[shape.key] = {

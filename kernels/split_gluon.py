@@ -106,11 +106,11 @@ def _split4(tile, UNITS: gl.constexpr, N: gl.constexpr):
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
 )
-@gluon.jit(do_not_specialize=["order", "step_begin", "step_end", "T", "B"])
+@gluon.jit(do_not_specialize=["order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_forward_gluon_kernel(
     xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, lengths_ptr,
     out_ptr, gates_ptr, cells_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, order, flags_ptr,
+    stats_ptr, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
     step_begin, step_end, T, B, H,
     REVERSE: gl.constexpr, UNITS: gl.constexpr, BLOCK_B: gl.constexpr, K_PAD: gl.constexpr,
     K_SPLIT: gl.constexpr, MAX_PROGRAMS: gl.constexpr, ASM_FENCE: gl.constexpr, DOT_DTYPE: gl.constexpr,
@@ -129,7 +129,7 @@ def lstm_split_forward_gluon_kernel(
     tile: gl.constexpr = gl.SliceLayout(0, red)  # [ROWS, BLOCK_B]
 
     unit_group = gl.program_id(0)
-    batch_group = gl.program_id(1)
+    batch_group = batch_group_base + gl.program_id(1)  # the launcher may run the batch groups in slices
     unit_groups = gl.num_programs(0)
 
     # This program's weight rows, unit-major: row r is gate r % 4 of unit r // 4.
@@ -261,7 +261,7 @@ def lstm_split_forward_gluon_kernel(
         ran_steps = gl.where(tile_ok, steps_active(length, step_begin, step_end, T, REVERSE), 0)
         elements = gl.sum(gl.sum(ran_steps, axis=1), axis=0).to(gl.float64)
         flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, elements)
-        if step_begin == 0:
+        if (step_begin == 0) & (batch_group_base == 0):  # once per pass, not per slice
             count_forward_launch(stats_ptr)
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_FORWARD, not REVERSE)
 
@@ -280,11 +280,11 @@ def _batch_major_reduction(block_b, units, s):
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
 )
-@gluon.jit(do_not_specialize=["capacity", "order", "step_begin", "step_end", "T", "B"])
+@gluon.jit(do_not_specialize=["capacity", "order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_backward_gluon_kernel(
     grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, lengths_ptr,
     dgates_ptr, grad_h_ptr, grad_c_ptr, exchange_ptr, partials_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr,
+    grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
     step_begin, step_end, T, B, H,
     REVERSE: gl.constexpr, UNITS: gl.constexpr, BLOCK_B: gl.constexpr, K_PAD: gl.constexpr,
     K_SPLIT: gl.constexpr, MAX_PROGRAMS: gl.constexpr, ASM_FENCE: gl.constexpr,
@@ -302,10 +302,10 @@ def lstm_split_backward_gluon_kernel(
     tile: gl.constexpr = gl.SliceLayout(0, red)  # [BLOCK_B, UNITS]
 
     unit_group = gl.program_id(0)
-    batch_group = gl.program_id(1)
+    batch_group = batch_group_base + gl.program_id(1)  # the launcher may run the batch groups in slices
     unit_groups = gl.num_programs(0)
     program = batch_group * unit_groups + unit_group
-    num_programs = unit_groups * gl.num_programs(1)
+    num_programs = unit_groups * gl.cdiv(B, BLOCK_B)  # of every slice: the partials' row count
 
     # Loaded once: W_hh[gate * H + j, units] per gate, as the B operand.
     s_w = gl.arange(0, S, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_load)))
@@ -418,7 +418,7 @@ def lstm_split_backward_gluon_kernel(
 
     if TELEMETRY:
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_BACKWARD, REVERSE)
-        if step_begin == 0:
+        if (step_begin == 0) & (batch_group_base == 0):  # once per pass, not per slice
             _gluon_count_backward_pass(grad_ptr, capacity, T, S)
 
 

@@ -174,6 +174,41 @@ def test_split_kernels_with_their_exchange_on(launched, one_group_exchange, reve
     assert launched == [("forward", "split", "cooperative"), ("backward", "split", "cooperative")]
 
 
+class GridSpy:
+    """Stands in for a kernel and notes the grid of every launch it is asked for."""
+
+    def __init__(self, kernel, name, grids):
+        self.kernel, self.name, self.grids = kernel, name, grids
+
+    def __getitem__(self, grid):
+        self.grids.append((self.name, grid))
+        return self.kernel[grid]
+
+
+def test_split_batch_groups_run_in_slices_when_their_grid_exceeds_the_device(monkeypatch, one_group_exchange):
+    # One program resident at a time: each of the three batch groups (18 sequences, 8 per fp32 program) gets its own
+    # cooperative launch, and outputs, gradients and telemetry still match the reference.
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 1)
+    grids = []
+    for stage in ("forward", "backward"):
+        name = f"lstm_split_{stage}_kernel"
+        monkeypatch.setattr(launch, name, GridSpy(getattr(launch, name), stage, grids))
+    problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
+    assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
+    assert grids == [("forward", (1, 1))] * 3 + [("backward", (1, 1))] * 3
+
+
+def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
+    fits = launch.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=132, gluon=True).config
+    sliced = launch.plan_for(1024, 1024, 64, torch.bfloat16, max_programs=132, gluon=True).config
+    assert (fits.unit_groups, fits.batch_groups, fits.launches) == (128, 1, 1)
+    assert (sliced.batch_groups, sliced.batch_groups_per_launch, sliced.launches) == (4, 1, 4)
+    wide = launch.plan_for(256, 256, 64, torch.bfloat16, max_programs=132, gluon=True).config
+    assert (wide.unit_groups, wide.batch_groups_per_launch, wide.launches) == (32, 4, 1)
+    # Not even one batch group's programs fit: no split plan.
+    assert launch.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=64, gluon=True).kind == "streaming"
+
+
 def test_hidden_sizes_on_every_pad_boundary(launched):
     # 16 (one exact pad), 17 (a 32 pad with one real unit past 16), 64 (the single kernel's widest), 65 (the first
     # split size): the ragged edges of each layout, and the switch between the two kernels.
