@@ -13,9 +13,9 @@ from torch import nn
 import fastlstm
 
 try:
-    from conftest import assert_rel
+    from support import assert_rel
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import assert_rel
+    from tests.support import assert_rel
 
 
 def test_fullgraph_compile_matches_eager_outputs_gradients_and_telemetry():

@@ -18,9 +18,9 @@ from torch.nn.utils.parametrizations import orthogonal, weight_norm
 import fastlstm
 
 try:
-    from conftest import assert_rel, fast_like, leaf, make_pair, pack
+    from support import assert_rel, fast_like, leaf, make_pair, pack
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import assert_rel, fast_like, leaf, make_pair, pack
+    from tests.support import assert_rel, fast_like, leaf, make_pair, pack
 
 I, H, P, T, B = 4, 6, 3, 5, 3
 F64 = torch.float64

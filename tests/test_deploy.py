@@ -24,9 +24,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fastlstm
 
 try:
-    from conftest import assert_rel, leaf, make_pair, mixed_lengths, pack
+    from support import assert_rel, leaf, make_pair, mixed_lengths, pack
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import assert_rel, leaf, make_pair, mixed_lengths, pack
+    from tests.support import assert_rel, leaf, make_pair, mixed_lengths, pack
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),

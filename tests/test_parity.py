@@ -14,9 +14,9 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 import fastlstm
 
 try:
-    from conftest import assert_rel, leaf, make_pair, mixed_lengths, pack, weighted_loss
+    from support import assert_rel, leaf, make_pair, mixed_lengths, pack, weighted_loss
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import assert_rel, leaf, make_pair, mixed_lengths, pack, weighted_loss
+    from tests.support import assert_rel, leaf, make_pair, mixed_lengths, pack, weighted_loss
 
 INPUT, HIDDEN, PROJ, STEPS = 4, 5, 3, 6
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}

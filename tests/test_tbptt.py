@@ -19,9 +19,9 @@ from fastlstm.tbptt import NonFiniteError, TBPTTTrainer, estimate_dependency, tr
 from fastlstm.truncation import estimate_state_dependency
 
 try:
-    from conftest import lstm_cell_step
+    from support import lstm_cell_step
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import lstm_cell_step
+    from tests.support import lstm_cell_step
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,9 @@ from torch.nn.utils.rnn import pad_packed_sequence
 import fastlstm
 
 try:
-    from conftest import fast_like, make_pair, mixed_lengths, pack
+    from support import fast_like, make_pair, mixed_lengths, pack
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import fast_like, make_pair, mixed_lengths, pack
+    from tests.support import fast_like, make_pair, mixed_lengths, pack
 
 GATES = ("i", "f", "g", "o")
 SIGMOID_LOW, SIGMOID_HIGH, TANH_HIGH = 0.05, 0.95, 0.95  # docs/telemetry.md

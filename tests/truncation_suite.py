@@ -33,9 +33,9 @@ import fastlstm
 from fastlstm.tbptt import TBPTTTrainer
 
 try:
-    from conftest import lstm_cell_step
+    from support import lstm_cell_step
 except ImportError:  # imported as tests.truncation_suite
-    from tests.conftest import lstm_cell_step
+    from tests.support import lstm_cell_step
 
 VALUE, MARKER, QUERY = 0, 1, 2  # input channels
 ANSWER, IS_QUERY = 0, 1  # target channels
