@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastlstm.bench import problem_seed
-from fastlstm.bench.cases import MODES, KERNEL_TARGETS, Case, Problem, quick_problems
+from fastlstm.bench.cases import KERNEL_TARGETS, MODES, Case, Problem, quick_problems
 from fastlstm.bench.providers import POOL, PROVIDERS, check_correctness, make_inputs, make_step, make_weights, precision
 from fastlstm.bench.timing import sync_check
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from support import Forecaster, one_cpu_thread
 from torch import nn
 
 import fastlstm
@@ -95,15 +96,11 @@ def remember_first(gen, batch: int, steps: int):
     return x, x[:, 0, :].clone()
 
 
-class Net(nn.Module):
-    def __init__(self, features: int, outputs: int = 1, hidden: int = HIDDEN, layers: int = 1):
-        super().__init__()
-        self.lstm = fastlstm.LSTM(features, hidden, layers, batch_first=True, backend=lstm_backend())
-        self.head = nn.Linear(hidden, outputs)
+class Net(Forecaster):
+    """The scenarios' model: the shared Forecaster at the suite's size, on the backend the recording mode needs."""
 
-    def forward(self, x, state=None):
-        out, state = self.lstm(x, state)
-        return self.head(out), state
+    def __init__(self, features: int, outputs: int = 1, hidden: int = HIDDEN, layers: int = 1):
+        super().__init__(features, outputs, hidden, layers, backend=lstm_backend())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,12 +146,8 @@ def single_threaded(fn: Callable) -> Callable:
     """fn run on one CPU thread: tiny models are faster that way, and immune to OpenMP stalls on a busy machine."""
 
     def wrapped(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_cpu_thread():
             return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
     return wrapped
 

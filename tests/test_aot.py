@@ -22,6 +22,7 @@ def test_quick_matrix_compiles_without_spills_within_shared_memory():
 
 def test_matrix_covers_every_plan_the_launcher_makes():
     import torch
+
     from fastlstm.kernels import launch
 
     covered = {(v.family, v.dtype, v.config, v.aligned) for v in aot.variants()}

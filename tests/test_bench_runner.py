@@ -385,9 +385,8 @@ GPU_CHECK_TINY = [Problem(16, 1, 8, "fp32"), Problem(32, 4, 8, "bf16"), Problem(
 
 
 def test_gpu_check_grid_is_the_performance_models_shapes():
-    from fastlstm.kernels.model import model_shapes
-
     from fastlstm.bench.gpu_check import check_problems
+    from fastlstm.kernels.model import model_shapes
 
     problems = check_problems("cuda")
     assert {p.name for p in problems} == {s.key for s in model_shapes()}

@@ -18,9 +18,9 @@ from torch.nn.utils.parametrizations import orthogonal, weight_norm
 import fastlstm
 
 try:
-    from conftest import assert_rel, fast_like, leaf, make_pair, pack
+    from support import assert_module_parity, assert_rel, fast_like, leaf, make_pair, pack, tolerance
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import assert_rel, fast_like, leaf, make_pair, pack
+    from tests.support import assert_module_parity, assert_rel, fast_like, leaf, make_pair, pack, tolerance
 
 I, H, P, T, B = 4, 6, 3, 5, 3
 F64 = torch.float64
@@ -30,27 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not sup
 
 def _randn(*shape, dtype=F64):
     return torch.randn(*shape, dtype=dtype)
-
-
-def _outputs_and_grads(module, x, hx=None):
-    """Output, final states and parameter gradients of a fixed random loss (seeded by the caller)."""
-    module.zero_grad(set_to_none=True)
-    out, (h, c) = module(x, hx)
-    g = torch.Generator().manual_seed(1234)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (out, h, c))
-    loss.backward()
-    return (out.detach(), h.detach(), c.detach()), {n: p.grad for n, p in module.named_parameters()}
-
-
-def _assert_same_results(fast, ref, x, hx=None, tol=1e-12):
-    (fo, fh, fc), fg = _outputs_and_grads(fast, x, hx)
-    (ro, rh, rc), rg = _outputs_and_grads(ref, x, hx)
-    assert_rel(fo, ro, tol, "output")
-    assert_rel(fh, rh, tol, "h_n")
-    assert_rel(fc, rc, tol, "c_n")
-    assert fg.keys() == rg.keys()
-    for name in rg:
-        assert_rel(fg[name], rg[name], tol, f"grad {name}")
 
 
 # ---- constructor ----
@@ -167,13 +146,13 @@ def test_state_dict_both_ways(cfg):
     x = _randn(T, B, I).transpose(0, 1).contiguous() if cfg.get("batch_first") else _randn(T, B, I)
     # nn.LSTM -> fastlstm
     ours.load_state_dict(theirs.state_dict())
-    _assert_same_results(ours, theirs, x)
+    assert_module_parity(ours, theirs, x)
     # fastlstm -> nn.LSTM (fresh weights on our side first)
     with torch.no_grad():
         for p in ours.parameters():
             p.uniform_(-0.5, 0.5)
     theirs.load_state_dict(ours.state_dict())
-    _assert_same_results(ours, theirs, x)
+    assert_module_parity(ours, theirs, x)
     for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n
 
@@ -204,7 +183,7 @@ def test_flatten_parameters_harmless():
     fast.flatten_parameters()
     assert [p for p in fast.parameters()] == before  # same Parameter objects
     assert torch.equal(fast(x)[0], out)
-    _assert_same_results(fast, ref, x)
+    assert_module_parity(fast, ref, x)
 
 
 def test_telemetry_is_not_module_state():
@@ -216,7 +195,7 @@ def test_telemetry_is_not_module_state():
     assert list(ours.named_buffers()) == list(ref.named_buffers()) == []
     ours.load_state_dict(ref.state_dict(), assign=True)
     assert ours.weight_hh_l1.device.type == "cpu" and ours.telemetry.passes.device.type == "cpu"
-    _assert_same_results(ours, ref, _randn(T, B, I))
+    assert_module_parity(ours, ref, _randn(T, B, I))
     assert ours.telemetry.snapshot().layers[0].elements == T * B * H
     half = copy.deepcopy(ours).half()
     assert half.telemetry.stats.dtype == F64  # counts stay exact whatever the parameters' dtype
@@ -236,7 +215,7 @@ def test_reassigned_parameter_is_used():
         m.weight_hr_l1 = nn.Parameter(new_hr.clone())
     assert not torch.allclose(fast(x)[0], before)
     assert any(p is fast.weight_hh_l0 for p in fast.parameters())
-    _assert_same_results(fast, ref, x)
+    assert_module_parity(fast, ref, x)
     assert fast.weight_hh_l0.grad is not None and fast.weight_hr_l1.grad is not None
 
 
@@ -254,9 +233,9 @@ def test_functional_call_matches_nn_lstm():
         assert all(p.grad is None for n, p in m.named_parameters() if n in subs)  # the originals were not used
     (fo, fh, fc, fg), (ro, rh, rc, rg) = results[1], results[0]
     for a, b, what in ((fo, ro, "output"), (fh, rh, "h_n"), (fc, rc, "c_n")):
-        assert_rel(a, b, 1e-12, what)
+        assert_rel(a, b, tolerance(F64), what)
     for n in subs:
-        assert_rel(fg[n], rg[n], 1e-12, n)
+        assert_rel(fg[n], rg[n], tolerance(F64), n)
     assert not torch.allclose(fast(x)[0], fo)  # and the module's own weights are back afterwards
 
 
@@ -285,7 +264,7 @@ def test_parametrizations_match_nn_lstm(kind):
                 m.parametrizations.weight_hh_l0.original0.mul_(torch.linspace(0.5, 2, 4 * H, dtype=F64)[:, None])
     assert torch.equal(fast.weight_hh_l0, ref.weight_hh_l0)
     assert not torch.allclose(fast(x)[0], plain)
-    _assert_same_results(fast, ref, x)
+    assert_module_parity(fast, ref, x)
     grads = [p.grad for n, p in fast.named_parameters() if "parametrizations" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -300,7 +279,7 @@ def test_to_float64(how):
     ref = ref32.to(F64) if how == "to" else ref32.double()
     fast = fast32.to(F64) if how == "to" else fast32.double()
     assert all(p.dtype == F64 for p in fast.parameters())
-    _assert_same_results(fast, ref, _randn(T, B, I))
+    assert_module_parity(fast, ref, _randn(T, B, I))
 
 
 def test_half_runs_close_to_float32():
@@ -330,7 +309,7 @@ def test_meta_construction_and_to_empty():
     assert all(p.device.type == "cpu" and p.dtype == F64 for p in m.parameters())
     assert m.telemetry.passes.device.type == "cpu"
     m.load_state_dict(ref.state_dict())
-    _assert_same_results(m, ref, _randn(T, B, I))
+    assert_module_parity(m, ref, _randn(T, B, I))
     # reset_parameters after to_empty gives a valid init again
     m.reset_parameters()
     assert all(p.abs().max() <= 1 / math.sqrt(H) for p in m.parameters())
@@ -343,7 +322,7 @@ def _trained_copy_check(original, clone, ref):
     x = _randn(T, B, I)
     assert type(clone) is type(original)
     assert clone.backend == original.backend
-    _assert_same_results(clone, ref, x)
+    assert_module_parity(clone, ref, x)
     for (n, a), (_, b) in zip(clone.named_parameters(), original.named_parameters()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n
     with torch.no_grad():
@@ -443,7 +422,7 @@ def test_from_torch_shares_parameters():
     assert repr(fast).replace(", backend='reference'", "") == repr(ref)
     for (n, a), (m, b) in zip(fast.named_parameters(), ref.named_parameters()):
         assert n == m and a is b
-    _assert_same_results(fast, ref, _randn(B, T, I))
+    assert_module_parity(fast, ref, _randn(B, T, I))
     assert fast.telemetry.passes.device == ref.weight_ih_l0.device  # built on meta, but its telemetry is not
     assert fast.telemetry.snapshot().layers[0].elements == B * T * H
     with pytest.raises(TypeError):
@@ -487,7 +466,7 @@ def test_convert_nested_model():
     assert all(p.dtype == F64 for p in model.parameters())
     assert [n for n, _ in model.named_parameters()] == names_before
     assert all(a is b for a, b in zip(model.parameters(), params_before))
-    assert_rel(model(x), before, 1e-12, "converted model output")
+    assert_rel(model(x), before, tolerance(F64), "converted model output")
 
     # the optimizer built before the conversion trains the new modules
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -17,6 +17,7 @@ import failure_suite as suite
 import numpy as np
 import pytest
 import torch
+from support import one_cpu_thread
 
 import fastlstm
 from fastlstm import doctor
@@ -201,12 +202,8 @@ def test_symptoms_point_at_their_cause():
 @pytest.fixture(scope="module")
 def recorded():
     """A short real run recorded by fastlstm.Monitor: (History, its dict)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         return _record_short_run()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _record_short_run():

@@ -21,21 +21,25 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the kernels
 
 import triton
-from fastlstm.kernels import launch
-from fastlstm.kernels.single import lstm_single_forward_kernel
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import fastlstm
 from fastlstm import reference
+from fastlstm.kernels import launch
+from fastlstm.kernels.single import lstm_single_forward_kernel
 from fastlstm.telemetry import Telemetry
+
+try:
+    from support import rel_err, tolerance
+except ImportError:  # tests/ turned into a package
+    from tests.support import rel_err, tolerance
 
 if not isinstance(lstm_single_forward_kernel.fn, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("fastlstm.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 pytestmark = pytest.mark.interpreter
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +64,6 @@ def one_group_exchange(monkeypatch):
     monkeypatch.setattr(launch, "_host_stepped", lambda: False)
     monkeypatch.setattr(launch, "_multiprocessors", lambda device: 1 << 10)
 
-
-def rel(actual, expected):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
 def random_problem(steps, batch, hidden, proj, dtype, with_lengths, scale=0.4):
@@ -110,8 +110,8 @@ def assert_same_telemetry(kernel, ref, tol):
     assert k.forget_gate_mean == pytest.approx(r.forget_gate_mean, rel=tol)
     assert k.cell_absmax == pytest.approx(r.cell_absmax, rel=tol)
     assert (k.backward_passes == r.backward_passes).all()
-    assert rel(torch.from_numpy(k.grad_norm_per_step), torch.from_numpy(r.grad_norm_per_step)) <= tol
-    assert rel(torch.from_numpy(k.cell_grad_norm_per_step), torch.from_numpy(r.cell_grad_norm_per_step)) <= tol
+    assert rel_err(torch.from_numpy(k.grad_norm_per_step), torch.from_numpy(r.grad_norm_per_step)) <= tol
+    assert rel_err(torch.from_numpy(k.cell_grad_norm_per_step), torch.from_numpy(r.cell_grad_norm_per_step)) <= tol
     assert kernel.first_nonfinite == ref.first_nonfinite
     assert kernel.launches == ref.launches
 
@@ -120,7 +120,7 @@ def assert_matches_reference(problem, grads, reverse, tol):
     k_fwd, k_bwd, k_tel = run_backend(launch, problem, grads, reverse)
     r_fwd, r_bwd, r_tel = run_backend(reference, problem, grads, reverse)
     for name in ("out", "h_n", "c_n"):
-        assert rel(getattr(k_fwd, name), getattr(r_fwd, name)) <= tol, name
+        assert rel_err(getattr(k_fwd, name), getattr(r_fwd, name)) <= tol, name
     # hidden_full only meets zero gradients outside a sequence, so only its in-sequence values are specified.
     inside = reference.active_mask(problem["lengths"], problem["xw"].shape[0])
     inside = torch.ones(()) if inside is None else inside.unsqueeze(-1)
@@ -131,7 +131,7 @@ def assert_matches_reference(problem, grads, reverse, tol):
             continue
         if name == "hidden_full":
             expected, actual = expected * inside, actual * inside
-        assert rel(actual, expected) <= tol, name
+        assert rel_err(actual, expected) <= tol, name
     assert_same_telemetry(k_tel, r_tel, tol)
 
 
@@ -152,7 +152,7 @@ FAMILIES = {
 def test_fp32_matches_reference(launched, family, reverse, with_lengths):
     steps, batch, hidden, proj = FAMILIES[family]
     problem, grads = random_problem(steps, batch, hidden, proj, torch.float32, with_lengths)
-    assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
+    assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
     kind = family.split("-")[0]
     mode = {"single": "single", "split": "host-stepped", "streaming": "streaming"}[kind]
     assert launched == [("forward", kind, mode), ("backward", kind, mode)]
@@ -163,14 +163,14 @@ def test_fp32_matches_reference(launched, family, reverse, with_lengths):
 def test_half_precision_matches_reference(launched, family, dtype):
     steps, _batch, hidden, proj = FAMILIES[family]
     problem, grads = random_problem(steps, 5, hidden, proj, dtype, with_lengths=True)
-    assert_matches_reference(problem, grads, reverse=True, tol=TOLERANCE[dtype])
+    assert_matches_reference(problem, grads, reverse=True, tol=tolerance(dtype))
     assert {kind for _, kind, _ in launched} == {family.split("-")[0]}
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_split_kernels_with_their_exchange_on(launched, one_group_exchange, reverse):
     problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
-    assert_matches_reference(problem, grads, reverse, TOLERANCE[torch.float32])
+    assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
     assert launched == [("forward", "split", "cooperative"), ("backward", "split", "cooperative")]
 
 
@@ -194,7 +194,7 @@ def test_split_batch_groups_run_in_slices_when_their_grid_exceeds_the_device(mon
         name = f"lstm_split_{stage}_kernel"
         monkeypatch.setattr(launch, name, GridSpy(getattr(launch, name), stage, grids))
     problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
-    assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
+    assert_matches_reference(problem, grads, reverse=False, tol=tolerance(torch.float32))
     assert grids == [("forward", (1, 1))] * 3 + [("backward", (1, 1))] * 3
 
 
@@ -214,7 +214,7 @@ def test_hidden_sizes_on_every_pad_boundary(launched):
     # split size): the ragged edges of each layout, and the switch between the two kernels.
     for hidden in (16, 17, 64, 65):
         problem, grads = random_problem(2, 3, hidden, 0, torch.float32, with_lengths=False)
-        assert_matches_reference(problem, grads, reverse=False, tol=TOLERANCE[torch.float32])
+        assert_matches_reference(problem, grads, reverse=False, tol=tolerance(torch.float32))
     kinds = [kind for stage, kind, _ in launched if stage == "forward"]
     assert kinds == ["single", "single", "split", "split"]
 
@@ -234,7 +234,7 @@ def test_module_with_triton_backend_matches_nn_lstm(launched):
         grads = torch.autograd.grad(loss, [h0, c0, *model.parameters()])
         outputs.append((out.data, h_n, c_n, *grads))
     for name, expected, actual in zip(["out", "h_n", "c_n", "h0", "c0", "params"], outputs[0], outputs[1]):
-        assert rel(actual, expected) <= 1e-5, name
+        assert rel_err(actual, expected) <= 1e-5, name
     assert len(launched) == 8
 
 
@@ -249,7 +249,7 @@ def test_split_module_matches_nn_lstm(launched):
         loss = (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum() + c_n.pow(2).sum()
         results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, list(model.parameters()))))
     for expected, actual in zip(*results):
-        assert rel(actual, expected) <= 1e-5
+        assert rel_err(actual, expected) <= 1e-5
     assert {kind for _, kind, _ in launched} == {"split"}
 
 
@@ -381,7 +381,7 @@ def test_non_contiguous_inputs_give_correct_results():
     expected = reference.recurrence_forward(**_forward_args(problem), reverse=False)
     actual = launch.recurrence_forward(**_forward_args(strided), reverse=False)
     assert not strided["xw"].is_contiguous()
-    assert rel(actual.out, expected.out) <= 1e-6
+    assert rel_err(actual.out, expected.out) <= 1e-6
 
 
 def test_stride_zero_output_gradient_from_sum_backward():
@@ -393,7 +393,7 @@ def test_stride_zero_output_gradient_from_sum_backward():
     for model in (ref, fast):
         model(x)[0].sum().backward()  # the output gradient arrives as an expanded, stride-0 tensor
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert rel(grads[1], grads[0]) <= 1e-5
+    assert rel_err(grads[1], grads[0]) <= 1e-5
 
 
 def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():

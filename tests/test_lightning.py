@@ -14,6 +14,7 @@ lightning = pytest.importorskip("lightning")
 
 import failure_suite as suite
 from lightning.pytorch.loggers import CSVLogger
+from support import one_cpu_thread
 
 import fastlstm
 from fastlstm import cli
@@ -56,12 +57,8 @@ def _fit(tmp_path, module, callback, epochs):
         max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path)), callbacks=[callback],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         trainer.fit(module, *_loaders())
-    finally:
-        torch.set_num_threads(threads)
     return trainer
 
 

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("triton", reason="the model compiles kernels with triton")
 
 import model_kernels as toys
+
 from fastlstm.kernels import hardware
 
 H = 256

@@ -8,16 +8,11 @@ import failure_suite as suite
 import numpy as np
 import pytest
 import torch
+from support import HostReadGuard
 
 import fastlstm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 def _params_flat(model) -> torch.Tensor:
@@ -81,10 +76,7 @@ def test_carried_state_is_counted_per_window():
     ]  # fmt: skip
 
 
-GUARDED = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
-def test_the_step_and_findings_never_read_the_device(monkeypatch):
+def test_the_step_and_findings_never_read_the_device():
     torch.manual_seed(0)
     model = suite.Net(3)
     # SGD: torch's CPU Adam reads its step counter with .item() itself, which is not the Monitor's doing.
@@ -106,27 +98,13 @@ def test_the_step_and_findings_never_read_the_device(monkeypatch):
         monitor.step(loss=loss.detach(), targets=y)
 
     one_step()  # first use allocates
-    calls = []
-
-    def guard(name, original):
-        def wrapper(self, *args, **kwargs):
-            calls.append(name)
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    with monkeypatch.context() as mp:
-        for name in GUARDED:
-            mp.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
-        torch.ones(2).sum().item()
-        assert calls == ["item"]  # the guard is live
-        calls.clear()
+    with HostReadGuard() as guard:
         for _ in range(3):
             one_step()
-        steps_calls = list(calls)
+        steps_reads = list(guard.reads)
         findings = monitor.findings()
-    assert steps_calls == [], f"host reads in the training step: {steps_calls}"
-    assert calls == [], f"monitor.findings() read the device: {calls}"
+    assert steps_reads == [], f"host reads in the training step: {steps_reads}"
+    assert guard.reads == [], f"monitor.findings() read the device: {guard.reads}"
     assert findings == fastlstm.diagnose(monitor.live_history)
     # Once read, the values are there: the same steps, now with their losses and norms.
     assert all(s["loss"] is not None and s["grad_norm_applied"] <= 0.1 + 1e-6 for s in monitor.history.steps)

@@ -16,9 +16,9 @@ from fastlstm import module as module_impl
 from fastlstm import routing
 
 try:
-    from conftest import leaf, mixed_lengths, pack
+    from support import leaf, mixed_lengths, pack
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import leaf, mixed_lengths, pack
+    from tests.support import leaf, mixed_lengths, pack
 
 FUSED_NODE = "_LSTMLayerBackward"
 # nn.LSTM's own note that oneDNN has no projection path on the CPU: expected here.

@@ -14,12 +14,11 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 import fastlstm
 
 try:
-    from conftest import assert_rel, leaf, make_pair, mixed_lengths, pack, weighted_loss
+    from support import assert_module_parity, assert_rel, leaf, make_pair, mixed_lengths, pack, tolerance
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import assert_rel, leaf, make_pair, mixed_lengths, pack, weighted_loss
+    from tests.support import assert_module_parity, assert_rel, leaf, make_pair, mixed_lengths, pack, tolerance
 
 INPUT, HIDDEN, PROJ, STEPS = 4, 5, 3, 6
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 KINDS = ("padded", "packed_sorted", "packed_unsorted", "unbatched")
 
 # nn.LSTM's own notice that oneDNN has no projections; it says nothing about fastlstm.
@@ -52,42 +51,6 @@ def _make_hx(module: nn.LSTM, batch, dtype):
     return leaf(torch.randn(*lead, real, dtype=dtype)), leaf(torch.randn(*lead, module.hidden_size, dtype=dtype))
 
 
-def _run(module, x, to_input, hx, weights):
-    """Forward + backward of the weighted loss; returns outputs and every gradient (input, h0, c0, parameters)."""
-    for t in (x, *(hx or ())):
-        t.grad = None
-    module.zero_grad(set_to_none=True)
-    out, (h_n, c_n) = module(to_input(x), hx)
-    if weights is None:
-        weights = tuple(torch.randn_like(t.data if isinstance(t, PackedSequence) else t) for t in (out, h_n, c_n))
-    weighted_loss(out, h_n, c_n, weights).backward()
-    grads = {"input": x.grad}
-    if hx is not None:
-        grads["h0"], grads["c0"] = hx[0].grad, hx[1].grad
-    grads.update({name: p.grad for name, p in module.named_parameters()})
-    return out, h_n, c_n, grads, weights
-
-
-def _compare(ref, fast, x, to_input, hx, tol):
-    r_out, r_h, r_c, r_grads, weights = _run(ref, x, to_input, hx, None)
-    f_out, f_h, f_c, f_grads, _ = _run(fast, x, to_input, hx, weights)
-    if isinstance(r_out, PackedSequence):
-        assert isinstance(f_out, PackedSequence)
-        assert torch.equal(f_out.batch_sizes, r_out.batch_sizes)
-        for a, b in ((f_out.sorted_indices, r_out.sorted_indices), (f_out.unsorted_indices, r_out.unsorted_indices)):
-            assert (a is None and b is None) or torch.equal(a, b)
-        r_out, f_out = r_out.data, f_out.data
-    assert f_out.dtype == r_out.dtype and f_h.dtype == r_h.dtype and f_c.dtype == r_c.dtype
-    assert_rel(f_out, r_out, tol, "output")
-    assert_rel(f_h, r_h, tol, "h_n")
-    assert_rel(f_c, r_c, tol, "c_n")
-    assert f_grads.keys() == r_grads.keys()
-    for name, expected in r_grads.items():
-        assert expected is not None, name
-        assert f_grads[name] is not None, f"no gradient for {name}"
-        assert_rel(f_grads[name], expected, tol, f"grad {name}")
-
-
 GRID = list(itertools.product((True, False), (False, True), (False, True), (0, PROJ), (1, 3), KINDS))
 
 
@@ -103,14 +66,14 @@ def test_option_grid(bias, batch_first, bidirectional, proj_size, num_layers, ki
         proj_size=proj_size, dtype=dtype,
     )  # fmt: skip
     x, to_input, _, batch = _make_input(kind, batch_first, dtype)
-    _compare(ref, fast, x, to_input, _make_hx(ref, batch, dtype), TOL[dtype])
+    assert_module_parity(fast, ref, x, _make_hx(ref, batch, dtype), tolerance(dtype), to_input=to_input)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hx_none_is_zero_state(kind):
     ref, fast = make_pair(INPUT, HIDDEN, 2, bidirectional=True, proj_size=PROJ, batch_first=True)
     x, to_input, _, _ = _make_input(kind, True, torch.float64)
-    _compare(ref, fast, x, to_input, None, TOL[torch.float64])
+    assert_module_parity(fast, ref, x, None, tolerance(torch.float64), to_input=to_input)
 
 
 @pytest.mark.parametrize("form", [tuple, list])
@@ -118,7 +81,7 @@ def test_hx_tuple_and_list(form):
     ref, fast = make_pair(INPUT, HIDDEN, 2, proj_size=PROJ)
     x, to_input, _, batch = _make_input("padded", False, torch.float64)
     h0, c0 = _make_hx(ref, batch, torch.float64)
-    _compare(ref, fast, x, to_input, form((h0, c0)), TOL[torch.float64])
+    assert_module_parity(fast, ref, x, form((h0, c0)), tolerance(torch.float64), to_input=to_input)
     # and the two forms give the same result
     a = fast(x, (h0, c0))
     b = fast(x, [h0, c0])
@@ -182,7 +145,7 @@ def test_dropout_eval_and_zero_match_nn_lstm(mode):
     ref.train(mode.startswith("train"))
     fast.train(mode.startswith("train"))
     x, to_input, _, batch = _make_input("padded", False, torch.float64)
-    _compare(ref, fast, x, to_input, _make_hx(ref, batch, torch.float64), TOL[torch.float64])
+    assert_module_parity(fast, ref, x, _make_hx(ref, batch, torch.float64), tolerance(torch.float64), to_input=to_input)
 
 
 def test_dropout_train_differs_from_eval_and_between_calls():
@@ -243,14 +206,7 @@ def test_dropout_train_same_rng_as_nn_lstm():
     x, to_input, _, batch = _make_input("padded", True, torch.float64)
     hx = _make_hx(ref, batch, torch.float64)
     seed = int(torch.randint(0, 2**31, ()).item())
-    torch.manual_seed(seed)
-    r_out, r_h, r_c, r_grads, weights = _run(ref, x, to_input, hx, None)
-    torch.manual_seed(seed)
-    f_out, f_h, f_c, f_grads, _ = _run(fast, x, to_input, hx, weights)
-    for a, b, what in ((f_out, r_out, "output"), (f_h, r_h, "h_n"), (f_c, r_c, "c_n")):
-        assert_rel(a, b, 1e-12, what)
-    for name, g in r_grads.items():
-        assert_rel(f_grads[name], g, 1e-12, name)
+    assert_module_parity(fast, ref, x, hx, tolerance(torch.float64), to_input=to_input, seed=seed)
 
 
 # ---- batch size 0 ----
@@ -289,7 +245,7 @@ def test_packed_final_states_per_sequence(bidirectional, enforce_sorted):
         xb, hb, cb = x[:n, b : b + 1], h0[:, b : b + 1], c0[:, b : b + 1]
         for module in (ref, fast):  # the sequence alone, through nn.LSTM and through fastlstm
             o_b, (h_b, c_b) = module(xb, (hb, cb))
-            assert_rel(h_n[:, b : b + 1], h_b, 1e-12, f"h_n of sequence {b} ({type(module).__module__})")
-            assert_rel(c_n[:, b : b + 1], c_b, 1e-12, f"c_n of sequence {b}")
-            assert_rel(padded[:n, b : b + 1], o_b, 1e-12, f"output of sequence {b}")
+            assert_rel(h_n[:, b : b + 1], h_b, tolerance(torch.float64), f"h_n of sequence {b} ({type(module).__module__})")
+            assert_rel(c_n[:, b : b + 1], c_b, tolerance(torch.float64), f"c_n of sequence {b}")
+            assert_rel(padded[:n, b : b + 1], o_b, tolerance(torch.float64), f"output of sequence {b}")
         assert (padded[n:, b] == 0).all()

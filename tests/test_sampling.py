@@ -7,29 +7,17 @@ import copy
 
 import pytest
 import torch
+from support import Forecaster
 from torch import nn
 
 import fastlstm
 from fastlstm import module as module_impl
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = fastlstm.LSTM(2, 6, batch_first=True)  # backend="auto": native wherever nothing is recorded
-        self.head = nn.Linear(6, 1)
-
-    def forward(self, x, state=None):
-        out, state = self.lstm(x, state)
-        return self.head(out), state
+def _model() -> Forecaster:
+    return Forecaster(2, 1, 6, backend="auto")  # native wherever nothing is recorded
 
 
 K1 = 4
@@ -57,7 +45,7 @@ def native_steps(monkeypatch):
 
 def test_a_nan_on_an_uninstrumented_step_is_skipped_and_located_by_the_steps_after_it(native_steps):
     torch.manual_seed(0)
-    model = Net()
+    model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     trainer = fastlstm.TBPTTTrainer(
         model, opt, nn.MSELoss(), k1=K1, telemetry_every=2, read_every=2, instrument_every=10, dependency_lags=0

@@ -19,36 +19,23 @@ from fastlstm.tbptt import NonFiniteError, TBPTTTrainer, estimate_dependency, tr
 from fastlstm.truncation import estimate_state_dependency
 
 try:
-    from conftest import lstm_cell_step
+    from support import Forecaster, HostReadGuard, lstm_cell_step, rel_err
 except ImportError:  # tests/ turned into a package
-    from tests.conftest import lstm_cell_step
+    from tests.support import Forecaster, HostReadGuard, lstm_cell_step, rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The reference backend runs many tiny ops: one intra-op thread is faster than two and steadier under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
-class Net(nn.Module):
-    """fastlstm.LSTM + linear head, in the trainer's `model(x, state) -> (y, state)` form."""
+class Net(Forecaster):
+    """The shared Forecaster at this file's sizes, float64 unless told otherwise."""
 
     def __init__(
         self, inputs=3, hidden=5, outputs=2, layers=1, dropout=0.0, batch_first=True, dtype=torch.float64, bidir=False
     ):
-        super().__init__()
-        self.lstm = fastlstm.LSTM(
-            inputs, hidden, layers, batch_first=batch_first, dropout=dropout, dtype=dtype, backend="reference",
-            bidirectional=bidir,
-        )  # fmt: skip
-        self.head = nn.Linear(hidden * (2 if bidir else 1), outputs, dtype=dtype)
-
-    def forward(self, x, state=None):
-        out, state = self.lstm(x, state)
-        return self.head(out), state
+        super().__init__(
+            inputs, outputs, hidden, layers, batch_first=batch_first, dropout=dropout, dtype=dtype, bidirectional=bidir
+        )
 
 
 def reference_of(net: Net):
@@ -66,11 +53,6 @@ def streams(rows, steps, inputs, outputs, dtype=torch.float64, seed=0):
     x = torch.randn(rows, steps, inputs, generator=g, dtype=dtype)
     y = torch.randn(rows, steps, outputs, generator=g, dtype=dtype)
     return x, y
-
-
-def rel(a, b):
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 # ---- gradients equal a hand-written truncation loop ----
@@ -141,14 +123,14 @@ def test_gradients_equal_hand_written_truncation(k1, k2, ragged, clip, bidir):
         trainer.fit((x, y, lengths), max_chunks=1)
         got = [p.grad for p in list(net.lstm.parameters()) + list(net.head.parameters())]
         for g, w in zip(got, want):
-            assert rel(g, w) < 1e-10, (chunks, rel(g, w))
+            assert rel_err(g, w) < 1e-10, (chunks, rel_err(g, w))
         chunks += 1
     trainer.fit((x, y, lengths))
     assert trainer.chunks == chunks == math.ceil(19 / k1)
     for p, q in zip(
         list(net.lstm.parameters()) + list(net.head.parameters()), list(lstm.parameters()) + list(head.parameters())
     ):
-        assert rel(p.detach(), q.detach()) < 1e-10
+        assert rel_err(p.detach(), q.detach()) < 1e-10
     losses = trainer.history.losses()
     assert [s for s, _ in losses] == list(range(chunks)) and all(np.isfinite(v) for _, v in losses)
 
@@ -162,7 +144,7 @@ def test_time_major_data_matches_batch_first():
     for net, data in ((a, (x, y, [10, 7, 10])), (b, (x.transpose(0, 1), y.transpose(0, 1), [10, 7, 10]))):
         TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.2), nn.MSELoss(), k1=3, k2=5).fit(data)
     for p, q in zip(a.parameters(), b.parameters()):
-        assert rel(p.detach(), q.detach()) < 1e-12
+        assert rel_err(p.detach(), q.detach()) < 1e-12
 
 
 def test_estimate_dependency_is_exact_for_geometric_decay():
@@ -572,22 +554,15 @@ def test_validation_loss_matches_a_full_sequence_reference():
         count += n * 2
     want_all = torch.stack(sq).sum() / count
     want_first = sq[0] / (14 * 2)
-    assert rel(subsets["all"], want_all) < 1e-12 and rel(subsets["first"], want_first) < 1e-12
-    assert rel(loss, (want_all * count + want_first * 28) / (count + 28)) < 1e-12
+    assert rel_err(subsets["all"], want_all) < 1e-12 and rel_err(subsets["first"], want_first) < 1e-12
+    assert rel_err(loss, (want_all * count + want_first * 28) / (count + 28)) < 1e-12
 
 
 # ---- adaptive truncation on a task with a known lag ----
 
 
-class CopyNet(nn.Module):
-    def __init__(self, hidden=32):
-        super().__init__()
-        self.lstm = fastlstm.LSTM(1, hidden, batch_first=True, backend="reference")
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x, state=None):
-        out, state = self.lstm(x, state)
-        return self.head(out), state
+def copy_net(hidden=32) -> Forecaster:
+    return Forecaster(1, 1, hidden)
 
 
 def delayed_copy(lag, rows=16, steps=600, seed=0):
@@ -601,7 +576,7 @@ def delayed_copy(lag, rows=16, steps=600, seed=0):
 
 def _train_copy(lag, **options):
     torch.manual_seed(0)
-    net = CopyNet()
+    net = copy_net()
     trainer = TBPTTTrainer(
         net, torch.optim.Adam(net.parameters(), lr=1e-2), nn.MSELoss(), telemetry_every=5, read_every=25, **options
     )
@@ -638,9 +613,6 @@ def test_fixed_truncation_shorter_than_the_lag_is_reported():
 # ---- no host reads in the loop ----
 
 
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-
-
 def test_training_loop_reads_nothing_back_between_batched_reads(monkeypatch):
     torch.manual_seed(8)
     net = Net(layers=2, dtype=torch.float32)
@@ -659,28 +631,20 @@ def test_training_loop_reads_nothing_back_between_batched_reads(monkeypatch):
         telemetry_every=1000,
         read_every=1000,
     )
-    calls = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _name=name, _original=original, **kwargs):
-            if self.untyped_storage().data_ptr() not in packed_sizes:
-                calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    packed_sizes = []  # PackedSequence.batch_sizes: host metadata by PyTorch's contract, read by nn.LSTM's checks
+    packs = []
     pack = RecurrentLengths._pack
 
     def recording_pack(self, *args):
         packed = pack(self, *args)
-        packed_sizes.append(packed.batch_sizes.untyped_storage().data_ptr())
+        packs.append(packed)
+        guard.allow(packed.batch_sizes)  # host metadata by PyTorch's contract, read by nn.LSTM's checks
         return packed
 
     monkeypatch.setattr(RecurrentLengths, "_pack", recording_pack)
-    trainer.fit((x, y, [30, 30, 17, 8]), max_chunks=9)
-    assert packed_sizes  # streams ended inside chunks: their windows were packed
-    assert calls == []
+    with HostReadGuard() as guard:
+        trainer.fit((x, y, [30, 30, 17, 8]), max_chunks=9)
+    assert packs  # streams ended inside chunks: their windows were packed
+    assert guard.reads == []
     monkeypatch.undo()
     history = trainer.history  # the batched read
     assert len(history.losses()) == 9 and history.telemetry and history.inputs

@@ -26,12 +26,7 @@ except ImportError:  # tests/ turned into a package
     from tests import truncation_suite as suite
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 # ---- the estimates ----

@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import fastlstm
 from fastlstm.tbptt import TBPTTTrainer
 
 try:
-    from conftest import lstm_cell_step
+    from support import Forecaster, lstm_cell_step, one_cpu_thread
 except ImportError:  # imported as tests.truncation_suite
-    from tests.conftest import lstm_cell_step
+    from tests.support import Forecaster, lstm_cell_step, one_cpu_thread
 
 VALUE, MARKER, QUERY = 0, 1, 2  # input channels
 ANSWER, IS_QUERY = 0, 1  # target channels
@@ -66,15 +65,11 @@ def query_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return err.sum() / weight.sum().clamp_min(1.0)
 
 
-class RecallNet(nn.Module):
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.lstm = fastlstm.LSTM(3, hidden, batch_first=True, backend="reference")
-        self.head = nn.Linear(hidden, 1)
+class RecallNet(Forecaster):
+    """The shared Forecaster on the recall task's three input channels and one output."""
 
-    def forward(self, x, state=None):
-        out, state = self.lstm(x, state)
-        return self.head(out), state
+    def __init__(self, hidden: int):
+        super().__init__(3, 1, hidden)
 
 
 # ---- one run ----
@@ -175,10 +170,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     results = []
     for seed in args.seeds:
-        r = run(seed, args.lag, epochs=args.epochs)
+        with one_cpu_thread():
+            r = run(seed, args.lag, epochs=args.epochs)
         results.append(r)
         print(
             f"seed {seed}: k2 {r['k2']} (path {r['k2_path']}), query error {r['query_error']:.2e}, "

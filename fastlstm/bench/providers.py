@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -19,11 +18,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from ..testing import TOLERANCES, rel_err
 from .cases import Problem
 
 STORAGE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Relative-error budgets of docs/design.md, against float64.
-THRESHOLDS = {"fp32": 1e-5, "tf32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
+# The correctness gate's budgets are the test suite's (fastlstm/testing.py), for the precisions a case can ask for.
+THRESHOLDS = {key: TOLERANCES[key] for key in STORAGE}
 BASELINE = "nn.LSTM"
 POOL = 4  # input buffers rotated between calls, so no call finds its input still in L2 from the one before
 
@@ -68,10 +68,10 @@ class Provider:
 
 
 def _lstm_kwargs(problem: Problem, device) -> dict:
-    return dict(
-        num_layers=problem.layers, bidirectional=problem.bidirectional, proj_size=problem.proj_size,
-        device=device, dtype=STORAGE[problem.dtype],
-    )  # fmt: skip
+    return {
+        "num_layers": problem.layers, "bidirectional": problem.bidirectional, "proj_size": problem.proj_size,
+        "device": device, "dtype": STORAGE[problem.dtype],
+    }  # fmt: skip
 
 
 def _build_fastlstm(telemetry: bool):
@@ -294,16 +294,6 @@ def make_step(mode: str, module: nn.Module, inputs: Inputs) -> Callable[[int], N
 
 
 # ------------------------------------------------------------------------------------------------- correctness
-
-
-def rel_err(actual, expected) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64 (absolute when expected is zero); inf if not computable."""
-    if actual is None or actual.shape != expected.shape:
-        return math.inf
-    actual, expected = actual.detach().double(), expected.detach().double()
-    num, den = float((actual - expected).norm()), float(expected.norm())
-    err = num / den if den > 0 else num
-    return err if math.isfinite(err) else math.inf
 
 
 def _run_with_grads(module, x, leaf, grads, native_grads):

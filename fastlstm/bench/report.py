@@ -56,9 +56,10 @@ def _nvidia_driver():
 def _git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=False)
         dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
+                               capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0 or not head.stdout.strip():
@@ -261,19 +262,19 @@ def markdown(doc: dict) -> str:
             f" · fastlstm {env['git_commit'][:10]}{'-dirty' * env['git_commit'].endswith('-dirty')}"
             if env.get("git_commit")
             else ""
-        ),  # fmt: skip
+        ),
         "",
-        f"`{settings['command']}`: {len(cases)} cases; {_timer_text(settings['timer'])}; inputs rotated over "
-        f"{settings['input_pool']} buffers.",
-        "Times are medians in ms over separate repeats (min–max in results.json); speedup = nn.LSTM time / fastlstm "
+        (f"`{settings['command']}`: {len(cases)} cases; {_timer_text(settings['timer'])}; inputs rotated over "
+        f"{settings['input_pool']} buffers."),
+        ("Times are medians in ms over separate repeats (min–max in results.json); speedup = nn.LSTM time / fastlstm "
         "time (> 1: fastlstm faster); telemetry = time with telemetry / without; spread = largest (max − min) / "
-        "median of the repeat medians in the row; peak = extra MiB allocated during one call.",
+        "median of the repeat medians in the row; peak = extra MiB allocated during one call."),
     ]
     if settings["device"] != "cuda":
         lines += [
             "",
-            "**CPU smoke run**: fastlstm runs its plain-torch reference backend here, not the Triton kernels; these "
-            "numbers check that the suite works and say nothing about fastlstm's speed.",
+            ("**CPU smoke run**: fastlstm runs its plain-torch reference backend here, not the Triton kernels; these "
+            "numbers check that the suite works and say nothing about fastlstm's speed."),
         ]
     lines += _summary_lines(doc["summary"], gpu=settings["device"] == "cuda")
     for mode in MODES:
@@ -423,7 +424,7 @@ def plot_time_per_step(cases: list, path: str, max_shapes: int = 4) -> str | Non
     multi = [k for k, v in series.items() if len(v) > 1]
     if not multi:
         return None
-    dtype = sorted({k[1] for k in multi}, key=["bf16", "fp16", "tf32", "fp32"].index)[0]
+    dtype = min({k[1] for k in multi}, key=["bf16", "fp16", "tf32", "fp32"].index)
     shapes = sorted({(k[2], k[3]) for k in multi if k[1] == dtype})
     picks = min(max_shapes, len(shapes))  # spread over the sorted shapes, smallest and largest included
     shapes = [shapes[round(i * (len(shapes) - 1) / max(picks - 1, 1))] for i in range(picks)]

@@ -29,8 +29,8 @@ import torch
 from . import report
 from .cases import (
     DTYPES,
-    MODES,
     KERNEL_TARGETS,
+    MODES,
     TIMER_CPU,
     TIMER_FULL,
     TIMER_QUICK,
