@@ -4,7 +4,8 @@
     python -m pytest benchmarks/ --benchmark-only         # on a GPU: the --quick grid of `fastlstm bench`, and
                                                           # the kernels' targets against nn.LSTM
 
-Every case first passes the same correctness gate as the runner (float64 nn.LSTM, the budgets of docs/design.md) and is not
+Every case first passes the same correctness gate as the runner (float64 nn.LSTM, the budgets of fastlstm/testing.py)
+and is not
 benchmarked otherwise; nothing here asserts on a time. GPU cases skip without CUDA; on the CPU fastlstm runs its
 reference backend (the kernels would need TRITON_INTERPRET=1, far too slow to benchmark).
 """

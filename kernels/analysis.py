@@ -172,8 +172,9 @@ class KernelAnalysis:
         for key, loops in groups.items():
             if len(loops) < 2:
                 continue
-            copies = {lp.start: sum(1 for i in self._direct(lp) if i.kind in _BODY_KINDS and not i.never_runs)
-                      for lp in loops}  # fmt: skip
+            copies = {
+                lp.start: sum(1 for i in self._direct(lp) if i.kind in _BODY_KINDS and not i.never_runs) for lp in loops
+            }
             base = max(1, min(copies.values()))
             for lp in loops:
                 unroll[lp.start] = max(1, round(copies[lp.start] / base))
@@ -214,8 +215,9 @@ class KernelAnalysis:
             source_args = source_args & self.pointer_args
             if not args:  # no PTX trace (should not happen): fall back to the source's reading
                 args = source_args
-            ops[ins.address] = MemoryOp(ins, args, source_args, time_dependent, bool(loads),
-                                        self.time_loop.contains(ins.address))  # fmt: skip
+            ops[ins.address] = MemoryOp(
+                ins, args, source_args, time_dependent, bool(loads), self.time_loop.contains(ins.address)
+            )
         self._mark_prologues(ops)
         return ops
 
@@ -238,10 +240,9 @@ class KernelAnalysis:
         stored = set().union(*[op.args for op in loop_ops if op.instruction.kind == "global_store"] or [set()])
         body = self.listing.within(self.time_loop)
         self.invalidates_l1 = any(i.kind == "cctl" and "IVALL" in i.opcode for i in body)
-        self.cross_program_sync = any(info.kind == "poll" for info in self.loops.values()
-                                      if self.time_loop.contains(info.loop.start)) or any(
-            i.kind in ("global_atomic", "global_red") and "STRONG" in i.opcode for i in body
-        )  # fmt: skip
+        self.cross_program_sync = any(
+            info.kind == "poll" for info in self.loops.values() if self.time_loop.contains(info.loop.start)
+        ) or any(i.kind in ("global_atomic", "global_red") and "STRONG" in i.opcode for i in body)
         weights = set(self.roles.weights)
         first = set(self.roles.first_step_only)
         streamed = set(self.roles.streamed or ())
@@ -265,9 +266,10 @@ class KernelAnalysis:
     def weight_loads_in_time_loop(self, weight_args=None) -> list[MemoryOp]:
         weights = set(weight_args or self.roles.weights)
         return [
-            op for op in self.ops.values()
+            op
+            for op in self.ops.values()
             if op.in_time_loop and op.instruction.kind in ("global_load", "async_copy") and op.args & weights
-        ]  # fmt: skip
+        ]
 
     def iterations(self, loop: sass.Loop, scalars: dict, notes: list | None = None) -> int:
         info = self.loops[loop.start]
@@ -333,28 +335,48 @@ class KernelAnalysis:
         }
         limiter = max(("latency_path", "l2_aggregate", "hbm"), key=lambda k: bounds[k])
         return StepProfile(
-            programs=programs, global_load_bytes=dict(loads), weight_load_bytes=weight_bytes,
-            weight_shared_load_bytes=c["weight_shared_loads"], first_step_only_bytes=dict(c["first"]),
-            global_store_bytes=dict(stores), shared_load_bytes=c["shared_loads"], shared_store_bytes=c["shared_stores"],
-            barriers=c["barriers"], sync=dict(c["sync"]), mma=dict(c["mma"]), mma_flops=c["mma_flops"],
-            ffma=c["ffma"], instructions=c["instructions"], round_trips=trips, round_trips_by_arg=trips_by_arg,
-            cycles=cycles, bounds_cycles=bounds, limiter=limiter, step_us=hw.cycles_to_us(bounds[limiter]),
-            launch_load_bytes=dict(c["launch"]), notes=sorted(set(notes)),
-        )  # fmt: skip
+            programs=programs,
+            global_load_bytes=dict(loads),
+            weight_load_bytes=weight_bytes,
+            weight_shared_load_bytes=c["weight_shared_loads"],
+            first_step_only_bytes=dict(c["first"]),
+            global_store_bytes=dict(stores),
+            shared_load_bytes=c["shared_loads"],
+            shared_store_bytes=c["shared_stores"],
+            barriers=c["barriers"],
+            sync=dict(c["sync"]),
+            mma=dict(c["mma"]),
+            mma_flops=c["mma_flops"],
+            ffma=c["ffma"],
+            instructions=c["instructions"],
+            round_trips=trips,
+            round_trips_by_arg=trips_by_arg,
+            cycles=cycles,
+            bounds_cycles=bounds,
+            limiter=limiter,
+            step_us=hw.cycles_to_us(bounds[limiter]),
+            launch_load_bytes=dict(c["launch"]),
+            notes=sorted(set(notes)),
+        )
 
     def _count(self, scalars: dict, notes: list) -> dict:
         """Per-step totals of one program (an unrolled time loop's counts divided by its unroll factor), and the
         global loads outside the time loop (per launch)."""
         threads, u = 32 * self.num_warps, self.time_unroll
-        c = {k: Counter() for k in ("loads", "first", "stores", "launch", "mma", "sync", "l1_candidates",
-                                    "load_bytes_at")}  # fmt: skip
+        c = {
+            k: Counter()
+            for k in ("loads", "first", "stores", "launch", "mma", "sync", "l1_candidates", "load_bytes_at")
+        }
         c.update(
             shared_loads=0, shared_stores=0, weight_shared_loads=0, barriers=0, ffma=0, instructions=0, mma_flops=0
         )
         weights = set(self.roles.weights)
         weight_frames = {op.instruction.frames for op in self.ops.values() if op.args & weights}
-        remainders = [lp for lp in self.listing.all_loops() if lp is not self.time_loop
-                      and self.loops[lp.start].kind == "time" and lp.depth == self.time_loop.depth]  # fmt: skip
+        remainders = [
+            lp
+            for lp in self.listing.all_loops()
+            if lp is not self.time_loop and self.loops[lp.start].kind == "time" and lp.depth == self.time_loop.depth
+        ]
         for ins in self.listing.instructions:
             if ins.never_runs or any(lp.contains(ins.address) for lp in remainders):
                 continue
@@ -391,8 +413,9 @@ class KernelAnalysis:
                 c["ffma"] += n / u
             if kind := _sync_kind(ins):
                 c["sync"][kind] += n / u
-        c["sync"]["poll_loops"] = sum(1 for i in self.loops.values()
-                                      if i.kind == "poll" and self.time_loop.contains(i.loop.start))  # fmt: skip
+        c["sync"]["poll_loops"] = sum(
+            1 for i in self.loops.values() if i.kind == "poll" and self.time_loop.contains(i.loop.start)
+        )
         return c
 
     def _mma_opcode(self) -> str:
@@ -473,9 +496,11 @@ class _Replay:
         per_sm = min(hw.l2_bytes_per_clock_per_sm.value, hw.l2_bandwidth.value / (hw.clock_ghz.value * 1e9) / programs)
         self.l2_rate = per_sm
         self.latency = {
-            "L1": hw.l1_latency.value, "L2": hw.l2_latency.value, "L2-far": hw.l2_far_latency.value,
+            "L1": hw.l1_latency.value,
+            "L2": hw.l2_latency.value,
+            "L2-far": hw.l2_far_latency.value,
             "HBM": hw.hbm_latency.value,
-        }  # fmt: skip
+        }
         self.t = 0.0
         self.depth = 0.0
         self.ready, self.rdepth, self.rorigin = defaultdict(float), defaultdict(float), {}

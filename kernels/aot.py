@@ -29,10 +29,29 @@ ARCHS = (80, 90)
 PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"))
 
 # Element type of every pointer argument of the kernels; "storage" is the layer's dtype.
-STORAGE_POINTERS = ("xw_ptr", "h0_ptr", "c0_ptr", "w_hh_ptr", "w_hr_ptr", "out_ptr", "hn_ptr", "cn_ptr",
-                    "grad_out_ptr", "exchange_ptr")  # fmt: skip
-FLOAT32_POINTERS = ("gates_ptr", "cells_ptr", "hfull_ptr", "dgates_ptr", "grad_h_ptr", "grad_c_ptr", "dhidden_ptr",
-                    "dhfull_ptr", "partials_ptr")  # fmt: skip
+STORAGE_POINTERS = (
+    "xw_ptr",
+    "h0_ptr",
+    "c0_ptr",
+    "w_hh_ptr",
+    "w_hr_ptr",
+    "out_ptr",
+    "hn_ptr",
+    "cn_ptr",
+    "grad_out_ptr",
+    "exchange_ptr",
+)
+FLOAT32_POINTERS = (
+    "gates_ptr",
+    "cells_ptr",
+    "hfull_ptr",
+    "dgates_ptr",
+    "grad_h_ptr",
+    "grad_c_ptr",
+    "dhidden_ptr",
+    "dhfull_ptr",
+    "partials_ptr",
+)
 POINTER_TYPES = {
     **dict.fromkeys(STORAGE_POINTERS, "storage"),
     **dict.fromkeys(FLOAT32_POINTERS, "fp32"),
@@ -63,10 +82,14 @@ class Variant(NamedTuple):
 
     @property
     def name(self) -> str:
-        flags = "".join(tag for tag, s in (("R", "reverse"), ("L", "lengths"), ("T", "telemetry"), ("P", "proj"),
-                                           ("X", "exchange")) if s in self.switches)  # fmt: skip
+        flags = "".join(
+            tag
+            for tag, s in (("R", "reverse"), ("L", "lengths"), ("T", "telemetry"), ("P", "proj"), ("X", "exchange"))
+            if s in self.switches
+        )
         config = "".join(f"{_short(k)}{v}" for k, v in self.config)
-        return f"{self.family}-{self.stage}-{self.dtype}-{self.precision}-{flags or '_'}-{config}{'' if self.aligned else '-u'}"
+        suffix = "" if self.aligned else "-u"
+        return f"{self.family}-{self.stage}-{self.dtype}-{self.precision}-{flags or '_'}-{config}{suffix}"
 
 
 def _short(key: str) -> str:
@@ -108,14 +131,32 @@ def config_pairs(chosen) -> tuple:
 
     cfg = chosen.config
     if chosen.kind == "single":
-        return (("BLOCK_B", cfg.block_b), ("H_PAD", cfg.h_pad), ("P_PAD", cfg.p_pad), ("num_warps", cfg.num_warps),
-                ("maxnreg", cfg.maxnreg))  # fmt: skip
+        return (
+            ("BLOCK_B", cfg.block_b),
+            ("H_PAD", cfg.h_pad),
+            ("P_PAD", cfg.p_pad),
+            ("num_warps", cfg.num_warps),
+            ("maxnreg", cfg.maxnreg),
+        )
     if chosen.kind == "split":
-        return (("UNITS", cfg.units), ("BLOCK_B", cfg.block_b), ("K_PAD", cfg.k_pad), ("K_SPLIT", cfg.k_split),
-                ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)), ("ASM_FENCE", True),
-                ("num_warps", cfg.num_warps), ("maxnreg", cfg.maxnreg))  # fmt: skip
-    return (("BLOCK_B", cfg.block_b), ("BLOCK_H", cfg.block_h), ("BLOCK_K", cfg.block_k), ("num_warps", cfg.num_warps),
-            ("num_stages", cfg.num_stages), ("maxnreg", cfg.maxnreg))  # fmt: skip
+        return (
+            ("UNITS", cfg.units),
+            ("BLOCK_B", cfg.block_b),
+            ("K_PAD", cfg.k_pad),
+            ("K_SPLIT", cfg.k_split),
+            ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)),
+            ("ASM_FENCE", True),
+            ("num_warps", cfg.num_warps),
+            ("maxnreg", cfg.maxnreg),
+        )
+    return (
+        ("BLOCK_B", cfg.block_b),
+        ("BLOCK_H", cfg.block_h),
+        ("BLOCK_K", cfg.block_k),
+        ("num_warps", cfg.num_warps),
+        ("num_stages", cfg.num_stages),
+        ("maxnreg", cfg.maxnreg),
+    )
 
 
 def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
@@ -147,7 +188,10 @@ def family_configs(family: str, dtype: str) -> list:
                 hidden = k_pad if is_aligned else k_pad - 1
                 plans.append((launch.Plan("split", launch.split_config(hidden, batch, torch_dtype)), is_aligned))
     else:
-        plans = [(launch.Plan("streaming", launch.STREAMING), True), (launch.Plan("streaming", launch.STREAMING), False)]
+        plans = [
+            (launch.Plan("streaming", launch.STREAMING), True),
+            (launch.Plan("streaming", launch.STREAMING), False),
+        ]
     unique = []
     for chosen, is_aligned in plans:
         entry = (config_pairs(chosen), is_aligned)
@@ -354,8 +398,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="each family's largest configuration, every switch on")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
-    parser.add_argument("--model", action="store_true", help="run the performance model instead (fastlstm.kernels.model;"
-                        " the options after --model are its own)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        action="store_true",
+        help="run the performance model instead (fastlstm.kernels.model; the options after --model are its own)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--model" in argv:
         from . import model

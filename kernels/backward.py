@@ -54,15 +54,42 @@ from .exchange import publish, wait_for
 )
 @triton.jit(do_not_specialize=["capacity", "order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_backward_kernel(
-    grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, lengths_ptr,
-    dgates_ptr, grad_h_ptr, grad_c_ptr, exchange_ptr, partials_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
-    step_begin, step_end, T, B, H,
-    REVERSE: tl.constexpr, UNITS: tl.constexpr, BLOCK_B: tl.constexpr, K_PAD: tl.constexpr,
-    K_SPLIT: tl.constexpr, MAX_PROGRAMS: tl.constexpr, ASM_FENCE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_LENGTHS: tl.constexpr, TELEMETRY: tl.constexpr,
+    grad_out_ptr,
+    c0_ptr,
+    gates_ptr,
+    cells_ptr,
+    w_hh_ptr,
+    lengths_ptr,
+    dgates_ptr,
+    grad_h_ptr,
+    grad_c_ptr,
+    exchange_ptr,
+    partials_ptr,
+    grad_ptr,
+    capacity,
+    first_ptr,
+    seq_ptr,
+    order,
+    flags_ptr,
+    batch_group_base,
+    step_begin,
+    step_end,
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    UNITS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    K_PAD: tl.constexpr,
+    K_SPLIT: tl.constexpr,
+    MAX_PROGRAMS: tl.constexpr,
+    ASM_FENCE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    TELEMETRY: tl.constexpr,
     EXCHANGE: tl.constexpr,
-):  # fmt: skip
+):
     unit_group = tl.program_id(0)
     batch_group = batch_group_base + tl.program_id(1)  # the launcher may run the batch groups in slices
     unit_groups = tl.num_programs(0)
@@ -90,8 +117,22 @@ def lstm_split_backward_kernel(
     runs = tile_ok & (step_begin < step_end)
     t, _ = step_time(T - 1 - step_begin, T, REVERSE)
     c_t = tl.load(cells_ptr + (t.to(tl.int64) * B) * H + state_offsets, mask=runs, other=0.0)
-    ahead = _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, T - 1 - step_begin, T, B, H, seqs, units,
-                       runs, state_offsets, REVERSE)  # fmt: skip
+    ahead = _load_step(
+        grad_out_ptr,
+        gates_ptr,
+        cells_ptr,
+        c0_ptr,
+        t,
+        T - 1 - step_begin,
+        T,
+        B,
+        H,
+        seqs,
+        units,
+        runs,
+        state_offsets,
+        REVERSE,
+    )
     if TELEMETRY:
         first = tl.full((BLOCK_B, UNITS), NO_EVENT, tl.int32)
 
@@ -102,8 +143,22 @@ def lstm_split_backward_kernel(
         g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
         if q + 1 < step_end:
             next_t, _ = step_time(p - 1, T, REVERSE)
-            ahead = _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, next_t, p - 1, T, B, H, seqs, units,
-                               tile_ok, state_offsets, REVERSE)  # fmt: skip
+            ahead = _load_step(
+                grad_out_ptr,
+                gates_ptr,
+                cells_ptr,
+                c0_ptr,
+                next_t,
+                p - 1,
+                T,
+                B,
+                H,
+                seqs,
+                units,
+                tile_ok,
+                state_offsets,
+                REVERSE,
+            )
         active = seq_ok & (t < length)
         keep = active[:, None]
 
@@ -113,8 +168,9 @@ def lstm_split_backward_kernel(
             after_active = (seq_ok & (after_t < length))[:, None]
             if EXCHANGE:
                 wait_for(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, ASM_FENCE)
-            product = _carried_product(exchange_ptr, (q - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o,
-                                       DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+            product = _carried_product(
+                exchange_ptr, (q - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o, DOT_DTYPE, DOT_PRECISION
+            )
             dh_carried = tl.where(after_active, product, dh_carried)
 
         dh = tl.where(keep, g_out + dh_carried, 0.0)
@@ -122,8 +178,15 @@ def lstm_split_backward_kernel(
         _publish_gate_grads(exchange_ptr, q % 2, B, H, seqs, units, tile_ok, dg_i, dg_f, dg_g, dg_o)
         if EXCHANGE:
             publish(flags_ptr, program, q + 1)
-        store_gate_tiles(dgates_ptr + (tl.cast(t, tl.int64) * B + seqs)[:, None] * (4 * H) + units[None, :], H, dg_i, dg_f,
-                         dg_g, dg_o, tile_ok)  # fmt: skip
+        store_gate_tiles(
+            dgates_ptr + (tl.cast(t, tl.int64) * B + seqs)[:, None] * (4 * H) + units[None, :],
+            H,
+            dg_i,
+            dg_f,
+            dg_g,
+            dg_o,
+            tile_ok,
+        )
         dc_carried = tl.where(keep, dc * gate_f, dc_carried)
         c_t = c_prev
 
@@ -146,8 +209,9 @@ def lstm_split_backward_kernel(
         started = (seq_ok & (t0 < length))[:, None]
         if EXCHANGE:
             wait_for(flags_ptr, batch_group * unit_groups, unit_groups, T, MAX_PROGRAMS, ASM_FENCE)
-        product = _carried_product(exchange_ptr, (T - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o,
-                                   DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        product = _carried_product(
+            exchange_ptr, (T - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o, DOT_DTYPE, DOT_PRECISION
+        )
         dh_carried = tl.where(started, product, dh_carried)
     tl.store(grad_h_ptr + state_offsets, dh_carried, mask=tile_ok)
     tl.store(grad_c_ptr + state_offsets, dc_carried, mask=tile_ok)
@@ -177,8 +241,22 @@ def _load_weight_columns(w_hh_ptr, gate: tl.constexpr, H, units, unit_ok, K_SPLI
 
 
 @triton.jit
-def _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, units, tile_ok, state_offsets,
-               REVERSE: tl.constexpr):  # fmt: skip
+def _load_step(
+    grad_out_ptr,
+    gates_ptr,
+    cells_ptr,
+    c0_ptr,
+    t,
+    p,
+    T,
+    B,
+    H,
+    seqs,
+    units,
+    tile_ok,
+    state_offsets,
+    REVERSE: tl.constexpr,
+):
     """What step t needs from memory: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step)."""
     row_step = tl.cast(t, tl.int64) * B + seqs
     g_out = tl.load(grad_out_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -187,8 +265,11 @@ def _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, 
     )
     _, t_prev = step_time(p, T, REVERSE)
     has_prev = p > 0
-    c_prev = tl.load(cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
-                     mask=tile_ok & has_prev, other=0.0)  # fmt: skip
+    c_prev = tl.load(
+        cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
+        mask=tile_ok & has_prev,
+        other=0.0,
+    )
     c_prev += tl.load(c0_ptr + state_offsets, mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
     return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
 
@@ -202,8 +283,21 @@ def _publish_gate_grads(exchange_ptr, slot, B, H, seqs, units, tile_ok, dg_i, dg
 
 
 @triton.jit
-def _carried_product(exchange_ptr, slot, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o,
-                     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _carried_product(
+    exchange_ptr,
+    slot,
+    B,
+    H,
+    seqs,
+    seq_ok,
+    j_of_dg,
+    w_i,
+    w_f,
+    w_g,
+    w_o,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Σ_gates dgates[:, gate rows] @ W_hh[gate rows, units] over the exchanged gate gradients of every unit:
     [BLOCK_B, UNITS] fp32 (the batch as the product's M, so that 8 units are a whole N tile). One gate at a time,
     so that one gate's operand is staged in shared memory at once."""

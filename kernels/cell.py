@@ -68,9 +68,21 @@ def steps_active(length, step_begin, step_end, T, REVERSE: tl.constexpr):
 
 @triton.jit
 def tile_matmul(
-    acc, a_ptr, a_rows, a_row_ok, a_stride, b_ptr, b_k_stride, b_n_stride, cols, col_ok, K,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    acc,
+    a_ptr,
+    a_rows,
+    a_row_ok,
+    a_stride,
+    b_ptr,
+    b_k_stride,
+    b_n_stride,
+    cols,
+    col_ok,
+    K,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """acc + A[a_rows, :K] @ B[:K, cols], where A is row-major with row stride a_stride and B[k, n] sits at
     b_ptr + k * b_k_stride + n * b_n_stride (so a transposed weight is just swapped strides)."""
     for k0 in range(0, K, BLOCK_K):

@@ -1,4 +1,5 @@
-"""Step-to-step exchange between the programs of one cooperative launch (the split kernels: forward.py, backward.py, split_gluon.py).
+"""Step-to-step exchange between the programs of one cooperative launch (the split kernels: forward.py,
+backward.py, split_gluon.py).
 
 Every program publishes its share of a step (h_t in the forward, the gate gradients in the backward) into a buffer
 the others read, then raises its own flag to the number of steps it has published. A reader waits until every
@@ -61,8 +62,6 @@ def acquire_fence(any_flag_ptr, ASM_FENCE: tl.constexpr):
     the interpreter cannot run inline assembly, so there an acquire atomic on a flag word stands in (it has the
     same meaning and the interpreter ignores memory orders anyway)."""
     if ASM_FENCE:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-        )
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.atomic_add(any_flag_ptr, 0, sem="acquire", scope="gpu")

@@ -61,14 +61,40 @@ from .exchange import publish, wait_for
 )
 @triton.jit(do_not_specialize=["order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_forward_kernel(
-    xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, lengths_ptr,
-    out_ptr, gates_ptr, cells_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
-    step_begin, step_end, T, B, H,
-    REVERSE: tl.constexpr, UNITS: tl.constexpr, BLOCK_B: tl.constexpr, K_PAD: tl.constexpr,
-    K_SPLIT: tl.constexpr, MAX_PROGRAMS: tl.constexpr, ASM_FENCE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_LENGTHS: tl.constexpr, TELEMETRY: tl.constexpr, EXCHANGE: tl.constexpr,
-):  # fmt: skip
+    xw_ptr,
+    h0_ptr,
+    c0_ptr,
+    w_hh_ptr,
+    lengths_ptr,
+    out_ptr,
+    gates_ptr,
+    cells_ptr,
+    hn_ptr,
+    cn_ptr,
+    stats_ptr,
+    first_ptr,
+    seq_ptr,
+    order,
+    flags_ptr,
+    batch_group_base,
+    step_begin,
+    step_end,
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    UNITS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    K_PAD: tl.constexpr,
+    K_SPLIT: tl.constexpr,
+    MAX_PROGRAMS: tl.constexpr,
+    ASM_FENCE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    TELEMETRY: tl.constexpr,
+    EXCHANGE: tl.constexpr,
+):
     unit_group = tl.program_id(0)
     batch_group = batch_group_base + tl.program_id(1)  # the launcher may run the batch groups in slices
     unit_groups = tl.num_programs(0)
@@ -124,7 +150,9 @@ def lstm_split_forward_kernel(
             wait_for(flags_ptr, batch_group * unit_groups, unit_groups, p, MAX_PROGRAMS, ASM_FENCE)
         h = _load_exchanged(out_ptr - B * H, t_prev, B, H, seqs, seq_ok, from_prev, k_of_h).to(DOT_DTYPE)
 
-        pre_i, pre_f, pre_g, pre_o = split_gates(tl.sum(tl.dot(w, h, input_precision=DOT_PRECISION), axis=0) + x.to(tl.float32), UNITS)
+        pre_i, pre_f, pre_g, pre_o = split_gates(
+            tl.sum(tl.dot(w, h, input_precision=DOT_PRECISION), axis=0) + x.to(tl.float32), UNITS
+        )
         gate_i = sigmoid(pre_i)
         gate_f = sigmoid(pre_f)
         gate_g = tanh(pre_g)
@@ -135,8 +163,11 @@ def lstm_split_forward_kernel(
         c = tl.where(keep, c_new, c)
 
         row_step = tl.cast(t, tl.int64) * B + seqs
-        tl.store(out_ptr + row_step[None, :] * H + units[:, None], tl.where(keep, h_full, 0.0).to(out_ptr.dtype.element_ty),
-                 mask=tile_ok)  # fmt: skip
+        tl.store(
+            out_ptr + row_step[None, :] * H + units[:, None],
+            tl.where(keep, h_full, 0.0).to(out_ptr.dtype.element_ty),
+            mask=tile_ok,
+        )
         if EXCHANGE:
             publish(flags_ptr, batch_group * unit_groups + unit_group, p + 1)
         gate_offsets = row_step[None, :] * (4 * H) + units[:, None]
@@ -160,8 +191,9 @@ def lstm_split_forward_kernel(
         p += 1
 
     if step_end == T:
-        _store_final_state(out_ptr, h0_ptr, hn_ptr, cn_ptr, c, seqs, seq_ok, length, units, tile_ok, state_offsets,
-                           B, H, REVERSE)  # fmt: skip
+        _store_final_state(
+            out_ptr, h0_ptr, hn_ptr, cn_ptr, c, seqs, seq_ok, length, units, tile_ok, state_offsets, B, H, REVERSE
+        )
     if TELEMETRY:
         ran = tl.where(seq_ok, steps_active(length, step_begin, step_end, T, REVERSE), 0)
         elements = tl.sum(ran, axis=0).to(tl.float64) * tl.sum(unit_ok.to(tl.int32), axis=0).to(tl.float64)
@@ -191,8 +223,9 @@ def _load_gate_inputs(xw_ptr, t, B, H, seqs, w_row, mask):
 
 
 @triton.jit
-def _store_final_state(out_ptr, h0_ptr, hn_ptr, cn_ptr, c, seqs, seq_ok, length, units, tile_ok, state_offsets, B, H,
-                       REVERSE: tl.constexpr):  # fmt: skip
+def _store_final_state(
+    out_ptr, h0_ptr, hn_ptr, cn_ptr, c, seqs, seq_ok, length, units, tile_ok, state_offsets, B, H, REVERSE: tl.constexpr
+):
     """h_n and c_n of this program's units: each sequence's last step in its own order (h0 if it had none)."""
     if REVERSE:
         t_last = tl.zeros_like(length)

@@ -11,8 +11,10 @@ from dataclasses import dataclass, fields
 
 # Sources, cited once here and by key below.
 SOURCES = {
-    "h200-datasheet": "NVIDIA H200 Tensor Core GPU product page/datasheet (https://www.nvidia.com/en-us/data-center/h200/):"
-    " 4.8 TB/s HBM3e, dense BF16 989 TFLOP/s (1,979 with sparsity), 132 SMs (same GH100 die as H100 SXM)",
+    "h200-datasheet": (
+        "NVIDIA H200 Tensor Core GPU product page/datasheet (https://www.nvidia.com/en-us/data-center/h200/):"
+        " 4.8 TB/s HBM3e, dense BF16 989 TFLOP/s (1,979 with sparsity), 132 SMs (same GH100 die as H100 SXM)"
+    ),
     "hopper-whitepaper": "NVIDIA H100 Tensor Core GPU Architecture whitepaper"
     " (https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper): 4 SM sub-partitions with one warp"
     " scheduler each (one warp instruction per clock), 256 KB combined L1/shared memory per SM",
@@ -21,9 +23,13 @@ SOURCES = {
     "rrze-latency": "RRZE-HPC/te42kyfo gpu-benches, gpu-latency/h100_pcie.txt (GitHub), pointer chase on an H100 PCIe"
     " at 1755 MHz: L1 34 cycles, L2 265 cycles to ~20 MB, ~475 cycles for 35-50 MB (lines homed in the far L2"
     " partition), DRAM ~650 cycles",
-    "rrze-l2-h200": "te42kyfo gpu-benches, gpu-l2-cache/h200.txt (GitHub): all SMs reading a shared data set on an H200,"
-    " 13.5 TB/s at 1.5 MB, 9.7-10.5 TB/s from 4 to 40 MB, 3.89 TB/s once it spills to HBM",
-    "cuda-guide-banks": "CUDA C++ Programming Guide, shared memory: 32 banks of 4 bytes, each serving one access per clock",
+    "rrze-l2-h200": (
+        "te42kyfo gpu-benches, gpu-l2-cache/h200.txt (GitHub): all SMs reading a shared data set on an H200,"
+        " 13.5 TB/s at 1.5 MB, 9.7-10.5 TB/s from 4 to 40 MB, 3.89 TB/s once it spills to HBM"
+    ),
+    "cuda-guide-banks": (
+        "CUDA C++ Programming Guide, shared memory: 32 banks of 4 bytes, each serving one access per clock"
+    ),
     "jia-volta": "Jia et al., Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking (arXiv:1804.06826):"
     " dependent FFMA/IADD latency 4 cycles",
     "luo-hopper": "Luo et al., Benchmarking and Dissecting the Nvidia Hopper GPU Architecture (arXiv:2402.13499) and"

@@ -181,12 +181,14 @@ def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | N
 def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device) -> Plan:
     """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
     gluon = not _interpreting() and _capability(device) >= (8, 0)
-    return plan_for(hidden, proj, batch, dtype, max_programs=None if _host_stepped() else _multiprocessors(device),
-                    gluon=gluon)  # fmt: skip
+    return plan_for(
+        hidden, proj, batch, dtype, max_programs=None if _host_stepped() else _multiprocessors(device), gluon=gluon
+    )
 
 
-def plan_for(hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None,
-             gluon: bool = False) -> Plan:  # fmt: skip
+def plan_for(
+    hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None, gluon: bool = False
+) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
     projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
     max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
@@ -330,34 +332,81 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
             cfg = chosen.config
             _record("forward", chosen, "single")
             lstm_single_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-                xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order,
-                steps, batch, hidden, proj,
-                REVERSE=reverse, BLOCK_B=cfg.block_b, H_PAD=cfg.h_pad, P_PAD=cfg.p_pad, DOT_DTYPE=dot_dtype(dtype),
-                DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
-            )  # fmt: skip
+                xw,
+                h0,
+                c0,
+                w_hh,
+                w_hr,
+                lengths,
+                out,
+                gates,
+                cells,
+                h_n,
+                c_n,
+                stats,
+                first,
+                seq,
+                order,
+                steps,
+                batch,
+                hidden,
+                proj,
+                REVERSE=reverse,
+                BLOCK_B=cfg.block_b,
+                H_PAD=cfg.h_pad,
+                P_PAD=cfg.p_pad,
+                DOT_DTYPE=dot_dtype(dtype),
+                DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg.num_warps,
+                maxnreg=cfg.maxnreg,
+            )
         elif chosen.kind == "split":
             args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
             kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_forward_kernel
             _launch_split(kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
         else:
             _record("forward", chosen, "streaming")
-            _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq,
-                               order, reverse)  # fmt: skip
+            _forward_streaming(
+                xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse
+            )
     return ForwardResult(out, h_n, c_n, (gates, cells))
 
 
-def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order,
-                       reverse):  # fmt: skip
+def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse):
     steps, batch, hidden = cells.shape
     cfg = STREAMING
     hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else None
     lstm_streaming_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-        xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, hfull, h_n, c_n, stats, first, seq, order,
-        steps, batch, hidden, h0.shape[-1],
-        REVERSE=reverse, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(xw.dtype), DOT_DTYPE=dot_dtype(xw.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-    )  # fmt: skip
+        xw,
+        h0,
+        c0,
+        w_hh,
+        w_hr,
+        lengths,
+        out,
+        gates,
+        cells,
+        hfull,
+        h_n,
+        c_n,
+        stats,
+        first,
+        seq,
+        order,
+        steps,
+        batch,
+        hidden,
+        h0.shape[-1],
+        REVERSE=reverse,
+        BLOCK_B=cfg.block_b,
+        BLOCK_H=cfg.block_h,
+        BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(xw.dtype),
+        DOT_DTYPE=dot_dtype(xw.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,19 +434,73 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                 cfg = chosen.config
                 _record("backward", chosen, "single")
                 lstm_single_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-                    grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden,
-                    grad_rows, _capacity(grad_rows), first, seq, order, steps, batch, hidden, proj,
-                    REVERSE=reverse, BLOCK_B=cfg.block_b, H_PAD=cfg.h_pad, P_PAD=cfg.p_pad,
-                    DOT_DTYPE=dot_dtype(dtype), DOT_PRECISION=dot_precision(dtype), num_warps=cfg.num_warps,
+                    grad_out,
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    w_hr,
+                    lengths,
+                    dgates,
+                    grad_h,
+                    grad_c,
+                    dhidden,
+                    grad_rows,
+                    _capacity(grad_rows),
+                    first,
+                    seq,
+                    order,
+                    steps,
+                    batch,
+                    hidden,
+                    proj,
+                    REVERSE=reverse,
+                    BLOCK_B=cfg.block_b,
+                    H_PAD=cfg.h_pad,
+                    P_PAD=cfg.p_pad,
+                    DOT_DTYPE=dot_dtype(dtype),
+                    DOT_PRECISION=dot_precision(dtype),
+                    num_warps=cfg.num_warps,
                     maxnreg=cfg.maxnreg,
-                )  # fmt: skip
+                )
             elif chosen.kind == "split":
-                _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first,
-                                seq, order, reverse, chosen)  # fmt: skip
+                _backward_split(
+                    grad_out,
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    lengths,
+                    dgates,
+                    grad_h,
+                    grad_c,
+                    grad_rows,
+                    first,
+                    seq,
+                    order,
+                    reverse,
+                    chosen,
+                )
             else:
                 _record("backward", chosen, "streaming")
-                _backward_streaming(grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden,
-                                    grad_rows, first, seq, order, reverse)  # fmt: skip
+                _backward_streaming(
+                    grad_out,
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    w_hr,
+                    lengths,
+                    dgates,
+                    grad_h,
+                    grad_c,
+                    dhidden,
+                    grad_rows,
+                    first,
+                    seq,
+                    order,
+                    reverse,
+                )
     hidden_full = None
     if w_hr is not None:
         hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)
@@ -408,8 +511,9 @@ def _capacity(grad_rows) -> int:
     return 0 if grad_rows is None else grad_rows.shape[-1]
 
 
-def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first, seq, order,
-                    reverse, chosen):  # fmt: skip
+def _backward_split(
+    grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first, seq, order, reverse, chosen
+):
     steps, batch, hidden = cells.shape
     cfg = chosen.config
     device = gates.device
@@ -417,8 +521,24 @@ def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, g
     # still read slot (q - 1) % 2 (backward.py; a program cannot reach step q + 2 before every program has read q).
     exchange = _new((2, batch, 4 * hidden), w_hh.dtype, device)
     partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
-    args = (grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, exchange, partials,
-            grad_rows, _capacity(grad_rows), first, seq, order)  # fmt: skip
+    args = (
+        grad_out,
+        c0,
+        gates,
+        cells,
+        w_hh,
+        lengths,
+        dgates,
+        grad_h,
+        grad_c,
+        exchange,
+        partials,
+        grad_rows,
+        _capacity(grad_rows),
+        first,
+        seq,
+        order,
+    )
     kernel = lstm_split_backward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_backward_kernel
     _launch_split(kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
     if partials is not None:  # the per-program squared norms of every step, added up once
@@ -427,18 +547,59 @@ def _backward_split(grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, g
         grad_rows[C.GRAD_CELL_SUMSQ, :steps] += sums[1]
 
 
-def _backward_streaming(grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden, grad_rows,
-                        first, seq, order, reverse):  # fmt: skip
+def _backward_streaming(
+    grad_out,
+    c0,
+    gates,
+    cells,
+    w_hh,
+    w_hr,
+    lengths,
+    dgates,
+    grad_h,
+    grad_c,
+    dhidden,
+    grad_rows,
+    first,
+    seq,
+    order,
+    reverse,
+):
     steps, batch, hidden = cells.shape
     cfg = STREAMING
     dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else None
     lstm_streaming_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-        grad_out, c0, gates, cells, w_hh, w_hr, lengths, dgates, grad_h, grad_c, dhidden, dhfull,
-        grad_rows, _capacity(grad_rows), first, seq, order, steps, batch, hidden, grad_h.shape[-1],
-        REVERSE=reverse, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-    )  # fmt: skip
+        grad_out,
+        c0,
+        gates,
+        cells,
+        w_hh,
+        w_hr,
+        lengths,
+        dgates,
+        grad_h,
+        grad_c,
+        dhidden,
+        dhfull,
+        grad_rows,
+        _capacity(grad_rows),
+        first,
+        seq,
+        order,
+        steps,
+        batch,
+        hidden,
+        grad_h.shape[-1],
+        REVERSE=reverse,
+        BLOCK_B=cfg.block_b,
+        BLOCK_H=cfg.block_h,
+        BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(w_hh.dtype),
+        DOT_DTYPE=dot_dtype(w_hh.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,11 +619,18 @@ def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, revers
     cfg = chosen.config
     device = args[0].device
     constants = {
-        "REVERSE": reverse, "UNITS": cfg.units, "BLOCK_B": cfg.block_b, "K_PAD": cfg.k_pad, "K_SPLIT": cfg.k_split,
-        "MAX_PROGRAMS": triton.next_power_of_2(cfg.unit_groups), "ASM_FENCE": not _interpreting(),
-        "DOT_DTYPE": dot_dtype(dtype), "DOT_PRECISION": dot_precision(dtype), "num_warps": cfg.num_warps,
+        "REVERSE": reverse,
+        "UNITS": cfg.units,
+        "BLOCK_B": cfg.block_b,
+        "K_PAD": cfg.k_pad,
+        "K_SPLIT": cfg.k_split,
+        "MAX_PROGRAMS": triton.next_power_of_2(cfg.unit_groups),
+        "ASM_FENCE": not _interpreting(),
+        "DOT_DTYPE": dot_dtype(dtype),
+        "DOT_PRECISION": dot_precision(dtype),
+        "num_warps": cfg.num_warps,
         "maxnreg": cfg.maxnreg,
-    }  # fmt: skip
+    }
     grid = (cfg.unit_groups, cfg.batch_groups)
     if _host_stepped():
         _record(name, chosen, "host-stepped")
@@ -478,8 +646,9 @@ def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, revers
     for base in range(0, cfg.batch_groups, cfg.batch_groups_per_launch):
         slice_grid = (cfg.unit_groups, min(cfg.batch_groups_per_launch, cfg.batch_groups - base))
         try:
-            kernel[slice_grid](*args, flags, base, 0, steps, steps, batch, hidden, launch_cooperative_grid=True,
-                               **constants)  # fmt: skip
+            kernel[slice_grid](
+                *args, flags, base, 0, steps, steps, batch, hidden, launch_cooperative_grid=True, **constants
+            )
         except RuntimeError as error:
             raise RuntimeError(
                 f"fastlstm: the {name} kernel needs its {slice_grid[0] * slice_grid[1]} programs resident at once (a "

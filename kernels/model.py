@@ -91,11 +91,21 @@ def routes(shape: Shape) -> list[Route]:
     out = []
     for chosen in candidates:
         switches = {"telemetry"} | ({"exchange"} if chosen.kind == "split" else set())
-        forward, backward = (aot.plan_variant(chosen, stage, storage, precision, switches)
-                             for stage in ("forward", "backward"))  # fmt: skip
+        forward, backward = (
+            aot.plan_variant(chosen, stage, storage, precision, switches) for stage in ("forward", "backward")
+        )
         launches = chosen.config.launches if chosen.kind == "split" else 1
-        out.append(Route(forward.family, chosen is routed, forward, backward, launch.programs_of(chosen, shape.batch),
-                         resident_weights=chosen.kind in ("single", "split"), launches=launches))  # fmt: skip
+        out.append(
+            Route(
+                forward.family,
+                chosen is routed,
+                forward,
+                backward,
+                launch.programs_of(chosen, shape.batch),
+                resident_weights=chosen.kind in ("single", "split"),
+                launches=launches,
+            )
+        )
     return out
 
 
@@ -128,8 +138,17 @@ def run_isolated(fn, items, jobs: int = 2) -> list:
 def scalars(shape: Shape) -> dict:
     """The kernel's runtime integer arguments for a whole-sequence launch of this shape."""
     t, h = shape.seq, shape.hidden
-    return {"T": t, "B": shape.batch, "H": h, "P": h, "step_begin": 0, "step_end": t, "capacity": t, "order": 0,
-            "batch_group_base": 0}
+    return {
+        "T": t,
+        "B": shape.batch,
+        "H": h,
+        "P": h,
+        "step_begin": 0,
+        "step_end": t,
+        "capacity": t,
+        "order": 0,
+        "batch_group_base": 0,
+    }
 
 
 def profile_variant(task) -> dict:
@@ -190,8 +209,10 @@ def estimate(shape: Shape, forward: dict, backward: dict, launches: int = 1) -> 
 # nn.LSTM / cuDNN LSTM timings that were published, one layer, one direction: (source, hardware, dtype, H, B, T,
 # forward ms, forward+backward ms). DeepBench's forward+backward is its "Total Time" (forward, backward wrt inputs,
 # backward wrt weights). FlashRNN's figures are read off a bar chart, so approximate.
-DEEPBENCH = ("DeepBench training results, results/train/DeepBench_NV_V100.xlsx (github.com/baidu-research/DeepBench),"
-             " cuDNN 7.6.2, CUDA 10.1, V100 (DGX-1)")  # fmt: skip
+DEEPBENCH = (
+    "DeepBench training results, results/train/DeepBench_NV_V100.xlsx (github.com/baidu-research/DeepBench),"
+    " cuDNN 7.6.2, CUDA 10.1, V100 (DGX-1)"
+)
 FLASHRNN = "FlashRNN (Pöppel et al., arXiv:2412.07752), head-dimension experiment, nn.LSTM (cuDNN)"
 PUBLISHED = (
     (FLASHRNN, "H100 SXM", "fp16", 768, 16, 1024, 2.0, 5.2),
@@ -221,10 +242,16 @@ def nearest_published(shape: Shape) -> dict:
 
     source, hw, dtype, h, b, t, fwd, total = min(PUBLISHED, key=distance)
     return {
-        "source": source, "hardware": hw, "dtype": dtype, "hidden": h, "batch": b, "seq": t,
-        "forward_us_per_step": fwd * 1e3 / t, "forward_backward_us_per_step": total * 1e3 / t,
+        "source": source,
+        "hardware": hw,
+        "dtype": dtype,
+        "hidden": h,
+        "batch": b,
+        "seq": t,
+        "forward_us_per_step": fwd * 1e3 / t,
+        "forward_backward_us_per_step": total * 1e3 / t,
         "same_shape": (h, b) == (shape.hidden, shape.batch),
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -246,22 +273,35 @@ def build(shapes: list[Shape], jobs: int = 2) -> dict:
                 "routed": route.routed,
                 "programs": route.programs,
                 "resident_weights_claimed": route.resident_weights,
-                "forward": {"variant": fwd["variant"], "weights_every_step": fwd["weights_every_step"],
-                            **fwd["profiles"][shape.key]},
-                "backward": {"variant": bwd["variant"], "weights_every_step": bwd["weights_every_step"],
-                             **bwd["profiles"][shape.key]},
+                "forward": {
+                    "variant": fwd["variant"],
+                    "weights_every_step": fwd["weights_every_step"],
+                    **fwd["profiles"][shape.key],
+                },
+                "backward": {
+                    "variant": bwd["variant"],
+                    "weights_every_step": bwd["weights_every_step"],
+                    **bwd["profiles"][shape.key],
+                },
                 LABEL: estimate(shape, fwd["profiles"][shape.key], bwd["profiles"][shape.key], route.launches),
-            }  # fmt: skip
+            }
         routed = next((label for label, k in kernels.items() if k["routed"]), None)
         cases[shape.key] = {
-            "problem": {"hidden": shape.hidden, "batch": shape.batch, "seq": shape.seq, "dtype": shape.dtype,
-                        "input_size": shape.hidden, "layers": 1, "bidirectional": False},
+            "problem": {
+                "hidden": shape.hidden,
+                "batch": shape.batch,
+                "seq": shape.seq,
+                "dtype": shape.dtype,
+                "input_size": shape.hidden,
+                "layers": 1,
+                "bidirectional": False,
+            },
             "routed": routed,
             LABEL: dict(kernels[routed][LABEL]) if routed else None,
             "kernels": kernels,
             "nn_lstm_published": nearest_published(shape),
             "measured": None,  # filled by `fastlstm bench --gpu-check`: {"forward": ms, "forward_backward": ms, ...}
-        }  # fmt: skip
+        }
     return {
         "schema": SCHEMA,
         "label": f"{LABEL}: every time in this file is an estimate from compiled code, not a measurement",

@@ -37,8 +37,10 @@ FAMILIES = ("single", "split-gluon", "split", "streaming")
 def summary_table(doc: dict) -> str:
     """µs per step, modelled, per shape and kernel family, beside the nearest published nn.LSTM figure."""
     header = "| shape | routed | " + " | ".join(f"{f} fwd | {f} fwd+bwd" for f in FAMILIES)
-    lines = [header + " | nn.LSTM published fwd / fwd+bwd | published shape |",
-             "|---|---|" + "---:|---:|" * len(FAMILIES) + "---:|---|"]  # fmt: skip
+    lines = [
+        header + " | nn.LSTM published fwd / fwd+bwd | published shape |",
+        "|---|---|" + "---:|---:|" * len(FAMILIES) + "---:|---|",
+    ]
     for key, case in doc["cases"].items():
         cells = []
         for label in FAMILIES:
@@ -69,15 +71,21 @@ def detail_table(doc: dict) -> str:
             for name in ("forward", "backward"):
                 p = k[name]
                 s = p["sync"]
-                counts = (s.get("poll_loops", 0), s.get("strong_loads", 0), s.get("atomics", 0) + s.get("reductions", 0),
-                          s.get("fences", 0), s.get("cctl_invalidations", 0))  # fmt: skip
+                counts = (
+                    s.get("poll_loops", 0),
+                    s.get("strong_loads", 0),
+                    s.get("atomics", 0) + s.get("reductions", 0),
+                    s.get("fences", 0),
+                    s.get("cctl_invalidations", 0),
+                )
                 sync = ", ".join(_n(x) for x in counts)
                 mma = ", ".join(f"{_n(n)}× {op}" for op, n in p["mma"].items())
                 mma = mma or (f"{_n(p['ffma'])} FFMA" if p["ffma"] else "—")
                 lines.append(
                     f"| {key} | {label} | {name} | {k['programs']} | {_kib(sum(p['global_load_bytes'].values()))} | "
                     f"{_kib(p['weight_load_bytes'])} | {_kib(sum(p['global_store_bytes'].values()))} | "
-                    f"{_kib(p['shared_load_bytes'])} / {_kib(p['shared_store_bytes'])} | {_n(p['barriers'])} | {sync} | "
+                    f"{_kib(p['shared_load_bytes'])} / {_kib(p['shared_store_bytes'])} | "
+                    f"{_n(p['barriers'])} | {sync} | "
                     f"{mma} | {p['round_trips']:.3g} | {p['limiter']} | {_us(p['step_us'])} |"
                 )
     return "\n".join(lines)
@@ -105,8 +113,15 @@ def constants_table(doc: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
-    weights = sorted({f"{label} {name}" for case in doc["cases"].values() for label, k in case["kernels"].items()
-                      for name in ("forward", "backward") if k[name]["weights_every_step"]})  # fmt: skip
+    weights = sorted(
+        {
+            f"{label} {name}"
+            for case in doc["cases"].values()
+            for label, k in case["kernels"].items()
+            for name in ("forward", "backward")
+            if k[name]["weights_every_step"]
+        }
+    )
     parts = [
         f"# Performance model: {doc['arch']}, {doc['hardware']}, triton {doc['triton']} ({LABEL})",
         "",

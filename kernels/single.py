@@ -52,14 +52,35 @@ from .cell import (
 )
 @triton.jit(do_not_specialize=["order", "T", "B"])
 def lstm_single_forward_kernel(
-    xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
-    out_ptr, gates_ptr, cells_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, order,
-    T, B, H, P,
-    REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
-):  # fmt: skip
+    xw_ptr,
+    h0_ptr,
+    c0_ptr,
+    w_hh_ptr,
+    w_hr_ptr,
+    lengths_ptr,
+    out_ptr,
+    gates_ptr,
+    cells_ptr,
+    hn_ptr,
+    cn_ptr,
+    stats_ptr,
+    first_ptr,
+    seq_ptr,
+    order,
+    T,
+    B,
+    H,
+    P,
+    REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    H_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    TELEMETRY: tl.constexpr,
+):
     seqs, seq_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
     units = tl.arange(0, H_PAD)
     outs = tl.arange(0, P_PAD)
@@ -74,8 +95,9 @@ def lstm_single_forward_kernel(
     w_g = _load_transposed(w_hh_ptr, 2, H, P, outs, units).to(DOT_DTYPE)
     w_o = _load_transposed(w_hh_ptr, 3, H, P, outs, units).to(DOT_DTYPE)
     if HAS_PROJ:  # W_hrᵀ [H_PAD, P_PAD]: element [j, q] = W_hr[q, j]
-        w_r = tl.load(w_hr_ptr + outs[None, :] * H + units[:, None], mask=(outs < P)[None, :] & (units < H)[:, None],
-                      other=0.0).to(DOT_DTYPE)  # fmt: skip
+        w_r = tl.load(
+            w_hr_ptr + outs[None, :] * H + units[:, None], mask=(outs < P)[None, :] & (units < H)[:, None], other=0.0
+        ).to(DOT_DTYPE)
 
     h0 = tl.load(h0_ptr + out_tile, mask=out_ok, other=0.0).to(tl.float32)
     h = h0  # the last h of each sequence so far (h0 until it starts)
@@ -121,10 +143,14 @@ def lstm_single_forward_kernel(
         h = tl.where(keep, h_new, h)
 
         row_step = tl.cast(t, tl.int64) * B + seqs
-        tl.store(out_ptr + row_step[:, None] * P + outs[None, :], tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
-                 mask=out_ok)  # fmt: skip
-        store_gate_tiles(gates_ptr + row_step[:, None] * (4 * H) + units[None, :], H, gate_i, gate_f, gate_g, gate_o,
-                         tile_ok)  # fmt: skip
+        tl.store(
+            out_ptr + row_step[:, None] * P + outs[None, :],
+            tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+            mask=out_ok,
+        )
+        store_gate_tiles(
+            gates_ptr + row_step[:, None] * (4 * H) + units[None, :], H, gate_i, gate_f, gate_g, gate_o, tile_ok
+        )
         tl.store(cells_ptr + row_step[:, None] * H + units[None, :], c, mask=tile_ok)
 
         if TELEMETRY:
@@ -137,8 +163,9 @@ def lstm_single_forward_kernel(
             forget += tl.where(counted, gate_f, 0.0)
             absmax = tl.maximum(absmax, tl.where(counted, tl.abs(c_new), 0.0), propagate_nan=tl.PropagateNan.ALL)
             first_units = tl.minimum(first_units, tl.where(counted & any_nonfinite(x_i, x_f, x_g, x_o), code, NO_EVENT))
-            first_units = tl.minimum(first_units, tl.where(counted & any_nonfinite(pre_i, pre_f, pre_g, pre_o), code + 1,
-                                                           NO_EVENT))  # fmt: skip
+            first_units = tl.minimum(
+                first_units, tl.where(counted & any_nonfinite(pre_i, pre_f, pre_g, pre_o), code + 1, NO_EVENT)
+            )
             first_units = note_nonfinite(first_units, c_new, counted, code + 2)
             first_outs = note_nonfinite(first_outs, h_new, keep & out_ok, code + 3)
         p += 1
@@ -161,14 +188,36 @@ def lstm_single_forward_kernel(
 )
 @triton.jit(do_not_specialize=["capacity", "order", "T", "B"])
 def lstm_single_backward_kernel(
-    grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
-    dgates_ptr, grad_h_ptr, grad_c_ptr, dhidden_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, order,
-    T, B, H, P,
-    REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, H_PAD: tl.constexpr, P_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
-):  # fmt: skip
+    grad_out_ptr,
+    c0_ptr,
+    gates_ptr,
+    cells_ptr,
+    w_hh_ptr,
+    w_hr_ptr,
+    lengths_ptr,
+    dgates_ptr,
+    grad_h_ptr,
+    grad_c_ptr,
+    dhidden_ptr,
+    grad_ptr,
+    capacity,
+    first_ptr,
+    seq_ptr,
+    order,
+    T,
+    B,
+    H,
+    P,
+    REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    H_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    TELEMETRY: tl.constexpr,
+):
     seqs, seq_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
     units = tl.arange(0, H_PAD)
     outs = tl.arange(0, P_PAD)
@@ -183,16 +232,33 @@ def lstm_single_backward_kernel(
     w_g = _load_rows(w_hh_ptr, 2, H, P, units, outs).to(DOT_DTYPE)
     w_o = _load_rows(w_hh_ptr, 3, H, P, units, outs).to(DOT_DTYPE)
     if HAS_PROJ:  # W_hr [P_PAD, H_PAD]: dh_full = dh @ W_hr
-        w_r = tl.load(w_hr_ptr + outs[:, None] * H + units[None, :], mask=(outs < P)[:, None] & (units < H)[None, :],
-                      other=0.0).to(DOT_DTYPE)  # fmt: skip
+        w_r = tl.load(
+            w_hr_ptr + outs[:, None] * H + units[None, :], mask=(outs < P)[:, None] & (units < H)[None, :], other=0.0
+        ).to(DOT_DTYPE)
 
     dh_carried = tl.load(grad_h_ptr + out_tile, mask=out_ok, other=0.0)
     dc_carried = tl.load(grad_c_ptr + unit_tile, mask=tile_ok, other=0.0)
     # Backward step q is the forward's processing step T - 1 - q; its c_{t-1} is the next step's c_t.
     t, _ = step_time(T - 1, T, REVERSE)
     c_t = tl.load(cells_ptr + (tl.cast(t, tl.int64) * B + seqs)[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
-    ahead = _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, T - 1, T, B, H, P, seqs, units, outs, tile_ok,
-                       out_ok, unit_tile, REVERSE)  # fmt: skip
+    ahead = _load_step(
+        grad_out_ptr,
+        gates_ptr,
+        cells_ptr,
+        c0_ptr,
+        T - 1,
+        T,
+        B,
+        H,
+        P,
+        seqs,
+        units,
+        outs,
+        tile_ok,
+        out_ok,
+        unit_tile,
+        REVERSE,
+    )
     if TELEMETRY:
         first_units = tl.full((BLOCK_B, H_PAD), NO_EVENT, tl.int32)
         first_outs = tl.full((BLOCK_B, P_PAD), NO_EVENT, tl.int32)
@@ -203,8 +269,24 @@ def lstm_single_backward_kernel(
         t, _ = step_time(p, T, REVERSE)
         g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
         if q + 1 < T:
-            ahead = _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, p - 1, T, B, H, P, seqs, units, outs,
-                               tile_ok, out_ok, unit_tile, REVERSE)  # fmt: skip
+            ahead = _load_step(
+                grad_out_ptr,
+                gates_ptr,
+                cells_ptr,
+                c0_ptr,
+                p - 1,
+                T,
+                B,
+                H,
+                P,
+                seqs,
+                units,
+                outs,
+                tile_ok,
+                out_ok,
+                unit_tile,
+                REVERSE,
+            )
         active = seq_ok & (t < length)
         keep = active[:, None]
         row_step = tl.cast(t, tl.int64) * B + seqs
@@ -215,8 +297,9 @@ def lstm_single_backward_kernel(
             dh_full = tl.dot(dh.to(DOT_DTYPE), w_r, input_precision=DOT_PRECISION)
         else:
             dh_full = dh
-        dc, dg_i, dg_f, dg_g, dg_o = cell_backward(dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev,
-                                                   keep)  # fmt: skip
+        dc, dg_i, dg_f, dg_g, dg_o = cell_backward(
+            dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep
+        )
         store_gate_tiles(dgates_ptr + row_step[:, None] * (4 * H) + units[None, :], H, dg_i, dg_f, dg_g, dg_o, tile_ok)
         product = tl.dot(dg_i.to(DOT_DTYPE), w_i, input_precision=DOT_PRECISION)
         product = tl.dot(dg_f.to(DOT_DTYPE), w_f, product, input_precision=DOT_PRECISION)
@@ -237,8 +320,9 @@ def lstm_single_backward_kernel(
             first_outs = note_nonfinite(first_outs, g_out, counted_outs, code)
             first_outs = note_nonfinite(first_outs, dh, counted_outs, code + 1)
             first_units = note_nonfinite(first_units, dc, counted, code + 2)
-            first_units = tl.minimum(first_units, tl.where(counted & any_nonfinite(dg_i, dg_f, dg_g, dg_o), code + 3,
-                                                           NO_EVENT))  # fmt: skip
+            first_units = tl.minimum(
+                first_units, tl.where(counted & any_nonfinite(dg_i, dg_f, dg_g, dg_o), code + 3, NO_EVENT)
+            )
         q += 1
 
     tl.store(grad_h_ptr + out_tile, dh_carried, mask=out_ok)
@@ -270,16 +354,35 @@ def _load_inputs(xw_ptr, t, B, H, seqs, units, mask):
 
 
 @triton.jit
-def _load_step(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, p, T, B, H, P, seqs, units, outs, tile_ok, out_ok,
-               unit_tile, REVERSE: tl.constexpr):  # fmt: skip
+def _load_step(
+    grad_out_ptr,
+    gates_ptr,
+    cells_ptr,
+    c0_ptr,
+    p,
+    T,
+    B,
+    H,
+    P,
+    seqs,
+    units,
+    outs,
+    tile_ok,
+    out_ok,
+    unit_tile,
+    REVERSE: tl.constexpr,
+):
     """What the forward's processing step p needs backwards: grad_out[t], its four gates and c_{t-1} (c0 first)."""
     t, t_prev = step_time(p, T, REVERSE)
     row = (tl.cast(t, tl.int64) * B + seqs)[:, None]
     g_out = tl.load(grad_out_ptr + row * P + outs[None, :], mask=out_ok, other=0.0).to(tl.float32)
     gate_i, gate_f, gate_g, gate_o = load_gate_tiles(gates_ptr + row * (4 * H) + units[None, :], H, tile_ok)
     has_prev = p > 0
-    c_prev = tl.load(cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
-                     mask=tile_ok & has_prev, other=0.0)  # fmt: skip
+    c_prev = tl.load(
+        cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
+        mask=tile_ok & has_prev,
+        other=0.0,
+    )
     c_prev += tl.load(c0_ptr + unit_tile, mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
     return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
 

@@ -18,8 +18,17 @@ from dataclasses import dataclass
 
 # Names a time loop's bounds are written with, in the order they are tried.
 TIME_SIZE_NAMES = ("T", "step_end", "steps", "seq_len", "num_steps")
-MEMORY_CALLS = ("load", "store", "atomic_add", "atomic_max", "atomic_min", "atomic_cas", "atomic_xchg", "atomic_or",
-                "atomic_and")  # fmt: skip
+MEMORY_CALLS = (
+    "load",
+    "store",
+    "atomic_add",
+    "atomic_max",
+    "atomic_min",
+    "atomic_cas",
+    "atomic_xchg",
+    "atomic_or",
+    "atomic_and",
+)
 
 
 @dataclass(frozen=True)
@@ -320,10 +329,14 @@ def _statements_before(fn: ast.FunctionDef, line: int):
 
 
 _BINOPS = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.FloorDiv: lambda a, b: a // b, ast.Div: lambda a, b: a / b, ast.Mod: lambda a, b: a % b,
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Div: lambda a, b: a / b,
+    ast.Mod: lambda a, b: a % b,
     ast.Pow: lambda a, b: a**b,
-}  # fmt: skip
+}
 
 
 def _evaluate(node, env: dict):

@@ -108,14 +108,40 @@ def _split4(tile, UNITS: gl.constexpr, N: gl.constexpr):
 )
 @gluon.jit(do_not_specialize=["order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_forward_gluon_kernel(
-    xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, lengths_ptr,
-    out_ptr, gates_ptr, cells_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
-    step_begin, step_end, T, B, H,
-    REVERSE: gl.constexpr, UNITS: gl.constexpr, BLOCK_B: gl.constexpr, K_PAD: gl.constexpr,
-    K_SPLIT: gl.constexpr, MAX_PROGRAMS: gl.constexpr, ASM_FENCE: gl.constexpr, DOT_DTYPE: gl.constexpr,
-    DOT_PRECISION: gl.constexpr, HAS_LENGTHS: gl.constexpr, TELEMETRY: gl.constexpr, EXCHANGE: gl.constexpr,
-):  # fmt: skip
+    xw_ptr,
+    h0_ptr,
+    c0_ptr,
+    w_hh_ptr,
+    lengths_ptr,
+    out_ptr,
+    gates_ptr,
+    cells_ptr,
+    hn_ptr,
+    cn_ptr,
+    stats_ptr,
+    first_ptr,
+    seq_ptr,
+    order,
+    flags_ptr,
+    batch_group_base,
+    step_begin,
+    step_end,
+    T,
+    B,
+    H,
+    REVERSE: gl.constexpr,
+    UNITS: gl.constexpr,
+    BLOCK_B: gl.constexpr,
+    K_PAD: gl.constexpr,
+    K_SPLIT: gl.constexpr,
+    MAX_PROGRAMS: gl.constexpr,
+    ASM_FENCE: gl.constexpr,
+    DOT_DTYPE: gl.constexpr,
+    DOT_PRECISION: gl.constexpr,
+    HAS_LENGTHS: gl.constexpr,
+    TELEMETRY: gl.constexpr,
+    EXCHANGE: gl.constexpr,
+):
     S: gl.constexpr = K_SPLIT
     KC: gl.constexpr = K_PAD // K_SPLIT
     ROWS: gl.constexpr = 4 * UNITS
@@ -140,8 +166,9 @@ def lstm_split_forward_gluon_kernel(
     k_of_w = s_w[:, None, None] * KC + k_w[None, None, :]
     w = gl.load(
         w_hh_ptr + ((r_w % 4) * H + unit_w)[None, :, None].to(gl.int64) * H + k_of_w,
-        mask=(unit_w < H)[None, :, None] & (k_of_w < H), other=0.0,
-    )  # fmt: skip
+        mask=(unit_w < H)[None, :, None] & (k_of_w < H),
+        other=0.0,
+    )
     w = gl.convert_layout(w.to(DOT_DTYPE), a_layout)
 
     # Index tiles of the pointwise layout: rows (unit-major gate rows) x sequences.
@@ -196,16 +223,23 @@ def lstm_split_forward_gluon_kernel(
         t, t_prev = step_time(p, T, REVERSE)
         x = x_next.to(gl.float32)
         next_t, _ = step_time(p + 1, T, REVERSE)
-        x_next = gl.load(xw_ptr + (next_t.to(gl.int64) * B + seq_row) * (4 * H) + col_row,
-                         mask=row_ok & (p + 1 < step_end), other=0.0)  # fmt: skip
+        x_next = gl.load(
+            xw_ptr + (next_t.to(gl.int64) * B + seq_row) * (4 * H) + col_row,
+            mask=row_ok & (p + 1 < step_end),
+            other=0.0,
+        )
         active = (seqs < B) & (t < length)
 
         if EXCHANGE and p > 0:
             _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, p, MAX_PROGRAMS, S)
         from_prev = (b_h < B) & (p > 0) & (t_prev < length_h)
         h_row = gl.where(from_prev, 1 + t_prev, 0).to(gl.int64)
-        h = gl.load(hx_ptr + ((h_row * B + b_h) * H)[None, None, :] + k_of_h,
-                    mask=(b_h < B)[None, None, :] & (k_of_h < H), other=0.0, cache_modifier=".cg")  # fmt: skip
+        h = gl.load(
+            hx_ptr + ((h_row * B + b_h) * H)[None, None, :] + k_of_h,
+            mask=(b_h < B)[None, None, :] & (k_of_h < H),
+            other=0.0,
+            cache_modifier=".cg",
+        )
         h = gl.convert_layout(h.to(DOT_DTYPE), b_layout)
 
         partials = mma_v2(w, h, gl.zeros([S, ROWS, BLOCK_B], gl.float32, mma), input_precision=DOT_PRECISION)
@@ -282,15 +316,42 @@ def _batch_major_reduction(block_b, units, s):
 )
 @gluon.jit(do_not_specialize=["capacity", "order", "batch_group_base", "step_begin", "step_end", "T", "B"])
 def lstm_split_backward_gluon_kernel(
-    grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, lengths_ptr,
-    dgates_ptr, grad_h_ptr, grad_c_ptr, exchange_ptr, partials_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, order, flags_ptr, batch_group_base,
-    step_begin, step_end, T, B, H,
-    REVERSE: gl.constexpr, UNITS: gl.constexpr, BLOCK_B: gl.constexpr, K_PAD: gl.constexpr,
-    K_SPLIT: gl.constexpr, MAX_PROGRAMS: gl.constexpr, ASM_FENCE: gl.constexpr,
-    DOT_DTYPE: gl.constexpr, DOT_PRECISION: gl.constexpr, HAS_LENGTHS: gl.constexpr, TELEMETRY: gl.constexpr,
+    grad_out_ptr,
+    c0_ptr,
+    gates_ptr,
+    cells_ptr,
+    w_hh_ptr,
+    lengths_ptr,
+    dgates_ptr,
+    grad_h_ptr,
+    grad_c_ptr,
+    exchange_ptr,
+    partials_ptr,
+    grad_ptr,
+    capacity,
+    first_ptr,
+    seq_ptr,
+    order,
+    flags_ptr,
+    batch_group_base,
+    step_begin,
+    step_end,
+    T,
+    B,
+    H,
+    REVERSE: gl.constexpr,
+    UNITS: gl.constexpr,
+    BLOCK_B: gl.constexpr,
+    K_PAD: gl.constexpr,
+    K_SPLIT: gl.constexpr,
+    MAX_PROGRAMS: gl.constexpr,
+    ASM_FENCE: gl.constexpr,
+    DOT_DTYPE: gl.constexpr,
+    DOT_PRECISION: gl.constexpr,
+    HAS_LENGTHS: gl.constexpr,
+    TELEMETRY: gl.constexpr,
     EXCHANGE: gl.constexpr,
-):  # fmt: skip
+):
     S: gl.constexpr = K_SPLIT
     KC: gl.constexpr = K_PAD // K_SPLIT
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[S, 1, 1], instr_shape=[1, 16, 8])
@@ -318,14 +379,18 @@ def lstm_split_backward_gluon_kernel(
     # with two gates in registers). A step already passes 128 KiB of exchanged gradients through shared memory on
     # their way to the dot layout, so the weights' 64 KiB read adds less than that.
     resident: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    w_i = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
-                                    _weight_columns(w_hh_ptr, 0, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
-    w_f = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
-                                    _weight_columns(w_hh_ptr, 1, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
-    w_g = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
-                                    _weight_columns(w_hh_ptr, 2, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
-    w_o = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, UNITS], resident,
-                                    _weight_columns(w_hh_ptr, 3, H, j_of_w, u_w, w_mask).to(DOT_DTYPE))  # fmt: skip
+    w_i = gl.allocate_shared_memory(
+        DOT_DTYPE, [S, KC, UNITS], resident, _weight_columns(w_hh_ptr, 0, H, j_of_w, u_w, w_mask).to(DOT_DTYPE)
+    )
+    w_f = gl.allocate_shared_memory(
+        DOT_DTYPE, [S, KC, UNITS], resident, _weight_columns(w_hh_ptr, 1, H, j_of_w, u_w, w_mask).to(DOT_DTYPE)
+    )
+    w_g = gl.allocate_shared_memory(
+        DOT_DTYPE, [S, KC, UNITS], resident, _weight_columns(w_hh_ptr, 2, H, j_of_w, u_w, w_mask).to(DOT_DTYPE)
+    )
+    w_o = gl.allocate_shared_memory(
+        DOT_DTYPE, [S, KC, UNITS], resident, _weight_columns(w_hh_ptr, 3, H, j_of_w, u_w, w_mask).to(DOT_DTYPE)
+    )
 
     # The exchanged gradients' indices: [S, BLOCK_B, KC].
     s_d = gl.arange(0, S, layout=gl.SliceLayout(1, gl.SliceLayout(2, dg_load)))
@@ -350,8 +415,9 @@ def lstm_split_backward_gluon_kernel(
     runs = tile_ok & (step_begin < step_end)
     t, _ = step_time(T - 1 - step_begin, T, REVERSE)
     c_t = gl.load(cells_ptr + (t.to(gl.int64) * B) * H + state, mask=runs, other=0.0)
-    ahead = _gluon_step_inputs(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, T - 1 - step_begin, T, B, H, seqs, units,
-                               runs, state, REVERSE)  # fmt: skip
+    ahead = _gluon_step_inputs(
+        grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, T - 1 - step_begin, T, B, H, seqs, units, runs, state, REVERSE
+    )
     if TELEMETRY:
         first = gl.full([BLOCK_B, UNITS], NO_EVENT, gl.int32, tile)
 
@@ -362,8 +428,9 @@ def lstm_split_backward_gluon_kernel(
         g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
         if q + 1 < step_end:
             next_t, _ = step_time(p - 1, T, REVERSE)
-            ahead = _gluon_step_inputs(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, next_t, p - 1, T, B, H, seqs,
-                                       units, tile_ok, state, REVERSE)  # fmt: skip
+            ahead = _gluon_step_inputs(
+                grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, next_t, p - 1, T, B, H, seqs, units, tile_ok, state, REVERSE
+            )
         active = seq_ok & (t < length)
         keep = active[:, None]
 
@@ -371,8 +438,25 @@ def lstm_split_backward_gluon_kernel(
             after_t, _ = step_time(p + 1, T, REVERSE)
             if EXCHANGE:
                 _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
-            product = _gluon_carried_product(exchange_ptr, (q - 1) % 2, B, H, b_d, j_of_dg, dg_mask, w_i, w_f, w_g, w_o,
-                                             mma, a_layout, b_layout, red, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+            product = _gluon_carried_product(
+                exchange_ptr,
+                (q - 1) % 2,
+                B,
+                H,
+                b_d,
+                j_of_dg,
+                dg_mask,
+                w_i,
+                w_f,
+                w_g,
+                w_o,
+                mma,
+                a_layout,
+                b_layout,
+                red,
+                DOT_DTYPE,
+                DOT_PRECISION,
+            )
             dh_carried = gl.where((seq_ok & (after_t < length))[:, None], product, dh_carried)
 
         dh = gl.where(keep, g_out + dh_carried, 0.0)
@@ -410,8 +494,25 @@ def lstm_split_backward_gluon_kernel(
         t0, _ = step_time(0, T, REVERSE)
         if EXCHANGE:
             _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, T, MAX_PROGRAMS, S)
-        product = _gluon_carried_product(exchange_ptr, (T - 1) % 2, B, H, b_d, j_of_dg, dg_mask, w_i, w_f, w_g, w_o,
-                                         mma, a_layout, b_layout, red, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        product = _gluon_carried_product(
+            exchange_ptr,
+            (T - 1) % 2,
+            B,
+            H,
+            b_d,
+            j_of_dg,
+            dg_mask,
+            w_i,
+            w_f,
+            w_g,
+            w_o,
+            mma,
+            a_layout,
+            b_layout,
+            red,
+            DOT_DTYPE,
+            DOT_PRECISION,
+        )
         dh_carried = gl.where((seq_ok & (t0 < length))[:, None], product, dh_carried)
     gl.store(grad_h_ptr + state, dh_carried, mask=tile_ok)
     gl.store(grad_c_ptr + state, dc_carried, mask=tile_ok)
@@ -446,8 +547,9 @@ def _weight_columns(w_hh_ptr, gate: gl.constexpr, H, j_of_w, u_w, mask):
 
 
 @gluon.jit
-def _gluon_step_inputs(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, units, tile_ok, state,
-                       REVERSE: gl.constexpr):  # fmt: skip
+def _gluon_step_inputs(
+    grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, units, tile_ok, state, REVERSE: gl.constexpr
+):
     """backward.py's _load_step: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step)."""
     row = (t.to(gl.int64) * B + seqs)[:, None]
     g_out = gl.load(grad_out_ptr + row * H + units[None, :], mask=tile_ok, other=0.0).to(gl.float32)
@@ -458,16 +560,33 @@ def _gluon_step_inputs(grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H
     gate_o = gl.load(base + 3 * H, mask=tile_ok, other=0.0)
     _, t_prev = step_time(p, T, REVERSE)
     has_prev = p > 0
-    c_prev = gl.load(cells_ptr + (t_prev.to(gl.int64) * B + seqs)[:, None] * H + units[None, :],
-                     mask=tile_ok & has_prev, other=0.0)  # fmt: skip
+    c_prev = gl.load(
+        cells_ptr + (t_prev.to(gl.int64) * B + seqs)[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0
+    )
     c_prev += gl.load(c0_ptr + state, mask=tile_ok & ~has_prev, other=0.0).to(gl.float32)
     return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
 
 
 @gluon.jit
-def _gluon_carried_product(exchange_ptr, slot, B, H, b_d, j_of_dg, dg_mask, w_i, w_f, w_g, w_o, mma: gl.constexpr,
-                           a_layout: gl.constexpr, b_layout: gl.constexpr, red: gl.constexpr,
-                           DOT_DTYPE: gl.constexpr, DOT_PRECISION: gl.constexpr):  # fmt: skip
+def _gluon_carried_product(
+    exchange_ptr,
+    slot,
+    B,
+    H,
+    b_d,
+    j_of_dg,
+    dg_mask,
+    w_i,
+    w_f,
+    w_g,
+    w_o,
+    mma: gl.constexpr,
+    a_layout: gl.constexpr,
+    b_layout: gl.constexpr,
+    red: gl.constexpr,
+    DOT_DTYPE: gl.constexpr,
+    DOT_PRECISION: gl.constexpr,
+):
     """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], one gate's operands at a time
     (the weights from shared memory)."""
     rows = exchange_ptr + ((slot * B + b_d).to(gl.int64) * (4 * H))[None, :, None] + j_of_dg
@@ -480,8 +599,16 @@ def _gluon_carried_product(exchange_ptr, slot, B, H, b_d, j_of_dg, dg_mask, w_i,
 
 
 @gluon.jit
-def _gate_product(acc, rows, mask, w, a_layout: gl.constexpr, b_layout: gl.constexpr, DOT_DTYPE: gl.constexpr,
-                  DOT_PRECISION: gl.constexpr):  # fmt: skip
+def _gate_product(
+    acc,
+    rows,
+    mask,
+    w,
+    a_layout: gl.constexpr,
+    b_layout: gl.constexpr,
+    DOT_DTYPE: gl.constexpr,
+    DOT_PRECISION: gl.constexpr,
+):
     operand = _exchanged_operand(rows, mask, a_layout, DOT_DTYPE)
     return mma_v2(operand, w.load(b_layout), acc, input_precision=DOT_PRECISION)
 

@@ -55,7 +55,9 @@ from .cell import (
 
 
 @triton.jit
-def _gate_dot(acc, h_prev, w_ptr, gate, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _gate_dot(
+    acc, h_prev, w_ptr, gate, units, unit_ok, ks, k_ok, H, P, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
     """acc + h_prev @ W_hh[gate * H + units, ks]ᵀ for one gate block and one reduction chunk."""
     rows = (gate * H + units).to(tl.int64)
     w = tl.load(w_ptr + rows[None, :] * P + ks[:, None], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
@@ -71,14 +73,36 @@ def _gate_dot(acc, h_prev, w_ptr, gate, units, unit_ok, ks, k_ok, H, P, DOT_DTYP
 )
 @triton.jit(do_not_specialize=["order", "T", "B"])
 def lstm_streaming_forward_kernel(
-    xw_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
-    out_ptr, gates_ptr, cells_ptr, hfull_ptr, hn_ptr, cn_ptr,
-    stats_ptr, first_ptr, seq_ptr, order,
-    T, B, H, P,
-    REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    xw_ptr,
+    h0_ptr,
+    c0_ptr,
+    w_hh_ptr,
+    w_hr_ptr,
+    lengths_ptr,
+    out_ptr,
+    gates_ptr,
+    cells_ptr,
+    hfull_ptr,
+    hn_ptr,
+    cn_ptr,
+    stats_ptr,
+    first_ptr,
+    seq_ptr,
+    order,
+    T,
+    B,
+    H,
+    P,
+    REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    TELEMETRY: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-):  # fmt: skip
+):
     rows, row_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
 
     if TELEMETRY:
@@ -117,7 +141,9 @@ def lstm_streaming_forward_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < P
                 h_prev = tl.load(
-                    out_ptr + prev_row_step[:, None] * P + ks[None, :], mask=from_prev[:, None] & k_ok[None, :], other=0.0
+                    out_ptr + prev_row_step[:, None] * P + ks[None, :],
+                    mask=from_prev[:, None] & k_ok[None, :],
+                    other=0.0,
                 ).to(tl.float32)
                 h_prev += tl.load(
                     h0_ptr + rows[:, None] * P + ks[None, :], mask=from_h0[:, None] & k_ok[None, :], other=0.0
@@ -153,7 +179,9 @@ def lstm_streaming_forward_kernel(
                 tl.store(hfull_ptr + rows[:, None] * H + units[None, :], h_full, mask=tile_ok)
             else:
                 h_out = tl.where(keep, h_full, 0.0)
-                tl.store(out_ptr + row_step[:, None] * P + units[None, :], h_out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+                tl.store(
+                    out_ptr + row_step[:, None] * P + units[None, :], h_out.to(out_ptr.dtype.element_ty), mask=tile_ok
+                )
 
             if TELEMETRY:
                 counted = keep & unit_ok[None, :]
@@ -178,11 +206,27 @@ def lstm_streaming_forward_kernel(
                 outs = q0 + tl.arange(0, BLOCK_H)
                 out_ok = outs < P
                 acc = tile_matmul(
-                    tl.zeros((BLOCK_B, BLOCK_H), tl.float32), hfull_ptr, rows, row_ok, H,
-                    w_hr_ptr, 1, H, outs, out_ok, H, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
-                )  # fmt: skip
+                    tl.zeros((BLOCK_B, BLOCK_H), tl.float32),
+                    hfull_ptr,
+                    rows,
+                    row_ok,
+                    H,
+                    w_hr_ptr,
+                    1,
+                    H,
+                    outs,
+                    out_ok,
+                    H,
+                    BLOCK_K,
+                    DOT_DTYPE,
+                    DOT_PRECISION,
+                )
                 h_out = tl.where(active[:, None], acc, 0.0)
-                tl.store(out_ptr + row_step[:, None] * P + outs[None, :], h_out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+                tl.store(
+                    out_ptr + row_step[:, None] * P + outs[None, :],
+                    h_out.to(out_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & out_ok[None, :],
+                )
                 if TELEMETRY:
                     first = note_nonfinite(first, acc, active[:, None] & out_ok[None, :], code + 3)
             tl.debug_barrier()
@@ -197,15 +241,31 @@ def lstm_streaming_forward_kernel(
     for q0 in range(0, P, BLOCK_H):
         outs = q0 + tl.arange(0, BLOCK_H)
         out_ok = outs < P
-        h_last = tl.load(out_ptr + last_row_step[:, None] * P + outs[None, :], mask=ran[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-        h_last += tl.load(h0_ptr + rows[:, None] * P + outs[None, :], mask=(row_ok & ~ran)[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(hn_ptr + rows[:, None] * P + outs[None, :], h_last.to(hn_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+        h_last = tl.load(
+            out_ptr + last_row_step[:, None] * P + outs[None, :], mask=ran[:, None] & out_ok[None, :], other=0.0
+        ).to(tl.float32)
+        h_last += tl.load(
+            h0_ptr + rows[:, None] * P + outs[None, :], mask=(row_ok & ~ran)[:, None] & out_ok[None, :], other=0.0
+        ).to(tl.float32)
+        tl.store(
+            hn_ptr + rows[:, None] * P + outs[None, :],
+            h_last.to(hn_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & out_ok[None, :],
+        )
     for j0 in range(0, H, BLOCK_H):
         units = j0 + tl.arange(0, BLOCK_H)
         unit_ok = units < H
-        c_last = tl.load(cells_ptr + last_row_step[:, None] * H + units[None, :], mask=ran[:, None] & unit_ok[None, :], other=0.0)
-        c_last += tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=(row_ok & ~ran)[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(cn_ptr + rows[:, None] * H + units[None, :], c_last.to(cn_ptr.dtype.element_ty), mask=row_ok[:, None] & unit_ok[None, :])
+        c_last = tl.load(
+            cells_ptr + last_row_step[:, None] * H + units[None, :], mask=ran[:, None] & unit_ok[None, :], other=0.0
+        )
+        c_last += tl.load(
+            c0_ptr + rows[:, None] * H + units[None, :], mask=(row_ok & ~ran)[:, None] & unit_ok[None, :], other=0.0
+        ).to(tl.float32)
+        tl.store(
+            cn_ptr + rows[:, None] * H + units[None, :],
+            c_last.to(cn_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & unit_ok[None, :],
+        )
 
     if TELEMETRY:
         elements = tl.sum(length, axis=0).to(tl.float64) * H
@@ -223,14 +283,37 @@ def lstm_streaming_forward_kernel(
 )
 @triton.jit(do_not_specialize=["capacity", "order", "T", "B"])
 def lstm_streaming_backward_kernel(
-    grad_out_ptr, c0_ptr, gates_ptr, cells_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
-    dgates_ptr, grad_h_ptr, grad_c_ptr, dhidden_ptr, dhfull_ptr,
-    grad_ptr, capacity, first_ptr, seq_ptr, order,
-    T, B, H, P,
-    REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, TELEMETRY: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    grad_out_ptr,
+    c0_ptr,
+    gates_ptr,
+    cells_ptr,
+    w_hh_ptr,
+    w_hr_ptr,
+    lengths_ptr,
+    dgates_ptr,
+    grad_h_ptr,
+    grad_c_ptr,
+    dhidden_ptr,
+    dhfull_ptr,
+    grad_ptr,
+    capacity,
+    first_ptr,
+    seq_ptr,
+    order,
+    T,
+    B,
+    H,
+    P,
+    REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    TELEMETRY: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-):  # fmt: skip
+):
     rows, row_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
     if TELEMETRY:
         first = tl.full((BLOCK_B, BLOCK_H), NO_EVENT, tl.int32)
@@ -257,10 +340,14 @@ def lstm_streaming_backward_kernel(
                 outs = q0 + tl.arange(0, BLOCK_H)
                 out_ok = outs < P
                 counted = active[:, None] & out_ok[None, :]
-                g_out = tl.load(grad_out_ptr + row_step[:, None] * P + outs[None, :], mask=counted, other=0.0).to(tl.float32)
+                g_out = tl.load(grad_out_ptr + row_step[:, None] * P + outs[None, :], mask=counted, other=0.0).to(
+                    tl.float32
+                )
                 carried = tl.load(grad_h_ptr + rows[:, None] * P + outs[None, :], mask=counted, other=0.0)
                 dh = g_out + carried
-                tl.store(dhidden_ptr + row_step[:, None] * P + outs[None, :], dh, mask=row_ok[:, None] & out_ok[None, :])
+                tl.store(
+                    dhidden_ptr + row_step[:, None] * P + outs[None, :], dh, mask=row_ok[:, None] & out_ok[None, :]
+                )
                 if TELEMETRY:
                     sumsq += tl.sum(tl.sum(dh * dh, axis=1), axis=0)
                     first = note_nonfinite(first, g_out, counted, code)
@@ -270,9 +357,21 @@ def lstm_streaming_backward_kernel(
                 units = j0 + tl.arange(0, BLOCK_H)
                 unit_ok = units < H
                 acc = tile_matmul(
-                    tl.zeros((BLOCK_B, BLOCK_H), tl.float32), dhidden_ptr, row_step, row_ok, P,
-                    w_hr_ptr, H, 1, units, unit_ok, P, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
-                )  # fmt: skip
+                    tl.zeros((BLOCK_B, BLOCK_H), tl.float32),
+                    dhidden_ptr,
+                    row_step,
+                    row_ok,
+                    P,
+                    w_hr_ptr,
+                    H,
+                    1,
+                    units,
+                    unit_ok,
+                    P,
+                    BLOCK_K,
+                    DOT_DTYPE,
+                    DOT_PRECISION,
+                )
                 tl.store(dhfull_ptr + rows[:, None] * H + units[None, :], acc, mask=row_ok[:, None] & unit_ok[None, :])
             tl.debug_barrier()
 
@@ -285,7 +384,9 @@ def lstm_streaming_backward_kernel(
             if HAS_PROJ:
                 dh_full = tl.load(dhfull_ptr + rows[:, None] * H + units[None, :], mask=counted, other=0.0)
             else:
-                g_out = tl.load(grad_out_ptr + row_step[:, None] * P + units[None, :], mask=counted, other=0.0).to(tl.float32)
+                g_out = tl.load(grad_out_ptr + row_step[:, None] * P + units[None, :], mask=counted, other=0.0).to(
+                    tl.float32
+                )
                 dh_full = g_out + tl.load(grad_h_ptr + rows[:, None] * P + units[None, :], mask=counted, other=0.0)
                 if TELEMETRY:
                     sumsq += tl.sum(tl.sum(dh_full * dh_full, axis=1), axis=0)
@@ -294,14 +395,22 @@ def lstm_streaming_backward_kernel(
             gate_tile = row_step[:, None] * (4 * H) + units[None, :]
             gate_i, gate_f, gate_g, gate_o = load_gate_tiles(gates_ptr + gate_tile, H, tile_ok)
             c_t = tl.load(cells_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
-            c_prev = tl.load(cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0)
-            c_prev += tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
+            c_prev = tl.load(
+                cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0
+            )
+            c_prev += tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & ~has_prev, other=0.0).to(
+                tl.float32
+            )
             dc_carried = tl.load(grad_c_ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
 
             keep = active[:, None]
-            dc, d_i, d_f, d_g, d_o = cell_backward(dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep)
+            dc, d_i, d_f, d_g, d_o = cell_backward(
+                dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep
+            )
             store_gate_tiles(dgates_ptr + gate_tile, H, d_i, d_f, d_g, d_o, tile_ok)
-            tl.store(grad_c_ptr + rows[:, None] * H + units[None, :], tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok)
+            tl.store(
+                grad_c_ptr + rows[:, None] * H + units[None, :], tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok
+            )
             if TELEMETRY:
                 cell_sumsq += tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0)
                 first = note_nonfinite(first, dc, counted, code + 2)
@@ -317,9 +426,21 @@ def lstm_streaming_backward_kernel(
             outs = q0 + tl.arange(0, BLOCK_H)
             out_ok = outs < P
             acc = tile_matmul(
-                tl.zeros((BLOCK_B, BLOCK_H), tl.float32), dgates_ptr, row_step, row_ok, 4 * H,
-                w_hh_ptr, P, 1, outs, out_ok, 4 * H, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
-            )  # fmt: skip
+                tl.zeros((BLOCK_B, BLOCK_H), tl.float32),
+                dgates_ptr,
+                row_step,
+                row_ok,
+                4 * H,
+                w_hh_ptr,
+                P,
+                1,
+                outs,
+                out_ok,
+                4 * H,
+                BLOCK_K,
+                DOT_DTYPE,
+                DOT_PRECISION,
+            )
             dh_tile = grad_h_ptr + rows[:, None] * P + outs[None, :]
             tile_ok = row_ok[:, None] & out_ok[None, :]
             carried = tl.load(dh_tile, mask=tile_ok, other=0.0)

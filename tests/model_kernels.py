@@ -49,8 +49,9 @@ def weights_every_step_kernel(x_ptr, w_hh_ptr, h0_ptr, out_ptr, T, ROWS: tl.cons
 
 
 @triton.jit
-def gather_kernel(index_ptr, table_ptr, out_ptr, T, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr,
-                  BARRIER: tl.constexpr):  # fmt: skip
+def gather_kernel(
+    index_ptr, table_ptr, out_ptr, T, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr, BARRIER: tl.constexpr
+):
     """Per step one load of indices and one of table entries; with DEPENDENT the second's address is the first's
     value (two dependent round trips per step), otherwise both addresses are known up front (one). Without
     BARRIER the loop is small enough for LLVM to unroll it by four, overlapping four steps' loads."""
@@ -82,17 +83,31 @@ def chunked_kernel(x_ptr, w_hh_ptr, out_ptr, T, H, ROWS: tl.constexpr, BLOCK: tl
 
 
 KERNELS = {
-    "resident": (weights_resident_kernel, {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "h0_ptr": "*bf16",
-                                           "out_ptr": "*bf16", "T": "i32"}, {"ROWS": ROWS, "BLOCK": BLOCK}),
-    "every_step": (weights_every_step_kernel, {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "h0_ptr": "*bf16",
-                                               "out_ptr": "*bf16", "T": "i32"}, {"ROWS": ROWS, "BLOCK": BLOCK}),
-    **{f"{name}{'-unrolled' if not barrier else ''}": (
-        gather_kernel, {"index_ptr": "*i32", "table_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32"},
-        {"BLOCK": GATHER_BLOCK, "DEPENDENT": dependent, "BARRIER": barrier})
-       for name, dependent in (("dependent", True), ("independent", False)) for barrier in (True, False)},
-    "chunked": (chunked_kernel, {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "H": "i32"},
-                {"ROWS": ROWS, "BLOCK": BLOCK}),
-}  # fmt: skip
+    "resident": (
+        weights_resident_kernel,
+        {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "h0_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32"},
+        {"ROWS": ROWS, "BLOCK": BLOCK},
+    ),
+    "every_step": (
+        weights_every_step_kernel,
+        {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "h0_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32"},
+        {"ROWS": ROWS, "BLOCK": BLOCK},
+    ),
+    **{
+        f"{name}{'-unrolled' if not barrier else ''}": (
+            gather_kernel,
+            {"index_ptr": "*i32", "table_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32"},
+            {"BLOCK": GATHER_BLOCK, "DEPENDENT": dependent, "BARRIER": barrier},
+        )
+        for name, dependent in (("dependent", True), ("independent", False))
+        for barrier in (True, False)
+    },
+    "chunked": (
+        chunked_kernel,
+        {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "H": "i32"},
+        {"ROWS": ROWS, "BLOCK": BLOCK},
+    ),
+}
 
 
 def compile_toy(name: str, num_warps: int = 4, num_stages: int = 1):

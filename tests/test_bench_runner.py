@@ -401,14 +401,24 @@ def test_gpu_check_on_the_cpu_gates_times_and_puts_the_model_beside_each_measure
 
     problem = GPU_CHECK_TINY[0]
     modelled = {"forward_ms": 1.5, "forward_backward_ms": 4.5, "forward_us_per_step": 187.5}
-    model = {"schema": "fastlstm.model/1", "triton": "3.6.0", "cases": {problem.name: {"modelled": modelled,
-                                                                                        "measured": None}}}
+    model = {
+        "schema": "fastlstm.model/1",
+        "triton": "3.6.0",
+        "cases": {problem.name: {"modelled": modelled, "measured": None}},
+    }
     model_path = tmp_path / "model.json"
     model_path.write_text(json.dumps(model))
     out = tmp_path / "check"
     tests = [sys.executable, "-c", "print('3 passed')"]
-    doc = gpu_check.gpu_check(str(out), "cpu", budget_s=120, case_timeout_s=100, tests_command=tests,
-                              problems=[problem], model_path=str(model_path))  # fmt: skip
+    doc = gpu_check.gpu_check(
+        str(out),
+        "cpu",
+        budget_s=120,
+        case_timeout_s=100,
+        tests_command=tests,
+        problems=[problem],
+        model_path=str(model_path),
+    )
     case = doc["cases"][problem.name]
     assert case["status"] == "ok", case
     assert case["modelled"] == modelled
@@ -432,8 +442,16 @@ def test_gpu_check_kills_a_hung_case_and_carries_on_in_a_fresh_worker(tmp_path):
 
     worker = _fake_worker(tmp_path, hang_on="h16")
     start = time.monotonic()
-    doc = gpu_check.gpu_check(str(tmp_path), "cpu", budget_s=60, case_timeout_s=1.0, skip_tests=True,
-                              worker_command=worker, problems=GPU_CHECK_TINY, model_path=str(tmp_path / "none"))  # fmt: skip
+    doc = gpu_check.gpu_check(
+        str(tmp_path),
+        "cpu",
+        budget_s=60,
+        case_timeout_s=1.0,
+        skip_tests=True,
+        worker_command=worker,
+        problems=GPU_CHECK_TINY,
+        model_path=str(tmp_path / "none"),
+    )
     assert time.monotonic() - start < 30
     statuses = {name: c["status"] for name, c in doc["cases"].items()}
     assert statuses == {"h16-b1-t8-fp32": "timeout", "h32-b4-t8-bf16": "ok", "h32-b1-t8-fp32": "ok"}
@@ -446,9 +464,17 @@ def test_gpu_check_budget_skips_what_is_left_and_says_so(tmp_path):
 
     worker = _fake_worker(tmp_path, sleep_s=1.0)
     slow_tests = [sys.executable, "-c", "import time; time.sleep(30)"]
-    doc = gpu_check.gpu_check(str(tmp_path), "cpu", budget_s=2.5, case_timeout_s=20, tests_timeout_s=0.5,
-                              tests_command=slow_tests, worker_command=worker, problems=GPU_CHECK_TINY,
-                              model_path=str(tmp_path / "none"))  # fmt: skip
+    doc = gpu_check.gpu_check(
+        str(tmp_path),
+        "cpu",
+        budget_s=2.5,
+        case_timeout_s=20,
+        tests_timeout_s=0.5,
+        tests_command=slow_tests,
+        worker_command=worker,
+        problems=GPU_CHECK_TINY,
+        model_path=str(tmp_path / "none"),
+    )
     assert doc["tests"]["status"] == "timeout"
     statuses = [c["status"] for c in doc["cases"].values()]
     assert "ok" in statuses and "skipped" in statuses

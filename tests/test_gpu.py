@@ -23,8 +23,6 @@ pytestmark = [
 ]
 
 
-
-
 @pytest.fixture(autouse=True)
 def exact_fp32_matmuls(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -129,10 +127,16 @@ def launched(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
     "hidden,batch,kind",
-    [(32, 16, "single"), (64, 300, "single"), (512, 1, "split"), (768, 16, "split"), (1024, 16, "split"),
-     (2048, 16, "streaming")],
+    [
+        (32, 16, "single"),
+        (64, 300, "single"),
+        (512, 1, "split"),
+        (768, 16, "split"),
+        (1024, 16, "split"),
+        (2048, 16, "streaming"),
+    ],
     ids=str,
-)  # fmt: skip
+)
 def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidden, batch, kind):
     from fastlstm.kernels import launch
 
@@ -211,8 +215,20 @@ def test_split_training_step_never_synchronises(launched):
 
 # ---- the grid of `fastlstm bench --gpu-check` (the performance model's shapes), every kernel that routes there ----
 
-CHECK_SHAPES = [(256, 1), (256, 16), (256, 64), (512, 1), (512, 16), (512, 64), (768, 1), (768, 16), (768, 64),
-                (1024, 1), (1024, 16), (1024, 64)]  # fmt: skip
+CHECK_SHAPES = [
+    (256, 1),
+    (256, 16),
+    (256, 64),
+    (512, 1),
+    (512, 16),
+    (512, 64),
+    (768, 1),
+    (768, 16),
+    (768, 64),
+    (1024, 1),
+    (1024, 16),
+    (1024, 64),
+]
 CHECK_FP32 = [(512, 16), (1024, 64)]
 
 

@@ -41,7 +41,6 @@ if not isinstance(lstm_single_forward_kernel.fn, triton.runtime.interpreter.Inte
 pytestmark = pytest.mark.interpreter
 
 
-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
@@ -63,7 +62,6 @@ def one_group_exchange(monkeypatch):
     monkeypatch.setattr(launch, "SINGLE_MAX_PAD", dict.fromkeys(launch.SINGLE_MAX_PAD, 0))
     monkeypatch.setattr(launch, "_host_stepped", lambda: False)
     monkeypatch.setattr(launch, "_multiprocessors", lambda device: 1 << 10)
-
 
 
 def random_problem(steps, batch, hidden, proj, dtype, with_lengths, scale=0.4):
@@ -91,13 +89,27 @@ def run_backend(backend, problem, grads, reverse):
     telemetry = Telemetry(1, 1)
     probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), problem["xw"].shape[0]))
     fwd = backend.recurrence_forward(
-        problem["xw"], problem["h0"], problem["c0"], problem["w_hh"], problem["w_hr"], problem["lengths"], reverse,
+        problem["xw"],
+        problem["h0"],
+        problem["c0"],
+        problem["w_hh"],
+        problem["w_hr"],
+        problem["lengths"],
+        reverse,
         probe.forward,
-    )  # fmt: skip
+    )
     bwd = backend.recurrence_backward(
-        grads["grad_out"], grads["grad_hn"], grads["grad_cn"], problem["c0"], fwd.saved, problem["w_hh"],
-        problem["w_hr"], problem["lengths"], reverse, probe.backward,
-    )  # fmt: skip
+        grads["grad_out"],
+        grads["grad_hn"],
+        grads["grad_cn"],
+        problem["c0"],
+        fwd.saved,
+        problem["w_hh"],
+        problem["w_hr"],
+        problem["lengths"],
+        reverse,
+        probe.backward,
+    )
     return fwd, bwd, telemetry.snapshot()
 
 
@@ -230,7 +242,9 @@ def test_module_with_triton_backend_matches_nn_lstm(launched):
     outputs = []
     for model in (ref, fast):
         out, (h_n, c_n) = model(packed, (h0, c0))
-        loss = (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum() + h_n.sum() + c_n.pow(2).sum()
+        loss = (
+            (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum() + h_n.sum() + c_n.pow(2).sum()
+        )
         grads = torch.autograd.grad(loss, [h0, c0, *model.parameters()])
         outputs.append((out.data, h_n, c_n, *grads))
     for name, expected, actual in zip(["out", "h_n", "c_n", "h0", "c0", "params"], outputs[0], outputs[1]):
@@ -324,7 +338,12 @@ def reads_of(monkeypatch):
 
 
 # (batch, hidden, proj) of each single-launch path: the split kernels as one unit group per batch group.
-SINGLE_LAUNCH_SHAPES = {"single": (18, 20, 0), "single-proj": (5, 20, 12), "split": (18, 8, 0), "streaming": (5, 72, 20)}
+SINGLE_LAUNCH_SHAPES = {
+    "single": (18, 20, 0),
+    "single-proj": (5, 20, 12),
+    "split": (18, 8, 0),
+    "streaming": (5, 72, 20),
+}
 
 
 @pytest.mark.parametrize("family", list(SINGLE_LAUNCH_SHAPES))
@@ -407,8 +426,6 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
     assert torch.equal(negative.out, torch.zeros_like(negative.out))
 
 
-
-
 # ---- the Gluon split kernels (GPU only: Gluon does not run under the interpreter) ----
 
 
@@ -426,8 +443,10 @@ def test_gluon_split_kernels_take_exactly_their_tl_twins_arguments():
 
 
 def test_plan_takes_gluon_only_on_a_gpu_for_16_bit_storage(monkeypatch):
-    on_gpu = {dtype: launch.plan_for(512, 512, 16, dtype, max_programs=132, gluon=True).implementation
-              for dtype in (torch.float16, torch.bfloat16, torch.float32)}  # fmt: skip
+    on_gpu = {
+        dtype: launch.plan_for(512, 512, 16, dtype, max_programs=132, gluon=True).implementation
+        for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    }
     assert on_gpu == {torch.float16: "gluon", torch.bfloat16: "gluon", torch.float32: "tl"}
     assert launch.plan_for(512, 512, 16, torch.bfloat16, max_programs=None, gluon=False).implementation == "tl"
     monkeypatch.setattr(launch, "KERNELS", "tl")

@@ -219,8 +219,15 @@ def run_tests(doc: dict, out: str, deadline: Deadline, timeout_s: float, command
             status = "passed" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
             rc, status = None, "timeout"
-    doc["tests"] = {"status": status, "returncode": rc, "seconds": time.monotonic() - started, "limit_s": limit,
-                    "command": " ".join(command), "log": os.path.basename(log), **_junit_counts(xml)}  # fmt: skip
+    doc["tests"] = {
+        "status": status,
+        "returncode": rc,
+        "seconds": time.monotonic() - started,
+        "limit_s": limit,
+        "command": " ".join(command),
+        "log": os.path.basename(log),
+        **_junit_counts(xml),
+    }
     with open(log) as f:
         doc["tests"]["tail"] = f.read()[-2000:]
 
@@ -236,8 +243,18 @@ def _junit_counts(path: str) -> dict:
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 
 
-def run_cases(doc: dict, problems: list[Problem], deadline: Deadline, case_timeout_s: float, device: str, seed: int,
-              save, log: str, command: list | None = None, providers=PROVIDERS) -> None:  # fmt: skip
+def run_cases(
+    doc: dict,
+    problems: list[Problem],
+    deadline: Deadline,
+    case_timeout_s: float,
+    device: str,
+    seed: int,
+    save,
+    log: str,
+    command: list | None = None,
+    providers=PROVIDERS,
+) -> None:
     """Stage 2: the problems in worker processes, a fresh worker after any case that had to be killed."""
     remaining = list(problems)
     while remaining:
@@ -248,8 +265,16 @@ def run_cases(doc: dict, problems: list[Problem], deadline: Deadline, case_timeo
             return
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump([vars(p) for p in remaining], f)
-        argv = [*(command or [sys.executable, "-m", "fastlstm.bench.gpu_check", "--worker"]), f.name,
-                "--device", device, "--seed", str(seed), "--providers", ",".join(providers)]  # fmt: skip
+        argv = [
+            *(command or [sys.executable, "-m", "fastlstm.bench.gpu_check", "--worker"]),
+            f.name,
+            "--device",
+            device,
+            "--seed",
+            str(seed),
+            "--providers",
+            ",".join(providers),
+        ]
         try:
             done = _drive_worker(argv, doc, remaining, deadline, case_timeout_s, save, log)
         finally:
@@ -315,11 +340,20 @@ def _drive_worker(argv, doc, problems, deadline, case_timeout_s, save, log) -> s
             save()
 
 
-def gpu_check(out: str, device: str = "cuda", budget_s: float = BUDGET_S, case_timeout_s: float = CASE_TIMEOUT_S,
-              tests_timeout_s: float = TESTS_TIMEOUT_S, seed: int = 0, skip_tests: bool = False,
-              tests_command: list | None = None, worker_command: list | None = None,
-              problems: list[Problem] | None = None, model_path: str | None = None,
-              providers=PROVIDERS) -> dict:  # fmt: skip
+def gpu_check(
+    out: str,
+    device: str = "cuda",
+    budget_s: float = BUDGET_S,
+    case_timeout_s: float = CASE_TIMEOUT_S,
+    tests_timeout_s: float = TESTS_TIMEOUT_S,
+    seed: int = 0,
+    skip_tests: bool = False,
+    tests_command: list | None = None,
+    worker_command: list | None = None,
+    problems: list[Problem] | None = None,
+    model_path: str | None = None,
+    providers=PROVIDERS,
+) -> dict:
     """The whole check; returns the document it wrote to out/gpu-check.json."""
     import torch
 
@@ -332,16 +366,30 @@ def gpu_check(out: str, device: str = "cuda", budget_s: float = BUDGET_S, case_t
     doc = {
         "schema": SCHEMA,
         "environment": environment(torch.device(device)),
-        "settings": {"device": device, "budget_s": budget_s, "case_timeout_s": case_timeout_s,
-                     "tests_timeout_s": tests_timeout_s, "measure_budget_s": MEASURE_BUDGET_S, "repeats": REPEATS,
-                     "providers": list(providers), "modes": list(MODES), "seed": seed,
-                     "model": None if model is None else {"triton": model.get("triton"), "generated":
-                                                          model.get("generated")}},
+        "settings": {
+            "device": device,
+            "budget_s": budget_s,
+            "case_timeout_s": case_timeout_s,
+            "tests_timeout_s": tests_timeout_s,
+            "measure_budget_s": MEASURE_BUDGET_S,
+            "repeats": REPEATS,
+            "providers": list(providers),
+            "modes": list(MODES),
+            "seed": seed,
+            "model": None if model is None else {"triton": model.get("triton"), "generated": model.get("generated")},
+        },
         "tests": {"status": "not run"},
-        "cases": {p.name: {"problem": p.to_dict(), "status": "pending", "modelled": modelled(model, p),
-                           "modelled_kernels": modelled_kernels(model, p)} for p in problems},
+        "cases": {
+            p.name: {
+                "problem": p.to_dict(),
+                "status": "pending",
+                "modelled": modelled(model, p),
+                "modelled_kernels": modelled_kernels(model, p),
+            }
+            for p in problems
+        },
         "notes": [] if model else ["no performance-model table found: cases carry no modelled estimate"],
-    }  # fmt: skip
+    }
     started = time.monotonic()
     json_path = os.path.join(out, "gpu-check.json")
 
@@ -371,10 +419,12 @@ def with_measurements(model: dict, doc: dict) -> dict:
     for name, case in doc["cases"].items():
         if name in merged["cases"] and case.get("status") == "ok":
             merged["cases"][name]["measured"] = {
-                mode: {provider: {"median_ms": t["median_ms"], "us_per_step": t["us_per_step"]}
-                       for provider, t in case["timing"][mode].items()}
+                mode: {
+                    provider: {"median_ms": t["median_ms"], "us_per_step": t["us_per_step"]}
+                    for provider, t in case["timing"][mode].items()
+                }
                 for mode in case["timing"]
-            }  # fmt: skip
+            }
             merged["cases"][name]["measured"]["environment"] = doc["environment"]
     return merged
 
@@ -390,22 +440,31 @@ def markdown(doc: dict) -> str:
     lines = [
         f"# fastlstm GPU check: {gpu}",
         "",
-        (f"{env.get('date')}, driver {env.get('driver')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-        f"CUDA {env.get('cuda')}, git {env.get('git_commit')}. Budget {doc['settings']['budget_s']:.0f} s, "
-        f"{doc.get('elapsed_s', 0):.0f} s used. Measured times are medians of separately timed calls (CUDA events; "
-        "perf_counter on the CPU) after an untimed first call; `modelled` columns are the committed "
-        "performance-model table's estimates, not measurements."),
+        (
+            f"{env.get('date')}, driver {env.get('driver')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"CUDA {env.get('cuda')}, git {env.get('git_commit')}. Budget {doc['settings']['budget_s']:.0f} s, "
+            f"{doc.get('elapsed_s', 0):.0f} s used. Measured times are medians of separately timed calls (CUDA events; "
+            "perf_counter on the CPU) after an untimed first call; `modelled` columns are the committed "
+            "performance-model table's estimates, not measurements."
+        ),
         "",
-        f"GPU tests: **{tests.get('status')}**" + (
+        f"GPU tests: **{tests.get('status')}**"
+        + (
             f" ({tests.get('tests', '?')} tests, {tests.get('failures', 0)} failures, {tests.get('errors', 0)} errors,"
-            f" {tests.get('skipped', 0)} skipped, {tests.get('seconds', 0):.0f} s)" if "seconds" in tests else
-            f": {tests.get('reason', '')}"),
+            f" {tests.get('skipped', 0)} skipped, {tests.get('seconds', 0):.0f} s)"
+            if "seconds" in tests
+            else f": {tests.get('reason', '')}"
+        ),
         "",
-        ("| case | status | fastlstm fwd ms | modelled | nn.LSTM fwd ms | speedup | fastlstm fwd+bwd ms | modelled | "
-        "nn.LSTM fwd+bwd ms | speedup | " + "".join(f"{p} fwd / fwd+bwd ms | " for p in extras) +
-        "fastlstm µs/step fwd / fwd+bwd |"),
+        (
+            "| case | status | fastlstm fwd ms | modelled | nn.LSTM fwd ms | speedup | "
+            "fastlstm fwd+bwd ms | modelled | "
+            "nn.LSTM fwd+bwd ms | speedup | "
+            + "".join(f"{p} fwd / fwd+bwd ms | " for p in extras)
+            + "fastlstm µs/step fwd / fwd+bwd |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extras) + "---:|",
-    ]  # fmt: skip
+    ]
     for name, case in doc["cases"].items():
         timing, model = case.get("timing", {}), case.get("modelled") or {}
         cells = []
@@ -415,11 +474,16 @@ def markdown(doc: dict) -> str:
             cells += [_ms(fast), _ms(model.get(key)), _ms(base), speed]
         for extra in extras:
             cells.append("/".join(_ms(_median(timing, m, extra)) for m in MODES))
-        per_step = "/".join(_ms(_median(timing, m, "fastlstm") and _median(timing, m, "fastlstm") * 1e3 /
-                                case["problem"]["seq"]) for m in MODES)  # fmt: skip
+        per_step = "/".join(
+            _ms(_median(timing, m, "fastlstm") and _median(timing, m, "fastlstm") * 1e3 / case["problem"]["seq"])
+            for m in MODES
+        )
         status = case.get("status", "?") + (f" ({case['reason']})" if case.get("reason") else "")
-        missed = [f"{p} error {c['max_error']:.1e} > {c['threshold']:.0e}"
-                  for p, c in case.get("correctness", {}).items() if c.get("passed") is False]  # fmt: skip
+        missed = [
+            f"{p} error {c['max_error']:.1e} > {c['threshold']:.0e}"
+            for p, c in case.get("correctness", {}).items()
+            if c.get("passed") is False
+        ]
         status += f" (gate: {'; '.join(missed)})" if missed else ""
         lines.append(f"| {name} | {status} | {' | '.join(cells)} | {per_step} |")
     if doc["notes"]:
@@ -456,9 +520,11 @@ def main(argv=None) -> int:
     parser.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="one problem's time limit")
     parser.add_argument("--tests-timeout-s", type=float, default=TESTS_TIMEOUT_S, help="the GPU tests' time limit")
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma-separated providers of fastlstm bench (add fastlstm-streaming to time the"
-                        " streaming kernels too)")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help="comma-separated providers of fastlstm bench (add fastlstm-streaming to time the streaming kernels too)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     import torch
@@ -474,15 +540,31 @@ def main(argv=None) -> int:
     if unknown:
         print(f"fastlstm bench --gpu-check: unknown providers {unknown}; choose from {list(ALL)}", file=sys.stderr)
         return 2
-    doc = gpu_check(args.out, device, args.budget_s, args.case_timeout_s, args.tests_timeout_s, args.seed,
-                    args.skip_tests, providers=providers)  # fmt: skip
+    doc = gpu_check(
+        args.out,
+        device,
+        args.budget_s,
+        args.case_timeout_s,
+        args.tests_timeout_s,
+        args.seed,
+        args.skip_tests,
+        providers=providers,
+    )
     print(markdown(doc))
-    print(f"wrote {args.out}/gpu-check.json, gpu-check.md" + (", model-with-measurements.json"
-                                                             if os.path.exists(os.path.join(args.out,
-                                                             "model-with-measurements.json")) else ""))  # fmt: skip
+    print(
+        f"wrote {args.out}/gpu-check.json, gpu-check.md"
+        + (
+            ", model-with-measurements.json"
+            if os.path.exists(os.path.join(args.out, "model-with-measurements.json"))
+            else ""
+        )
+    )
     bad = [n for n, c in doc["cases"].items() if c.get("status") not in ("ok", "skipped")]
-    failed_gate = [n for n, c in doc["cases"].items()
-                   if any(v.get("passed") is False for p, v in c.get("correctness", {}).items() if p != "nn.LSTM")]  # fmt: skip
+    failed_gate = [
+        n
+        for n, c in doc["cases"].items()
+        if any(v.get("passed") is False for p, v in c.get("correctness", {}).items() if p != "nn.LSTM")
+    ]
     return 1 if bad or failed_gate or doc["tests"].get("status") in ("failed", "timeout") else 0
 
 

@@ -69,9 +69,12 @@ class Provider:
 
 def _lstm_kwargs(problem: Problem, device) -> dict:
     return {
-        "num_layers": problem.layers, "bidirectional": problem.bidirectional, "proj_size": problem.proj_size,
-        "device": device, "dtype": STORAGE[problem.dtype],
-    }  # fmt: skip
+        "num_layers": problem.layers,
+        "bidirectional": problem.bidirectional,
+        "proj_size": problem.proj_size,
+        "device": device,
+        "dtype": STORAGE[problem.dtype],
+    }
 
 
 def _build_fastlstm(telemetry: bool):
@@ -168,19 +171,39 @@ def _haste_grads(module) -> dict:
 PROVIDERS = {
     p.name: p
     for p in (
-        Provider("fastlstm", "fastlstm.LSTM, telemetry on (Triton kernels on CUDA, reference backend on CPU)",
-                 _build_fastlstm(True)),
+        Provider(
+            "fastlstm",
+            "fastlstm.LSTM, telemetry on (Triton kernels on CUDA, reference backend on CPU)",
+            _build_fastlstm(True),
+        ),
         Provider("fastlstm-notelemetry", "fastlstm.LSTM(telemetry=False)", _build_fastlstm(False)),
-        Provider("fastlstm-streaming", "fastlstm.LSTM, telemetry on, streaming kernels for every layer "
-                 "(FASTLSTM_KERNELS=streaming): the baseline the resident kernels replace",
-                 _build_fastlstm(True), unsupported=_streaming_unsupported, environment=_streaming_kernels),
+        Provider(
+            "fastlstm-streaming",
+            "fastlstm.LSTM, telemetry on, streaming kernels for every layer "
+            "(FASTLSTM_KERNELS=streaming): the baseline the resident kernels replace",
+            _build_fastlstm(True),
+            unsupported=_streaming_unsupported,
+            environment=_streaming_kernels,
+        ),
         Provider(BASELINE, "torch.nn.LSTM (cuDNN on CUDA)", _build_nn_lstm),
-        Provider("nn.LSTM-native", "torch.nn.LSTM with cuDNN disabled (ATen's per-step kernels)", _build_native,
-                 unsupported=_native_unsupported, native_grads=lambda m: _named_grads(m.lstm), default=False),
-        Provider("haste", "haste_pytorch.LSTM, where installed", _build_haste, unsupported=_haste_unsupported,
-                 native_grads=_haste_grads, installed=_haste_installed),
+        Provider(
+            "nn.LSTM-native",
+            "torch.nn.LSTM with cuDNN disabled (ATen's per-step kernels)",
+            _build_native,
+            unsupported=_native_unsupported,
+            native_grads=lambda m: _named_grads(m.lstm),
+            default=False,
+        ),
+        Provider(
+            "haste",
+            "haste_pytorch.LSTM, where installed",
+            _build_haste,
+            unsupported=_haste_unsupported,
+            native_grads=_haste_grads,
+            installed=_haste_installed,
+        ),
     )
-}  # fmt: skip
+}
 
 
 def default_providers() -> list[str]:
@@ -198,9 +221,12 @@ def make_weights(problem: Problem, seed: int) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         template = nn.LSTM(
-            problem.inputs, problem.hidden, problem.layers, bidirectional=problem.bidirectional,
+            problem.inputs,
+            problem.hidden,
+            problem.layers,
+            bidirectional=problem.bidirectional,
             proj_size=problem.proj_size,
-        )  # fmt: skip
+        )
     return {k: v.to(STORAGE[problem.dtype]) for k, v in template.state_dict().items()}
 
 
@@ -242,8 +268,9 @@ def make_inputs(problem: Problem, device, pool: int, requires_grad: bool, seed: 
         if lengths is not None:
             p = pack_padded_sequence(x, lengths, enforce_sorted=False)
             # A leaf of its own, so a backward stops at the LSTM instead of timing the packing's backward too.
-            x = PackedSequence(p.data.detach().requires_grad_(requires_grad), p.batch_sizes, p.sorted_indices,
-                               p.unsorted_indices)  # fmt: skip
+            x = PackedSequence(
+                p.data.detach().requires_grad_(requires_grad), p.batch_sizes, p.sorted_indices, p.unsorted_indices
+            )
             leaves.append(x.data)
         else:
             leaves.append(x.requires_grad_(requires_grad))
@@ -309,8 +336,9 @@ def _run_with_grads(module, x, leaf, grads, native_grads):
 def _as_float64(inputs: Inputs):
     x = inputs.xs[0]
     if isinstance(x, PackedSequence):
-        x64 = PackedSequence(x.data.detach().double().requires_grad_(), x.batch_sizes, x.sorted_indices,
-                             x.unsorted_indices)  # fmt: skip
+        x64 = PackedSequence(
+            x.data.detach().double().requires_grad_(), x.batch_sizes, x.sorted_indices, x.unsorted_indices
+        )
         return x64, x64.data
     x64 = x.detach().double().requires_grad_()
     return x64, x64

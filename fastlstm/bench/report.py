@@ -1,6 +1,7 @@
 """What `fastlstm bench` writes: the environment, results.json, results.md and the plots.
 
-Input is the runner's result document (fastlstm/bench/runner.py: `{"environment", "settings", "cases": [...]}` where each
+Input is the runner's result document (fastlstm/bench/runner.py: `{"environment", "settings", "cases": [...]}`
+where each
 case has `results[provider]` records); this module derives the comparisons (speedup against nn.LSTM, telemetry
 overhead, packed against padded) and renders them. Plots use matplotlib's object API (no pyplot state) and are
 skipped with a note when matplotlib is not installed.
@@ -46,8 +47,11 @@ def _nvidia_driver():
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
@@ -56,10 +60,16 @@ def _nvidia_driver():
 def _git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              check=False)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+        head = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0 or not head.stdout.strip():
@@ -264,17 +274,25 @@ def markdown(doc: dict) -> str:
             else ""
         ),
         "",
-        (f"`{settings['command']}`: {len(cases)} cases; {_timer_text(settings['timer'])}; inputs rotated over "
-        f"{settings['input_pool']} buffers."),
-        ("Times are medians in ms over separate repeats (min–max in results.json); speedup = nn.LSTM time / fastlstm "
-        "time (> 1: fastlstm faster); telemetry = time with telemetry / without; spread = largest (max − min) / "
-        "median of the repeat medians in the row; peak = extra MiB allocated during one call."),
+        (
+            f"`{settings['command']}`: {len(cases)} cases; {_timer_text(settings['timer'])}; inputs rotated over "
+            f"{settings['input_pool']} buffers."
+        ),
+        (
+            "Times are medians in ms over separate repeats (min–max in results.json); "
+            "speedup = nn.LSTM time / fastlstm "
+            "time (> 1: fastlstm faster); telemetry = time with telemetry / without; spread = largest (max − min) / "
+            "median of the repeat medians in the row; peak = extra MiB allocated during one call."
+        ),
     ]
     if settings["device"] != "cuda":
         lines += [
             "",
-            ("**CPU smoke run**: fastlstm runs its plain-torch reference backend here, not the Triton kernels; these "
-            "numbers check that the suite works and say nothing about fastlstm's speed."),
+            (
+                "**CPU smoke run**: fastlstm runs its plain-torch reference backend here, "
+                "not the Triton kernels; these "
+                "numbers check that the suite works and say nothing about fastlstm's speed."
+            ),
         ]
     lines += _summary_lines(doc["summary"], gpu=settings["device"] == "cuda")
     for mode in MODES:
@@ -330,9 +348,14 @@ def _mode_table(rows: list, others: list, mode: str) -> list:
     for c in rows:
         r, d = c["results"], c["derived"]
         cells = [
-            c["problem"]["name"], _cell(r.get(BASELINE)), _cell(r.get(FAST)), _times(d["speedup"].get(FAST)),
-            _cell(r.get(FAST_OFF)), _times(d["telemetry_overhead"]), f"{_mib(r.get(FAST))} / {_mib(r.get(BASELINE))}",
-        ]  # fmt: skip
+            c["problem"]["name"],
+            _cell(r.get(BASELINE)),
+            _cell(r.get(FAST)),
+            _times(d["speedup"].get(FAST)),
+            _cell(r.get(FAST_OFF)),
+            _times(d["telemetry_overhead"]),
+            f"{_mib(r.get(FAST))} / {_mib(r.get(BASELINE))}",
+        ]
         cells += [_with_speedup(r.get(o), d["speedup"].get(o)) for o in others]
         cells += [_spread(c)] + ([_sync_cell(c)] if sync else [])
         out.append("| " + " | ".join(cells) + " |")
@@ -362,8 +385,11 @@ def _heatmap_panels(cases: list) -> dict:
     panels = {}
     for key, chosen in by_key.items():
         seq = max(c["problem"]["seq"] for c in chosen)
-        cells = {(c["problem"]["hidden"], c["problem"]["batch"]): c["derived"]["speedup"][FAST] for c in chosen
-                 if c["problem"]["seq"] == seq}  # fmt: skip
+        cells = {
+            (c["problem"]["hidden"], c["problem"]["batch"]): c["derived"]["speedup"][FAST]
+            for c in chosen
+            if c["problem"]["seq"] == seq
+        }
         if len(cells) > 1:
             panels[key + (seq,)] = cells
     return panels

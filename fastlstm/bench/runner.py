@@ -120,11 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a representative subset (< 5 min on one GPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument(
-        "--kernel-targets", action="store_true",
+        "--kernel-targets",
+        action="store_true",
         help="only the kernels' target problems (H 512/768/1024 x B 1/16/64, T=1024, bf16)",
-    )  # fmt: skip
-    parser.add_argument("-k", dest="keywords", action="append", default=[], metavar="SUBSTRING",
-                        help="only cases whose name contains SUBSTRING (repeatable: any of them)")  # fmt: skip
+    )
+    parser.add_argument(
+        "-k",
+        dest="keywords",
+        action="append",
+        default=[],
+        metavar="SUBSTRING",
+        help="only cases whose name contains SUBSTRING (repeatable: any of them)",
+    )
     parser.add_argument("--dtypes", default=None, help=f"comma-separated subset of {','.join(DTYPES)}")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument(
@@ -134,9 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--list", action="store_true", help="print the selected cases and the time estimate, then exit")
-    parser.add_argument("--gpu-check", action="store_true",
-                        help="the GPU tests plus model-vs-measured timings in a fixed budget (fastlstm/bench/gpu_check.py;"
-                        " see its --help)")  # fmt: skip
+    parser.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="the GPU tests plus model-vs-measured timings in a fixed budget (fastlstm/bench/gpu_check.py;"
+        " see its --help)",
+    )
     return parser
 
 
