@@ -2,9 +2,10 @@
 
     python -m pytest benchmarks/                          # CPU: tiny cases, each run once (CI)
     python -m pytest benchmarks/ --benchmark-only         # on a GPU: the --quick grid of `fastlstm bench`, and
-                                                          # the persistent kernels' targets against nn.LSTM
+                                                          # the kernels' targets against nn.LSTM
 
-Every case first passes the same correctness gate as the runner (float64 nn.LSTM, docs/design.md §6) and is not
+Every case first passes the same correctness gate as the runner (float64 nn.LSTM, the budgets of fastlstm/testing.py)
+and is not
 benchmarked otherwise; nothing here asserts on a time. GPU cases skip without CUDA; on the CPU fastlstm runs its
 reference backend (the kernels would need TRITON_INTERPRET=1, far too slow to benchmark).
 """
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from fastlstm.bench import problem_seed
-from fastlstm.bench.cases import MODES, PERSISTENT_TARGETS, Case, Problem, quick_problems
+from fastlstm.bench.cases import KERNEL_TARGETS, MODES, Case, Problem, quick_problems
 from fastlstm.bench.providers import POOL, PROVIDERS, check_correctness, make_inputs, make_step, make_weights, precision
 from fastlstm.bench.timing import sync_check
 
@@ -26,7 +27,7 @@ CPU_PROBLEMS = (
     Problem(16, 2, 8, "bf16", layers=2, bidirectional=True, proj_size=8),
 )
 GPU_PROBLEMS = tuple(quick_problems("cuda"))
-PERSISTENT_PROVIDERS = ("fastlstm", "fastlstm-persistent", "nn.LSTM")
+TARGET_PROVIDERS = ("fastlstm", "fastlstm-streaming", "nn.LSTM")
 # nn.LSTM's own note that oneDNN has no projection path on the CPU: expected, not a problem of this suite.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -39,9 +40,9 @@ def _params():
                 case = Case(problem, mode)
                 for provider in PROVIDER_NAMES:
                     yield pytest.param(case, provider, device, marks=marks, id=f"{device}-{case.name}-{provider}")
-    for problem in PERSISTENT_TARGETS:
+    for problem in KERNEL_TARGETS:
         case = Case(problem, "forward_backward")
-        for provider in PERSISTENT_PROVIDERS:
+        for provider in TARGET_PROVIDERS:
             yield pytest.param(case, provider, "cuda", marks=NEEDS_CUDA, id=f"cuda-{case.name}-{provider}")
 
 

@@ -43,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON (format fastlstm.findings/1)")
     doctor.add_argument(
-        "--fail-on", choices=("info", "warning", "error"), default=None,
+        "--fail-on",
+        choices=("info", "warning", "error"),
+        default=None,
         help=f"exit with status {EXIT_FINDINGS} if a finding has at least this severity (for CI)",
-    )  # fmt: skip
+    )
     doctor.set_defaults(run=_run_doctor)
 
     sub.add_parser(

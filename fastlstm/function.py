@@ -39,9 +39,19 @@ def lstm_layer(x, h0, c0, weights, lengths, reverse: bool, implementation: str, 
 
 @torch.library.custom_op("fastlstm::recurrence_forward", mutates_args=("first",))
 def recurrence_forward(
-    xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None, lengths: Tensor | None,
-    first: Tensor | None, seq: Tensor | None, telemetry_key: int, slot: int, reverse: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    xw: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    first: Tensor | None,
+    seq: Tensor | None,
+    telemetry_key: int,
+    slot: int,
+    reverse: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, h_n, c_n, gates, cells): see reference.recurrence_forward. No telemetry when `first` is None."""
     probe = None
     if first is not None:
@@ -65,10 +75,23 @@ def _(xw, h0, c0, w_hh, w_hr, lengths, first, seq, telemetry_key, slot, reverse,
 
 @torch.library.custom_op("fastlstm::recurrence_backward", mutates_args=("first",))
 def recurrence_backward(
-    grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, c0: Tensor, gates: Tensor, cells: Tensor, w_hh: Tensor,
-    w_hr: Tensor | None, lengths: Tensor | None, first: Tensor | None, seq: Tensor | None,
-    telemetry_key: int, slot: int, order: int, reverse: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    grad_out: Tensor,
+    grad_hn: Tensor,
+    grad_cn: Tensor,
+    c0: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    first: Tensor | None,
+    seq: Tensor | None,
+    telemetry_key: int,
+    slot: int,
+    order: int,
+    reverse: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_gates, grad_h0, grad_c0, grad_hidden, hidden_full): see reference.recurrence_backward; the last two
     are empty without a projection (custom ops cannot return None). No telemetry when `first` is None."""
     probe = None
@@ -106,9 +129,25 @@ _NON_DIFFERENTIABLE = 9  # lengths, the six PassProbe fields, reverse, implement
 class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-        first_forward, first_backward, seq, slot, backward_order, telemetry_key, reverse, implementation,
-    ):  # fmt: skip
+        ctx,
+        x,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        w_hr,
+        lengths,
+        first_forward,
+        first_backward,
+        seq,
+        slot,
+        backward_order,
+        telemetry_key,
+        reverse,
+        implementation,
+    ):
         bias = None if b_ih is None else b_ih + b_hh
         xw = F.linear(x, w_ih, bias)
         out, h_n, c_n, gates, cells = recurrence_forward(
@@ -129,9 +168,23 @@ class _LSTMLayer(torch.autograd.Function):
         if not create_graph or ctx.first_backward is not None:  # with create_graph, only for the telemetry
             with torch.no_grad():
                 dgates_raw, grad_h0, grad_c0, grad_hidden, hidden_full = recurrence_backward(
-                    grad_out.contiguous(), grad_hn.contiguous(), grad_cn.contiguous(), c0, gates, cells, w_hh, w_hr,
-                    lengths, ctx.first_backward, seq, key, slot, order, reverse, implementation,
-                )  # fmt: skip
+                    grad_out.contiguous(),
+                    grad_hn.contiguous(),
+                    grad_cn.contiguous(),
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    w_hr,
+                    lengths,
+                    ctx.first_backward,
+                    seq,
+                    key,
+                    slot,
+                    order,
+                    reverse,
+                    implementation,
+                )
         if create_graph:
             inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
             grads = _differentiable_grads(inputs, ctx.needs_input_grad, (grad_out, grad_hn, grad_cn), lengths, reverse)

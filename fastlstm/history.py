@@ -15,9 +15,14 @@ import numpy as np
 from .jsonio import HISTORY_FORMAT, from_json_safe, read_json, to_json_safe, write_json
 
 EVENT_KINDS = (
-    "nonfinite_step_skipped", "nonfinite_stop", "telemetry_hunt", "telemetry_hunt_end", "truncation", "checkpoint",
+    "nonfinite_step_skipped",
+    "nonfinite_stop",
+    "telemetry_hunt",
+    "telemetry_hunt_end",
+    "truncation",
+    "checkpoint",
     "resume",
-)  # fmt: skip
+)
 STANDARD_LISTS = ("steps", "evals", "telemetry", "inputs", "targets", "events")
 
 # The lists the TBPTT trainer adds besides the standard ones (docs/training.md); kept in `History.extra`.

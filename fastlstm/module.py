@@ -60,9 +60,18 @@ class LSTM(nn.RNNBase):
     ) -> None:
         self.backend = check_backend_name(backend)
         super().__init__(
-            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
-            device=device, dtype=dtype,
-        )  # fmt: skip
+            "LSTM",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device=device,
+            dtype=dtype,
+        )
         self.telemetry = Telemetry(num_layers, 2 if bidirectional else 1, enabled=bool(telemetry))
         self.telemetry.allocate(self.weight_ih_l0.device)
 
@@ -178,15 +187,22 @@ class LSTM(nn.RNNBase):
     def _shape(self, input) -> PassShape:
         """What routing's measured table looks up. A PackedSequence's batch sizes live on the CPU: no device sync."""
         if isinstance(input, PackedSequence):
-            batch, steps = (int(input.batch_sizes[0]), input.batch_sizes.numel()) if input.batch_sizes.numel() else (0, 0)
+            batch, steps = (
+                (int(input.batch_sizes[0]), input.batch_sizes.numel()) if input.batch_sizes.numel() else (0, 0)
+            )
         elif input.dim() == 3:
             batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
         else:
             batch, steps = 1, input.shape[0]
         return PassShape(
-            self.hidden_size, self.proj_size, self.num_layers, self.bidirectional, isinstance(input, PackedSequence),
-            batch, steps,
-        )  # fmt: skip
+            self.hidden_size,
+            self.proj_size,
+            self.num_layers,
+            self.bidirectional,
+            isinstance(input, PackedSequence),
+            batch,
+            steps,
+        )
 
     # ---- native: nn.LSTM's own forward, TorchScript-compatible ----
 
@@ -210,9 +226,16 @@ class LSTM(nn.RNNBase):
             state = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, state, None)
         out, h_n, c_n = native.lstm(
-            input, state, self._flat_weights, self.bias, self.num_layers, float(self.dropout), self.training,
-            self.bidirectional, self.batch_first,
-        )  # fmt: skip
+            input,
+            state,
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            float(self.dropout),
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+        )
         if not batched:
             return out.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
         return out, (h_n, c_n)
@@ -227,9 +250,16 @@ class LSTM(nn.RNNBase):
             state = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(data, state, batch_sizes)
         out, h_n, c_n = native.lstm_packed(
-            data, batch_sizes, state, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
-            self.training, self.bidirectional,
-        )  # fmt: skip
+            data,
+            batch_sizes,
+            state,
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            float(self.dropout),
+            self.training,
+            self.bidirectional,
+        )
         packed = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
         return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
 
@@ -357,9 +387,15 @@ def _autocast_dtype(device: torch.device):
 
 def _configuration(module: nn.RNNBase) -> tuple:
     return (
-        module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first, module.dropout,
-        module.bidirectional, module.proj_size,
-    )  # fmt: skip
+        module.input_size,
+        module.hidden_size,
+        module.num_layers,
+        module.bias,
+        module.batch_first,
+        module.dropout,
+        module.bidirectional,
+        module.proj_size,
+    )
 
 
 def _share_parameters(source: nn.RNNBase, target: nn.RNNBase) -> None:

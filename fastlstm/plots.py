@@ -73,8 +73,16 @@ def plot_losses(history, findings=(), path: str | None = None):
         ax.set_yscale("log")
     for step, label, colour in _finding_marks(findings):
         ax.axvline(step, color=colour, lw=1, ls="--", alpha=0.8)
-        ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
-                    fontsize=7, color=colour)  # fmt: skip
+        ax.annotate(
+            label,
+            (step, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=colour,
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
     ax.set_title("Loss curves" + (" (findings marked)" if findings else ""))

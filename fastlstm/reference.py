@@ -167,9 +167,18 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_hidden = gates.new_empty(steps, batch, grad_hn.shape[-1]) if w_hr is not None or probe is not None else None
     grad_cell = gates.new_empty(steps, batch, four_h // 4) if probe is not None else None  # dL/dc_t, for telemetry
     grad_h0, grad_c0 = _backward_loop(
-        grad_out, grad_hn.to(dtype), grad_cn.to(dtype), derivatives, w_hh_c, w_hr_c, active, reverse, grad_gates,
-        grad_hidden, grad_cell,
-    )  # fmt: skip
+        grad_out,
+        grad_hn.to(dtype),
+        grad_cn.to(dtype),
+        derivatives,
+        w_hh_c,
+        w_hr_c,
+        active,
+        reverse,
+        grad_gates,
+        grad_hidden,
+        grad_cell,
+    )
 
     hidden_full = None if w_hr is None else (_rows(gate_blocks(gates)[3]) * _rows(tanh_c)).view_as(tanh_c)
     if probe is not None:
@@ -199,7 +208,9 @@ class _GateDerivatives:
         from_cell = gates.new_empty(steps, batch, 3, hidden)
         torch.mul(g, _rows(slope_i), out=_rows(from_cell[:, :, 0]))
         # c_{t-1} is the carried state of the previous step in the direction's own order, c0 before the first.
-        first, rest, before = (0, slice(1, None), slice(None, -1)) if not reverse else (-1, slice(None, -1), slice(1, None))
+        first, rest, before = (
+            (0, slice(1, None), slice(None, -1)) if not reverse else (-1, slice(None, -1), slice(1, None))
+        )
         torch.mul(_rows(cells[before]), _rows(slope_f[rest]), out=_rows(from_cell[rest, :, 1]))
         torch.mul(c0, slope_f[first], out=from_cell[first, :, 1])
         torch.addcmul(i, i, g * g, value=-1.0, out=_rows(from_cell[:, :, 2]))

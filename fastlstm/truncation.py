@@ -361,6 +361,4 @@ def truncation_evidence(
     """Evidence that the truncation in force is shorter than the dependencies in the data, or None (a History, its
     dict or a path). The doctor's reading (doctor/trainer_evidence.py) is the one implementation; see it for the
     two sources and the keys."""
-    return _evidence_in_view(
-        HistoryView(history), z=z, min_correlation=min_correlation, bias_threshold=bias_threshold
-    )
+    return _evidence_in_view(HistoryView(history), z=z, min_correlation=min_correlation, bias_threshold=bias_threshold)

@@ -109,9 +109,18 @@ class TruncationTracker:
                     if e is not None
                 }
                 record = TruncationEstimate(
-                    last, first, name, layer.layer, length - overlap, length, overlap,
-                    estimate.rate, estimate.dependency, estimate.bias, parts,
-                )  # fmt: skip
+                    last,
+                    first,
+                    name,
+                    layer.layer,
+                    length - overlap,
+                    length,
+                    overlap,
+                    estimate.rate,
+                    estimate.dependency,
+                    estimate.bias,
+                    parts,
+                )
                 self.monitor.live_history.add(TRUNCATION_ESTIMATES, record.to_entry())
                 self.state.estimates.append((estimate.dependency, estimate.rate))
 

@@ -1,8 +1,13 @@
-"""Ahead-of-time compile check of every kernel variant the launcher can select, for sm_80 and sm_90, without a GPU.
+"""Ahead-of-time compile check of every kernel variant the launcher can plan, for sm_80 and sm_90, without a GPU.
 
 For each variant it runs triton.compile against a GPUTarget, reads registers and spills from the ptxas log and the
 shared memory from the metadata, and fails on a compile error, any spill, or shared memory above the chip's limit
-(triton does not check that at compile time). `fastlstm aot` prints the table; CI runs the same matrix in tests.
+(triton does not check that at compile time). `fastlstm aot` prints the table; CI runs the full matrix.
+
+Signatures come from each kernel's own argument list: a pointer's element type from POINTER_TYPES by name, the
+integers from INTEGER_ARGUMENTS, the switches from the variant; an argument those tables do not know fails the
+variant, so a kernel argument can never compile with a guessed type. Optional tensors are compiled as None, which
+is what the launcher passes, and their flags are then derived by the kernel's own triton.heuristics.
 """
 
 from __future__ import annotations
@@ -21,46 +26,74 @@ from typing import NamedTuple
 # Per-block shared memory limits (bytes): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCHS = (80, 90)
-DTYPES = ("fp32", "fp16", "bf16")
-# Hidden/batch sizes whose configurations together cover every branch of launch.select_config.
-CONFIG_PROBES = ((64, 1), (64, 1024), (2048, 1), (2048, 1024))
-# Integer arguments that are multiples of 16 at real sizes (triton then compiles with that divisibility known).
-ALIGNED_SIZES = ("T", "B", "H", "P", "capacity")
+PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"))
+
+# Element type of every pointer argument of the kernels; "storage" is the layer's dtype.
+STORAGE_POINTERS = (
+    "xw_ptr",
+    "h0_ptr",
+    "c0_ptr",
+    "w_hh_ptr",
+    "w_hr_ptr",
+    "out_ptr",
+    "hn_ptr",
+    "cn_ptr",
+    "grad_out_ptr",
+    "exchange_ptr",
+)
+FLOAT32_POINTERS = (
+    "gates_ptr",
+    "cells_ptr",
+    "hfull_ptr",
+    "dgates_ptr",
+    "grad_h_ptr",
+    "grad_c_ptr",
+    "dhidden_ptr",
+    "dhfull_ptr",
+    "partials_ptr",
+)
+POINTER_TYPES = {
+    **dict.fromkeys(STORAGE_POINTERS, "storage"),
+    **dict.fromkeys(FLOAT32_POINTERS, "fp32"),
+    **dict.fromkeys(("stats_ptr", "grad_ptr"), "fp64"),
+    **dict.fromkeys(("lengths_ptr", "first_ptr", "seq_ptr"), "i64"),
+    "flags_ptr": "i32",
+}
+INTEGER_ARGUMENTS = ("T", "B", "H", "P", "order", "capacity", "step_begin", "step_end", "batch_group_base")
+# Which switch of a variant makes an optional pointer present (absent pointers are compiled as None).
+OPTIONAL_POINTERS = {
+    "lengths_ptr": "lengths",
+    **dict.fromkeys(("w_hr_ptr", "hfull_ptr", "dhidden_ptr", "dhfull_ptr"), "proj"),
+    **dict.fromkeys(("stats_ptr", "grad_ptr", "first_ptr", "seq_ptr", "partials_ptr"), "telemetry"),
+    "flags_ptr": "exchange",
+}
 
 
 class Variant(NamedTuple):
-    kernel: str  # "forward" | "backward" (tiled kernels) | "persistent-forward" | "persistent-backward"
+    family: str  # "single" | "split" | "split-gluon" | "streaming"
+    stage: str  # "forward" | "backward"
     dtype: str
-    reverse: bool
-    lengths: bool
-    proj: bool
-    telemetry: bool
-    block_b: int
-    block_h: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    maxnreg: int
     precision: str
-    grid_barrier: bool = False  # persistent kernels: all steps in one launch (True) or host-stepped
-    # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes (T, B, H, P and the
-    # telemetry capacity) are multiples of 16, the usual case at real sizes; otherwise with no such hints.
-    aligned: bool = False
+    switches: frozenset  # of "reverse", "lengths", "telemetry", "proj", "exchange"
+    config: tuple  # (name, value) pairs: the constexprs and launch options the plan sets
+    # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes are multiples of 16
+    # (the usual case at real sizes); otherwise with no such hints.
+    aligned: bool = True
 
     @property
     def name(self) -> str:
-        tags = (
-            ("R", self.reverse),
-            ("L", self.lengths),
-            ("P", self.proj),
-            ("T", self.telemetry),
-            ("G", self.grid_barrier),
+        flags = "".join(
+            tag
+            for tag, s in (("R", "reverse"), ("L", "lengths"), ("T", "telemetry"), ("P", "proj"), ("X", "exchange"))
+            if s in self.switches
         )
-        flags = "".join(tag for tag, on in tags if on)
-        return (
-            f"{self.kernel}-{self.dtype}-{self.precision}-{flags or '_'}"
-            f"-b{self.block_b}{'u' if self.kernel.startswith('persistent') else 'h'}{self.block_h}k{self.block_k}w{self.num_warps}s{self.num_stages}r{self.maxnreg}"
-        )
+        config = "".join(f"{_short(k)}{v}" for k, v in self.config)
+        suffix = "" if self.aligned else "-u"
+        return f"{self.family}-{self.stage}-{self.dtype}-{self.precision}-{flags or '_'}-{config}{suffix}"
+
+
+def _short(key: str) -> str:
+    return {"num_warps": "w", "num_stages": "s", "maxnreg": "r"}.get(key, key.lower().replace("_", "")[:2])
 
 
 class Result(NamedTuple):
@@ -81,143 +114,246 @@ class Result(NamedTuple):
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The variants: every configuration kernels/launch.py can plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def config_pairs(chosen) -> tuple:
+    """The constexpr and option pairs a launch.Plan sets, as a variant's `config`."""
+    import triton
+
+    cfg = chosen.config
+    if chosen.kind == "single":
+        return (
+            ("BLOCK_B", cfg.block_b),
+            ("H_PAD", cfg.h_pad),
+            ("P_PAD", cfg.p_pad),
+            ("num_warps", cfg.num_warps),
+            ("maxnreg", cfg.maxnreg),
+        )
+    if chosen.kind == "split":
+        return (
+            ("UNITS", cfg.units),
+            ("BLOCK_B", cfg.block_b),
+            ("K_PAD", cfg.k_pad),
+            ("K_SPLIT", cfg.k_split),
+            ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)),
+            ("ASM_FENCE", True),
+            ("num_warps", cfg.num_warps),
+            ("maxnreg", cfg.maxnreg),
+        )
+    return (
+        ("BLOCK_B", cfg.block_b),
+        ("BLOCK_H", cfg.block_h),
+        ("BLOCK_K", cfg.block_k),
+        ("num_warps", cfg.num_warps),
+        ("num_stages", cfg.num_stages),
+        ("maxnreg", cfg.maxnreg),
+    )
+
+
+def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
+    """The variant a launch.Plan compiles for one pass, with the given switches."""
+    family = "split-gluon" if chosen.implementation == "gluon" else chosen.kind
+    return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen))
+
+
+def family_configs(family: str, dtype: str) -> list:
+    """Every configuration the launcher can choose for a family and dtype, largest first, as (config pairs,
+    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, launch.py)."""
+    from . import launch
+
+    torch_dtype = _torch_dtype(dtype)
+    plans = []
+    if family == "single":
+        pads = [p for p in (64, 32, 16) if p <= launch.SINGLE_MAX_PAD[torch_dtype]]
+        for h_pad, is_aligned in itertools.product(pads, (True, False)):
+            hidden = h_pad if is_aligned else h_pad - 1
+            for proj in sorted({hidden, 16 if is_aligned else 15}, reverse=True):
+                plans.append((launch.Plan("single", launch.single_config(hidden, proj, torch_dtype)), is_aligned))
+    elif family in ("split", "split-gluon"):
+        if family == "split-gluon" and torch_dtype not in launch.GLUON_DTYPES:
+            return []
+        smallest = launch.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
+        for is_aligned, batch in itertools.product((True, False), (16, 8)):
+            limit = launch.SPLIT_MAX_PAD[torch_dtype]
+            for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
+                hidden = k_pad if is_aligned else k_pad - 1
+                plans.append((launch.Plan("split", launch.split_config(hidden, batch, torch_dtype)), is_aligned))
+    else:
+        plans = [
+            (launch.Plan("streaming", launch.STREAMING), True),
+            (launch.Plan("streaming", launch.STREAMING), False),
+        ]
+    unique = []
+    for chosen, is_aligned in plans:
+        entry = (config_pairs(chosen), is_aligned)
+        if entry not in unique:
+            unique.append(entry)
+    return unique
+
+
+FAMILY_SWITCHES = {
+    "single": ("reverse", "lengths", "telemetry", "proj"),
+    "split": ("reverse", "lengths", "telemetry", "exchange"),
+    "split-gluon": ("reverse", "lengths", "telemetry", "exchange"),
+    "streaming": ("reverse", "lengths", "telemetry", "proj"),
+}
+
+
 def variants(quick: bool = False) -> list[Variant]:
-    """Every (kernel, dtype, flags, config) the launcher can produce; `quick` keeps the flag combinations that
-    change the kernel's resources the most (all flags on / all off)."""
-    import torch
-
-    from .launch import select_config
-
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    configs = sorted({select_config(h, h, b, torch_dtype[d]) + (d,) for h, b in CONFIG_PROBES for d in DTYPES})
-    flag_sets = list(itertools.product((False, True), repeat=4))
-    if quick:
-        flag_sets = [(False,) * 4, (True,) * 4]
+    """Every (family, stage, dtype, precision, switches, config, alignment) the launcher can produce. Every switch
+    combination is compiled for each family's largest aligned configuration (the most registers); the other
+    configurations with every switch on and every switch off, the two ends of their register budget. `quick`
+    keeps each family's largest aligned configuration with every switch on."""
     result = []
-    for kernel, (*config, dtype), flags in itertools.product(("forward", "backward"), configs, flag_sets):
-        precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
-        for precision in precisions:
-            result.append(Variant(kernel, dtype, *flags, *config, precision))
-    return with_alignment(result + persistent_variants(quick), quick)
-
-
-def with_alignment(variants: list[Variant], quick: bool) -> list[Variant]:
-    """Each variant compiled without and with triton's alignment specialisation (`quick`: the latter only for the
-    variants with every flag on, the largest)."""
-    aligned = [v._replace(aligned=True) for v in variants if not quick or (v.reverse and v.lengths and v.telemetry)]
-    return variants + aligned
-
-
-def persistent_variants(quick: bool = False) -> list[Variant]:
-    """The persistent kernels in both modes; they take no projection. `quick` keeps the all-flags-on kernel with
-    its grid barrier and the all-flags-off host-stepped one."""
-    import torch
-
-    from .launch import persistent_config
-
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    flag_sets = list(itertools.product((False, True), repeat=4))
-    if quick:
-        flag_sets = [(True, True, True, True), (False, False, False, False)]
-    result = []
-    for kernel, dtype, (reverse, lengths, telemetry, barrier) in itertools.product(
-        ("persistent-forward", "persistent-backward"), DTYPES, flag_sets
-    ):
-        for precision in ("ieee", "tf32") if dtype == "fp32" else ("ieee",):
-            cfg = persistent_config(torch_dtype[dtype])
-            config = (cfg.block_b, cfg.block_u, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
-            result.append(Variant(kernel, dtype, reverse, lengths, False, telemetry, *config, precision, barrier))
+    for family, stage, (dtype, precision) in itertools.product(FAMILY_SWITCHES, ("forward", "backward"), PRECISIONS):
+        names = FAMILY_SWITCHES[family]
+        everything = frozenset(names)
+        for index, (config, is_aligned) in enumerate(family_configs(family, dtype)):
+            if quick:
+                if index == 0:
+                    result.append(Variant(family, stage, dtype, precision, everything, config))
+                continue
+            if index == 0:
+                combos = [frozenset(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+            else:
+                combos = [frozenset(), everything]
+            for switches in combos:
+                if _possible(switches, config):
+                    result.append(Variant(family, stage, dtype, precision, switches, config, aligned=is_aligned))
     return result
 
 
-def _signature(variant: Variant):
-    """The argument types and constexpr values of one variant, in the kernel's argument order."""
+def _possible(switches, config) -> bool:
+    """A layer without a projection has P = H: a single-kernel tile for P narrower than H's needs one."""
+    pads = dict(config)
+    return "proj" in switches or pads.get("P_PAD") == pads.get("H_PAD")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiling one variant
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _not_specialized(fn) -> set:
+    """The arguments a kernel marks do_not_specialize, from a JIT function or (under the interpreter, as the test
+    suite runs) from the keywords its InterpretedFunction kept."""
+    if hasattr(fn, "params"):
+        return {fn.arg_names[p.num] for p in fn.params if p.do_not_specialize}
+    return set(fn.kwargs.get("do_not_specialize") or ())
+
+
+def kernel_of(variant: Variant):
+    """The @triton.jit function (under its heuristics) a variant compiles."""
+    from .backward import lstm_split_backward_kernel
+    from .forward import lstm_split_forward_kernel
+    from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
+    from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
+    from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
+
+    return {
+        ("single", "forward"): lstm_single_forward_kernel,
+        ("single", "backward"): lstm_single_backward_kernel,
+        ("split", "forward"): lstm_split_forward_kernel,
+        ("split", "backward"): lstm_split_backward_kernel,
+        ("split-gluon", "forward"): lstm_split_forward_gluon_kernel,
+        ("split-gluon", "backward"): lstm_split_backward_gluon_kernel,
+        ("streaming", "forward"): lstm_streaming_forward_kernel,
+        ("streaming", "backward"): lstm_streaming_backward_kernel,
+    }[(variant.family, variant.stage)]
+
+
+def signature(variant: Variant):
+    """(jit function, signature, constexprs, attributes) of a variant, derived from the kernel's argument list."""
     import triton.language as tl
 
-    from .persistent import lstm_persistent_backward_kernel, lstm_persistent_forward_kernel
-    from .recurrent_bwd import lstm_backward_kernel
-    from .recurrent_fwd import lstm_forward_kernel
-
-    d = "*" + variant.dtype
-    constexprs = {
-        "REVERSE": variant.reverse,
-        "HAS_LENGTHS": variant.lengths,
-        "HAS_PROJ": variant.proj,
-        "TELEMETRY": variant.telemetry,
-        "BLOCK_B": variant.block_b,
-        "BLOCK_H": variant.block_h,
-        "BLOCK_K": variant.block_k,
-        "DOT_PRECISION": variant.precision,
-        "DOT_DTYPE": {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
-    }
-    ints = {
-        "T": "i32", "B": "i32", "H": "i32", "P": "i32", "capacity": "i32", "order": "i32", "step_begin": "i32",
-        "step_end": "i32", "phases": "i32",
-    }  # fmt: skip
-    if variant.kernel.startswith("persistent"):
-        del constexprs["HAS_PROJ"], constexprs["BLOCK_H"]
-        constexprs.update(PERSISTENT=variant.grid_barrier, BLOCK_U=variant.block_h)
-    if variant.kernel == "persistent-forward":
-        fn = lstm_persistent_forward_kernel
-        pointers = {
-            "xw_ptr": d, "h0_ptr": d, "c0_ptr": d, "w_hh_ptr": d, "lengths_ptr": "*i64", "out_ptr": d,
-            "gates_ptr": "*fp32", "cells_ptr": "*fp32", "hn_ptr": d, "cn_ptr": d, "stats_ptr": "*fp64",
-            "first_ptr": "*i64", "seq_ptr": "*i64", "barrier_ptr": "*i32",
-        }  # fmt: skip
-    elif variant.kernel == "persistent-backward":
-        fn = lstm_persistent_backward_kernel
-        pointers = {
-            "grad_out_ptr": d, "c0_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "w_hh_ptr": d,
-            "lengths_ptr": "*i64", "dgates_ptr": "*fp32", "dh_ptr": "*fp32", "dc_ptr": "*fp32", "grad_ptr": "*fp64",
-            "first_ptr": "*i64", "seq_ptr": "*i64", "barrier_ptr": "*i32",
-        }  # fmt: skip
-    elif variant.kernel == "forward":
-        fn = lstm_forward_kernel
-        pointers = {
-            "xw_ptr": d, "h0_ptr": d, "c0_ptr": d, "w_hh_ptr": d, "w_hr_ptr": d, "lengths_ptr": "*i64",
-            "out_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "hfull_ptr": "*fp32", "hn_ptr": d, "cn_ptr": d,
-            "stats_ptr": "*fp64", "first_ptr": "*i64", "seq_ptr": "*i64",
-        }  # fmt: skip
-    else:
-        fn = lstm_backward_kernel
-        pointers = {
-            "grad_out_ptr": d, "c0_ptr": d, "gates_ptr": "*fp32", "cells_ptr": "*fp32", "w_hh_ptr": d,
-            "w_hr_ptr": d, "lengths_ptr": "*i64", "dgates_ptr": "*fp32", "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-            "dhidden_ptr": "*fp32", "dhfull_ptr": "*fp32", "grad_ptr": "*fp64", "first_ptr": "*i64", "seq_ptr": "*i64",
-        }  # fmt: skip
-    signature = {}
+    heuristics = kernel_of(variant)
+    fn = heuristics.fn
+    options = {k: v for k, v in variant.config if k in ("num_warps", "num_stages", "maxnreg")}
+    constexprs = {k: v for k, v in variant.config if k not in options}
+    constexprs.update(
+        REVERSE="reverse" in variant.switches,
+        DOT_PRECISION=variant.precision,
+        DOT_DTYPE={"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
+    )
+    types, present = {}, {}
     for name in fn.arg_names:
-        signature[name] = pointers.get(name) or ints.get(name) or "constexpr"
+        if name in constexprs:
+            continue
+        if name.endswith("_ptr"):
+            if name not in POINTER_TYPES:
+                raise KeyError(f"{fn.__name__}: pointer argument {name!r} has no type in kernels/aot.py POINTER_TYPES")
+            needs = OPTIONAL_POINTERS.get(name)
+            if needs is not None and needs not in variant.switches:
+                constexprs[name] = None
+                present[name] = None
+                continue
+            kind = POINTER_TYPES[name]
+            types[name] = "*" + (variant.dtype if kind == "storage" else kind)
+            present[name] = object()  # any non-None value: what the heuristics test
+        elif name in INTEGER_ARGUMENTS:
+            types[name] = "i32"
+        elif name not in heuristics.values:
+            raise KeyError(f"{fn.__name__}: argument {name!r} is neither a pointer, a known integer nor a constexpr")
+    for flag, rule in heuristics.values.items():
+        constexprs[flag] = rule(present)
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     attrs = {}
     if variant.aligned:
+        # What triton specialises at run time: 16-byte aligned tensors and integers divisible by 16, except the
+        # integers the kernel marks do_not_specialize (those are compiled as any value).
+        generic = _not_specialized(fn)
         for index, name in enumerate(fn.arg_names):
-            if name in pointers or name in ALIGNED_SIZES:
+            if name in types and (types[name].startswith("*") or name not in generic):
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    return fn, signature, constexprs, attrs
+    return fn, signature, constexprs, attrs, options
 
 
-def compile_variant(variant: Variant, arch: int) -> Result:
+class Compiled(NamedTuple):
+    fn: object  # the @triton.jit function (what the performance model reads the source of)
+    kernel: object  # triton's CompiledKernel: asm["ptx"], asm["cubin"], metadata
+    ptxas_log: str  # registers and spills; empty unless asked for
+
+
+def compile_kernel(variant: Variant, arch: int = 90, ptxas_log: bool = False) -> Compiled:
+    """One variant compiled for sm_<arch> without a GPU; raises what the compiler raises. With ptxas_log the cache
+    is bypassed (a cache hit skips ptxas, and with it the log that reports registers and spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn, signature, constexprs, attrs = _signature(variant)
+    fn, sig, constexprs, attrs, options = signature(variant)
+    source = (GluonASTSource if variant.family.endswith("-gluon") else ASTSource)(fn, sig, constexprs, attrs)
     log = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if ptxas_log:
+            stack.enter_context(triton.knobs.nvidia.scope())
+            stack.enter_context(triton.knobs.compilation.scope())
+            triton.knobs.nvidia.dump_ptxas_log = True
+            triton.knobs.compilation.always_compile = True
+            stack.enter_context(contextlib.redirect_stdout(log))
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return Compiled(fn, kernel, log.getvalue())
+
+
+def compile_variant(variant: Variant, arch: int) -> Result:
     try:
-        triton.knobs.nvidia.dump_ptxas_log = True
-        triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and so its log
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                ASTSource(fn, signature, constexprs, attrs),
-                target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, "maxnreg": variant.maxnreg},
-            )
-    except Exception as exc:  # any compiler failure is a result to report, not a crash of the whole matrix
+        compiled = compile_kernel(variant, arch, ptxas_log=True)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report, not a crash of the matrix
         return Result(variant, arch, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-    text = log.getvalue()
+    text = compiled.ptxas_log
     registers = _last_int(r"Used (\d+) registers", text)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
-    return Result(variant, arch, registers, sum(spills) if spills else None, compiled.metadata.shared, None)
+    return Result(variant, arch, registers, sum(spills) if spills else None, compiled.kernel.metadata.shared, None)
 
 
 def _last_int(pattern: str, text: str) -> int | None:
@@ -243,11 +379,12 @@ def run_matrix(quick: bool = False, jobs: int = 2) -> list[Result]:
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'variant':<66} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
+    width = max([len(r.variant.name) for r in results] + [8])
+    lines = [f"{'variant':<{width}} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>8}  status"]
     for r in results:
         status = "ok" if r.ok else (r.error or "SPILL/SHARED")
         lines.append(
-            f"{r.variant.name:<66} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
+            f"{r.variant.name:<{width}} {r.arch:>3} {_cell(r.registers):>5} {_cell(r.spill_bytes):>6} "
             f"{_cell(r.shared_bytes):>8}  {status}"
         )
     return "\n".join(lines)
@@ -259,8 +396,18 @@ def _cell(value) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="only the all-flags-off and all-flags-on variants")
+    parser.add_argument("--quick", action="store_true", help="each family's largest configuration, every switch on")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
+    parser.add_argument(
+        "--model",
+        action="store_true",
+        help="run the performance model instead (fastlstm.kernels.model; the options after --model are its own)",
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:
+        from . import model
+
+        return model.main([a for a in argv if a != "--model"])
     args = parser.parse_args(argv)
     results = run_matrix(quick=args.quick, jobs=args.jobs)
     print(format_table(results))

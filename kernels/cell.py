@@ -51,10 +51,38 @@ def tile_sequences(lengths_ptr, first_row, T, B, BLOCK_B: tl.constexpr, HAS_LENG
 
 
 @triton.jit
+def step_time(p, T, REVERSE: tl.constexpr):
+    """Timestep of processing step p and of the step before it in the same pass's order."""
+    if REVERSE:
+        return T - 1 - p, T - p
+    return p, p - 1
+
+
+@triton.jit
+def steps_active(length, step_begin, step_end, T, REVERSE: tl.constexpr):
+    """How many of the processing steps step_begin..step_end-1 fall inside each sequence."""
+    if REVERSE:  # t = T-1-p < length  <=>  p >= T - length
+        return tl.maximum(step_end - tl.maximum(step_begin, T - length), 0)
+    return tl.maximum(tl.minimum(step_end, length) - step_begin, 0)
+
+
+@triton.jit
 def tile_matmul(
-    acc, a_ptr, a_rows, a_row_ok, a_stride, b_ptr, b_k_stride, b_n_stride, cols, col_ok, K,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    acc,
+    a_ptr,
+    a_rows,
+    a_row_ok,
+    a_stride,
+    b_ptr,
+    b_k_stride,
+    b_n_stride,
+    cols,
+    col_ok,
+    K,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """acc + A[a_rows, :K] @ B[:K, cols], where A is row-major with row stride a_stride and B[k, n] sits at
     b_ptr + k * b_k_stride + n * b_n_stride (so a transposed weight is just swapped strides)."""
     for k0 in range(0, K, BLOCK_K):
@@ -65,6 +93,17 @@ def tile_matmul(
         b = tl.load(b_ptr + b_offsets, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def split_gates(tile, UNITS: tl.constexpr):
+    """The four gate blocks (i, f, g, o) of a gate-major [4*UNITS, N] tile, as [UNITS, N] tiles. Reshape, permute
+    and split only relabel registers, where a masked sum per gate would quadruple the work."""
+    blocks = tl.permute(tl.reshape(tile, (2, 2, UNITS, tile.shape[1])), (2, 3, 0, 1))  # [UNITS, N, gate // 2, gate % 2]
+    even, odd = tl.split(blocks)
+    gate_i, gate_g = tl.split(even)
+    gate_f, gate_o = tl.split(odd)
+    return gate_i, gate_f, gate_g, gate_o
 
 
 @triton.jit
@@ -113,7 +152,8 @@ def cell_backward(dh, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, k
 
 @triton.jit
 def nonfinite(x):
-    return (x != x) | (tl.abs(x) == float("inf"))
+    # NaN compares false with everything, so one comparison catches NaN and both infinities.
+    return ~(tl.abs(x) < float("inf"))
 
 
 @triton.jit
@@ -172,7 +212,7 @@ def flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, e
     tl.atomic_add(stats_ptr + STAT_SATURATED + 3, tl.sum(tl.sum(sat_o.to(tl.float64), axis=1), axis=0))
     tl.atomic_add(stats_ptr + STAT_ELEMENTS, elements.to(tl.float64))
     tl.atomic_add(stats_ptr + STAT_FORGET_SUM, tl.sum(tl.sum(forget.to(tl.float64), axis=1), axis=0))
-    has_nan = tl.max(tl.max((absmax != absmax).to(tl.int32), axis=1), axis=0) > 0
+    has_nan = tl.max(tl.max(nonfinite(absmax).to(tl.int32), axis=1), axis=0) > 0  # absmax >= 0: only NaN or inf
     largest = tl.where(has_nan, float("nan"), tl.max(tl.max(absmax, axis=1), axis=0)).to(tl.float64)
     bits_ptr = (stats_ptr + STAT_CELL_ABSMAX).to(tl.pointer_type(tl.int64), bitcast=True)
     tl.atomic_max(bits_ptr, largest.to(tl.int64, bitcast=True))
@@ -180,15 +220,15 @@ def flush_forward_stats(stats_ptr, sat_i, sat_f, sat_g, sat_o, forget, absmax, e
 
 @triton.jit
 def count_forward_launch(stats_ptr):
-    """One more forward of this slot (STAT_LAUNCHES); program 0 only, rather than a separate tiny launch."""
-    if tl.program_id(0) == 0:
+    """One more forward of this slot (STAT_LAUNCHES); the first program only, rather than a separate tiny launch."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.atomic_add(stats_ptr + STAT_LAUNCHES, 1.0)
 
 
 @triton.jit
 def count_backward_pass(grad_ptr, capacity, steps, BLOCK: tl.constexpr):
-    """One more backward pass reached every timestep of this launch (the GRAD_PASSES row); program 0 only."""
-    if tl.program_id(0) == 0:
+    """One more backward pass reached every timestep of this launch (the GRAD_PASSES row); the first program only."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         for t0 in range(0, steps, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             tl.atomic_add(grad_ptr + GRAD_PASSES * capacity + t, 1.0, mask=t < steps)

@@ -1,14 +1,18 @@
-"""The Triton backend: launchers with the same signatures and results as fastlstm.reference.
+"""The Triton backend: launchers with the signatures and results of fastlstm.reference.
 
-Chooses a kernel and its configuration, allocates outputs, checks what the kernels cannot, and launches
-recurrent_fwd.lstm_forward_kernel / recurrent_bwd.lstm_backward_kernel (one program per tile of sequences) or
-persistent.lstm_persistent_forward_kernel / lstm_persistent_backward_kernel (one program per slice of hidden units).
+For each layer-direction and pass it picks a kernel and its configuration (`plan`), allocates the outputs and the
+exchange buffers, launches, and checks what the kernels cannot:
+  - resident kernels (forward.py / backward.py): the weights stay on chip for the whole sequence; one program per
+    batch tile when one program can hold all of W_hh, otherwise the units split over about one program per SM,
+    exchanging h_t (gate gradients) every step, launched cooperatively;
+  - streaming kernels (streaming.py): one program per 16 sequences re-reads W_hh from L2 every step; they take what
+    the resident kernels cannot (a projection past the single kernel's sizes, hidden sizes whose share does not fit
+    a split program's registers, more programs than the device can hold at once).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from typing import NamedTuple
 
@@ -16,11 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlstm import constants as C
 from fastlstm.reference import BackwardResult, ForwardResult
 
-from .persistent import lstm_persistent_backward_kernel, lstm_persistent_forward_kernel
-from .recurrent_bwd import lstm_backward_kernel
-from .recurrent_fwd import lstm_forward_kernel
+from .backward import lstm_split_backward_kernel
+from .forward import lstm_split_forward_kernel
+from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
+from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
+from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -28,14 +35,31 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # fails the comparison instead of passing by luck.
 POISON_OUTPUTS = False
 
-# When the persistent kernels run: "off" (the default until a GPU run shows them faster than cuDNN where they
-# apply), "on" (wherever they apply: see persistent_applies), or "host-stepped" (wherever they apply, one launch
-# per step without the grid barrier: the mode the interpreter tests run, slow on a GPU). FASTLSTM_PERSISTENT sets it.
-PERSISTENT_MODES = ("off", "on", "host-stepped")
-PERSISTENT = os.environ.get("FASTLSTM_PERSISTENT", "off")
+
+def _option(name: str, default: str, choices: tuple) -> str:
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
-class KernelConfig(NamedTuple):
+# Launch options, read once at import (docs/environment.md lists every variable):
+#   FASTLSTM_KERNELS   auto (`plan` below) | tl (the split kernels' `tl` twins also on a GPU, where auto runs the Gluon
+#                      ones: to tell a wrong result of one from the other) | streaming (the streaming kernels for every
+#                      layer: a fallback that needs no co-residency, and the baseline of the benchmarks)
+#   FASTLSTM_EXCHANGE  cooperative (one launch per pass) | host-stepped (one launch per step: the interpreter's mode,
+#                      for debugging a cooperative kernel on a GPU)
+KERNEL_CHOICES = ("auto", "tl", "streaming")
+KERNELS = _option("FASTLSTM_KERNELS", "auto", KERNEL_CHOICES)
+EXCHANGE = _option("FASTLSTM_EXCHANGE", "cooperative", ("cooperative", "host-stepped"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StreamingConfig(NamedTuple):
     block_b: int  # sequences per program
     block_h: int  # hidden units (or projected units) per tile
     block_k: int  # reduction chunk of the tl.dot calls
@@ -44,82 +68,178 @@ class KernelConfig(NamedTuple):
     maxnreg: int  # register cap handed to ptxas
 
 
-def select_config(hidden: int, proj: int, batch: int, dtype: torch.dtype) -> KernelConfig:
-    """Tile sizes for a problem (the README's kernel section explains the choice).
-
-    tl.dot needs every dimension >= 16 on the GPU. A program owns all units of its BLOCK_B sequences, so wider
-    tiles only add registers. The AOT matrix (kernels/aot.py: ptxas for sm_80 and sm_90) showed BLOCK_B=32,
-    BLOCK_H=64, BLOCK_K=32, 4 warps or pipelined reduction loops each spilling in some variant, while 16 x 32 tiles
-    with 16-wide reductions on 8 warps, unpipelined, fit all of them once ptxas may use 255 registers (its own
-    default capped some variants at 128 and spilled). Large batches get more programs rather than
-    larger tiles, which also fills more SMs. The arguments are kept so shape-dependent choices can come back once
-    GPU measurements justify them.
-    """
-    return KernelConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
+# 16-sequence x 32-unit tiles with 16-wide reductions on 8 warps, unpipelined, and ptxas allowed 255 registers:
+# the AOT matrix showed every larger tile, 4 warps or a pipelined reduction spilling in some variant.
+STREAMING = StreamingConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
 
 
-class PersistentConfig(NamedTuple):
-    block_b: int  # sequences per tile; a program walks every tile of the batch each step
-    block_u: int  # hidden units per program (its slice is the 4 * block_u gate rows of W_hh)
-    block_k: int  # reduction chunk
+class SingleConfig(NamedTuple):
+    """single.py: one program per batch tile owns every unit."""
+
+    block_b: int  # sequences per program
+    h_pad: int  # H and P padded to powers of two (>= 16, tl.dot's smallest reduction)
+    p_pad: int
     num_warps: int
-    num_stages: int  # software pipelining of the reduction loops
+    maxnreg: int  # register cap handed to ptxas (see MAX_REGISTERS)
+
+
+class SplitConfig(NamedTuple):
+    """forward.py / backward.py: the units split over about one program per SM, exchanging every step."""
+
+    units: int  # hidden units per program (its W_hh share: 4 * units rows forward, 4 * units columns backward)
+    block_b: int  # sequences per program
+    k_pad: int  # the reduction axis (H), padded to a power of two
+    k_split: int  # slices of the reduction axis, one per warp
+    num_warps: int
     maxnreg: int
+    unit_groups: int
+    batch_groups: int
+    # Batch groups exchange nothing with each other, so where the whole grid would not be resident at once the
+    # launcher runs them in slices of this many, one cooperative launch per slice, one after another on the stream.
+    batch_groups_per_launch: int
+
+    @property
+    def programs(self) -> int:
+        return self.unit_groups * self.batch_groups
+
+    @property
+    def launches(self) -> int:
+        return triton.cdiv(self.batch_groups, self.batch_groups_per_launch)
 
 
-PERSISTENT_BLOCK_U = 16  # one for every dtype, so the grid size (and so co-residency) does not depend on it
+class Plan(NamedTuple):
+    kind: str  # "single" | "split" | "streaming"
+    config: SingleConfig | SplitConfig | StreamingConfig
+    # How the split kernels are written: "gluon" (split_gluon.py: explicit layouts, 16-bit storage on a GPU) or
+    # "tl" (forward.py / backward.py: their twins, which the interpreter runs and fp32 uses).
+    implementation: str = "tl"
 
 
-def persistent_config(dtype: torch.dtype) -> PersistentConfig:
-    """16 units per program puts H=2048 on 128 programs, within the H200's 132 SMs. Each step's products read
-    h_{t-1} (or the gate gradients) from L2 chunk by chunk, so their latency is paid once per chunk unless the loop
-    is pipelined: 16-bit runs 64-wide chunks three deep, the deepest and widest with which every variant, aligned or
-    not, compiled without spills (kernels/aot.py). fp32 stays unpipelined: its exact (ieee) dots run on FMA units
-    and spilled the backward with even two stages. A choice by the compile matrix and by reasoning about latency;
-    no GPU has timed it yet."""
-    if dtype == torch.float32:
-        return PersistentConfig(16, PERSISTENT_BLOCK_U, block_k=32, num_warps=8, num_stages=1, maxnreg=255)
-    return PersistentConfig(16, PERSISTENT_BLOCK_U, block_k=64, num_warps=8, num_stages=3, maxnreg=255)
+# Left to itself, ptxas caps some of these kernels at 128 (or fewer) registers, aiming at two programs per SM, and
+# spills; both resident kernels hold their weights in registers and want the whole budget of one program per SM.
+MAX_REGISTERS = 255
+
+# single.py holds 4 * H_PAD * P_PAD weights (plus W_hr) in registers: the largest padded sizes, per storage dtype,
+# with which every variant compiles without spills for sm_80 and sm_90 (kernels/aot.py checks them all).
+SINGLE_MAX_PAD = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+SINGLE_WARPS = 8
+
+# Units per program when they are split: 8 gives 32 gate rows (the A operand of the forward product) and, at
+# H=1024, 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8
+# warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp. The largest padded H per storage dtype
+# that compiles without spills (kernels/aot.py): fp32 weights take twice the registers (at 512 units the fp32
+# forward spilled over a kilobyte, at 256 the fp32 backward 8-40 bytes in most switch combinations). The batch tile
+# shrinks instead of the limit where sizes are unaligned (block_b_for).
+SPLIT_UNITS = 8
+SPLIT_WARPS = 8
+SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
 
 
-# Every program walks the whole batch each step, one 16-sequence tile after another: built for the small batches
-# where one program per sequence tile leaves most SMs idle, and unmeasured beyond them.
-PERSISTENT_MAX_BATCH = 64
+def aligned(*sizes: int) -> bool:
+    """Whether triton compiles a launch with these sizes as multiples of 16 (it specialises on that): otherwise
+    every row address is unaligned, loads lose their 16-byte vectors and the kernels need more registers."""
+    return all(n % 16 == 0 for n in sizes)
+
+
+def block_b_for(batch: int, dtype: torch.dtype, is_aligned: bool) -> int:
+    """Sequences per program: 16, or 8 where the tiles must shrink to fit the registers without spills (fp32, whose
+    dots take more registers; unaligned sizes, see `aligned`) or where there are no more than 8 sequences."""
+    return 8 if batch <= 8 or dtype == torch.float32 or not is_aligned else 16
+
+
+def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | None:
+    h_pad = max(16, triton.next_power_of_2(hidden))
+    # A 16-wide projection tile under a wider unit tile made ptxas keep the projection's operands in a local-memory
+    # array (kilobytes of spills); 32 columns, masked past P, compile cleanly.
+    p_pad = max(triton.next_power_of_2(proj), min(32, h_pad))
+    limit = SINGLE_MAX_PAD[dtype]
+    if h_pad > limit or p_pad > limit:
+        return None
+    block_b = block_b_for(16, dtype, aligned(hidden, proj))
+    return SingleConfig(block_b=block_b, h_pad=h_pad, p_pad=p_pad, num_warps=SINGLE_WARPS, maxnreg=MAX_REGISTERS)
+
+
+def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
+    k_pad = max(16, triton.next_power_of_2(hidden))
+    is_aligned = aligned(hidden)
+    if k_pad > SPLIT_MAX_PAD[dtype]:
+        return None
+    block_b = block_b_for(batch, dtype, is_aligned)
+    return SplitConfig(
+        units=SPLIT_UNITS,
+        block_b=block_b,
+        k_pad=k_pad,
+        k_split=max(1, min(SPLIT_WARPS, k_pad // 16)),  # each slice at least 16 wide (tl.dot's K >= 16)
+        num_warps=SPLIT_WARPS,
+        maxnreg=MAX_REGISTERS,
+        unit_groups=triton.cdiv(hidden, SPLIT_UNITS),
+        batch_groups=triton.cdiv(batch, block_b),
+        batch_groups_per_launch=triton.cdiv(batch, block_b),
+    )
+
+
+def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
+    gluon = not _interpreting() and _capability(device) >= (8, 0)
+    return plan_for(
+        hidden, proj, batch, dtype, max_programs=None if _host_stepped() else _multiprocessors(device), gluon=gluon
+    )
+
+
+def plan_for(
+    hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None, gluon: bool = False
+) -> Plan:
+    """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
+    projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
+    max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
+    Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype; else the streaming kernels, which take
+    everything."""
+    if KERNELS != "streaming":
+        single = single_config(hidden, proj, dtype)
+        if single is not None:
+            return Plan("single", single)
+        split = split_config(hidden, batch, dtype) if proj == hidden else None
+        if split is not None and max_programs is not None:
+            per_launch = max_programs // split.unit_groups
+            split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
+        if split is not None:
+            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES
+            return Plan("split", split, "gluon" if use_gluon else "tl")
+    return Plan("streaming", STREAMING)
+
+
+def programs_of(chosen: Plan, batch: int) -> int:
+    """How many programs one launch of a plan runs for `batch` sequences."""
+    if chosen.kind == "split":
+        return chosen.config.unit_groups * chosen.config.batch_groups_per_launch
+    return triton.cdiv(batch, chosen.config.block_b)
 
 
 @contextlib.contextmanager
-def persistent_mode(mode: str):
-    """PERSISTENT = mode inside the block (restored after): how a benchmark or test pins the kernel choice for
+def kernels(choice: str):
+    """KERNELS = choice inside the block (restored after): how a benchmark or test pins the kernel choice for the
     launches it makes, forward and backward alike."""
-    global PERSISTENT
-    if mode not in PERSISTENT_MODES:
-        raise ValueError(f"persistent mode must be one of {PERSISTENT_MODES}, got {mode!r}")
-    previous, PERSISTENT = PERSISTENT, mode
+    global KERNELS
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    previous, KERNELS = KERNELS, choice
     try:
         yield
     finally:
-        PERSISTENT = previous
+        KERNELS = previous
 
 
-def persistent_programs(hidden: int) -> int:
-    return triton.cdiv(hidden, PERSISTENT_BLOCK_U)
+# The Gluon split kernels run tensor-core (mma.sync) products of 16-bit operands; fp32 storage, whose exact dots are
+# FMA products, keeps the tl twins.
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def persistent_applies(hidden: int, proj: int, batch: int, steps: int, device: torch.device) -> bool:
-    """Whether the persistent kernels run this layer: no projection, 1..PERSISTENT_MAX_BATCH sequences, at least one
-    step, and (for a real launch, which spins on a grid barrier) no more programs than SMs, so that all of them are
-    resident at once."""
-    if PERSISTENT not in PERSISTENT_MODES:
-        raise ValueError(f"FASTLSTM_PERSISTENT must be one of {PERSISTENT_MODES}, got {PERSISTENT!r}")
-    if PERSISTENT == "off" or proj != hidden or not 0 < batch <= PERSISTENT_MAX_BATCH or steps == 0:
-        return False
-    if _host_stepped():
-        return True
-    return persistent_programs(hidden) <= _multiprocessors(device)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def _host_stepped() -> bool:
-    return PERSISTENT == "host-stepped" or _interpreting()
+    return EXCHANGE == "host-stepped" or _interpreting()
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -161,11 +281,27 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _telemetry_args(probe, placeholder):
-    """(stats-or-gradient rows, first-key pointer, pass-number pointer, launch order) of a StageProbe."""
+def _telemetry_args(probe):
+    """(stats-or-gradient rows, first-key pointer, pass-number pointer, launch order) of a StageProbe, or Nones."""
     if probe is None:
-        return placeholder, placeholder, placeholder, 0
+        return None, None, None, 0
     return probe.target, probe.first, probe.seq, probe.order
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Launched(NamedTuple):
+    """How the last pass was launched (tests and benchmarks read it through `last_launch`)."""
+
+    kernel: str  # "forward" | "backward"
+    plan: Plan
+    mode: str  # "single" | "cooperative" | "host-stepped" | "streaming"
+
+
+last_launch: Launched | None = None
 
 
 def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
@@ -175,42 +311,114 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     dtype, device = xw.dtype, xw.device
     xw, h0, c0, w_hh = (t.contiguous() for t in (xw, h0, c0, w_hh))
     w_hr = None if w_hr is None else w_hr.contiguous()
-    out = _new((steps, batch, proj), dtype, device)
     gates = _new((steps, batch, four_h), torch.float32, device)
     cells = _new((steps, batch, hidden), torch.float32, device)
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
-    hfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else gates
-    stats, first, seq, order = _telemetry_args(probe, gates)
-    if persistent_applies(hidden, proj, batch, steps, device):
-        with torch.cuda.device_of(xw):
-            _launch_persistent(
-                lstm_persistent_forward_kernel,
-                (xw, h0, c0, w_hh, xw if lengths is None else lengths, out, gates, cells, h_n, c_n,
-                 stats, first, seq, order),
-                steps, batch, hidden, reverse, lengths is not None, probe is not None, dtype,
-            )  # fmt: skip
-    elif batch > 0:
-        cfg = select_config(hidden, proj, batch, dtype)
-        with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
-            lstm_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-                xw, h0, c0, w_hh, w_hh if w_hr is None else w_hr, xw if lengths is None else lengths,
-                out, gates, cells, hfull, h_n, c_n,
-                stats, first, seq, order,
-                steps, batch, hidden, proj,
-                REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
-                TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-                DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-            )  # fmt: skip
+    stats, first, seq, order = _telemetry_args(probe)
+    chosen = plan(hidden, proj, batch, dtype, device)
+    if chosen.kind == "split":
+        # The exchange buffer is [h0; out]: row 0 holds h0, so that a sequence starting at a step reads its h_{t-1}
+        # from the same tensor as the others (forward.py, _load_exchanged). `out` is a view of rows 1..T.
+        exchange = _new((steps + 1, batch, hidden), dtype, device)
+        exchange[0] = h0
+        out = exchange[1:]
+    else:
+        out = _new((steps, batch, proj), dtype, device)
+    if batch == 0:
+        return ForwardResult(out, h_n, c_n, (gates, cells))
+    with torch.cuda.device_of(xw):  # triton launches on the current device, not on the tensors' one
+        if chosen.kind == "single":
+            cfg = chosen.config
+            _record("forward", chosen, "single")
+            lstm_single_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+                xw,
+                h0,
+                c0,
+                w_hh,
+                w_hr,
+                lengths,
+                out,
+                gates,
+                cells,
+                h_n,
+                c_n,
+                stats,
+                first,
+                seq,
+                order,
+                steps,
+                batch,
+                hidden,
+                proj,
+                REVERSE=reverse,
+                BLOCK_B=cfg.block_b,
+                H_PAD=cfg.h_pad,
+                P_PAD=cfg.p_pad,
+                DOT_DTYPE=dot_dtype(dtype),
+                DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg.num_warps,
+                maxnreg=cfg.maxnreg,
+            )
+        elif chosen.kind == "split":
+            args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
+            kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_forward_kernel
+            _launch_split(kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
+        else:
+            _record("forward", chosen, "streaming")
+            _forward_streaming(
+                xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse
+            )
     return ForwardResult(out, h_n, c_n, (gates, cells))
+
+
+def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse):
+    steps, batch, hidden = cells.shape
+    cfg = STREAMING
+    hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else None
+    lstm_streaming_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        xw,
+        h0,
+        c0,
+        w_hh,
+        w_hr,
+        lengths,
+        out,
+        gates,
+        cells,
+        hfull,
+        h_n,
+        c_n,
+        stats,
+        first,
+        seq,
+        order,
+        steps,
+        batch,
+        hidden,
+        h0.shape[-1],
+        REVERSE=reverse,
+        BLOCK_B=cfg.block_b,
+        BLOCK_H=cfg.block_h,
+        BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(xw.dtype),
+        DOT_DTYPE=dot_dtype(xw.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None):
     gates, cells = saved
     steps, batch, four_h = gates.shape
     hidden, proj = four_h // 4, grad_hn.shape[-1]
-    device = gates.device
+    dtype, device = w_hh.dtype, gates.device
     grad_out, c0, w_hh = (t.contiguous() for t in (grad_out, c0, w_hh))
     w_hr = None if w_hr is None else w_hr.contiguous()
     dgates = _new((steps, batch, four_h), torch.float32, device)
@@ -218,62 +426,235 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_h = grad_hn.to(torch.float32, copy=True).contiguous()
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
-    dhfull = _new((batch, hidden), torch.float32, device) if w_hr is not None else dgates
-    grad_rows, first, seq, order = _telemetry_args(probe, dgates)
-    if persistent_applies(hidden, proj, batch, steps, device):
+    grad_rows, first, seq, order = _telemetry_args(probe)
+    chosen = plan(hidden, proj, batch, dtype, device)
+    if batch > 0:
         with torch.cuda.device_of(gates):
-            _launch_persistent(
-                lstm_persistent_backward_kernel,
-                (grad_out, c0, gates, cells, w_hh, gates if lengths is None else lengths, dgates, grad_h, grad_c,
-                 grad_rows, grad_rows.shape[-1], first, seq, order),
-                steps, batch, hidden, reverse, lengths is not None, probe is not None, w_hh.dtype,
-            )  # fmt: skip
-    elif batch > 0:
-        cfg = select_config(hidden, proj, batch, grad_out.dtype)
-        with torch.cuda.device_of(gates):
-            lstm_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
-                grad_out, c0, gates, cells, w_hh, w_hh if w_hr is None else w_hr,
-                gates if lengths is None else lengths,
-                dgates, grad_h, grad_c, dgates if dhidden is None else dhidden, dhfull,
-                grad_rows, grad_rows.shape[-1], first, seq, order,
-                steps, batch, hidden, proj,
-                REVERSE=reverse, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None,
-                TELEMETRY=probe is not None, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-                DOT_PRECISION=dot_precision(w_hh.dtype), DOT_DTYPE=dot_dtype(w_hh.dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-            )  # fmt: skip
+            if chosen.kind == "single":
+                cfg = chosen.config
+                _record("backward", chosen, "single")
+                lstm_single_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+                    grad_out,
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    w_hr,
+                    lengths,
+                    dgates,
+                    grad_h,
+                    grad_c,
+                    dhidden,
+                    grad_rows,
+                    _capacity(grad_rows),
+                    first,
+                    seq,
+                    order,
+                    steps,
+                    batch,
+                    hidden,
+                    proj,
+                    REVERSE=reverse,
+                    BLOCK_B=cfg.block_b,
+                    H_PAD=cfg.h_pad,
+                    P_PAD=cfg.p_pad,
+                    DOT_DTYPE=dot_dtype(dtype),
+                    DOT_PRECISION=dot_precision(dtype),
+                    num_warps=cfg.num_warps,
+                    maxnreg=cfg.maxnreg,
+                )
+            elif chosen.kind == "split":
+                _backward_split(
+                    grad_out,
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    lengths,
+                    dgates,
+                    grad_h,
+                    grad_c,
+                    grad_rows,
+                    first,
+                    seq,
+                    order,
+                    reverse,
+                    chosen,
+                )
+            else:
+                _record("backward", chosen, "streaming")
+                _backward_streaming(
+                    grad_out,
+                    c0,
+                    gates,
+                    cells,
+                    w_hh,
+                    w_hr,
+                    lengths,
+                    dgates,
+                    grad_h,
+                    grad_c,
+                    dhidden,
+                    grad_rows,
+                    first,
+                    seq,
+                    order,
+                    reverse,
+                )
     hidden_full = None
     if w_hr is not None:
         hidden_full = gates[..., 3 * hidden :] * torch.tanh(cells)
     return BackwardResult(dgates, grad_h, grad_c, dhidden, hidden_full)
 
 
-def _launch_persistent(kernel, args, steps, batch, hidden, reverse, has_lengths, telemetry, dtype):
-    """All steps in one launch with a grid barrier per step, or (host-stepped) one launch per step."""
-    cfg = persistent_config(dtype)
-    programs = persistent_programs(hidden)
+def _capacity(grad_rows) -> int:
+    return 0 if grad_rows is None else grad_rows.shape[-1]
+
+
+def _backward_split(
+    grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first, seq, order, reverse, chosen
+):
+    steps, batch, hidden = cells.shape
+    cfg = chosen.config
+    device = gates.device
+    # Two slots of every unit's gate gradients, in the storage dtype: step q writes slot q % 2 while the others
+    # still read slot (q - 1) % 2 (backward.py; a program cannot reach step q + 2 before every program has read q).
+    exchange = _new((2, batch, 4 * hidden), w_hh.dtype, device)
+    partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
+    args = (
+        grad_out,
+        c0,
+        gates,
+        cells,
+        w_hh,
+        lengths,
+        dgates,
+        grad_h,
+        grad_c,
+        exchange,
+        partials,
+        grad_rows,
+        _capacity(grad_rows),
+        first,
+        seq,
+        order,
+    )
+    kernel = lstm_split_backward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_backward_kernel
+    _launch_split(kernel, "backward", args, chosen, steps, batch, hidden, reverse, w_hh.dtype)
+    if partials is not None:  # the per-program squared norms of every step, added up once
+        sums = partials.sum(dim=1, dtype=torch.float64)
+        grad_rows[C.GRAD_SUMSQ, :steps] += sums[0]
+        grad_rows[C.GRAD_CELL_SUMSQ, :steps] += sums[1]
+
+
+def _backward_streaming(
+    grad_out,
+    c0,
+    gates,
+    cells,
+    w_hh,
+    w_hr,
+    lengths,
+    dgates,
+    grad_h,
+    grad_c,
+    dhidden,
+    grad_rows,
+    first,
+    seq,
+    order,
+    reverse,
+):
+    steps, batch, hidden = cells.shape
+    cfg = STREAMING
+    dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else None
+    lstm_streaming_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        grad_out,
+        c0,
+        gates,
+        cells,
+        w_hh,
+        w_hr,
+        lengths,
+        dgates,
+        grad_h,
+        grad_c,
+        dhidden,
+        dhfull,
+        grad_rows,
+        _capacity(grad_rows),
+        first,
+        seq,
+        order,
+        steps,
+        batch,
+        hidden,
+        grad_h.shape[-1],
+        REVERSE=reverse,
+        BLOCK_B=cfg.block_b,
+        BLOCK_H=cfg.block_h,
+        BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(w_hh.dtype),
+        DOT_DTYPE=dot_dtype(w_hh.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split (cooperative) launches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _record(kernel: str, chosen: Plan, mode: str) -> None:
+    global last_launch
+    last_launch = Launched(kernel, chosen, mode)
+
+
+def _launch_split(kernel, name, args, chosen: Plan, steps, batch, hidden, reverse, dtype):
+    """Cooperative launches for the whole sequence, exchanging every step, one per slice of batch groups (one slice
+    when the grid fits the device), or one launch per step (host-stepped; the backward adds a last launch that only
+    finishes dL/dh0)."""
+    cfg = chosen.config
     device = args[0].device
-    # [arrivals, timed out]: zeroed per launch, the arrival counter only grows within one (kernels/sync.py).
-    barrier = torch.zeros(2, dtype=torch.int32, device=device)
-    constants = dict(
-        REVERSE=reverse, HAS_LENGTHS=has_lengths, TELEMETRY=telemetry, BLOCK_B=cfg.block_b, BLOCK_U=cfg.block_u,
-        BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(dtype), DOT_DTYPE=dot_dtype(dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-    )  # fmt: skip
-    # The backward's steps have two phases (gate gradients, then the carried dh) with a barrier between them.
-    if kernel is lstm_persistent_backward_kernel:
-        step_phases, all_phases = ((1,), (2,)), (3,)
-    else:
-        step_phases, all_phases = ((),), ()
+    constants = {
+        "REVERSE": reverse,
+        "UNITS": cfg.units,
+        "BLOCK_B": cfg.block_b,
+        "K_PAD": cfg.k_pad,
+        "K_SPLIT": cfg.k_split,
+        "MAX_PROGRAMS": triton.next_power_of_2(cfg.unit_groups),
+        "ASM_FENCE": not _interpreting(),
+        "DOT_DTYPE": dot_dtype(dtype),
+        "DOT_PRECISION": dot_precision(dtype),
+        "num_warps": cfg.num_warps,
+        "maxnreg": cfg.maxnreg,
+    }
+    grid = (cfg.unit_groups, cfg.batch_groups)
     if _host_stepped():
-        for step, phases in itertools.product(range(steps), step_phases):
-            kernel[(programs,)](
-                *args, barrier, step, step + 1, steps, batch, hidden, *phases, PERSISTENT=False, **constants
-            )
+        _record(name, chosen, "host-stepped")
+        for step in range(steps):
+            kernel[grid](*args, None, 0, step, step + 1, steps, batch, hidden, **constants)
+        if name == "backward":
+            kernel[grid](*args, None, 0, steps, steps, steps, batch, hidden, **constants)
         return
-    if programs > _multiprocessors(device):  # persistent_applies checked it; a spin-wait must never start without
-        raise RuntimeError(f"the persistent kernel needs {programs} resident programs, more than the device's SMs")
-    kernel[(programs,)](*args, barrier, 0, steps, steps, batch, hidden, *all_phases, PERSISTENT=True, **constants)
-    # A program that gave up waiting (co-residency broken by something else on the GPU) leaves wrong results:
-    # fail loudly on the device, without a host sync, rather than return them.
-    torch._assert_async(barrier[1] == 0, "fastlstm: a persistent LSTM kernel timed out at its grid barrier")
+    _record(name, chosen, "cooperative")
+    # [abort word, one flag per program of every slice], zeroed per pass so that nothing survives into the next
+    # (exchange.py); each slice's programs raise their own flags.
+    flags = torch.zeros(1 + cfg.programs, dtype=torch.int32, device=device)
+    for base in range(0, cfg.batch_groups, cfg.batch_groups_per_launch):
+        slice_grid = (cfg.unit_groups, min(cfg.batch_groups_per_launch, cfg.batch_groups - base))
+        try:
+            kernel[slice_grid](
+                *args, flags, base, 0, steps, steps, batch, hidden, launch_cooperative_grid=True, **constants
+            )
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"fastlstm: the {name} kernel needs its {slice_grid[0] * slice_grid[1]} programs resident at once (a "
+                f"cooperative launch) and the device refused it ({error}); FASTLSTM_KERNELS=streaming selects "
+                "kernels that need no co-residency"
+            ) from error
+    # A program that gave up waiting (exchange.py) leaves wrong results: fail loudly on the device, without a host
+    # sync, rather than return them.
+    torch._assert_async(flags[0] == 0, "fastlstm: a resident LSTM kernel timed out waiting for another program")

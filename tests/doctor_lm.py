@@ -131,13 +131,19 @@ def _evaluate(model, data, bptt: int, vocab: int, monitor) -> float:
 
 SCENARIOS = [
     _s(
-        "healthy_word_lm", None, runner=word_lm(20.0, 0.25), group="lm",
+        "healthy_word_lm",
+        None,
+        runner=word_lm(20.0, 0.25),
+        group="lm",
         what="the example's recipe: SGD lr=20, clip 0.25 (clipped at almost every step), bptt 35",
     ),
     _s(
-        "diverging_word_lm", None, runner=word_lm(100.0, None, steps=80), group="lm",
+        "diverging_word_lm",
+        None,
+        runner=word_lm(100.0, None, steps=80),
+        group="lm",
         expected={"loss_diverging"},
         allowed={"gate_saturation", "exploding_gradients", "val_oscillation", "train_val_divergence", "non_finite"},
         what="the same with lr=100 and no clipping",
     ),
-]  # fmt: skip
+]

@@ -206,63 +206,110 @@ def _validate(model, monitor, loss) -> float:
 BASIC_MOTIONS_RAW = ([16384.0] * 3 + [131.0 * 180.0 / math.pi] * 3, [0.0] * 6)
 ITALY_POWER_RAW = ([4500.0], [30000.0])  # megawatts: a day's demand of about 30 GW, varying by a few GW
 DIVERGING_ALLOWED = {
-    "gate_saturation", "exploding_gradients", "vanishing_gradients", "val_oscillation", "train_val_divergence", "non_finite",
-}  # fmt: skip
+    "gate_saturation",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "val_oscillation",
+    "train_val_divergence",
+    "non_finite",
+}
 
 
 def _dataset_scenarios(name: str, held_out: bool, runners: dict, what: str) -> list:
     expect = {
         "healthy": ((), ()),
-        "raw_units": ({"unscaled_inputs"}, {"gate_saturation", "loss_stagnant", "exploding_gradients",
-                                            "unscaled_targets", "vanishing_gradients", "val_oscillation"}),
+        "raw_units": (
+            {"unscaled_inputs"},
+            {
+                "gate_saturation",
+                "loss_stagnant",
+                "exploding_gradients",
+                "unscaled_targets",
+                "vanishing_gradients",
+                "val_oscillation",
+            },
+        ),
         "lr_too_high": ({"loss_diverging"}, DIVERGING_ALLOWED),
         # A NaN reading in the first batch also makes the very first loss NaN.
         "nan_reading": ({"non_finite"}, {"loss_stagnant", "initial_loss_nonfinite"}),
         "windows_too_short": ({"truncation_too_short"}, {"loss_stagnant"}),
         "missing_readings": ({"non_finite"}, {"loss_stagnant", "initial_loss_nonfinite"}),
-    }  # fmt: skip
+    }
     result = []
     for variant, runner in runners.items():
         expected, allowed = expect[variant]
         result.append(
-            _s(f"{name}_{variant}", None, expected, allowed, what=f"{what}: {variant.replace('_', ' ')}",
-               runner=runner, group="real", held_out=held_out)
-        )  # fmt: skip
+            _s(
+                f"{name}_{variant}",
+                None,
+                expected,
+                allowed,
+                what=f"{what}: {variant.replace('_', ' ')}",
+                runner=runner,
+                group="real",
+                held_out=held_out,
+            )
+        )
     return result
 
 
 SCENARIOS = (
-    _dataset_scenarios("basicmotions", False, {
-        "healthy": classify("BasicMotions"),
-        "raw_units": classify("BasicMotions", raw_units=BASIC_MOTIONS_RAW),
-        "lr_too_high": classify("BasicMotions", optimizer="sgd", lr=100.0),
-        "nan_reading": classify("BasicMotions", nan_at=40),
-    }, "BasicMotions (aeon), 6 channels × 100 steps, 4 classes")
-    + _dataset_scenarios("sunspots", False, {
-        "healthy": forecast("sunspots"),
-        "raw_units": forecast("sunspots", raw=True),
-        "lr_too_high": forecast("sunspots", optimizer="sgd", lr=5.0),
-        "nan_reading": forecast("sunspots", nan_at=100),
-        "windows_too_short": truncated_forecast("sunspots", k=3),
-    }, "sunspots (statsmodels), yearly")
-    + _dataset_scenarios("italypower", True, {
-        "healthy": classify("ItalyPowerDemand"),
-        "raw_units": classify("ItalyPowerDemand", raw_units=ITALY_POWER_RAW),
-        "lr_too_high": classify("ItalyPowerDemand", optimizer="sgd", lr=100.0),
-        "nan_reading": classify("ItalyPowerDemand", nan_at=40),
-    }, "ItalyPowerDemand (aeon), 24 hourly values, 2 classes")
-    + _dataset_scenarios("co2", True, {
-        "healthy": forecast("co2", window=52),
-        "raw_units": forecast("co2", window=52, raw=True),
-        "lr_too_high": forecast("co2", window=52, optimizer="sgd", lr=5.0),
-        "missing_readings": forecast("co2", window=52, fill=False),
-        "windows_too_short": truncated_forecast("co2", k=4, epochs=1, streams=4),
-    }, "co2 (statsmodels), weekly, 59 readings missing")
-    + _dataset_scenarios("elnino", True, {
-        "healthy": forecast("elnino"),
-        "raw_units": forecast("elnino", raw=True),
-        "lr_too_high": forecast("elnino", optimizer="sgd", lr=5.0),
-        "nan_reading": forecast("elnino", nan_at=200),
-        "windows_too_short": truncated_forecast("elnino", k=3),
-    }, "elnino (statsmodels), monthly sea surface temperature")
-)  # fmt: skip
+    _dataset_scenarios(
+        "basicmotions",
+        False,
+        {
+            "healthy": classify("BasicMotions"),
+            "raw_units": classify("BasicMotions", raw_units=BASIC_MOTIONS_RAW),
+            "lr_too_high": classify("BasicMotions", optimizer="sgd", lr=100.0),
+            "nan_reading": classify("BasicMotions", nan_at=40),
+        },
+        "BasicMotions (aeon), 6 channels × 100 steps, 4 classes",
+    )
+    + _dataset_scenarios(
+        "sunspots",
+        False,
+        {
+            "healthy": forecast("sunspots"),
+            "raw_units": forecast("sunspots", raw=True),
+            "lr_too_high": forecast("sunspots", optimizer="sgd", lr=5.0),
+            "nan_reading": forecast("sunspots", nan_at=100),
+            "windows_too_short": truncated_forecast("sunspots", k=3),
+        },
+        "sunspots (statsmodels), yearly",
+    )
+    + _dataset_scenarios(
+        "italypower",
+        True,
+        {
+            "healthy": classify("ItalyPowerDemand"),
+            "raw_units": classify("ItalyPowerDemand", raw_units=ITALY_POWER_RAW),
+            "lr_too_high": classify("ItalyPowerDemand", optimizer="sgd", lr=100.0),
+            "nan_reading": classify("ItalyPowerDemand", nan_at=40),
+        },
+        "ItalyPowerDemand (aeon), 24 hourly values, 2 classes",
+    )
+    + _dataset_scenarios(
+        "co2",
+        True,
+        {
+            "healthy": forecast("co2", window=52),
+            "raw_units": forecast("co2", window=52, raw=True),
+            "lr_too_high": forecast("co2", window=52, optimizer="sgd", lr=5.0),
+            "missing_readings": forecast("co2", window=52, fill=False),
+            "windows_too_short": truncated_forecast("co2", k=4, epochs=1, streams=4),
+        },
+        "co2 (statsmodels), weekly, 59 readings missing",
+    )
+    + _dataset_scenarios(
+        "elnino",
+        True,
+        {
+            "healthy": forecast("elnino"),
+            "raw_units": forecast("elnino", raw=True),
+            "lr_too_high": forecast("elnino", optimizer="sgd", lr=5.0),
+            "nan_reading": forecast("elnino", nan_at=200),
+            "windows_too_short": truncated_forecast("elnino", k=3),
+        },
+        "elnino (statsmodels), monthly sea surface temperature",
+    )
+)

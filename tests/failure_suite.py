@@ -191,9 +191,16 @@ def _train_tbptt(setup: Setup, model, opt, gen) -> dict:
     x, y = setup.batch(gen, length)
     xv, yv = setup.val(gen)["all"]
     trainer = make_trainer(
-        model, opt, setup.loss_fn or nn.MSELoss(), k1=k1, k2=k2, telemetry_every=5, read_every=10,
-        validate_every=setup.eval_every, dependency_lags=None if setup.residual_probe else 0,
-    )  # fmt: skip
+        model,
+        opt,
+        setup.loss_fn or nn.MSELoss(),
+        k1=k1,
+        k2=k2,
+        telemetry_every=5,
+        read_every=10,
+        validate_every=setup.eval_every,
+        dependency_lags=None if setup.residual_probe else 0,
+    )
     return trainer.fit((x, y), epochs=epochs, val_data=(xv, yv)).to_dict()
 
 
@@ -626,8 +633,10 @@ def scores(outcomes) -> dict:
 
 def markdown(outcomes) -> str:
     table = scores(outcomes)
-    lines = ["| code | runs expecting it | found (TP) | missed (FN) | false alarms (FP) | precision | recall |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| code | runs expecting it | found (TP) | missed (FN) | false alarms (FP) | precision | recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
     tp_all = fn_all = fp_all = 0
     for code, s in table.items():
         if not any(s.values()):
@@ -730,7 +739,10 @@ def sampled_table(pairs, instrument_every: int) -> str:
         rows.append(f"| {scenario.name} | {seed} | {_codes(full.findings)} | {_codes(part.findings)} | {verdict} |")
     same = sum(findings_key(f.findings) == findings_key(p.findings) for _, _, f, p in pairs)
     severe = sum(findings_key(f.findings, True) == findings_key(p.findings, True) for _, _, f, p in pairs)
-    rows += ["", f"Identical reports: {same} of {len(pairs)} runs; identical warnings and errors: {severe} of {len(pairs)}."]
+    rows += [
+        "",
+        f"Identical reports: {same} of {len(pairs)} runs; identical warnings and errors: {severe} of {len(pairs)}.",
+    ]
     return "\n".join(rows)
 
 
@@ -742,15 +754,20 @@ def main(argv=None) -> int:
     data.add_argument("--held-out", action="store_true", help="only scenarios on held-out data")
     data.add_argument("--development", action="store_true", help="only scenarios not on held-out data")
     parser.add_argument(
-        "--compare-sampled", type=int, metavar="N", default=None,
+        "--compare-sampled",
+        type=int,
+        metavar="N",
+        default=None,
         help="train each scenario twice, telemetry on every step and on one step in N, and compare the findings",
-    )  # fmt: skip
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     chosen = [
-        s for s in all_scenarios()
+        s
+        for s in all_scenarios()
         if (not args.group or s.group in args.group)
-        and not (args.held_out and not s.held_out) and not (args.development and s.held_out)
-    ]  # fmt: skip
+        and not (args.held_out and not s.held_out)
+        and not (args.development and s.held_out)
+    ]
     if args.compare_sampled is not None:
         pairs = compare_sampled(chosen, args.seeds, args.compare_sampled)
         print()

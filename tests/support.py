@@ -56,9 +56,18 @@ def fast_like(ref: nn.LSTM, **kwargs) -> fastlstm.LSTM:
     kwargs.setdefault("backend", "reference")
     weight = ref.weight_ih_l0
     m = fastlstm.LSTM(
-        ref.input_size, ref.hidden_size, ref.num_layers, ref.bias, ref.batch_first, ref.dropout,
-        ref.bidirectional, ref.proj_size, dtype=weight.dtype, device=weight.device, **kwargs,
-    )  # fmt: skip
+        ref.input_size,
+        ref.hidden_size,
+        ref.num_layers,
+        ref.bias,
+        ref.batch_first,
+        ref.dropout,
+        ref.bidirectional,
+        ref.proj_size,
+        dtype=weight.dtype,
+        device=weight.device,
+        **kwargs,
+    )
     m.load_state_dict(ref.state_dict())
     return m.train(ref.training)
 

@@ -1,8 +1,10 @@
 """Ahead-of-time compilation of the kernels for sm_80 and sm_90 with no GPU (kernels/aot.py).
 
-The suite compiles the variants with every flag off and every flag on for each dtype and precision, the two ends of
-the register budget; `.ci/run` also runs the full matrix through `python -m fastlstm.kernels.aot`.
+The suite compiles each kernel family's largest configuration with every switch on, for each dtype and precision
+(the most registers each can need); `.ci/run` also runs the full matrix through `python -m fastlstm.kernels.aot`.
 """
+
+import itertools
 
 import pytest
 
@@ -18,16 +20,22 @@ def test_quick_matrix_compiles_without_spills_within_shared_memory():
     assert all(r.registers is not None and r.spill_bytes == 0 for r in results)
 
 
-def test_matrix_covers_every_configuration_the_launcher_selects():
+def test_matrix_covers_every_plan_the_launcher_makes():
     import torch
 
-    from fastlstm.kernels.launch import select_config
+    from fastlstm.kernels import launch
 
-    covered = {(v.block_b, v.block_h, v.block_k, v.num_warps, v.num_stages, v.maxnreg) for v in aot.variants()}
-    for hidden in (1, 16, 64, 256, 1024, 4096):
-        for batch in (1, 16, 64, 256, 4096):
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                assert tuple(select_config(hidden, hidden, batch, dtype)) in covered
+    covered = {(v.family, v.dtype, v.config, v.aligned) for v in aot.variants()}
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    hidden_sizes = (1, 16, 17, 32, 33, 64, 65, 100, 128, 256, 300, 512, 768, 1000, 1024, 1500, 2048, 4096)
+    for hidden, batch, dtype in itertools.product(hidden_sizes, (1, 8, 9, 16, 64, 300), names):
+        for proj in {hidden, max(1, hidden // 4)}:
+            for gluon in (False, True):
+                chosen = launch.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
+                variant = aot.plan_variant(chosen, "forward", names[dtype], "ieee", ())
+                is_aligned = chosen.kind == "streaming" or launch.aligned(hidden, proj)
+                key = (variant.family, names[dtype], variant.config, is_aligned)
+                assert key in covered, (hidden, proj, batch, dtype, gluon)
 
 
 def test_a_spilling_result_fails_the_check():
@@ -39,22 +47,16 @@ def test_a_spilling_result_fails_the_check():
     assert aot.Result(variant, 90, 128, 0, 1024, None).ok
 
 
-def test_matrix_covers_the_persistent_kernels_in_both_modes():
-    import torch
+def test_an_argument_the_tables_do_not_know_fails_the_variant(monkeypatch):
+    variant = next(v for v in aot.variants(quick=True) if v.family == "split")
+    monkeypatch.delitem(aot.POINTER_TYPES, "flags_ptr")
+    with pytest.raises(KeyError, match="flags_ptr"):
+        aot.signature(variant)
 
-    from fastlstm.kernels.launch import persistent_config
 
-    persistent = [v for v in aot.variants() if v.kernel.startswith("persistent")]
-    combinations = {
-        (v.kernel, v.dtype, v.precision, v.grid_barrier, v.aligned, v.block_b, v.block_h, v.block_k, v.num_warps,
-         v.num_stages, v.maxnreg)
-        for v in persistent
-    }  # fmt: skip
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for kernel in ("persistent-forward", "persistent-backward"):
-        for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
-            for barrier in (False, True):
-                for aligned in (False, True):
-                    config = tuple(persistent_config(dtypes[dtype]))
-                    assert (kernel, dtype, precision, barrier, aligned, *config) in combinations
-    assert not any(v.proj for v in persistent)  # projected layers never reach them
+def test_absent_tensors_compile_as_none_and_set_their_flags():
+    variant = next(v for v in aot.variants() if v.family == "single" and v.switches == frozenset())
+    _, signature, constexprs, _, _ = aot.signature(variant)
+    assert constexprs["lengths_ptr"] is None and constexprs["w_hr_ptr"] is None and constexprs["stats_ptr"] is None
+    assert (constexprs["HAS_LENGTHS"], constexprs["HAS_PROJ"], constexprs["TELEMETRY"]) == (False, False, False)
+    assert signature["xw_ptr"] == "*" + variant.dtype

@@ -18,7 +18,7 @@ from fastlstm.bench.cases import (
     CPU_SWEEP,
     DTYPES,
     GPU_SWEEP,
-    PERSISTENT_TARGETS,
+    KERNEL_TARGETS,
     MODES,
     TIMER_CPU,
     TIMER_QUICK,
@@ -35,8 +35,8 @@ from fastlstm.bench.providers import PROVIDERS, Provider, make_inputs, make_step
 from fastlstm.bench.timing import summarize, sync_check, time_step
 
 CPU = torch.device("cpu")
-DEFAULT_PROVIDERS = ["fastlstm", "fastlstm-notelemetry", "fastlstm-persistent", "nn.LSTM"]
-CPU_SKIPPED = {"fastlstm-persistent": "the persistent kernels run on CUDA only"}
+DEFAULT_PROVIDERS = ["fastlstm", "fastlstm-notelemetry", "fastlstm-streaming", "nn.LSTM"]
+CPU_SKIPPED = {"fastlstm-streaming": "the streaming kernels run on CUDA only"}
 
 
 # ---------------------------------------------------------------------------------------------------------- grid
@@ -221,14 +221,14 @@ def test_a_providers_environment_surrounds_its_check_and_its_timing():
     assert entered == ["enter", "exit", "enter", "exit"]  # the check, then the timing
 
 
-def test_persistent_provider_pins_the_kernel_choice_and_restores_it():
+def test_streaming_provider_pins_the_kernel_choice_and_restores_it():
     launch = pytest.importorskip("fastlstm.kernels.launch", reason="triton is not installed")
-    before = launch.PERSISTENT
-    with PROVIDERS["fastlstm-persistent"].environment():
-        assert launch.PERSISTENT == "on"
-    assert launch.PERSISTENT == before
-    skipped = PROVIDERS["fastlstm-persistent"].unsupported(Problem(1024, 16, 8, "bf16", proj_size=256), CPU)
-    assert skipped == CPU_SKIPPED["fastlstm-persistent"]
+    before = launch.KERNELS
+    with PROVIDERS["fastlstm-streaming"].environment():
+        assert launch.KERNELS == "streaming"
+    assert launch.KERNELS == before
+    skipped = PROVIDERS["fastlstm-streaming"].unsupported(Problem(1024, 16, 8, "bf16", proj_size=256), CPU)
+    assert skipped == CPU_SKIPPED["fastlstm-streaming"]
 
 
 def test_every_default_provider_passes_the_gate_on_the_cpu():
@@ -259,7 +259,8 @@ def test_speedup_and_telemetry_overhead():
 
 def test_json_output_is_strict_even_with_infinite_errors(tmp_path):
     path = bench_report.write_json({"error": math.inf, "nested": [math.nan, 1.0]}, str(tmp_path / "r.json"))
-    assert json.loads(open(path).read()) == {"error": "inf", "nested": ["nan", 1.0]}
+    with open(path) as f:
+        assert json.loads(f.read()) == {"error": "inf", "nested": ["nan", 1.0]}
 
 
 # ------------------------------------------------------------------------------------------- the command line
@@ -322,11 +323,11 @@ def test_list_prints_cases_and_estimate_without_a_device(capsys):
     assert "h768-b16-t1024-fp16-fwdbwd" in out and "36 cases × 4 providers on cuda" in out
 
 
-def test_persistent_targets_are_the_acceptance_grid(capsys):
-    assert bench.main(["--list", "--persistent-targets", "--modes", "forward_backward", "--device", "cuda"]) == 0
+def test_kernel_targets_are_the_acceptance_grid(capsys):
+    assert bench.main(["--list", "--kernel-targets", "--modes", "forward_backward", "--device", "cuda"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("h")]
     assert listed == [f"h{h}-b{b}-t1024-bf16-fwdbwd" for h in (512, 768, 1024) for b in (1, 16, 64)]
-    assert set(PERSISTENT_TARGETS) <= set(full_problems("cuda"))
+    assert set(KERNEL_TARGETS) <= set(full_problems("cuda"))
 
 
 def test_bad_selections_are_usage_errors(capsys):
@@ -356,3 +357,135 @@ def test_fastlstm_provider_runs_the_reference_backend_on_the_cpu():
     module = PROVIDERS["fastlstm"].build(problem, bench.make_weights(problem, 0), CPU)
     assert module.backend == "reference" and module.telemetry.enabled
     assert not PROVIDERS["fastlstm-notelemetry"].build(problem, bench.make_weights(problem, 0), CPU).telemetry.enabled
+
+
+# ------------------------------------------------------------------------------------ fastlstm bench --gpu-check
+
+
+def _fake_worker(tmp_path, hang_on: str = "", sleep_s: float = 0.0) -> list:
+    """A stand-in for the gpu-check worker process that speaks its protocol without torch: it hangs on cases whose
+    name starts with `hang_on` and takes `sleep_s` per case otherwise."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "cases = json.load(open(sys.argv[1]))\n"
+        "for c in cases:\n"
+        "    name = f\"h{c['hidden']}-b{c['batch']}-t{c['seq']}-{c['dtype']}\"\n"
+        "    print(json.dumps({'event': 'start', 'case': name}), flush=True)\n"
+        f"    if {hang_on!r} and name.startswith({hang_on!r}):\n"
+        "        time.sleep(600)\n"
+        f"    time.sleep({sleep_s})\n"
+        "    result = {'status': 'ok', 'timing': {'forward': {}, 'forward_backward': {}}, 'correctness': {}}\n"
+        "    print(json.dumps({'event': 'result', 'case': name, 'result': result}), flush=True)\n"
+    )
+    return [sys.executable, str(script)]
+
+
+GPU_CHECK_TINY = [Problem(16, 1, 8, "fp32"), Problem(32, 4, 8, "bf16"), Problem(32, 1, 8, "fp32")]
+
+
+def test_gpu_check_grid_is_the_performance_models_shapes():
+    from fastlstm.bench.gpu_check import check_problems
+    from fastlstm.kernels.model import model_shapes
+
+    problems = check_problems("cuda")
+    assert {p.name for p in problems} == {s.key for s in model_shapes()}
+    bf16 = {(p.hidden, p.batch) for p in problems if p.dtype == "bf16"}
+    assert bf16 == {(h, b) for h in (256, 512, 768, 1024) for b in (1, 16, 64)}
+    assert {p.seq for p in problems} == {1024}
+    assert sum(p.dtype == "fp32" for p in problems) == 2
+
+
+def test_gpu_check_on_the_cpu_gates_times_and_puts_the_model_beside_each_measurement(tmp_path):
+    from fastlstm.bench import gpu_check
+
+    problem = GPU_CHECK_TINY[0]
+    modelled = {"forward_ms": 1.5, "forward_backward_ms": 4.5, "forward_us_per_step": 187.5}
+    model = {
+        "schema": "fastlstm.model/1",
+        "triton": "3.6.0",
+        "cases": {problem.name: {"modelled": modelled, "measured": None}},
+    }
+    model_path = tmp_path / "model.json"
+    model_path.write_text(json.dumps(model))
+    out = tmp_path / "check"
+    tests = [sys.executable, "-c", "print('3 passed')"]
+    doc = gpu_check.gpu_check(
+        str(out),
+        "cpu",
+        budget_s=120,
+        case_timeout_s=100,
+        tests_command=tests,
+        problems=[problem],
+        model_path=str(model_path),
+    )
+    case = doc["cases"][problem.name]
+    assert case["status"] == "ok", case
+    assert case["modelled"] == modelled
+    assert all(case["correctness"][p]["passed"] for p in gpu_check.PROVIDERS)
+    for mode in gpu_check.MODES:
+        for provider in gpu_check.PROVIDERS:
+            t = case["timing"][mode][provider]
+            assert t["median_ms"] > 0 and 1 <= t["samples"] <= gpu_check.REPEATS
+            assert t["us_per_step"] == pytest.approx(t["median_ms"] * 1000 / problem.seq)
+    assert doc["tests"]["status"] == "passed" and "3 passed" in doc["tests"]["tail"]
+    written = json.loads((out / "gpu-check.json").read_text())
+    assert written["cases"][problem.name]["status"] == "ok" and written["environment"]["device"] == "cpu"
+    merged = json.loads((out / "model-with-measurements.json").read_text())
+    measured = merged["cases"][problem.name]["measured"]
+    assert measured["forward"]["fastlstm"]["median_ms"] == case["timing"]["forward"]["fastlstm"]["median_ms"]
+    assert problem.name in (out / "gpu-check.md").read_text()
+
+
+def test_gpu_check_kills_a_hung_case_and_carries_on_in_a_fresh_worker(tmp_path):
+    from fastlstm.bench import gpu_check
+
+    worker = _fake_worker(tmp_path, hang_on="h16")
+    start = time.monotonic()
+    doc = gpu_check.gpu_check(
+        str(tmp_path),
+        "cpu",
+        budget_s=60,
+        case_timeout_s=1.0,
+        skip_tests=True,
+        worker_command=worker,
+        problems=GPU_CHECK_TINY,
+        model_path=str(tmp_path / "none"),
+    )
+    assert time.monotonic() - start < 30
+    statuses = {name: c["status"] for name, c in doc["cases"].items()}
+    assert statuses == {"h16-b1-t8-fp32": "timeout", "h32-b4-t8-bf16": "ok", "h32-b1-t8-fp32": "ok"}
+    on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert {n: c["status"] for n, c in on_disk["cases"].items()} == statuses
+
+
+def test_gpu_check_budget_skips_what_is_left_and_says_so(tmp_path):
+    from fastlstm.bench import gpu_check
+
+    worker = _fake_worker(tmp_path, sleep_s=1.0)
+    slow_tests = [sys.executable, "-c", "import time; time.sleep(30)"]
+    doc = gpu_check.gpu_check(
+        str(tmp_path),
+        "cpu",
+        budget_s=2.5,
+        case_timeout_s=20,
+        tests_timeout_s=0.5,
+        tests_command=slow_tests,
+        worker_command=worker,
+        problems=GPU_CHECK_TINY,
+        model_path=str(tmp_path / "none"),
+    )
+    assert doc["tests"]["status"] == "timeout"
+    statuses = [c["status"] for c in doc["cases"].values()]
+    assert "ok" in statuses and "skipped" in statuses
+    assert all(s in ("ok", "skipped") for s in statuses)
+    assert any("budget" in note for note in doc["notes"]) or any(
+        c.get("reason") == "time budget spent" for c in doc["cases"].values()
+    )
+
+
+def test_gpu_check_is_reached_through_fastlstm_bench(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--gpu-check", "--help"])
+    assert exit_info.value.code == 0
+    assert "--budget-s" in capsys.readouterr().out

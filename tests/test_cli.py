@@ -128,8 +128,11 @@ def test_doctor_unreadable_file(tmp_path, capsys):
 def test_module_entry_point_runs(unscaled_history):
     result = subprocess.run(
         [sys.executable, "-m", "fastlstm.cli", "doctor", unscaled_history, "--json"],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert json.loads(result.stdout)["counts"]["warning"] >= 1
 
 

@@ -185,7 +185,9 @@ def test_onnx_export_runs_in_onnxruntime_at_other_batch_sizes_and_lengths(tmp_pa
     for batch, steps in ((5, 11), (1, 3), (3, 7)):
         xb = torch.randn(batch, steps, 3)
         (got,) = session.run(None, {name: xb.numpy()})
-        assert_rel(torch.from_numpy(got), ref(xb), tolerance(torch.float32), f"onnxruntime at batch {batch}, {steps} steps")
+        assert_rel(
+            torch.from_numpy(got), ref(xb), tolerance(torch.float32), f"onnxruntime at batch {batch}, {steps} steps"
+        )
 
 
 # ---- torch.func and higher derivatives ----

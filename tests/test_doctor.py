@@ -283,10 +283,17 @@ def _inputs_history(rms_values):
     return {
         "format": "fastlstm.history/1",
         "inputs": [
-            {"step": 0, "lstm": "lstm", "count": 100, "mean": [0.0] * len(rms_values), "std": list(rms_values),
-             "min": [-3 * r for r in rms_values], "max": [3 * r for r in rms_values]},
+            {
+                "step": 0,
+                "lstm": "lstm",
+                "count": 100,
+                "mean": [0.0] * len(rms_values),
+                "std": list(rms_values),
+                "min": [-3 * r for r in rms_values],
+                "max": [3 * r for r in rms_values],
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def test_unscaled_inputs_threshold_is_the_documented_one():
@@ -354,8 +361,9 @@ def test_oscillation_needs_reversals_and_large_rises():
 
 def _targets_history(mean, std, initial_loss):
     history = _loss_history(np.linspace(initial_loss, initial_loss / 10, 40))
-    history["targets"] = [{"step": 39, "count": 500, "mean": [mean], "std": [std], "min": [mean - 3 * std],
-                           "max": [mean + 3 * std]}]  # fmt: skip
+    history["targets"] = [
+        {"step": 39, "count": 500, "mean": [mean], "std": [std], "min": [mean - 3 * std], "max": [mean + 3 * std]}
+    ]
     return history
 
 

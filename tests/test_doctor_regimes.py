@@ -170,16 +170,39 @@ def _chunked_history(carried: bool, attached: bool = False, rho: float = 0.95, w
     history = _history(np.linspace(1.0, 0.6, 60))
     history["lstms"] = {"lstm": {"input_size": 2, "hidden_size": 8, "num_layers": 1, "num_directions": 1}}
     history["telemetry"] = [
-        {"step": s, "first_step": s - 4, "lstm": "lstm", "snapshot": {"layers": [
-            {"layer": 0, "direction": 0, "elements": 100, "grad_norm_per_step": profile.tolist(),
-             "gate_saturation": {g: 0.0 for g in "ifgo"}, "forget_gate_mean": 0.5, "cell_absmax": 1.0}]}}
+        {
+            "step": s,
+            "first_step": s - 4,
+            "lstm": "lstm",
+            "snapshot": {
+                "layers": [
+                    {
+                        "layer": 0,
+                        "direction": 0,
+                        "elements": 100,
+                        "grad_norm_per_step": profile.tolist(),
+                        "gate_saturation": {g: 0.0 for g in "ifgo"},
+                        "forget_gate_mean": 0.5,
+                        "cell_absmax": 1.0,
+                    }
+                ]
+            },
+        }
         for s in range(4, 60, 5)
-    ]  # fmt: skip
+    ]
     history["states"] = [
-        {"step": s, "first_step": s - 4, "lstm": "lstm", "passes": 5, "with_state": 5 if carried else 0,
-         "nonzero_state": 5 if carried else 0, "attached_state": 5 if attached else 0, "timesteps": window}
+        {
+            "step": s,
+            "first_step": s - 4,
+            "lstm": "lstm",
+            "passes": 5,
+            "with_state": 5 if carried else 0,
+            "nonzero_state": 5 if carried else 0,
+            "attached_state": 5 if attached else 0,
+            "timesteps": window,
+        }
         for s in range(4, 60, 5)
-    ]  # fmt: skip
+    ]
     return history
 
 
@@ -205,8 +228,17 @@ def test_a_consequence_is_reported_under_its_cause_with_the_link_in_json():
     norm = 1.0 + 0.1 * rng.standard_normal(n)
     norm[[40, 60, 80]] = 236.0  # the spikes unscaled inputs produced in the reproduction
     history = _history(np.linspace(1.0, 0.5, n), grad_norm=norm)
-    history["inputs"] = [{"step": 9, "lstm": "lstm", "count": 500, "mean": [0.0, 5000.0], "std": [1.0, 800.0],
-                          "min": [-3.0, 2000.0], "max": [3.0, 8000.0]}]  # fmt: skip
+    history["inputs"] = [
+        {
+            "step": 9,
+            "lstm": "lstm",
+            "count": 500,
+            "mean": [0.0, 5000.0],
+            "std": [1.0, 800.0],
+            "min": [-3.0, 2000.0],
+            "max": [3.0, 8000.0],
+        }
+    ]
     findings = doctor.diagnose(history)
     assert [f.code for f in findings[:2]] == ["unscaled_inputs", "exploding_gradients"]
     assert findings[1].caused_by == ("unscaled_inputs",) and not findings[0].caused_by
@@ -224,7 +256,7 @@ def test_inputs_that_grow_in_training_are_not_unscaled_data():
     history["inputs"] = [
         {"step": s, "lstm": "lstm", "count": 100, "mean": [0.0], "std": [0.05 * 3**k], "min": [-1.0], "max": [1.0]}
         for k, s in enumerate(range(9, 60, 10))
-    ]  # fmt: skip
+    ]
     findings = doctor.diagnose(history)
     assert "unscaled_inputs" not in _codes(findings)
     assert "upstream_weights_growing" in _get(findings, "loss_diverging").evidence["likely_causes"]

@@ -12,20 +12,15 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
 
+try:
+    from support import rel_err, tolerance
+except ImportError:  # tests/ turned into a package
+    from tests.support import rel_err, tolerance
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-# Relative-error budgets of docs/design.md §6, against nn.LSTM in float64 (cuDNN's float64) with the same weights and
-# inputs rounded to the tested dtype: a bf16 nn.LSTM is no reference (cuDNN refuses bf16, and the generic loop
-# accumulates its weight gradients in bf16, ~4e-2 off at T=1024).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-def rel(actual, expected):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm())
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +48,9 @@ def forward_backward(model, x, weights):
 
 def assert_parity(expected, actual, tol):
     for name, e, a in zip(("out", "h_n", "c_n"), expected[:3], actual[:3]):
-        assert rel(a, e) <= tol, name
+        assert rel_err(a, e) <= tol, name
     for k, (e, a) in enumerate(zip(expected[3], actual[3])):
-        assert rel(a, e) <= tol, f"gradient {k}"
+        assert rel_err(a, e) <= tol, f"gradient {k}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -72,7 +67,7 @@ def assert_single_layer_parity(dtype, hidden, steps, batch):
     weights = torch.randn(steps, batch, hidden, device="cuda", dtype=torch.float64)
     expected = forward_backward(ref, x.double().requires_grad_(), weights)
     actual = forward_backward(fast, x.requires_grad_(), weights)
-    assert_parity(expected, actual, TOLERANCE[dtype])
+    assert_parity(expected, actual, tolerance(dtype))
 
 
 def test_parity_bidirectional_projection_packed():
@@ -85,7 +80,7 @@ def test_parity_bidirectional_projection_packed():
     for model, inputs in ((ref, x.double()), (fast, x)):
         packed = pack_padded_sequence(inputs.requires_grad_(), lengths, enforce_sorted=False)
         results.append(forward_backward(model, packed, weights))
-    assert_parity(*results, TOLERANCE[torch.float32])
+    assert_parity(*results, tolerance(torch.float32))
 
 
 def assert_training_step_never_synchronises(model, x):
@@ -112,20 +107,46 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model)
     eager_out, _ = model(x)
     compiled_out, _ = compiled(x)
-    assert rel(compiled_out, eager_out) <= 1e-6
+    assert rel_err(compiled_out, eager_out) <= 1e-6
 
 
-# ---- the persistent kernels (kernels/persistent.py), forced on: they are off by default ----
+# ---- every kernel family the launcher plans (kernels/launch.py) ----
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """(kernel, plan kind, mode) of each pass the launcher made."""
+    from fastlstm.kernels import launch
+
+    passes = []
+    original = launch._record
+    monkeypatch.setattr(launch, "_record", lambda *a: passes.append((a[0], a[1].kind, a[2])) or original(*a))
+    return passes
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("hidden,batch", [(512, 1), (768, 16), (1024, 64), (2048, 16)], ids=str)
-def test_persistent_parity_with_nn_lstm_float64(persistent_launches, dtype, hidden, batch):
+@pytest.mark.parametrize(
+    "hidden,batch,kind",
+    [
+        (32, 16, "single"),
+        (64, 300, "single"),
+        (512, 1, "split"),
+        (768, 16, "split"),
+        (1024, 16, "split"),
+        (2048, 16, "streaming"),
+    ],
+    ids=str,
+)
+def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidden, batch, kind):
+    from fastlstm.kernels import launch
+
+    if kind == "split" and dtype == torch.float32 and hidden > launch.SPLIT_MAX_PAD[torch.float32]:
+        kind = "streaming"  # fp32 split programs hold a share of at most SPLIT_MAX_PAD units
     assert_single_layer_parity(dtype, hidden, 256, batch)
-    assert len(persistent_launches) == 2
+    assert {k for _, k, _ in launched} == {kind}
 
 
-def test_persistent_parity_bidirectional_packed(persistent_launches):
+def test_split_parity_bidirectional_packed(launched):
     ref, fast = pair(32, 512, torch.bfloat16, num_layers=2, bidirectional=True)
     lengths = torch.randint(1, 300, (16,))
     lengths[0] = 300
@@ -135,17 +156,14 @@ def test_persistent_parity_bidirectional_packed(persistent_launches):
     for model, inputs in ((ref, x.double()), (fast, x)):
         packed = pack_padded_sequence(inputs.requires_grad_(), lengths, enforce_sorted=False)
         results.append(forward_backward(model, packed, weights))
-    assert_parity(*results, TOLERANCE[torch.bfloat16])
-    assert len(persistent_launches) == 8
+    assert_parity(*results, tolerance(torch.bfloat16))
+    assert {mode for _, _, mode in launched} == {"cooperative"} and len(launched) == 8
 
 
-@pytest.mark.parametrize("hidden", [512, 768, 1024, 2048], ids=lambda h: f"{h // 16}programs")
-def test_persistent_barrier_never_deadlocks_over_1000_launches(persistent_launches, hidden):
+@pytest.mark.parametrize("hidden", [128, 512, 768, 1024], ids=lambda h: f"{-(-h // 8)}programs")
+def test_split_exchange_never_deadlocks_over_1000_launches(launched, hidden):
     """Every grid size the benchmarks use, 1000 forward and backward launches back to back; a program that gave up
-    waiting at the barrier trips the launcher's device-side assert, which the synchronize surfaces."""
-    from fastlstm.kernels import launch
-
-    assert launch.persistent_programs(hidden) <= torch.cuda.get_device_properties(0).multi_processor_count
+    waiting trips the launcher's device-side assert, which the synchronize surfaces."""
     model = fastlstm.LSTM(hidden, hidden, device="cuda", backend="triton", dtype=torch.bfloat16)
     x = torch.randn(16, 16, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     first, _ = model(x)
@@ -153,29 +171,102 @@ def test_persistent_barrier_never_deadlocks_over_1000_launches(persistent_launch
         out, _ = model(x)
         out.float().square().mean().backward()
     torch.cuda.synchronize()
-    assert len(persistent_launches) == 1002
+    assert len(launched) == 1001 and {mode for _, _, mode in launched} == {"cooperative"}
     out, _ = model(x)
     assert torch.equal(out, first)  # deterministic: no program ran ahead of a step it needed
 
 
-def test_persistent_host_stepped_mode_matches_the_barrier(monkeypatch):
+def test_split_kernels_on_two_streams_do_not_deadlock(launched):
+    """Two cooperative launches on different streams: each grid is co-resident by the launch itself, so neither can
+    hold SMs the other waits for."""
+    models = [fastlstm.LSTM(1024, 1024, device="cuda", backend="triton", dtype=torch.bfloat16) for _ in range(2)]
+    x = torch.randn(64, 16, 1024, device="cuda", dtype=torch.bfloat16)
+    streams = [torch.cuda.Stream() for _ in models]
+    for _ in range(20):
+        for model, stream in zip(models, streams):
+            with torch.cuda.stream(stream):
+                model(x)
+    torch.cuda.synchronize()
+    assert {mode for _, _, mode in launched} == {"cooperative"}
+
+
+def test_host_stepped_exchange_matches_the_cooperative_one(monkeypatch):
     from fastlstm.kernels import launch
 
-    # The same step code compiled two ways (with and without the barrier loop): equal up to the compiler's own
-    # choices of operation order, in fp32 with exact dots.
-    model = fastlstm.LSTM(64, 768, device="cuda", backend="triton")
+    # The same step code compiled with and without its waits: equal up to the compiler's own choices of operation
+    # order, in fp32 with exact dots.
+    model = fastlstm.LSTM(64, 384, device="cuda", backend="triton")
     x = torch.randn(64, 8, 64, device="cuda", requires_grad=True)
     results = []
-    for mode in ("on", "host-stepped"):
-        monkeypatch.setattr(launch, "PERSISTENT", mode)
+    for mode in ("cooperative", "host-stepped"):
+        monkeypatch.setattr(launch, "EXCHANGE", mode)
         out, (h_n, c_n) = model(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
         results.append((out, h_n, c_n, *grads))
-    for on, stepped in zip(*results):
-        assert rel(stepped, on) <= 1e-6
+    for cooperative, stepped in zip(*results):
+        assert rel_err(stepped, cooperative) <= 1e-6
 
 
-def test_persistent_training_step_never_synchronises(persistent_launches):
+def test_split_training_step_never_synchronises(launched):
     model = fastlstm.LSTM(16, 512, device="cuda", backend="triton")
     assert_training_step_never_synchronises(model, torch.randn(64, 8, 16, device="cuda"))
-    assert len(persistent_launches) == 4
+    assert {k for _, k, _ in launched} == {"split"}
+
+
+# ---- the grid of `fastlstm bench --gpu-check` (the performance model's shapes), every kernel that routes there ----
+
+CHECK_SHAPES = [
+    (256, 1),
+    (256, 16),
+    (256, 64),
+    (512, 1),
+    (512, 16),
+    (512, 64),
+    (768, 1),
+    (768, 16),
+    (768, 64),
+    (1024, 1),
+    (1024, 16),
+    (1024, 64),
+]
+CHECK_FP32 = [(512, 16), (1024, 64)]
+
+
+def _check_grid():
+    from fastlstm.kernels.model import model_shapes
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    return [pytest.param(dtypes[s.dtype], s.hidden, s.batch, id=s.key) for s in model_shapes()]
+
+
+def test_check_grid_here_is_the_models():
+    from fastlstm.kernels.model import model_shapes
+
+    shapes = {(s.hidden, s.batch, s.dtype) for s in model_shapes()}
+    assert shapes == {(h, b, "bf16") for h, b in CHECK_SHAPES} | {(h, b, "fp32") for h, b in CHECK_FP32}
+
+
+@pytest.mark.parametrize("dtype,hidden,batch", _check_grid())
+def test_parity_of_the_routed_kernels_on_the_check_grid(dtype, hidden, batch):
+    """The kernels backend="triton" routes each check shape to, at its width and batch (64 steps: the timing run
+    covers T = 1024)."""
+    assert_single_layer_parity(dtype, hidden, 64, batch)
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64, 256], ids=lambda b: f"{-(-b // 16)}programs-b{b}")
+def test_single_kernel_over_1000_back_to_back_launches_at_every_grid_size(batch):
+    """500 forward+backward pairs without a sync in between: results stay deterministic and nothing faults."""
+    model = fastlstm.LSTM(64, 64, device="cuda", backend="triton", dtype=torch.bfloat16)
+    x = torch.randn(16, batch, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    first, _ = model(x)
+    for _ in range(500):
+        out, _ = model(x)
+        out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    out, _ = model(x)
+    assert torch.equal(out, first)
+
+
+def test_bf16_training_step_at_a_check_shape_never_synchronises():
+    model = fastlstm.LSTM(768, 768, device="cuda", backend="triton", dtype=torch.bfloat16)
+    assert_training_step_never_synchronises(model, torch.randn(32, 16, 768, device="cuda", dtype=torch.bfloat16))

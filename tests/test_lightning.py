@@ -54,9 +54,16 @@ def _loaders(seed: int = 0):
 
 def _fit(tmp_path, module, callback, epochs):
     trainer = lightning.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path)), callbacks=[callback],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
-    )  # fmt: skip
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(str(tmp_path)),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
     with one_cpu_thread():
         trainer.fit(module, *_loaders())
     return trainer

@@ -71,9 +71,17 @@ def test_carried_state_is_counted_per_window():
         model(x, state)
     entries = monitor.history.to_dict()["states"]
     assert entries == [
-        {"step": 5, "first_step": 0, "lstm": "lstm", "passes": 6, "with_state": 5, "attached_state": 1,
-         "timesteps": 6, "nonzero_state": 4},
-    ]  # fmt: skip
+        {
+            "step": 5,
+            "first_step": 0,
+            "lstm": "lstm",
+            "passes": 6,
+            "with_state": 5,
+            "attached_state": 1,
+            "timesteps": 6,
+            "nonzero_state": 4,
+        },
+    ]
 
 
 def test_the_step_and_findings_never_read_the_device():

@@ -161,8 +161,9 @@ def test_under_torch_compile_uninstrumented_passes_stay_on_fastlstms_ops():
 
 
 def test_the_measured_table_sends_covered_shapes_to_the_kernels(monkeypatch):
-    shape = routing.PassShape(hidden_size=768, proj_size=0, num_layers=1, bidirectional=False, packed=False,
-                              batch=16, steps=1024)  # fmt: skip
+    shape = routing.PassShape(
+        hidden_size=768, proj_size=0, num_layers=1, bidirectional=False, packed=False, batch=16, steps=1024
+    )
     cuda = torch.device("cuda")
     monkeypatch.setattr(routing, "_triton_importable", lambda: True)
     assert routing.choose("auto", cuda, torch.bfloat16, records_telemetry=False, shape=lambda: shape) == "native"

@@ -62,9 +62,15 @@ GRID = list(itertools.product((True, False), (False, True), (False, True), (0, P
 )
 def test_option_grid(bias, batch_first, bidirectional, proj_size, num_layers, kind, dtype):
     ref, fast = make_pair(
-        INPUT, HIDDEN, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
-        proj_size=proj_size, dtype=dtype,
-    )  # fmt: skip
+        INPUT,
+        HIDDEN,
+        num_layers,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
+        dtype=dtype,
+    )
     x, to_input, _, batch = _make_input(kind, batch_first, dtype)
     assert_module_parity(fast, ref, x, _make_hx(ref, batch, dtype), tolerance(dtype), to_input=to_input)
 
@@ -119,9 +125,7 @@ def test_gradcheck(kind, num_layers, bidirectional, proj_size, bias, fast_mode):
     fn, params = _functional(fast, kind, lengths, False)
     x = leaf(torch.randn(steps, batch, 3, dtype=torch.float64))
     h0, c0 = _make_hx(fast, batch, torch.float64)
-    assert torch.autograd.gradcheck(
-        fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode
-    )
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
 
 
 # ---- dropout ----
@@ -245,7 +249,9 @@ def test_packed_final_states_per_sequence(bidirectional, enforce_sorted):
         xb, hb, cb = x[:n, b : b + 1], h0[:, b : b + 1], c0[:, b : b + 1]
         for module in (ref, fast):  # the sequence alone, through nn.LSTM and through fastlstm
             o_b, (h_b, c_b) = module(xb, (hb, cb))
-            assert_rel(h_n[:, b : b + 1], h_b, tolerance(torch.float64), f"h_n of sequence {b} ({type(module).__module__})")
+            assert_rel(
+                h_n[:, b : b + 1], h_b, tolerance(torch.float64), f"h_n of sequence {b} ({type(module).__module__})"
+            )
             assert_rel(c_n[:, b : b + 1], c_b, tolerance(torch.float64), f"c_n of sequence {b}")
             assert_rel(padded[:n, b : b + 1], o_b, tolerance(torch.float64), f"output of sequence {b}")
         assert (padded[n:, b] == 0).all()

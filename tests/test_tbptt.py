@@ -41,9 +41,13 @@ class Net(Forecaster):
 def reference_of(net: Net):
     """torch.nn.LSTM + head with net's weights: the independent implementation."""
     lstm = nn.LSTM(
-        net.lstm.input_size, net.lstm.hidden_size, net.lstm.num_layers, batch_first=True,
-        bidirectional=net.lstm.bidirectional, dtype=net.head.weight.dtype,
-    )  # fmt: skip
+        net.lstm.input_size,
+        net.lstm.hidden_size,
+        net.lstm.num_layers,
+        batch_first=True,
+        bidirectional=net.lstm.bidirectional,
+        dtype=net.head.weight.dtype,
+    )
     lstm.load_state_dict(net.lstm.state_dict())
     return lstm, copy.deepcopy(net.head)
 
@@ -530,7 +534,9 @@ def test_models_that_do_not_take_packed_input_see_zeros():
     lengths = [10, 5, 7]
     for b, n in enumerate(lengths):
         x[b, n:] = float("nan")
-    trainer = TBPTTTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), k1=4, k2=6, batch_first=True)
+    trainer = TBPTTTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), k1=4, k2=6, batch_first=True
+    )
     trainer.fit((x, y, lengths))
     assert seen and all(torch.isfinite(v).all() for v in seen)
     assert torch.isfinite(model.w).all()

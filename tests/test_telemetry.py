@@ -377,20 +377,44 @@ def _nan_case(name):
             None,
             (0, 0, 2, "forward", "input"),
         ),
-        "input_nan_last_step": ({"bidirectional": True}, lambda m, x, hx: x[T - 1, 0].fill_(nan), None,
-                                (0, 0, T - 1, "forward", "input")),
-        "w_ih_reverse": ({"bidirectional": True}, set_param("weight_ih_l0_reverse", nan), None,
-                         (0, 1, T - 1, "forward", "input")),
+        "input_nan_last_step": (
+            {"bidirectional": True},
+            lambda m, x, hx: x[T - 1, 0].fill_(nan),
+            None,
+            (0, 0, T - 1, "forward", "input"),
+        ),
+        "w_ih_reverse": (
+            {"bidirectional": True},
+            set_param("weight_ih_l0_reverse", nan),
+            None,
+            (0, 1, T - 1, "forward", "input"),
+        ),
         "w_hh_inf": ({"num_layers": 2}, set_param("weight_hh_l0", inf), None, (0, 0, 0, "forward", "gates")),
-        "w_hh_inf_layer1_reverse": ({"num_layers": 2, "bidirectional": True}, set_param("weight_hh_l1_reverse", inf),
-                                    None, (1, 1, T - 1, "forward", "gates")),
-        "h0_nan_reverse": ({"bidirectional": True}, lambda m, x, hx: hx[0][1, 2].fill_(nan), None,
-                           (0, 1, T - 1, "forward", "gates")),
+        "w_hh_inf_layer1_reverse": (
+            {"num_layers": 2, "bidirectional": True},
+            set_param("weight_hh_l1_reverse", inf),
+            None,
+            (1, 1, T - 1, "forward", "gates"),
+        ),
+        "h0_nan_reverse": (
+            {"bidirectional": True},
+            lambda m, x, hx: hx[0][1, 2].fill_(nan),
+            None,
+            (0, 1, T - 1, "forward", "gates"),
+        ),
         "c0_nan": ({}, lambda m, x, hx: hx[1][0, 1, 2].fill_(nan), None, (0, 0, 0, "forward", "cell")),
-        "c0_nan_reverse": ({"bidirectional": True}, lambda m, x, hx: hx[1][1, 0].fill_(nan), None,
-                           (0, 1, T - 1, "forward", "cell")),
-        "w_hr_nan": ({"proj_size": P, "num_layers": 2}, set_param("weight_hr_l1", nan), None,
-                     (1, 0, 0, "forward", "hidden")),
+        "c0_nan_reverse": (
+            {"bidirectional": True},
+            lambda m, x, hx: hx[1][1, 0].fill_(nan),
+            None,
+            (0, 1, T - 1, "forward", "cell"),
+        ),
+        "w_hr_nan": (
+            {"proj_size": P, "num_layers": 2},
+            set_param("weight_hr_l1", nan),
+            None,
+            (1, 0, 0, "forward", "hidden"),
+        ),
         # backward
         "loss_nan": ({"num_layers": 2}, None, "loss_nan", (1, 0, T - 1, "backward", "grad_output")),
         "grad_out_reverse_half": ({"bidirectional": True}, None, "reverse_half", (0, 1, 1, "backward", "grad_output")),
@@ -402,10 +426,22 @@ def _nan_case(name):
 
 
 NAN_CASES = [
-    "input_nan", "input_two_nans", "input_nan_last_step", "w_ih_reverse", "w_hh_inf", "w_hh_inf_layer1_reverse",
-    "h0_nan_reverse", "c0_nan", "c0_nan_reverse", "w_hr_nan", "loss_nan", "grad_out_reverse_half",
-    "grad_out_forward_half", "grad_h_n", "grad_c_n",
-]  # fmt: skip
+    "input_nan",
+    "input_two_nans",
+    "input_nan_last_step",
+    "w_ih_reverse",
+    "w_hh_inf",
+    "w_hh_inf_layer1_reverse",
+    "h0_nan_reverse",
+    "c0_nan",
+    "c0_nan_reverse",
+    "w_hr_nan",
+    "loss_nan",
+    "grad_out_reverse_half",
+    "grad_out_forward_half",
+    "grad_h_n",
+    "grad_c_n",
+]
 
 
 def _backward_with(kind, out, h_n, c_n):
@@ -524,6 +560,7 @@ def test_telemetry_off_records_nothing_and_changes_nothing():
 
 
 # ---- no host synchronisation in forward and backward ----
+
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_no_host_sync(packed):

@@ -3,4 +3,4 @@ timing (timing.py) and report (report.py)."""
 
 from .runner import cpu_threads, main, problem_seed, run
 
-__all__ = ["main", "run", "cpu_threads", "problem_seed"]
+__all__ = ["cpu_threads", "main", "problem_seed", "run"]

@@ -145,10 +145,10 @@ def full_problems(device: str) -> list[Problem]:
 
 # --quick on the GPU: one problem per question the full grid answers, all three modes each.
 QUICK_GPU = (
-    Problem(768, 16, 1024, "fp16"),  # docs/design.md §5: cuDNN ~2.0 ms fwd, ~5.2 ms fwd+bwd (H100)
+    Problem(768, 16, 1024, "fp16"),  # docs/design.md's cuDNN reference point (~2.0 ms fwd, ~5.2 ms fwd+bwd on an H100)
     Problem(256, 64, 1024, "bf16"),  # long sequences at moderate width
     Problem(1024, 16, 128, "bf16"),  # wide, small batch
-    Problem(2048, 1, 128, "bf16"),  # the widest at batch 1: where the persistent kernel is meant to matter
+    Problem(2048, 1, 128, "bf16"),  # the widest at batch 1: past the split kernels, the streaming ones run it
     Problem(128, 256, 128, "bf16"),  # B > 128: cuDNN's slow path
     Problem(512, 64, 128, "fp32"),  # exact fp32 (TF32 off)
     Problem(512, 64, 128, "tf32"),  # the same with TF32 allowed
@@ -162,9 +162,9 @@ QUICK_CPU = (
 )
 
 
-# The persistent kernels' acceptance grid: forward+backward here must be at least 2x faster than nn.LSTM before
-# FASTLSTM_PERSISTENT may default to on (README, "Backends"). Every problem is also in the full GPU grid.
-PERSISTENT_TARGETS = tuple(Problem(h, b, 1024, "bf16") for h in (512, 768, 1024) for b in (1, 16, 64))
+# The kernels' target grid (docs/kernels.md): forward <= 1 us and forward+backward <= 2.5 us per step at B <= 16,
+# <= 2 and <= 5 us at B = 64. Every problem is also in the full GPU grid.
+KERNEL_TARGETS = tuple(Problem(h, b, 1024, "bf16") for h in (512, 768, 1024) for b in (1, 16, 64))
 
 
 def quick_problems(device: str) -> list[Problem]:
@@ -206,7 +206,7 @@ TIMER_FULL = TimerSettings(warmup_ms=25, rep_ms=100, repeats=5, min_iters=3, max
 TIMER_QUICK = TimerSettings(warmup_ms=10, rep_ms=30, repeats=3, min_iters=3, max_iters=200, budget_ms=1_500)
 TIMER_CPU = TimerSettings(warmup_ms=0, rep_ms=2, repeats=3, min_iters=1, max_iters=20, budget_ms=1_000)
 
-# Per (problem, provider) costs the time budget does not cover, from the GPU profile (docs/design.md §4) rather
+# Per (problem, provider) costs the time budget does not cover, from the GPU machine's profile (docs/design.md) rather
 # than a measurement of this suite: Triton compiles each kernel variant once (forward and backward, ~2 s each),
 # and the correctness check runs the problem once in float64 and once in the case's dtype.
 COMPILE_S_PER_VARIANT = 4.0

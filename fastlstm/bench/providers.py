@@ -69,9 +69,12 @@ class Provider:
 
 def _lstm_kwargs(problem: Problem, device) -> dict:
     return {
-        "num_layers": problem.layers, "bidirectional": problem.bidirectional, "proj_size": problem.proj_size,
-        "device": device, "dtype": STORAGE[problem.dtype],
-    }  # fmt: skip
+        "num_layers": problem.layers,
+        "bidirectional": problem.bidirectional,
+        "proj_size": problem.proj_size,
+        "device": device,
+        "dtype": STORAGE[problem.dtype],
+    }
 
 
 def _build_fastlstm(telemetry: bool):
@@ -115,33 +118,14 @@ def _native_unsupported(problem, device):
     return None if device.type == "cuda" else "the same code as nn.LSTM off CUDA"
 
 
-# The persistent kernels (kernels/persistent.py) are off by default; this provider measures them where they apply.
-PERSISTENT_MIN_HIDDEN = 512  # below this the tiled kernels already spread a small batch over few SMs at little cost
-
-
-def _persistent_kernels():
+def _streaming_kernels():
     from fastlstm.kernels import launch
 
-    return launch.persistent_mode("on")
+    return launch.kernels("streaming")
 
 
-def _persistent_unsupported(problem, device):
-    if device.type != "cuda":
-        return "the persistent kernels run on CUDA only"
-    if problem.proj_size:
-        return "the persistent kernels take no projection"
-    if problem.hidden < PERSISTENT_MIN_HIDDEN:
-        return f"the persistent kernels are measured from hidden {PERSISTENT_MIN_HIDDEN} up"
-    from fastlstm.kernels import launch
-
-    if problem.batch > launch.PERSISTENT_MAX_BATCH:
-        return f"the persistent kernels take at most {launch.PERSISTENT_MAX_BATCH} sequences"
-    if not torch.cuda.is_available():  # `--list` on a machine without a GPU: the SM count is unknown
-        return None
-
-    if launch.persistent_programs(problem.hidden) > torch.cuda.get_device_properties(device).multi_processor_count:
-        return "more programs than SMs: the persistent kernels cannot keep them all resident"
-    return None
+def _streaming_unsupported(problem, device):
+    return None if device.type == "cuda" else "the streaming kernels run on CUDA only"
 
 
 # haste_pytorch (github.com/lmnt-com/haste): one layer, one direction, fp32/fp16, gate order i,g,f,o, weights
@@ -187,18 +171,39 @@ def _haste_grads(module) -> dict:
 PROVIDERS = {
     p.name: p
     for p in (
-        Provider("fastlstm", "fastlstm.LSTM, telemetry on (Triton kernels on CUDA, reference backend on CPU)",
-                 _build_fastlstm(True)),
+        Provider(
+            "fastlstm",
+            "fastlstm.LSTM, telemetry on (Triton kernels on CUDA, reference backend on CPU)",
+            _build_fastlstm(True),
+        ),
         Provider("fastlstm-notelemetry", "fastlstm.LSTM(telemetry=False)", _build_fastlstm(False)),
-        Provider("fastlstm-persistent", "fastlstm.LSTM, telemetry on, persistent kernels on (FASTLSTM_PERSISTENT=on)",
-                 _build_fastlstm(True), unsupported=_persistent_unsupported, environment=_persistent_kernels),
+        Provider(
+            "fastlstm-streaming",
+            "fastlstm.LSTM, telemetry on, streaming kernels for every layer "
+            "(FASTLSTM_KERNELS=streaming): the baseline the resident kernels replace",
+            _build_fastlstm(True),
+            unsupported=_streaming_unsupported,
+            environment=_streaming_kernels,
+        ),
         Provider(BASELINE, "torch.nn.LSTM (cuDNN on CUDA)", _build_nn_lstm),
-        Provider("nn.LSTM-native", "torch.nn.LSTM with cuDNN disabled (ATen's per-step kernels)", _build_native,
-                 unsupported=_native_unsupported, native_grads=lambda m: _named_grads(m.lstm), default=False),
-        Provider("haste", "haste_pytorch.LSTM, where installed", _build_haste, unsupported=_haste_unsupported,
-                 native_grads=_haste_grads, installed=_haste_installed),
+        Provider(
+            "nn.LSTM-native",
+            "torch.nn.LSTM with cuDNN disabled (ATen's per-step kernels)",
+            _build_native,
+            unsupported=_native_unsupported,
+            native_grads=lambda m: _named_grads(m.lstm),
+            default=False,
+        ),
+        Provider(
+            "haste",
+            "haste_pytorch.LSTM, where installed",
+            _build_haste,
+            unsupported=_haste_unsupported,
+            native_grads=_haste_grads,
+            installed=_haste_installed,
+        ),
     )
-}  # fmt: skip
+}
 
 
 def default_providers() -> list[str]:
@@ -216,9 +221,12 @@ def make_weights(problem: Problem, seed: int) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         template = nn.LSTM(
-            problem.inputs, problem.hidden, problem.layers, bidirectional=problem.bidirectional,
+            problem.inputs,
+            problem.hidden,
+            problem.layers,
+            bidirectional=problem.bidirectional,
             proj_size=problem.proj_size,
-        )  # fmt: skip
+        )
     return {k: v.to(STORAGE[problem.dtype]) for k, v in template.state_dict().items()}
 
 
@@ -260,8 +268,9 @@ def make_inputs(problem: Problem, device, pool: int, requires_grad: bool, seed: 
         if lengths is not None:
             p = pack_padded_sequence(x, lengths, enforce_sorted=False)
             # A leaf of its own, so a backward stops at the LSTM instead of timing the packing's backward too.
-            x = PackedSequence(p.data.detach().requires_grad_(requires_grad), p.batch_sizes, p.sorted_indices,
-                               p.unsorted_indices)  # fmt: skip
+            x = PackedSequence(
+                p.data.detach().requires_grad_(requires_grad), p.batch_sizes, p.sorted_indices, p.unsorted_indices
+            )
             leaves.append(x.data)
         else:
             leaves.append(x.requires_grad_(requires_grad))
@@ -327,8 +336,9 @@ def _run_with_grads(module, x, leaf, grads, native_grads):
 def _as_float64(inputs: Inputs):
     x = inputs.xs[0]
     if isinstance(x, PackedSequence):
-        x64 = PackedSequence(x.data.detach().double().requires_grad_(), x.batch_sizes, x.sorted_indices,
-                             x.unsorted_indices)  # fmt: skip
+        x64 = PackedSequence(
+            x.data.detach().double().requires_grad_(), x.batch_sizes, x.sorted_indices, x.unsorted_indices
+        )
         return x64, x64.data
     x64 = x.detach().double().requires_grad_()
     return x64, x64

@@ -1,6 +1,7 @@
 """What `fastlstm bench` writes: the environment, results.json, results.md and the plots.
 
-Input is the runner's result document (fastlstm/bench/runner.py: `{"environment", "settings", "cases": [...]}` where each
+Input is the runner's result document (fastlstm/bench/runner.py: `{"environment", "settings", "cases": [...]}`
+where each
 case has `results[provider]` records); this module derives the comparisons (speedup against nn.LSTM, telemetry
 overhead, packed against padded) and renders them. Plots use matplotlib's object API (no pyplot state) and are
 skipped with a note when matplotlib is not installed.
@@ -46,8 +47,11 @@ def _nvidia_driver():
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
@@ -56,9 +60,16 @@ def _nvidia_driver():
 def _git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        head = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0 or not head.stdout.strip():
@@ -140,7 +151,7 @@ def _tally(values, ok) -> dict:
 
 
 def targets(cases: list) -> dict:
-    """The targets of docs/design.md §5, counted over the cases that have the numbers: how many meet each."""
+    """The targets of docs/design.md, counted over the cases that have the numbers: how many meet each."""
     speedups = [(c, c["derived"]["speedup"].get(FAST)) for c in cases]
     small = [
         v
@@ -261,19 +272,27 @@ def markdown(doc: dict) -> str:
             f" · fastlstm {env['git_commit'][:10]}{'-dirty' * env['git_commit'].endswith('-dirty')}"
             if env.get("git_commit")
             else ""
-        ),  # fmt: skip
+        ),
         "",
-        f"`{settings['command']}`: {len(cases)} cases; {_timer_text(settings['timer'])}; inputs rotated over "
-        f"{settings['input_pool']} buffers.",
-        "Times are medians in ms over separate repeats (min–max in results.json); speedup = nn.LSTM time / fastlstm "
-        "time (> 1: fastlstm faster); telemetry = time with telemetry / without; spread = largest (max − min) / "
-        "median of the repeat medians in the row; peak = extra MiB allocated during one call.",
+        (
+            f"`{settings['command']}`: {len(cases)} cases; {_timer_text(settings['timer'])}; inputs rotated over "
+            f"{settings['input_pool']} buffers."
+        ),
+        (
+            "Times are medians in ms over separate repeats (min–max in results.json); "
+            "speedup = nn.LSTM time / fastlstm "
+            "time (> 1: fastlstm faster); telemetry = time with telemetry / without; spread = largest (max − min) / "
+            "median of the repeat medians in the row; peak = extra MiB allocated during one call."
+        ),
     ]
     if settings["device"] != "cuda":
         lines += [
             "",
-            "**CPU smoke run**: fastlstm runs its plain-torch reference backend here, not the Triton kernels; these "
-            "numbers check that the suite works and say nothing about fastlstm's speed.",
+            (
+                "**CPU smoke run**: fastlstm runs its plain-torch reference backend here, "
+                "not the Triton kernels; these "
+                "numbers check that the suite works and say nothing about fastlstm's speed."
+            ),
         ]
     lines += _summary_lines(doc["summary"], gpu=settings["device"] == "cuda")
     for mode in MODES:
@@ -312,7 +331,7 @@ def _summary_lines(s: dict, gpu: bool) -> list:
         lines.append(f"- telemetry on / off: median {_times(t['median'])}, worst {_times(t['max'])}")
     met = [f"{name}: {t['met']} of {t['of']}" for name, t in s["targets"].items() if t["of"]]
     if met and gpu:  # the targets are about the kernels; a CPU run times the reference backend
-        lines.append("- docs/design.md §5 targets, cases meeting them: " + "; ".join(met))
+        lines.append("- Targets (docs/design.md), cases meeting them: " + "; ".join(met))
     if s["sync_checks"]:
         lines.append(
             "- host-sync check of a training step: "
@@ -329,9 +348,14 @@ def _mode_table(rows: list, others: list, mode: str) -> list:
     for c in rows:
         r, d = c["results"], c["derived"]
         cells = [
-            c["problem"]["name"], _cell(r.get(BASELINE)), _cell(r.get(FAST)), _times(d["speedup"].get(FAST)),
-            _cell(r.get(FAST_OFF)), _times(d["telemetry_overhead"]), f"{_mib(r.get(FAST))} / {_mib(r.get(BASELINE))}",
-        ]  # fmt: skip
+            c["problem"]["name"],
+            _cell(r.get(BASELINE)),
+            _cell(r.get(FAST)),
+            _times(d["speedup"].get(FAST)),
+            _cell(r.get(FAST_OFF)),
+            _times(d["telemetry_overhead"]),
+            f"{_mib(r.get(FAST))} / {_mib(r.get(BASELINE))}",
+        ]
         cells += [_with_speedup(r.get(o), d["speedup"].get(o)) for o in others]
         cells += [_spread(c)] + ([_sync_cell(c)] if sync else [])
         out.append("| " + " | ".join(cells) + " |")
@@ -361,8 +385,11 @@ def _heatmap_panels(cases: list) -> dict:
     panels = {}
     for key, chosen in by_key.items():
         seq = max(c["problem"]["seq"] for c in chosen)
-        cells = {(c["problem"]["hidden"], c["problem"]["batch"]): c["derived"]["speedup"][FAST] for c in chosen
-                 if c["problem"]["seq"] == seq}  # fmt: skip
+        cells = {
+            (c["problem"]["hidden"], c["problem"]["batch"]): c["derived"]["speedup"][FAST]
+            for c in chosen
+            if c["problem"]["seq"] == seq
+        }
         if len(cells) > 1:
             panels[key + (seq,)] = cells
     return panels
@@ -423,7 +450,7 @@ def plot_time_per_step(cases: list, path: str, max_shapes: int = 4) -> str | Non
     multi = [k for k, v in series.items() if len(v) > 1]
     if not multi:
         return None
-    dtype = sorted({k[1] for k in multi}, key=["bf16", "fp16", "tf32", "fp32"].index)[0]
+    dtype = min({k[1] for k in multi}, key=["bf16", "fp16", "tf32", "fp32"].index)
     shapes = sorted({(k[2], k[3]) for k in multi if k[1] == dtype})
     picks = min(max_shapes, len(shapes))  # spread over the sorted shapes, smallest and largest included
     shapes = [shapes[round(i * (len(shapes) - 1) / max(picks - 1, 1))] for i in range(picks)]

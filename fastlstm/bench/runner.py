@@ -29,8 +29,8 @@ import torch
 from . import report
 from .cases import (
     DTYPES,
+    KERNEL_TARGETS,
     MODES,
-    PERSISTENT_TARGETS,
     TIMER_CPU,
     TIMER_FULL,
     TIMER_QUICK,
@@ -62,6 +62,10 @@ PRINT_TABLES_UP_TO = 60  # cases; larger runs print the summary and leave the ta
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu-check" in argv:  # its own command line: fastlstm/bench/gpu_check.py
+        from . import gpu_check
+
+        return gpu_check.main([a for a in argv if a != "--gpu-check"])
     args = _parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -116,11 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a representative subset (< 5 min on one GPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument(
-        "--persistent-targets", action="store_true",
-        help="only the persistent kernels' target problems (H 512/768/1024 x B 1/16/64, T=1024, bf16)",
-    )  # fmt: skip
-    parser.add_argument("-k", dest="keywords", action="append", default=[], metavar="SUBSTRING",
-                        help="only cases whose name contains SUBSTRING (repeatable: any of them)")  # fmt: skip
+        "--kernel-targets",
+        action="store_true",
+        help="only the kernels' target problems (H 512/768/1024 x B 1/16/64, T=1024, bf16)",
+    )
+    parser.add_argument(
+        "-k",
+        dest="keywords",
+        action="append",
+        default=[],
+        metavar="SUBSTRING",
+        help="only cases whose name contains SUBSTRING (repeatable: any of them)",
+    )
     parser.add_argument("--dtypes", default=None, help=f"comma-separated subset of {','.join(DTYPES)}")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument(
@@ -130,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--list", action="store_true", help="print the selected cases and the time estimate, then exit")
+    parser.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="the GPU tests plus model-vs-measured timings in a fixed budget (fastlstm/bench/gpu_check.py;"
+        " see its --help)",
+    )
     return parser
 
 
@@ -152,8 +169,8 @@ def _providers(value) -> list[str]:
 
 
 def _cases(args, device: str) -> list[Case]:
-    if args.persistent_targets:
-        problems = list(PERSISTENT_TARGETS)
+    if args.kernel_targets:
+        problems = list(KERNEL_TARGETS)
     else:
         problems = quick_problems(device) if args.quick else full_problems(device)
     dtypes, modes = _split(args.dtypes, DTYPES, "dtypes"), _split(args.modes, MODES, "modes")

@@ -38,40 +38,57 @@ LINKS = (
     Link("non_finite", ("loss_stagnant",), why="a NaN loss stops the curve"),
     Link("initial_loss_nonfinite", ("loss_stagnant",), why="nothing is learned from a NaN loss"),
     Link(
-        "constant_target", ("loss_zero", "gate_saturation", "train_val_divergence"),
+        "constant_target",
+        ("loss_zero", "gate_saturation", "train_val_divergence"),
         why="a constant is fitted exactly; validation on real targets then worsens",
     ),
     Link(
         "unscaled_inputs",
-        ("gate_saturation", "loss_stagnant", "exploding_gradients", "vanishing_gradients", "truncation_too_short",
-         "loss_diverging", "val_oscillation"),
+        (
+            "gate_saturation",
+            "loss_stagnant",
+            "exploding_gradients",
+            "vanishing_gradients",
+            "truncation_too_short",
+            "loss_diverging",
+            "val_oscillation",
+        ),
         why="inputs in the thousands drive every gate pre-activation and the weight gradients",
     ),
     Link("unscaled_inputs", ("non_finite",), _arises_in_network, why="overflow from huge pre-activations"),
     Link(
-        "unscaled_targets", ("gate_saturation", "loss_stagnant", "exploding_gradients", "loss_diverging"),
+        "unscaled_targets",
+        ("gate_saturation", "loss_stagnant", "exploding_gradients", "loss_diverging"),
         why="a large offset or scale makes the first steps' errors, and gradients, huge",
     ),
     Link("loss_zero", ("loss_stagnant",), why="a zero loss cannot fall"),
     Link(
         "loss_diverging",
-        ("exploding_gradients", "gate_saturation", "vanishing_gradients", "loss_stagnant", "val_oscillation",
-         "train_val_divergence"),
+        (
+            "exploding_gradients",
+            "gate_saturation",
+            "vanishing_gradients",
+            "loss_stagnant",
+            "val_oscillation",
+            "train_val_divergence",
+        ),
         why="steps too large for the loss surface grow the weights, saturate the gates and blow up the gradients",
     ),
     Link("loss_diverging", ("non_finite",), _before_first_nonfinite, why="the rising loss overflowed"),
     Link(
-        "exploding_gradients", ("loss_stagnant", "val_oscillation", "gate_saturation"),
+        "exploding_gradients",
+        ("loss_stagnant", "val_oscillation", "gate_saturation"),
         why="oversized steps throw the weights around",
     ),
     Link("exploding_gradients", ("non_finite",), _before_first_nonfinite, why="the gradients overflowed"),
     Link("gate_saturation", ("vanishing_gradients", "loss_stagnant"), why="saturated gates pass almost no gradient"),
     Link("vanishing_gradients", ("loss_stagnant",), why="no gradient reaches the early steps"),
     Link(
-        "truncation_too_short", ("loss_stagnant", "loss_diverging"),
+        "truncation_too_short",
+        ("loss_stagnant", "loss_diverging"),
         why="the dependency the loss needs is never backpropagated (a model that knew it forgets it)",
     ),
-)  # fmt: skip
+)
 
 
 def consequences_of(code: str) -> tuple:

@@ -55,9 +55,13 @@ class Finding:
     @classmethod
     def from_dict(cls, d: dict) -> Finding:
         return cls(
-            d["code"], d["severity"], d["message"], dict(d.get("evidence") or {}), d.get("remedy", ""),
+            d["code"],
+            d["severity"],
+            d["message"],
+            dict(d.get("evidence") or {}),
+            d.get("remedy", ""),
             tuple(d.get("caused_by") or ()),
-        )  # fmt: skip
+        )
 
 
 def findings_to_json(findings, source: str | None = None) -> dict:
@@ -90,7 +94,8 @@ def format_report(findings, title: str | None = None) -> str:
     consequences = sum(f.is_consequence for f in findings)
     if consequences:
         roots = len(findings) - consequences
-        summary += f" ({roots} root cause{'s' if roots != 1 else ''}, {consequences} consequence{'s' if consequences != 1 else ''})"
+        causes = f"{roots} root cause{'s' if roots != 1 else ''}"
+        summary += f" ({causes}, {consequences} consequence{'s' if consequences != 1 else ''})"
     lines = [f"{title or 'fastlstm doctor'}: {summary or 'no findings'}"]
     if not findings:
         lines.append("  Nothing to report: no rule found a problem in this history.")

@@ -54,9 +54,10 @@ def truncation_evidence(
 
 def _from_probe(view: HistoryView, k2: int, base: dict, single, z: float, min_correlation: float) -> dict | None:
     probes = [
-        e for e in _entries(view, "dependency", ("step", "count", "k2", "noise", "correlation"))
+        e
+        for e in _entries(view, "dependency", ("step", "count", "k2", "noise", "correlation"))
         if e["count"] > 0 and int(e["k2"]) == k2
-    ]  # fmt: skip
+    ]
     if not probes:
         return None
     latest = max(probes, key=lambda e: e["step"])
@@ -80,8 +81,9 @@ def _from_probe(view: HistoryView, k2: int, base: dict, single, z: float, min_co
 
 def _from_estimates(view: HistoryView, k2: int, base: dict, bias_threshold: float) -> dict | None:
     fields = ("step", "k2", "bias", "estimated_dependency", "rate")
-    estimates = sorted((e for e in _entries(view, "truncation_estimates", fields) if int(e["k2"]) == k2),
-                       key=lambda e: e["step"])  # fmt: skip
+    estimates = sorted(
+        (e for e in _entries(view, "truncation_estimates", fields) if int(e["k2"]) == k2), key=lambda e: e["step"]
+    )
     recent = estimates[len(estimates) // 2 :]
     if not recent:
         return None

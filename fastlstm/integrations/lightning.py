@@ -102,9 +102,13 @@ class DoctorCallback(Callback):
             self.monitor.close()
         # grad_hooks off: Lightning hands us the gradient before clipping (and after AMP unscaling) itself.
         self.monitor = Monitor(
-            pl_module, optimizer=optimizer, every=self.every, read_every=self.read_every,
-            instrument_every=self.instrument_every, grad_hooks=False,
-        )  # fmt: skip
+            pl_module,
+            optimizer=optimizer,
+            every=self.every,
+            read_every=self.read_every,
+            instrument_every=self.instrument_every,
+            grad_hooks=False,
+        )
         if state is not None:
             self.monitor.load_state_dict(state)
         self.monitor.listeners.append(self._on_windows)
@@ -179,8 +183,9 @@ class DoctorCallback(Callback):
         self.monitor._paused -= 1
         value = trainer.callback_metrics.get(self.val_loss_key)
         if value is not None and not trainer.sanity_checking and self.monitor.step_count:
-            self.monitor.evaluate(value.detach() if isinstance(value, torch.Tensor) else value,
-                                  epoch=trainer.current_epoch)  # fmt: skip
+            self.monitor.evaluate(
+                value.detach() if isinstance(value, torch.Tensor) else value, epoch=trainer.current_epoch
+            )
 
     # ---- epochs and the end ----
 
@@ -229,8 +234,10 @@ class DoctorCallback(Callback):
     # ---- checkpoints ----
 
     def state_dict(self) -> dict:
-        return {"monitor": self.monitor.state_dict() if self.monitor is not None else None,
-                "reported": sorted(self.reported)}  # fmt: skip
+        return {
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "reported": sorted(self.reported),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.reported = {tuple(r) for r in state.get("reported", [])}

@@ -237,7 +237,8 @@ def _diverging_remedy(s: Signals, e: dict) -> str:
         )
     else:
         parts.append(
-            f"Clip the gradient norm: `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={num(clip_value(s))})` "
+            "Clip the gradient norm: "
+            f"`torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={num(clip_value(s))})` "
             "between `loss.backward()` and `optimizer.step()` (2× the typical norm before the loss turned, so ordinary "
             "steps pass untouched)."
         )

@@ -18,7 +18,10 @@ from .common import clip_value, num
     "non_finite",
     family="non-finite values",
     severity="error",
-    signal="non-finite loss or grad norm, skipped steps, non-finite events, telemetry `first_nonfinite`, non-finite input/target statistics",
+    signal=(
+        "non-finite loss or grad norm, skipped steps, non-finite events, telemetry `first_nonfinite`, "
+        "non-finite input/target statistics"
+    ),
     threshold="any",
 )
 def rule_non_finite(s: Signals) -> list:

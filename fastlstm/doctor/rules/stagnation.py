@@ -17,7 +17,10 @@ from .common import num
     "loss_stagnant",
     family="loss",
     severity="warning",
-    signal="fall of the loss from start to end, relative and against its noise; never a rising loss or one that turned non-finite",
+    signal=(
+        "fall of the loss from start to end, relative and against its noise; "
+        "never a rising loss or one that turned non-finite"
+    ),
     threshold="`stagnant_improvement` = 0.05; `stagnant_sigmas` = 3; needs `min_steps` = 10",
 )
 def rule_loss_stagnant(s: Signals) -> list:

@@ -58,7 +58,8 @@ def _trainer_truncation(s: Signals, event: dict) -> list:
             )
         else:
             parts.append(
-                f"the trainer's gradient-decay estimate puts {num(100 * to_float(trainer.get('bias')))}% of the gradient "
+                "the trainer's gradient-decay estimate puts "
+                f"{num(100 * to_float(trainer.get('bias')))}% of the gradient "
                 f"beyond the window (dependency ≈ {num(dependency)} steps)"
             )
     profile = _worst_truncated_profile(s, k1, since)
@@ -166,7 +167,8 @@ def _chunked_truncation(s: Signals, lstm: str, carried: dict) -> list:
         f"Backpropagation is truncated at {window} steps by the training loop: {carried['nonzero_state']} of "
         f"{carried['passes']} training passes of LSTM {lstm!r} started from the previous chunk's state, detached, "
         f"so the gradient stops at each chunk's start. In {lstm_label(p.where)} it has not decayed there: an "
-        f"estimated {num(100 * share)}% of it lies further back ({method}; threshold {num(100 * s.th.truncation_bias)}%)."
+        f"estimated {num(100 * share)}% of it lies further back "
+        f"({method}; threshold {num(100 * s.th.truncation_bias)}%)."
     )
     remedy = (
         f"Backpropagate over longer chunks: cut the stream (and detach the carried state) every ~{suggested} steps "

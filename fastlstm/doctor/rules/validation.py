@@ -192,7 +192,8 @@ def rule_subset_disparity(s: Signals) -> list:
     }
     trend = ""
     if math.isfinite(first_ratio):
-        trend = f" (it was {num(first_ratio)}× at the first evaluation: the gap {'widened' if ratio > first_ratio else 'narrowed'})"
+        change = "widened" if ratio > first_ratio else "narrowed"
+        trend = f" (it was {num(first_ratio)}× at the first evaluation: the gap {change})"
     message = (
         f"Subset {worst!r} does much worse than the others: loss {num(losses[worst])} against a median of "
         f"{num(reference)}, {num(ratio)}× (threshold {num(th.subset_ratio)}×){trend}."
