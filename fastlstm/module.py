@@ -35,6 +35,12 @@ class LSTM(nn.RNNBase):
       telemetry: record gate saturation, gradient norms through time and the first non-finite value into
                  `self.telemetry` (docs/telemetry.md) on every pass that autograd records. False removes that
                  work entirely; `self.telemetry.enabled` switches it at run time.
+
+    `forward(input, hx=None, *, resets=None)` takes one extra keyword-only argument, which nn.LSTM does not have:
+    `resets`, a bool (or integer, nonzero meaning True) tensor [T, B] ([B, T] when batch_first, [T] for unbatched
+    input) on the input's device, True where a step starts a new episode: the state entering it is hx (or zeros)
+    instead of the state carried from the step before. docs/resets.md has the rules (directions, lengths, gradients,
+    telemetry); PyTorch's LSTM op has no such argument, so a pass with resets always runs fastlstm's own ops.
     """
 
     # nn.LSTM's own shape checks, so the error messages are the same.
@@ -145,30 +151,30 @@ class LSTM(nn.RNNBase):
     @overload
     @torch._jit_internal._overload_method
     def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None, *, resets: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
 
     @overload
     @torch._jit_internal._overload_method
     def forward(
-        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None, *, resets: Tensor | None = None
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, resets=None):
         # TorchScript compiles only what follows this block (it folds is_scripting() to True), so a scripted
         # module is the native path alone.
         if not torch.jit.is_scripting():
             records = self.telemetry.records()
-            implementation = self._implementation(input, records)
+            implementation = self._implementation(input, records, resets is not None)
             if implementation != "native":
-                return self._fused_forward(input, hx, implementation, records)
+                return self._fused_forward(input, hx, implementation, records, resets)
             _check_hx_form(hx)
             self._update_flat_weights()  # functional_call, parametrizations and reassigned weights
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
 
-    def _implementation(self, input, records_telemetry: bool) -> str:
+    def _implementation(self, input, records_telemetry: bool, resets: bool = False) -> str:
         if isinstance(input, PackedSequence):
             data = input.data
         elif isinstance(input, torch.Tensor):
@@ -181,7 +187,12 @@ class LSTM(nn.RNNBase):
         else:
             raise TypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
         return choose(
-            self.backend, data.device, data.dtype, records_telemetry=records_telemetry, shape=lambda: self._shape(input)
+            self.backend,
+            data.device,
+            data.dtype,
+            records_telemetry=records_telemetry,
+            shape=lambda: self._shape(input),
+            resets=resets,
         )
 
     def _shape(self, input) -> PassShape:
@@ -203,6 +214,14 @@ class LSTM(nn.RNNBase):
             batch,
             steps,
         )
+
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles: this module under a class whose forward has nn.LSTM's signature.
+        TorchScript rejects keyword-only arguments (resets), and a scripted module runs the native path, which
+        cannot take them anyway; the twin shares this module's parameters and state."""
+        twin = object.__new__(_ScriptableLSTM)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     # ---- native: nn.LSTM's own forward, TorchScript-compatible ----
 
@@ -272,7 +291,7 @@ class LSTM(nn.RNNBase):
 
     # ---- fused: fastlstm's own ops, layer by layer, with telemetry ----
 
-    def _fused_forward(self, input, hx, implementation: str, records: bool):
+    def _fused_forward(self, input, hx, implementation: str, records: bool, resets=None):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -291,6 +310,8 @@ class LSTM(nn.RNNBase):
             h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if resets is not None:
+            resets = self._time_major_resets(resets, x, batched, sorted_indices if packed else None)
 
         weights = self._weights()
         autocast_dtype = _autocast_dtype(x.device)
@@ -299,7 +320,7 @@ class LSTM(nn.RNNBase):
             weights = [tuple(None if w is None else w.to(autocast_dtype) for w in ws) for ws in weights]
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
-            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation, records)
+            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation, records, resets)
 
         if packed:
             out_data = pack_padded_sequence(out, lengths).data
@@ -313,8 +334,9 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
 
-    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str, records: bool):
+    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str, records: bool, resets=None):
         num_directions = 2 if self.bidirectional else 1
+        restarts = direction_restarts(resets, num_directions)
         # docs/telemetry.md: nothing is recorded when the pass does not record (Telemetry.records) or the batch is
         # empty.
         record = records and x.shape[1] > 0
@@ -327,7 +349,15 @@ class LSTM(nn.RNNBase):
                 slot = layer * num_directions + direction
                 probe = self.telemetry.pass_probe(layer, direction, seq) if record else None
                 out, h, c = lstm_layer(
-                    layer_input, h0[slot], c0[slot], weights[slot], lengths, direction == 1, implementation, probe
+                    layer_input,
+                    h0[slot],
+                    c0[slot],
+                    weights[slot],
+                    lengths,
+                    direction == 1,
+                    implementation,
+                    probe,
+                    restarts[direction],
                 )
                 outputs.append(out)
                 h_n.append(h)
@@ -336,6 +366,30 @@ class LSTM(nn.RNNBase):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    def _time_major_resets(self, resets, x: Tensor, batched: bool, sorted_indices) -> Tensor:
+        """The user's resets as a contiguous bool [T, B] in the order of x's sequences (sorted for packed input)."""
+        if not isinstance(resets, torch.Tensor):
+            raise TypeError(f"LSTM: resets must be a Tensor or None, got {type(resets).__name__}")
+        if resets.dtype.is_floating_point or resets.dtype.is_complex:
+            raise RuntimeError(f"LSTM: resets must be a bool or integer tensor, got {resets.dtype}")
+        if resets.device != x.device:
+            raise RuntimeError(f"LSTM: resets is on {resets.device} but input is on {x.device}")
+        steps, batch = x.shape[0], x.shape[1]
+        if batched:
+            expected = (batch, steps) if self.batch_first else (steps, batch)
+            layout = "[batch, time] (batch_first)" if self.batch_first else "[time, batch]"
+        else:
+            expected, layout = (steps,), "[time] (unbatched input)"
+        if tuple(resets.shape) != expected:
+            raise RuntimeError(f"LSTM: Expected resets of shape {list(expected)} {layout}, got {list(resets.shape)}")
+        if not batched:
+            resets = resets.unsqueeze(1)
+        elif self.batch_first:
+            resets = resets.t()
+        if sorted_indices is not None:
+            resets = resets.index_select(1, sorted_indices)
+        return (resets if resets.dtype == torch.bool else resets != 0).contiguous()
 
     def _weights(self) -> list:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer-direction, read through getattr on every call so that
@@ -370,6 +424,40 @@ class LSTM(nn.RNNBase):
             if state.device != input.device:
                 raise RuntimeError(f"{name} is on {state.device} but input is on {input.device}")
         return h0, c0
+
+
+class _ScriptableLSTM(LSTM):
+    """LSTM as torch.jit.script sees it (LSTM.__prepare_scriptable__): the native forward, without resets."""
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._native_packed(input, hx)
+        return self._native_padded(input, hx)
+
+
+def direction_restarts(resets: Tensor | None, num_directions: int) -> tuple:
+    """Each direction's restarts (reference.py: the steps whose entering state is h0/c0) from the resets [T, B].
+
+    Direction 0 restarts where a step starts an episode. Direction 1 walks time backwards, so an episode boundary
+    before step t is met after step t, when entering step t - 1: it restarts at the last step of each episode."""
+    if resets is None:
+        return (None, None)
+    if num_directions == 1:
+        return (resets, None)
+    backwards = torch.cat((resets[1:], torch.zeros_like(resets[:1])))
+    return (resets, backwards)
 
 
 def _check_hx_form(hx) -> None:
