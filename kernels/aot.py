@@ -51,6 +51,8 @@ FLOAT32_POINTERS = (
     "dhidden_ptr",
     "dhfull_ptr",
     "partials_ptr",
+    "grad_h0_ptr",
+    "grad_c0_ptr",
 )
 POINTER_TYPES = {
     **dict.fromkeys(STORAGE_POINTERS, "storage"),
@@ -58,6 +60,7 @@ POINTER_TYPES = {
     **dict.fromkeys(("stats_ptr", "grad_ptr"), "fp64"),
     **dict.fromkeys(("lengths_ptr", "first_ptr", "seq_ptr"), "i64"),
     "flags_ptr": "i32",
+    "restarts_ptr": "i1",
 }
 INTEGER_ARGUMENTS = ("T", "B", "H", "P", "order", "capacity", "step_begin", "step_end", "batch_group_base")
 # Which switch of a variant makes an optional pointer present (absent pointers are compiled as None).
@@ -66,6 +69,7 @@ OPTIONAL_POINTERS = {
     **dict.fromkeys(("w_hr_ptr", "hfull_ptr", "dhidden_ptr", "dhfull_ptr"), "proj"),
     **dict.fromkeys(("stats_ptr", "grad_ptr", "first_ptr", "seq_ptr", "partials_ptr"), "telemetry"),
     "flags_ptr": "exchange",
+    **dict.fromkeys(("restarts_ptr", "grad_h0_ptr", "grad_c0_ptr"), "resets"),
 }
 
 
@@ -74,7 +78,7 @@ class Variant(NamedTuple):
     stage: str  # "forward" | "backward"
     dtype: str
     precision: str
-    switches: frozenset  # of "reverse", "lengths", "telemetry", "proj", "exchange"
+    switches: frozenset  # of "reverse", "lengths", "telemetry", "proj", "exchange", "resets"
     config: tuple  # (name, value) pairs: the constexprs and launch options the plan sets
     # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes are multiples of 16
     # (the usual case at real sizes); otherwise with no such hints.
@@ -84,7 +88,14 @@ class Variant(NamedTuple):
     def name(self) -> str:
         flags = "".join(
             tag
-            for tag, s in (("R", "reverse"), ("L", "lengths"), ("T", "telemetry"), ("P", "proj"), ("X", "exchange"))
+            for tag, s in (
+                ("R", "reverse"),
+                ("L", "lengths"),
+                ("T", "telemetry"),
+                ("P", "proj"),
+                ("X", "exchange"),
+                ("E", "resets"),
+            )
             if s in self.switches
         )
         config = "".join(f"{_short(k)}{v}" for k, v in self.config)
@@ -208,25 +219,49 @@ FAMILY_SWITCHES = {
 }
 
 
+# Restarts (state resets, docs/resets.md) are compiled for a representative subset only, so that they add a few
+# percent to the matrix rather than doubling it: in each family that takes them (launch.RESTART_FAMILIES), the
+# largest aligned and the largest unaligned configuration with every switch on plus restarts (the most registers a
+# restarts launch can need), and the largest aligned one also with restarts alone. A launch without restarts
+# compiles the same code as before the switch existed (its tensors are None, HAS_RESTARTS false): the other
+# variants cover it.
+RESTART_SWITCH = "resets"
+
+
+def _restart_combos(family: str, largest: bool, everything: frozenset) -> list:
+    """The restart variants of one configuration; `largest`: the family's largest of its alignment."""
+    from . import launch
+
+    if family not in launch.RESTART_FAMILIES or not largest:
+        return []
+    return [everything | {RESTART_SWITCH}]
+
+
 def variants(quick: bool = False) -> list[Variant]:
     """Every (family, stage, dtype, precision, switches, config, alignment) the launcher can produce. Every switch
     combination is compiled for each family's largest aligned configuration (the most registers); the other
-    configurations with every switch on and every switch off, the two ends of their register budget. `quick`
-    keeps each family's largest aligned configuration with every switch on."""
+    configurations with every switch on and every switch off, the two ends of their register budget; restarts for
+    the subset RESTART_SWITCH's comment names. `quick` keeps each family's largest aligned configuration with every
+    switch on (restarts too, where the family takes them)."""
     result = []
     for family, stage, (dtype, precision) in itertools.product(FAMILY_SWITCHES, ("forward", "backward"), PRECISIONS):
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
+        seen_alignments = set()
         for index, (config, is_aligned) in enumerate(family_configs(family, dtype)):
+            restart_combos = _restart_combos(family, is_aligned not in seen_alignments, everything)
+            if index == 0 and restart_combos:
+                restart_combos.append(frozenset({RESTART_SWITCH}))
+            seen_alignments.add(is_aligned)
             if quick:
                 if index == 0:
-                    result.append(Variant(family, stage, dtype, precision, everything, config))
+                    result.append(Variant(family, stage, dtype, precision, (restart_combos or [everything])[0], config))
                 continue
             if index == 0:
                 combos = [frozenset(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
             else:
                 combos = [frozenset(), everything]
-            for switches in combos:
+            for switches in combos + restart_combos:
                 if _possible(switches, config):
                     result.append(Variant(family, stage, dtype, precision, switches, config, aligned=is_aligned))
     return result

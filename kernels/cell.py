@@ -59,6 +59,14 @@ def step_time(p, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def step_restarts(restarts_ptr, t, B, rows, active):
+    """[BLOCK_B] bool: which of these sequences restart at step t (restarts[t, b], counted inside a sequence only).
+    Only called under a kernel's HAS_RESTARTS, so that a launch without restarts compiles as if they did not exist."""
+    flag = tl.load(restarts_ptr + tl.cast(t, tl.int64) * B + rows, mask=active, other=0)
+    return active & (flag != 0)
+
+
+@triton.jit
 def steps_active(length, step_begin, step_end, T, REVERSE: tl.constexpr):
     """How many of the processing steps step_begin..step_end-1 fall inside each sequence."""
     if REVERSE:  # t = T-1-p < length  <=>  p >= T - length

@@ -178,27 +178,45 @@ def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | N
     )
 
 
-def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device) -> Plan:
+def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device, restarts: bool = False) -> Plan:
     """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
     gluon = not _interpreting() and _capability(device) >= (8, 0)
     return plan_for(
-        hidden, proj, batch, dtype, max_programs=None if _host_stepped() else _multiprocessors(device), gluon=gluon
+        hidden,
+        proj,
+        batch,
+        dtype,
+        max_programs=None if _host_stepped() else _multiprocessors(device),
+        gluon=gluon,
+        restarts=restarts,
     )
 
 
+# The kernel families that take restarts (state resets inside the loop); a pass with restarts is planned among them
+# only, so that no kernel ever runs one while ignoring them.
+RESTART_FAMILIES = ("single", "streaming")
+
+
 def plan_for(
-    hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None, gluon: bool = False
+    hidden: int,
+    proj: int,
+    batch: int,
+    dtype: torch.dtype,
+    max_programs: int | None,
+    gluon: bool = False,
+    restarts: bool = False,
 ) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
-    projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
-    max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
-    Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype; else the streaming kernels, which take
-    everything."""
+    projection, a W_hh share that fits, no restarts: RESTART_FAMILIES) and one batch group's programs can be
+    resident at once (at most max_programs; None: no limit, host-stepped), the batch groups in as many slices as the
+    device needs, written in Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype; else the
+    streaming kernels, which take everything."""
     if KERNELS != "streaming":
         single = single_config(hidden, proj, dtype)
         if single is not None:
             return Plan("single", single)
-        split = split_config(hidden, batch, dtype) if proj == hidden else None
+        takes = proj == hidden and (not restarts or "split" in RESTART_FAMILIES)
+        split = split_config(hidden, batch, dtype) if takes else None
         if split is not None and max_programs is not None:
             per_launch = max_programs // split.unit_groups
             split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
@@ -304,7 +322,7 @@ class Launched(NamedTuple):
 last_launch: Launched | None = None
 
 
-def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
+def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None) -> ForwardResult:
     check_supported(xw)
     steps, batch, four_h = xw.shape
     hidden, proj = four_h // 4, h0.shape[-1]
@@ -316,7 +334,8 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
     stats, first, seq, order = _telemetry_args(probe)
-    chosen = plan(hidden, proj, batch, dtype, device)
+    chosen = plan(hidden, proj, batch, dtype, device, restarts is not None)
+    _check_restarts(chosen, restarts)
     if chosen.kind == "split":
         # The exchange buffer is [h0; out]: row 0 holds h0, so that a sequence starting at a step reads its h_{t-1}
         # from the same tensor as the others (forward.py, _load_exchanged). `out` is a view of rows 1..T.
@@ -338,6 +357,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
                 w_hh,
                 w_hr,
                 lengths,
+                restarts,
                 out,
                 gates,
                 cells,
@@ -367,12 +387,30 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
         else:
             _record("forward", chosen, "streaming")
             _forward_streaming(
-                xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse
+                xw,
+                h0,
+                c0,
+                w_hh,
+                w_hr,
+                lengths,
+                restarts,
+                out,
+                gates,
+                cells,
+                h_n,
+                c_n,
+                stats,
+                first,
+                seq,
+                order,
+                reverse,
             )
     return ForwardResult(out, h_n, c_n, (gates, cells))
 
 
-def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse):
+def _forward_streaming(
+    xw, h0, c0, w_hh, w_hr, lengths, restarts, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse
+):
     steps, batch, hidden = cells.shape
     cfg = STREAMING
     hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else None
@@ -383,6 +421,7 @@ def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, 
         w_hh,
         w_hr,
         lengths,
+        restarts,
         out,
         gates,
         cells,
@@ -414,7 +453,9 @@ def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None):
+def recurrence_backward(
+    grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None
+):
     gates, cells = saved
     steps, batch, four_h = gates.shape
     hidden, proj = four_h // 4, grad_hn.shape[-1]
@@ -427,7 +468,8 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     grad_rows, first, seq, order = _telemetry_args(probe)
-    chosen = plan(hidden, proj, batch, dtype, device)
+    chosen = plan(hidden, proj, batch, dtype, device, restarts is not None)
+    _check_restarts(chosen, restarts)
     if batch > 0:
         with torch.cuda.device_of(gates):
             if chosen.kind == "single":
@@ -441,6 +483,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                     w_hh,
                     w_hr,
                     lengths,
+                    restarts,
                     dgates,
                     grad_h,
                     grad_c,
@@ -483,7 +526,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                 )
             else:
                 _record("backward", chosen, "streaming")
-                _backward_streaming(
+                grad_h, grad_c = _backward_streaming(
                     grad_out,
                     c0,
                     gates,
@@ -491,6 +534,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                     w_hh,
                     w_hr,
                     lengths,
+                    restarts,
                     dgates,
                     grad_h,
                     grad_c,
@@ -555,6 +599,7 @@ def _backward_streaming(
     w_hh,
     w_hr,
     lengths,
+    restarts,
     dgates,
     grad_h,
     grad_c,
@@ -568,6 +613,10 @@ def _backward_streaming(
     steps, batch, hidden = cells.shape
     cfg = STREAMING
     dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else None
+    # What restarted steps send to h0 and c0; the carried gradients left after the loop are added once at the end.
+    grad_h0 = grad_c0 = None
+    if restarts is not None:
+        grad_h0, grad_c0 = torch.zeros_like(grad_h), torch.zeros_like(grad_c)
     lstm_streaming_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
         grad_out,
         c0,
@@ -576,9 +625,12 @@ def _backward_streaming(
         w_hh,
         w_hr,
         lengths,
+        restarts,
         dgates,
         grad_h,
         grad_c,
+        grad_h0,
+        grad_c0,
         dhidden,
         dhfull,
         grad_rows,
@@ -600,6 +652,20 @@ def _backward_streaming(
         num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
     )
+    if restarts is None:
+        return grad_h, grad_c
+    return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
+
+
+def _check_restarts(chosen: Plan, restarts) -> None:
+    """Restarts reach only a kernel that takes them (plan_for keeps them from the others): never silently ignored."""
+    if restarts is not None and chosen.kind not in RESTART_FAMILIES:
+        raise NotImplementedError(
+            f"fastlstm: the {chosen.kind} kernels do not take restarts (resets); the plan should not have chosen them "
+            f"for this pass ({', '.join(RESTART_FAMILIES)} do)"
+        )
+    if restarts is not None and (restarts.dtype != torch.bool or not restarts.is_contiguous()):
+        raise ValueError("fastlstm: restarts must be a contiguous bool tensor [T, B]")
 
 
 # ---------------------------------------------------------------------------------------------------------------
