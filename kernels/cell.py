@@ -59,11 +59,16 @@ def step_time(p, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def load_flags(restarts_ptr, t, B, seqs, mask):
+    """restarts[t, seqs] as [BLOCK_B] bool (false where masked off). Only called under a kernel's HAS_RESTARTS, so
+    that a launch without restarts compiles as if they did not exist."""
+    return tl.load(restarts_ptr + tl.cast(t, tl.int64) * B + seqs, mask=mask, other=0) != 0
+
+
+@triton.jit
 def step_restarts(restarts_ptr, t, B, rows, active):
-    """[BLOCK_B] bool: which of these sequences restart at step t (restarts[t, b], counted inside a sequence only).
-    Only called under a kernel's HAS_RESTARTS, so that a launch without restarts compiles as if they did not exist."""
-    flag = tl.load(restarts_ptr + tl.cast(t, tl.int64) * B + rows, mask=active, other=0)
-    return active & (flag != 0)
+    """[BLOCK_B] bool: which of these sequences restart at step t (counted inside a sequence only)."""
+    return active & load_flags(restarts_ptr, t, B, rows, active)
 
 
 @triton.jit

@@ -193,8 +193,10 @@ def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.d
 
 
 # The kernel families that take restarts (state resets inside the loop); a pass with restarts is planned among them
-# only, so that no kernel ever runs one while ignoring them.
-RESTART_FAMILIES = ("single", "streaming")
+# only, so that no kernel ever runs one while ignoring them. The split kernels take them in their `tl` form only: a
+# pass with restarts runs the tl twins where the Gluon ones would otherwise run.
+RESTART_FAMILIES = ("single", "split", "streaming")
+RESTART_IMPLEMENTATIONS = ("tl",)
 
 
 def plan_for(
@@ -221,7 +223,7 @@ def plan_for(
             per_launch = max_programs // split.unit_groups
             split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
         if split is not None:
-            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES
+            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
             return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
 
@@ -381,7 +383,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
                 maxnreg=cfg.maxnreg,
             )
         elif chosen.kind == "split":
-            args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
+            args = (xw, h0, c0, w_hh, lengths, restarts, out, gates, cells, h_n, c_n, stats, first, seq, order)
             kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_forward_kernel
             _launch_split(kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
         else:
@@ -507,13 +509,14 @@ def recurrence_backward(
                     maxnreg=cfg.maxnreg,
                 )
             elif chosen.kind == "split":
-                _backward_split(
+                grad_h, grad_c = _backward_split(
                     grad_out,
                     c0,
                     gates,
                     cells,
                     w_hh,
                     lengths,
+                    restarts,
                     dgates,
                     grad_h,
                     grad_c,
@@ -556,7 +559,22 @@ def _capacity(grad_rows) -> int:
 
 
 def _backward_split(
-    grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first, seq, order, reverse, chosen
+    grad_out,
+    c0,
+    gates,
+    cells,
+    w_hh,
+    lengths,
+    restarts,
+    dgates,
+    grad_h,
+    grad_c,
+    grad_rows,
+    first,
+    seq,
+    order,
+    reverse,
+    chosen,
 ):
     steps, batch, hidden = cells.shape
     cfg = chosen.config
@@ -565,6 +583,7 @@ def _backward_split(
     # still read slot (q - 1) % 2 (backward.py; a program cannot reach step q + 2 before every program has read q).
     exchange = _new((2, batch, 4 * hidden), w_hh.dtype, device)
     partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
+    grad_h0, grad_c0 = _restart_accumulators(restarts, grad_h, grad_c)
     args = (
         grad_out,
         c0,
@@ -572,9 +591,12 @@ def _backward_split(
         cells,
         w_hh,
         lengths,
+        restarts,
         dgates,
         grad_h,
         grad_c,
+        grad_h0,
+        grad_c0,
         exchange,
         partials,
         grad_rows,
@@ -589,6 +611,21 @@ def _backward_split(
         sums = partials.sum(dim=1, dtype=torch.float64)
         grad_rows[C.GRAD_SUMSQ, :steps] += sums[0]
         grad_rows[C.GRAD_CELL_SUMSQ, :steps] += sums[1]
+    return _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
+
+
+def _restart_accumulators(restarts, grad_h, grad_c):
+    """Zeroed buffers for what restarted steps send to h0 and c0 (None without restarts)."""
+    if restarts is None:
+        return None, None
+    return torch.zeros_like(grad_h), torch.zeros_like(grad_c)
+
+
+def _with_restarted(grad_h, grad_c, grad_h0, grad_c0):
+    """dL/dh0, dL/dc0: what the first step left in the carried gradients plus what restarted steps sent."""
+    if grad_h0 is None:
+        return grad_h, grad_c
+    return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
 
 
 def _backward_streaming(
@@ -613,10 +650,7 @@ def _backward_streaming(
     steps, batch, hidden = cells.shape
     cfg = STREAMING
     dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else None
-    # What restarted steps send to h0 and c0; the carried gradients left after the loop are added once at the end.
-    grad_h0 = grad_c0 = None
-    if restarts is not None:
-        grad_h0, grad_c0 = torch.zeros_like(grad_h), torch.zeros_like(grad_c)
+    grad_h0, grad_c0 = _restart_accumulators(restarts, grad_h, grad_c)
     lstm_streaming_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
         grad_out,
         c0,
@@ -652,17 +686,19 @@ def _backward_streaming(
         num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
     )
-    if restarts is None:
-        return grad_h, grad_c
-    return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
+    return _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
 
 
 def _check_restarts(chosen: Plan, restarts) -> None:
     """Restarts reach only a kernel that takes them (plan_for keeps them from the others): never silently ignored."""
-    if restarts is not None and chosen.kind not in RESTART_FAMILIES:
+    family = chosen.kind if chosen.kind != "split" else f"split ({chosen.implementation})"
+    takes = chosen.kind in RESTART_FAMILIES and (
+        chosen.kind != "split" or chosen.implementation in RESTART_IMPLEMENTATIONS
+    )
+    if restarts is not None and not takes:
         raise NotImplementedError(
-            f"fastlstm: the {chosen.kind} kernels do not take restarts (resets); the plan should not have chosen them "
-            f"for this pass ({', '.join(RESTART_FAMILIES)} do)"
+            f"fastlstm: the {family} kernels do not take restarts (resets); the plan should not have chosen them "
+            f"for this pass ({', '.join(RESTART_FAMILIES)} do, the split ones as {', '.join(RESTART_IMPLEMENTATIONS)})"
         )
     if restarts is not None and (restarts.dtype != torch.bool or not restarts.is_contiguous()):
         raise ValueError("fastlstm: restarts must be a contiguous bool tensor [T, B]")

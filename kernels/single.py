@@ -36,6 +36,7 @@ from .cell import (
     count_forward_launch,
     flush_first_code,
     flush_forward_stats,
+    load_flags,
     load_gate_tiles,
     note_nonfinite,
     program_sequences,
@@ -114,7 +115,7 @@ def lstm_single_forward_kernel(
     x_next = _load_inputs(xw_ptr, first_t, B, H, seqs, units, tile_ok)
     if HAS_RESTARTS:
         c0 = c
-        restart_next = _load_flags(restarts_ptr, first_t, B, seqs, seq_ok)
+        restart_next = load_flags(restarts_ptr, first_t, B, seqs, seq_ok)
     if TELEMETRY:
         sat_i = tl.zeros((BLOCK_B, H_PAD), tl.float32)
         sat_f = tl.zeros((BLOCK_B, H_PAD), tl.float32)
@@ -136,7 +137,7 @@ def lstm_single_forward_kernel(
         from_prev = (seq_ok & (p > 0) & (t_prev < length))[:, None]
         if HAS_RESTARTS:
             restart = (active & restart_next)[:, None]
-            restart_next = _load_flags(restarts_ptr, next_t, B, seqs, seq_ok & (p + 1 < T))
+            restart_next = load_flags(restarts_ptr, next_t, B, seqs, seq_ok & (p + 1 < T))
             from_prev = from_prev & ~restart
             c = tl.where(restart, c0, c)  # kept only inside the sequence, where a restart counts
         h_prev = tl.where(from_prev, h, h0).to(DOT_DTYPE)
@@ -282,7 +283,7 @@ def lstm_single_backward_kernel(
         c0 = tl.load(c0_ptr + unit_tile, mask=tile_ok, other=0.0).to(tl.float32)
         to_h0 = tl.zeros((BLOCK_B, P_PAD), tl.float32)
         to_c0 = tl.zeros((BLOCK_B, H_PAD), tl.float32)
-        restart_ahead = _load_flags(restarts_ptr, t, B, seqs, seq_ok)
+        restart_ahead = load_flags(restarts_ptr, t, B, seqs, seq_ok)
     if TELEMETRY:
         first_units = tl.full((BLOCK_B, H_PAD), NO_EVENT, tl.int32)
         first_outs = tl.full((BLOCK_B, P_PAD), NO_EVENT, tl.int32)
@@ -295,7 +296,7 @@ def lstm_single_backward_kernel(
         if HAS_RESTARTS:
             restart = (seq_ok & (t < length) & restart_ahead)[:, None]
             t_ahead, _ = step_time(p - 1, T, REVERSE)
-            restart_ahead = _load_flags(restarts_ptr, t_ahead, B, seqs, seq_ok & (q + 1 < T))
+            restart_ahead = load_flags(restarts_ptr, t_ahead, B, seqs, seq_ok & (q + 1 < T))
             c_before = tl.where(restart, c0, c_prev)
         else:
             c_before = c_prev
@@ -383,12 +384,6 @@ def _load_rows(w_hh_ptr, gate: tl.constexpr, H, P, units, outs):
     """W_hh[gate * H + j, k] at [j, k]: [H_PAD, P_PAD], zero past H and P."""
     offsets = (gate * H + units[:, None]).to(tl.int64) * P + outs[None, :]
     return tl.load(w_hh_ptr + offsets, mask=(units < H)[:, None] & (outs < P)[None, :], other=0.0)
-
-
-@triton.jit
-def _load_flags(restarts_ptr, t, B, seqs, mask):
-    """restarts[t, seqs] as [BLOCK_B] bool (false where masked off)."""
-    return tl.load(restarts_ptr + tl.cast(t, tl.int64) * B + seqs, mask=mask, other=0) != 0
 
 
 @triton.jit

@@ -289,8 +289,8 @@ def test_module_telemetry_equals_reference_backend():
 
 # ---- restarts (state resets inside the loop) ----
 
-# Each family that takes restarts, and the split-sized shape, which the plan sends to the streaming kernels instead.
-RESTART_FAMILIES = {"single": "single", "single-proj": "single", "streaming": "streaming", "split": "streaming"}
+# Every family takes restarts (the split kernels in their tl form, which is what the interpreter runs).
+RESTART_FAMILIES = {"single": "single", "single-proj": "single", "streaming": "streaming", "split": "split"}
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
@@ -304,16 +304,25 @@ def test_restarts_match_reference(launched, family, reverse, with_lengths):
     assert {kind for _, kind, _ in launched} == {RESTART_FAMILIES[family]}
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_restarts_in_split_kernels_with_their_exchange_on(launched, one_group_exchange, reverse):
+    problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
+    problem["restarts"] = random_resets(4, 18)
+    assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
+    assert launched == [("forward", "split", "cooperative"), ("backward", "split", "cooperative")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_restarts_in_half_precision_match_reference(dtype):
-    steps, _batch, hidden, proj = FAMILIES["single-proj"]
+@pytest.mark.parametrize("family", ["single-proj", "split"])
+def test_restarts_in_half_precision_match_reference(family, dtype):
+    steps, _batch, hidden, proj = FAMILIES[family]
     problem, grads = random_problem(steps, 5, hidden, proj, dtype, with_lengths=True)
     problem["restarts"] = random_resets(steps, 5)
     assert_matches_reference(problem, grads, reverse=True, tol=tolerance(dtype))
 
 
 def test_all_false_restarts_give_the_bits_of_none(launched):
-    for family in ("single-proj", "streaming"):
+    for family in ("single-proj", "split", "streaming"):
         steps, batch, hidden, proj = FAMILIES[family]
         problem, grads = random_problem(steps, batch, hidden, proj, torch.float32, with_lengths=True)
         without = run_backend(launch, problem, grads, reverse=False)
@@ -326,17 +335,18 @@ def test_all_false_restarts_give_the_bits_of_none(launched):
         assert without[2].to_dict() == with_false[2].to_dict()
 
 
-def test_a_family_without_restarts_refuses_them_loudly(monkeypatch):
-    """The split kernels do not take restarts: the plan never chooses them for such a pass, and a plan that did
-    would fail with fastlstm's own error instead of running them without the restarts."""
+def test_a_kernel_without_restarts_refuses_them_loudly(monkeypatch):
+    """The Gluon split kernels do not take restarts: the plan runs their tl twins for such a pass, and a plan that
+    chose them would fail with fastlstm's own error instead of running them without the restarts."""
     steps, batch, hidden, _ = FAMILIES["split"]
-    assert launch.plan_for(hidden, hidden, batch, torch.float32, max_programs=None, restarts=True).kind == "streaming"
-    assert launch.plan_for(hidden, hidden, batch, torch.float32, max_programs=None).kind == "split"
-    split_plan = launch.plan_for(hidden, hidden, batch, torch.float32, max_programs=None)
-    monkeypatch.setattr(launch, "plan", lambda *args, **kwargs: split_plan)
-    problem, grads = random_problem(steps, batch, hidden, 0, torch.float32, with_lengths=False)
+    with_restarts = launch.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True, restarts=True)
+    gluon_plan = launch.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True)
+    assert (with_restarts.kind, with_restarts.implementation) == ("split", "tl")
+    assert (gluon_plan.kind, gluon_plan.implementation) == ("split", "gluon")
+    monkeypatch.setattr(launch, "plan", lambda *args, **kwargs: gluon_plan)
+    problem, grads = random_problem(steps, batch, hidden, 0, torch.bfloat16, with_lengths=False)
     problem["restarts"] = random_resets(steps, batch)
-    with pytest.raises(NotImplementedError, match="split kernels do not take restarts"):
+    with pytest.raises(NotImplementedError, match=r"split \(gluon\) kernels do not take restarts"):
         run_backend(launch, problem, grads, reverse=False)
 
 
@@ -349,6 +359,16 @@ def test_module_with_resets_on_the_kernels_matches_nn_lstm_per_episode(launched)
     x = torch.randn(steps, batch, 3, dtype=torch.float64)
     assert_resets_parity(fast, ref, x, hx, random_resets(steps, batch), 1e-5, lengths=[5, 2, 4])
     assert {kind for _, kind, _ in launched} == {"single"}
+
+
+def test_split_module_with_resets_matches_nn_lstm_per_episode(launched):
+    ref = nn.LSTM(3, 40, bidirectional=True, dtype=torch.float64)
+    fast = fastlstm.LSTM(3, 40, bidirectional=True, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    hx = (torch.randn(2, 3, 40, dtype=torch.float64), torch.randn(2, 3, 40, dtype=torch.float64))
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    assert_resets_parity(fast, ref, x, hx, random_resets(4, 3), 1e-5)
+    assert {kind for _, kind, _ in launched} == {"split"}
 
 
 def test_module_telemetry_with_resets_equals_reference_backend():
