@@ -14,7 +14,8 @@ backend="auto" pays for fastlstm's own implementations only where they are worth
   * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
     Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
     GPU measurement found the kernels faster (KERNELS_FASTER below), under torch.compile, and under CPU autocast
-    (both of which PyTorch's op does not support, see _native_unsupported).
+    (both of which PyTorch's op does not support, see _native_unsupported);
+  * a pass with state resets (docs/resets.md) never runs natively: PyTorch's op cannot restart a state.
 An explicit backend forces its implementation, with or without telemetry.
 
 A pass that one of PyTorch's program transforms is tracing (torch.export and the ONNX exporters, torch.jit.trace,
