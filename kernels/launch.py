@@ -477,6 +477,7 @@ def recurrence_backward(
             if chosen.kind == "single":
                 cfg = chosen.config
                 _record("backward", chosen, "single")
+                grad_h0, grad_c0 = _restart_accumulators(restarts, grad_h, grad_c)
                 lstm_single_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
                     grad_out,
                     c0,
@@ -489,6 +490,8 @@ def recurrence_backward(
                     dgates,
                     grad_h,
                     grad_c,
+                    grad_h0,
+                    grad_c0,
                     dhidden,
                     grad_rows,
                     _capacity(grad_rows),
@@ -508,6 +511,7 @@ def recurrence_backward(
                     num_warps=cfg.num_warps,
                     maxnreg=cfg.maxnreg,
                 )
+                grad_h, grad_c = _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
             elif chosen.kind == "split":
                 grad_h, grad_c = _backward_split(
                     grad_out,

@@ -8,8 +8,9 @@ loaded one step ahead. Output tiles are batch-major ([BLOCK_B, units]): with a 1
 tl.dot gives every warp its own columns, so no warp computes (or stores registers for) another's work.
 
 Restarts (fastlstm/reference.py): each step's flags are loaded one step ahead with its other inputs, and c0 stays
-resident beside h0, so a restart costs two selects on the step's path; backwards, what a restarted step sends to h0
-and c0 is accumulated in registers and added to the carried gradients after the loop.
+resident beside h0, so a restart costs two selects on the step's path. Backwards, what a restarted step sends to h0
+and c0 is added into grad_h0 / grad_c0 (zeros from the launcher, which adds the carried gradients after the loop),
+off the step's path and outside the registers: the fp32 backward with every switch on uses all 255 without them.
 
 The time loops are `while` loops for the reason forward.py's docstring gives (the weights stay in registers).
 
@@ -18,7 +19,8 @@ Layouts as the reference (contiguous; storage dtype fp32, fp16 or bf16; saved te
             · restarts [T, B] bool or None
             out [T, B, P] · gates [T, B, 4H] activated · cells [T, B, H] carried c_t · h_n [B, P] · c_n [B, H]
   backward: grad_out [T, B, P] · dgates [T, B, 4H] · grad_h [B, P], grad_c [B, H] (in: dL/dh_n, dL/dc_n; out:
-            dL/dh0, dL/dc0) · dhidden [T, B, P] total dL/dh_t, only with a projection (for dW_hr)
+            dL/dh0, dL/dc0) · dhidden [T, B, P] total dL/dh_t, only with a projection (for dW_hr) · restarts [T, B]
+            bool or None · grad_h0 [B, P], grad_c0 [B, H] fp32 zeros, only with restarts
 """
 
 import triton
@@ -40,6 +42,7 @@ from .cell import (
     load_gate_tiles,
     note_nonfinite,
     program_sequences,
+    send_to_initial,
     sigmoid,
     sigmoid_saturated,
     step_time,
@@ -217,6 +220,8 @@ def lstm_single_backward_kernel(
     dgates_ptr,
     grad_h_ptr,
     grad_c_ptr,
+    grad_h0_ptr,
+    grad_c0_ptr,
     dhidden_ptr,
     grad_ptr,
     capacity,
@@ -279,10 +284,8 @@ def lstm_single_backward_kernel(
         unit_tile,
         REVERSE,
     )
-    if HAS_RESTARTS:  # c0, what a restarted step saw as c_{t-1}; the gradients restarted steps send to h0, c0
+    if HAS_RESTARTS:  # c0: what a restarted step saw as c_{t-1}
         c0 = tl.load(c0_ptr + unit_tile, mask=tile_ok, other=0.0).to(tl.float32)
-        to_h0 = tl.zeros((BLOCK_B, P_PAD), tl.float32)
-        to_c0 = tl.zeros((BLOCK_B, H_PAD), tl.float32)
         restart_ahead = load_flags(restarts_ptr, t, B, seqs, seq_ok)
     if TELEMETRY:
         first_units = tl.full((BLOCK_B, H_PAD), NO_EVENT, tl.int32)
@@ -340,10 +343,8 @@ def lstm_single_backward_kernel(
         dh_carried = tl.where(keep, product, dh_carried)
         dc_carried = tl.where(keep, dc * gate_f, dc_carried)
         if HAS_RESTARTS:  # the state step t entered was h0, c0: their gradient, and nothing for step t - 1
-            to_h0 += tl.where(restart, dh_carried, 0.0)
-            to_c0 += tl.where(restart, dc_carried, 0.0)
-            dh_carried = tl.where(restart, 0.0, dh_carried)
-            dc_carried = tl.where(restart, 0.0, dc_carried)
+            dh_carried = send_to_initial(grad_h0_ptr, out_tile, out_ok, restart, dh_carried)
+            dc_carried = send_to_initial(grad_c0_ptr, unit_tile, tile_ok, restart, dc_carried)
         c_t = c_prev
 
         if TELEMETRY:
@@ -362,9 +363,6 @@ def lstm_single_backward_kernel(
             )
         q += 1
 
-    if HAS_RESTARTS:
-        dh_carried += to_h0
-        dc_carried += to_c0
     tl.store(grad_h_ptr + out_tile, dh_carried, mask=out_ok)
     tl.store(grad_c_ptr + unit_tile, dc_carried, mask=tile_ok)
     if TELEMETRY:

@@ -50,6 +50,7 @@ from .cell import (
     load_gate_tiles,
     note_nonfinite,
     program_sequences,
+    send_to_initial,
     sigmoid,
     sigmoid_saturated,
     step_restarts,
@@ -68,16 +69,6 @@ def _gate_dot(
     rows = (gate * H + units).to(tl.int64)
     w = tl.load(w_ptr + rows[None, :] * P + ks[:, None], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
     return tl.dot(h_prev, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _send_to_initial(initial_ptr, rows, width, cols, tile_ok, restart, carried):
-    """Where a step restarted, what reaches its entering state goes to the initial state's gradient, and the
-    previous step's carried gradient restarts from zero. Returns the carried tile."""
-    sent = tile_ok & restart[:, None]
-    tile = initial_ptr + rows[:, None] * width + cols[None, :]
-    tl.store(tile, tl.load(tile, mask=sent, other=0.0) + carried, mask=sent)
-    return tl.where(restart[:, None], 0.0, carried)
 
 
 @triton.heuristics(
@@ -446,7 +437,9 @@ def lstm_streaming_backward_kernel(
             store_gate_tiles(dgates_ptr + gate_tile, H, d_i, d_f, d_g, d_o, tile_ok)
             carried_c = tl.where(keep, dc * gate_f, dc_carried)
             if HAS_RESTARTS:
-                carried_c = _send_to_initial(grad_c0_ptr, rows, H, units, tile_ok, restart, carried_c)
+                carried_c = send_to_initial(
+                    grad_c0_ptr, rows[:, None] * H + units[None, :], tile_ok, restart[:, None], carried_c
+                )
             tl.store(grad_c_ptr + rows[:, None] * H + units[None, :], carried_c, mask=tile_ok)
             if TELEMETRY:
                 cell_sumsq += tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0)
@@ -482,7 +475,9 @@ def lstm_streaming_backward_kernel(
             tile_ok = row_ok[:, None] & out_ok[None, :]
             carried = tl.where(active[:, None], acc, tl.load(dh_tile, mask=tile_ok, other=0.0))
             if HAS_RESTARTS:
-                carried = _send_to_initial(grad_h0_ptr, rows, P, outs, tile_ok, restart, carried)
+                carried = send_to_initial(
+                    grad_h0_ptr, rows[:, None] * P + outs[None, :], tile_ok, restart[:, None], carried
+                )
             tl.store(dh_tile, carried, mask=tile_ok)
         tl.debug_barrier()
 
