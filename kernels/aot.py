@@ -115,7 +115,7 @@ class Result(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The variants: every configuration kernels/launch.py can plan
+# The variants: every configuration kernels/planning.py can plan
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -126,7 +126,7 @@ def _torch_dtype(dtype: str):
 
 
 def config_pairs(chosen) -> tuple:
-    """The constexpr and option pairs a launch.Plan sets, as a variant's `config`."""
+    """The constexpr and option pairs a planning.Plan sets, as a variant's `config`."""
     import triton
 
     cfg = chosen.config
@@ -160,37 +160,37 @@ def config_pairs(chosen) -> tuple:
 
 
 def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
-    """The variant a launch.Plan compiles for one pass, with the given switches."""
+    """The variant a planning.Plan compiles for one pass, with the given switches."""
     family = "split-gluon" if chosen.implementation == "gluon" else chosen.kind
     return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen))
 
 
 def family_configs(family: str, dtype: str) -> list:
     """Every configuration the launcher can choose for a family and dtype, largest first, as (config pairs,
-    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, launch.py)."""
-    from . import launch
+    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, planning.py)."""
+    from . import planning
 
     torch_dtype = _torch_dtype(dtype)
     plans = []
     if family == "single":
-        pads = [p for p in (64, 32, 16) if p <= launch.SINGLE_MAX_PAD[torch_dtype]]
+        pads = [p for p in (64, 32, 16) if p <= planning.SINGLE_MAX_PAD[torch_dtype]]
         for h_pad, is_aligned in itertools.product(pads, (True, False)):
             hidden = h_pad if is_aligned else h_pad - 1
             for proj in sorted({hidden, 16 if is_aligned else 15}, reverse=True):
-                plans.append((launch.Plan("single", launch.single_config(hidden, proj, torch_dtype)), is_aligned))
+                plans.append((planning.Plan("single", planning.single_config(hidden, proj, torch_dtype)), is_aligned))
     elif family in ("split", "split-gluon"):
-        if family == "split-gluon" and torch_dtype not in launch.GLUON_DTYPES:
+        if family == "split-gluon" and torch_dtype not in planning.GLUON_DTYPES:
             return []
-        smallest = launch.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
+        smallest = planning.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
         for is_aligned, batch in itertools.product((True, False), (16, 8)):
-            limit = launch.SPLIT_MAX_PAD[torch_dtype]
+            limit = planning.SPLIT_MAX_PAD[torch_dtype]
             for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
                 hidden = k_pad if is_aligned else k_pad - 1
-                plans.append((launch.Plan("split", launch.split_config(hidden, batch, torch_dtype)), is_aligned))
+                plans.append((planning.Plan("split", planning.split_config(hidden, batch, torch_dtype)), is_aligned))
     else:
         plans = [
-            (launch.Plan("streaming", launch.STREAMING), True),
-            (launch.Plan("streaming", launch.STREAMING), False),
+            (planning.Plan("streaming", planning.STREAMING), True),
+            (planning.Plan("streaming", planning.STREAMING), False),
         ]
     unique = []
     for chosen, is_aligned in plans:

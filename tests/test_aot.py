@@ -23,7 +23,7 @@ def test_quick_matrix_compiles_without_spills_within_shared_memory():
 def test_matrix_covers_every_plan_the_launcher_makes():
     import torch
 
-    from fastlstm.kernels import launch
+    from fastlstm.kernels import planning
 
     covered = {(v.family, v.dtype, v.config, v.aligned) for v in aot.variants()}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -31,9 +31,9 @@ def test_matrix_covers_every_plan_the_launcher_makes():
     for hidden, batch, dtype in itertools.product(hidden_sizes, (1, 8, 9, 16, 64, 300), names):
         for proj in {hidden, max(1, hidden // 4)}:
             for gluon in (False, True):
-                chosen = launch.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
+                chosen = planning.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
                 variant = aot.plan_variant(chosen, "forward", names[dtype], "ieee", ())
-                is_aligned = chosen.kind == "streaming" or launch.aligned(hidden, proj)
+                is_aligned = chosen.kind == "streaming" or planning.aligned(hidden, proj)
                 key = (variant.family, names[dtype], variant.config, is_aligned)
                 assert key in covered, (hidden, proj, batch, dtype, gluon)
 
