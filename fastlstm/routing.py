@@ -7,7 +7,7 @@ decides.
   reference  the plain-torch specification (fastlstm/reference.py), any device.
 
 The last two run layer by layer through fastlstm's own ops (function.py) and are what records telemetry; which
-Triton kernel variant runs is the launcher's choice (kernels/launch.py), not this module's.
+Triton kernel variant runs is the launcher's choice (kernels/planning.py), not this module's.
 
 backend="auto" pays for fastlstm's own implementations only where they are worth it:
   * a pass that records telemetry runs the kernels on CUDA (in their dtypes) and the reference elsewhere;

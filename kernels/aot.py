@@ -126,7 +126,7 @@ class Result(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The variants: every configuration kernels/launch.py can plan
+# The variants: every configuration kernels/planning.py can plan
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -137,7 +137,7 @@ def _torch_dtype(dtype: str):
 
 
 def config_pairs(chosen) -> tuple:
-    """The constexpr and option pairs a launch.Plan sets, as a variant's `config`."""
+    """The constexpr and option pairs a planning.Plan sets, as a variant's `config`."""
     import triton
 
     cfg = chosen.config
@@ -171,37 +171,37 @@ def config_pairs(chosen) -> tuple:
 
 
 def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
-    """The variant a launch.Plan compiles for one pass, with the given switches."""
+    """The variant a planning.Plan compiles for one pass, with the given switches."""
     family = "split-gluon" if chosen.implementation == "gluon" else chosen.kind
     return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen))
 
 
 def family_configs(family: str, dtype: str) -> list:
     """Every configuration the launcher can choose for a family and dtype, largest first, as (config pairs,
-    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, launch.py)."""
-    from . import launch
+    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, planning.py)."""
+    from . import planning
 
     torch_dtype = _torch_dtype(dtype)
     plans = []
     if family == "single":
-        pads = [p for p in (64, 32, 16) if p <= launch.SINGLE_MAX_PAD[torch_dtype]]
+        pads = [p for p in (64, 32, 16) if p <= planning.SINGLE_MAX_PAD[torch_dtype]]
         for h_pad, is_aligned in itertools.product(pads, (True, False)):
             hidden = h_pad if is_aligned else h_pad - 1
             for proj in sorted({hidden, 16 if is_aligned else 15}, reverse=True):
-                plans.append((launch.Plan("single", launch.single_config(hidden, proj, torch_dtype)), is_aligned))
+                plans.append((planning.Plan("single", planning.single_config(hidden, proj, torch_dtype)), is_aligned))
     elif family in ("split", "split-gluon"):
-        if family == "split-gluon" and torch_dtype not in launch.GLUON_DTYPES:
+        if family == "split-gluon" and torch_dtype not in planning.GLUON_DTYPES:
             return []
-        smallest = launch.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
+        smallest = planning.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
         for is_aligned, batch in itertools.product((True, False), (16, 8)):
-            limit = launch.SPLIT_MAX_PAD[torch_dtype]
+            limit = planning.SPLIT_MAX_PAD[torch_dtype]
             for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
                 hidden = k_pad if is_aligned else k_pad - 1
-                plans.append((launch.Plan("split", launch.split_config(hidden, batch, torch_dtype)), is_aligned))
+                plans.append((planning.Plan("split", planning.split_config(hidden, batch, torch_dtype)), is_aligned))
     else:
         plans = [
-            (launch.Plan("streaming", launch.STREAMING), True),
-            (launch.Plan("streaming", launch.STREAMING), False),
+            (planning.Plan("streaming", planning.STREAMING), True),
+            (planning.Plan("streaming", planning.STREAMING), False),
         ]
     unique = []
     for chosen, is_aligned in plans:
@@ -221,7 +221,7 @@ FAMILY_SWITCHES = {
 
 # Restarts (state resets, docs/resets.md) are compiled for a representative subset only, so that they add under a
 # tenth to the matrix (72 variants to 736) rather than doubling it: in each family that takes them
-# (launch.RESTART_FAMILIES; not the Gluon split kernels), the largest aligned and the largest unaligned
+# (planning.RESTART_FAMILIES; not the Gluon split kernels), the largest aligned and the largest unaligned
 # configuration with every switch on plus restarts (the most registers a restarts launch can need), and the largest
 # aligned one also with restarts alone. A launch without restarts compiles the same code as before the switch
 # existed (its tensors are None, HAS_RESTARTS false): the other variants cover it.
@@ -230,9 +230,9 @@ RESTART_SWITCH = "resets"
 
 def _restart_combos(family: str, largest: bool, everything: frozenset) -> list:
     """The restart variants of one configuration; `largest`: the family's largest of its alignment."""
-    from . import launch
+    from . import planning
 
-    if family not in launch.RESTART_FAMILIES or not largest:
+    if family not in planning.RESTART_FAMILIES or not largest:
         return []
     return [everything | {RESTART_SWITCH}]
 

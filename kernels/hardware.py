@@ -1,5 +1,5 @@
-"""The constants of the latency model (kernels/analysis.py) for an H200 SXM (an H100 die with HBM3e), each with the
-public source it comes from, or marked as an assumption with the reason for the value.
+"""The constants of the latency model (kernels/analysis.py, kernels/replay.py) for an H200 SXM (an H100 die with
+HBM3e), each with the public source it comes from, or marked as an assumption with the reason for the value.
 
 Every figure the model prints derives from this table; docs/performance-model.md reproduces it. Replace an
 assumption by a measurement (`fastlstm bench --gpu-check` records the machine) rather than by another guess.

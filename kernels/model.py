@@ -71,23 +71,23 @@ class Route:
 
 
 def routes(shape: Shape) -> list[Route]:
-    """What the launcher (kernels/launch.py, plan_for) runs for a single-layer, unidirectional, unprojected layer
+    """What the launcher (kernels/planning.py, plan_for) runs for a single-layer, unidirectional, unprojected layer
     with telemetry on and no lengths on an H200 (its SM count bounds a cooperative grid; sm_90 takes the Gluon split
     kernels), and, for comparison, the split kernels' tl twins and the streaming kernels FASTLSTM_KERNELS=streaming
     forces."""
     import torch
 
-    from . import aot, launch
+    from . import aot, planning
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[shape.dtype]
     storage = "fp32" if shape.dtype in ("fp32", "tf32") else shape.dtype
     precision = "tf32" if shape.dtype == "tf32" else "ieee"
-    routed = launch.plan_for(shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, gluon=True)
+    routed = planning.plan_for(shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, gluon=True)
     candidates = [routed]
     if routed.implementation == "gluon":
         candidates.append(routed._replace(implementation="tl"))
     if routed.kind != "streaming":
-        candidates.append(launch.Plan("streaming", launch.STREAMING))
+        candidates.append(planning.Plan("streaming", planning.STREAMING))
     out = []
     for chosen in candidates:
         switches = {"telemetry"} | ({"exchange"} if chosen.kind == "split" else set())
@@ -101,7 +101,7 @@ def routes(shape: Shape) -> list[Route]:
                 chosen is routed,
                 forward,
                 backward,
-                launch.programs_of(chosen, shape.batch),
+                planning.programs_of(chosen, shape.batch),
                 resident_weights=chosen.kind in ("single", "split"),
                 launches=launches,
             )

@@ -23,7 +23,7 @@ def test_quick_matrix_compiles_without_spills_within_shared_memory():
 def test_matrix_covers_every_plan_the_launcher_makes():
     import torch
 
-    from fastlstm.kernels import launch
+    from fastlstm.kernels import planning
 
     covered = {(v.family, v.dtype, v.config, v.aligned) for v in aot.variants()}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -31,9 +31,9 @@ def test_matrix_covers_every_plan_the_launcher_makes():
     for hidden, batch, dtype in itertools.product(hidden_sizes, (1, 8, 9, 16, 64, 300), names):
         for proj in {hidden, max(1, hidden // 4)}:
             for gluon in (False, True):
-                chosen = launch.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
+                chosen = planning.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
                 variant = aot.plan_variant(chosen, "forward", names[dtype], "ieee", ())
-                is_aligned = chosen.kind == "streaming" or launch.aligned(hidden, proj)
+                is_aligned = chosen.kind == "streaming" or planning.aligned(hidden, proj)
                 key = (variant.family, names[dtype], variant.config, is_aligned)
                 assert key in covered, (hidden, proj, batch, dtype, gluon)
 
@@ -64,11 +64,11 @@ def test_absent_tensors_compile_as_none_and_set_their_flags():
 
 
 def test_restarts_compile_for_a_subset_of_the_families_that_take_them():
-    from fastlstm.kernels import launch
+    from fastlstm.kernels import planning
 
     every = aot.variants()
     with_restarts = [v for v in every if "resets" in v.switches]
-    assert {v.family for v in with_restarts} == set(launch.RESTART_FAMILIES)  # never the Gluon split kernels
+    assert {v.family for v in with_restarts} == set(planning.RESTART_FAMILIES)  # never the Gluon split kernels
     assert len(with_restarts) <= 0.1 * (len(every) - len(with_restarts))  # the CI budget: at most a tenth more
     _, signature, constexprs, _, _ = aot.signature(next(v for v in with_restarts if v.stage == "backward"))
     assert signature["restarts_ptr"] == "*i1" and constexprs["HAS_RESTARTS"] is True

@@ -222,11 +222,11 @@ def test_a_providers_environment_surrounds_its_check_and_its_timing():
 
 
 def test_streaming_provider_pins_the_kernel_choice_and_restores_it():
-    launch = pytest.importorskip("fastlstm.kernels.launch", reason="triton is not installed")
-    before = launch.KERNELS
+    planning = pytest.importorskip("fastlstm.kernels.planning", reason="triton is not installed")
+    before = planning.KERNELS
     with PROVIDERS["fastlstm-streaming"].environment():
-        assert launch.KERNELS == "streaming"
-    assert launch.KERNELS == before
+        assert planning.KERNELS == "streaming"
+    assert planning.KERNELS == before
     skipped = PROVIDERS["fastlstm-streaming"].unsupported(Problem(1024, 16, 8, "bf16", proj_size=256), CPU)
     assert skipped == CPU_SKIPPED["fastlstm-streaming"]
 

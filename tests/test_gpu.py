@@ -110,7 +110,7 @@ def test_torch_compile_matches_eager():
     assert rel_err(compiled_out, eager_out) <= 1e-6
 
 
-# ---- every kernel family the launcher plans (kernels/launch.py) ----
+# ---- every kernel family the launcher plans (kernels/planning.py) ----
 
 
 @pytest.fixture
@@ -138,9 +138,9 @@ def launched(monkeypatch):
     ids=str,
 )
 def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidden, batch, kind):
-    from fastlstm.kernels import launch
+    from fastlstm.kernels import planning
 
-    if kind == "split" and dtype == torch.float32 and hidden > launch.SPLIT_MAX_PAD[torch.float32]:
+    if kind == "split" and dtype == torch.float32 and hidden > planning.SPLIT_MAX_PAD[torch.float32]:
         kind = "streaming"  # fp32 split programs hold a share of at most SPLIT_MAX_PAD units
     assert_single_layer_parity(dtype, hidden, 256, batch)
     assert {k for _, k, _ in launched} == {kind}
@@ -207,7 +207,7 @@ def test_split_kernels_on_two_streams_do_not_deadlock(launched):
 
 
 def test_host_stepped_exchange_matches_the_cooperative_one(monkeypatch):
-    from fastlstm.kernels import launch
+    from fastlstm.kernels import planning
 
     # The same step code compiled with and without its waits: equal up to the compiler's own choices of operation
     # order, in fp32 with exact dots.
@@ -215,7 +215,7 @@ def test_host_stepped_exchange_matches_the_cooperative_one(monkeypatch):
     x = torch.randn(64, 8, 64, device="cuda", requires_grad=True)
     results = []
     for mode in ("cooperative", "host-stepped"):
-        monkeypatch.setattr(launch, "EXCHANGE", mode)
+        monkeypatch.setattr(planning, "EXCHANGE", mode)
         out, (h_n, c_n) = model(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
         results.append((out, h_n, c_n, *grads))

@@ -1,6 +1,6 @@
 """The Triton kernels on CPU tensors under TRITON_INTERPRET=1, held to the reference backend.
 
-Each kernel family the launcher plans (kernels/launch.py) runs on tiny shapes chosen to exercise its edges:
+Each kernel family the launcher plans (kernels/planning.py) runs on tiny shapes chosen to exercise its edges:
   single    one program per batch tile owns every unit (H <= 64): H=20 and P=12 are ragged pads, B=18 two tiles;
   split     the units split over programs that exchange every step, host-stepped here (the interpreter cannot run a
             wait for another program): H=72 is nine 8-unit programs, B=18 two batch groups; and the same kernels
@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import fastlstm
 from fastlstm import reference
-from fastlstm.kernels import launch
+from fastlstm.kernels import launch, planning
 from fastlstm.kernels.single import lstm_single_forward_kernel
 from fastlstm.telemetry import Telemetry
 
@@ -59,9 +59,9 @@ def launched(monkeypatch):
 def one_group_exchange(monkeypatch):
     """The split kernels with their exchange on, as one 8-unit group per batch group (H <= 8): each program then
     waits on its own flag, which the interpreter can run. Single-program kernels are switched off for it."""
-    monkeypatch.setattr(launch, "SINGLE_MAX_PAD", dict.fromkeys(launch.SINGLE_MAX_PAD, 0))
-    monkeypatch.setattr(launch, "_host_stepped", lambda: False)
-    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 1 << 10)
+    monkeypatch.setattr(planning, "SINGLE_MAX_PAD", dict.fromkeys(planning.SINGLE_MAX_PAD, 0))
+    monkeypatch.setattr(planning, "host_stepped", lambda: False)  # what the plan and the launcher both read
+    monkeypatch.setattr(planning, "_multiprocessors", lambda device: 1 << 10)
 
 
 def random_problem(steps, batch, hidden, proj, dtype, with_lengths, scale=0.4):
@@ -203,7 +203,7 @@ class GridSpy:
 def test_split_batch_groups_run_in_slices_when_their_grid_exceeds_the_device(monkeypatch, one_group_exchange):
     # One program resident at a time: each of the three batch groups (18 sequences, 8 per fp32 program) gets its own
     # cooperative launch, and outputs, gradients and telemetry still match the reference.
-    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 1)
+    monkeypatch.setattr(planning, "_multiprocessors", lambda device: 1)
     grids = []
     for stage in ("forward", "backward"):
         name = f"lstm_split_{stage}_kernel"
@@ -214,14 +214,14 @@ def test_split_batch_groups_run_in_slices_when_their_grid_exceeds_the_device(mon
 
 
 def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
-    fits = launch.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=132, gluon=True).config
-    sliced = launch.plan_for(1024, 1024, 64, torch.bfloat16, max_programs=132, gluon=True).config
+    fits = planning.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=132, gluon=True).config
+    sliced = planning.plan_for(1024, 1024, 64, torch.bfloat16, max_programs=132, gluon=True).config
     assert (fits.unit_groups, fits.batch_groups, fits.launches) == (128, 1, 1)
     assert (sliced.batch_groups, sliced.batch_groups_per_launch, sliced.launches) == (4, 1, 4)
-    wide = launch.plan_for(256, 256, 64, torch.bfloat16, max_programs=132, gluon=True).config
+    wide = planning.plan_for(256, 256, 64, torch.bfloat16, max_programs=132, gluon=True).config
     assert (wide.unit_groups, wide.batch_groups_per_launch, wide.launches) == (32, 4, 1)
     # Not even one batch group's programs fit: no split plan.
-    assert launch.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=64, gluon=True).kind == "streaming"
+    assert planning.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=64, gluon=True).kind == "streaming"
 
 
 def test_hidden_sizes_on_every_pad_boundary(launched):
@@ -339,11 +339,11 @@ def test_a_kernel_without_restarts_refuses_them_loudly(monkeypatch):
     """The Gluon split kernels do not take restarts: the plan runs their tl twins for such a pass, and a plan that
     chose them would fail with fastlstm's own error instead of running them without the restarts."""
     steps, batch, hidden, _ = FAMILIES["split"]
-    with_restarts = launch.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True, restarts=True)
-    gluon_plan = launch.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True)
+    with_restarts = planning.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True, restarts=True)
+    gluon_plan = planning.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True)
     assert (with_restarts.kind, with_restarts.implementation) == ("split", "tl")
     assert (gluon_plan.kind, gluon_plan.implementation) == ("split", "gluon")
-    monkeypatch.setattr(launch, "plan", lambda *args, **kwargs: gluon_plan)
+    monkeypatch.setattr(planning, "plan", lambda *args, **kwargs: gluon_plan)
     problem, grads = random_problem(steps, batch, hidden, 0, torch.bfloat16, with_lengths=False)
     problem["restarts"] = random_resets(steps, batch)
     with pytest.raises(NotImplementedError, match=r"split \(gluon\) kernels do not take restarts"):
@@ -554,12 +554,12 @@ def test_gluon_split_kernels_take_exactly_their_tl_twins_arguments():
 
 def test_plan_takes_gluon_only_on_a_gpu_for_16_bit_storage(monkeypatch):
     on_gpu = {
-        dtype: launch.plan_for(512, 512, 16, dtype, max_programs=132, gluon=True).implementation
+        dtype: planning.plan_for(512, 512, 16, dtype, max_programs=132, gluon=True).implementation
         for dtype in (torch.float16, torch.bfloat16, torch.float32)
     }
     assert on_gpu == {torch.float16: "gluon", torch.bfloat16: "gluon", torch.float32: "tl"}
-    assert launch.plan_for(512, 512, 16, torch.bfloat16, max_programs=None, gluon=False).implementation == "tl"
-    monkeypatch.setattr(launch, "KERNELS", "tl")
-    assert launch.plan_for(512, 512, 16, torch.bfloat16, max_programs=132, gluon=True).implementation == "tl"
+    assert planning.plan_for(512, 512, 16, torch.bfloat16, max_programs=None, gluon=False).implementation == "tl"
+    monkeypatch.setattr(planning, "KERNELS", "tl")
+    assert planning.plan_for(512, 512, 16, torch.bfloat16, max_programs=132, gluon=True).implementation == "tl"
     # Here, under the interpreter, the launcher never plans Gluon.
-    assert launch.plan(512, 512, 16, torch.bfloat16, torch.device("cpu")).implementation == "tl"
+    assert planning.plan(512, 512, 16, torch.bfloat16, torch.device("cpu")).implementation == "tl"

@@ -119,9 +119,9 @@ def _native_unsupported(problem, device):
 
 
 def _streaming_kernels():
-    from fastlstm.kernels import launch
+    from fastlstm.kernels import planning
 
-    return launch.kernels("streaming")
+    return planning.kernels("streaming")
 
 
 def _streaming_unsupported(problem, device):

@@ -1,0 +1,271 @@
+"""Which kernel runs a layer-direction, and with which configuration: the launcher's plan.
+
+Given the hidden size, the projection, the batch and the storage dtype (and, on a GPU, how many programs the device
+holds at once), `plan` picks one of three families and sizes it:
+  - single (single.py): one program per batch tile holds all of W_hh in registers;
+  - split (forward.py / backward.py, or their Gluon versions in split_gluon.py): the units split over about one
+    program per SM, exchanging h_t (gate gradients) every step, launched cooperatively;
+  - streaming (streaming.py): one program per 16 sequences re-reads W_hh from L2 every step; it takes what the
+    resident kernels cannot (a projection past the single kernel's sizes, hidden sizes whose share does not fit a
+    split program's registers, more programs than the device can hold at once).
+Each limit below is the largest configuration that compiles without spills (kernels/aot.py checks every variant).
+Nothing here allocates or launches: launch.py does, from a Plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+
+def _option(name: str, default: str, choices: tuple) -> str:
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+# Launch options, read once at import (docs/environment.md lists every variable):
+#   FASTLSTM_KERNELS   auto (`plan` below) | tl (the split kernels' `tl` twins also on a GPU, where auto runs the Gluon
+#                      ones: to tell a wrong result of one from the other) | streaming (the streaming kernels for every
+#                      layer: a fallback that needs no co-residency, and the baseline of the benchmarks)
+#   FASTLSTM_EXCHANGE  cooperative (one launch per pass) | host-stepped (one launch per step: the interpreter's mode,
+#                      for debugging a cooperative kernel on a GPU)
+KERNEL_CHOICES = ("auto", "tl", "streaming")
+KERNELS = _option("FASTLSTM_KERNELS", "auto", KERNEL_CHOICES)
+EXCHANGE = _option("FASTLSTM_EXCHANGE", "cooperative", ("cooperative", "host-stepped"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StreamingConfig(NamedTuple):
+    block_b: int  # sequences per program
+    block_h: int  # hidden units (or projected units) per tile
+    block_k: int  # reduction chunk of the tl.dot calls
+    num_warps: int
+    num_stages: int  # software pipelining depth of the reduction loops
+    maxnreg: int  # register cap handed to ptxas
+
+
+# 16-sequence x 32-unit tiles with 16-wide reductions on 8 warps, unpipelined, and ptxas allowed 255 registers:
+# the AOT matrix showed every larger tile, 4 warps or a pipelined reduction spilling in some variant.
+STREAMING = StreamingConfig(block_b=16, block_h=32, block_k=16, num_warps=8, num_stages=1, maxnreg=255)
+
+
+class SingleConfig(NamedTuple):
+    """single.py: one program per batch tile owns every unit."""
+
+    block_b: int  # sequences per program
+    h_pad: int  # H and P padded to powers of two (>= 16, tl.dot's smallest reduction)
+    p_pad: int
+    num_warps: int
+    maxnreg: int  # register cap handed to ptxas (see MAX_REGISTERS)
+
+
+class SplitConfig(NamedTuple):
+    """forward.py / backward.py: the units split over about one program per SM, exchanging every step."""
+
+    units: int  # hidden units per program (its W_hh share: 4 * units rows forward, 4 * units columns backward)
+    block_b: int  # sequences per program
+    k_pad: int  # the reduction axis (H), padded to a power of two
+    k_split: int  # slices of the reduction axis, one per warp
+    num_warps: int
+    maxnreg: int
+    unit_groups: int
+    batch_groups: int
+    # Batch groups exchange nothing with each other, so where the whole grid would not be resident at once the
+    # launcher runs them in slices of this many, one cooperative launch per slice, one after another on the stream.
+    batch_groups_per_launch: int
+
+    @property
+    def programs(self) -> int:
+        return self.unit_groups * self.batch_groups
+
+    @property
+    def launches(self) -> int:
+        return triton.cdiv(self.batch_groups, self.batch_groups_per_launch)
+
+
+class Plan(NamedTuple):
+    kind: str  # "single" | "split" | "streaming"
+    config: SingleConfig | SplitConfig | StreamingConfig
+    # How the split kernels are written: "gluon" (split_gluon.py: explicit layouts, 16-bit storage on a GPU) or
+    # "tl" (forward.py / backward.py: their twins, which the interpreter runs and fp32 uses).
+    implementation: str = "tl"
+
+
+# Left to itself, ptxas caps some of these kernels at 128 (or fewer) registers, aiming at two programs per SM, and
+# spills; both resident kernels hold their weights in registers and want the whole budget of one program per SM.
+MAX_REGISTERS = 255
+
+# single.py holds 4 * H_PAD * P_PAD weights (plus W_hr) in registers: the largest padded sizes, per storage dtype,
+# with which every variant compiles without spills for sm_80 and sm_90 (kernels/aot.py checks them all).
+SINGLE_MAX_PAD = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+SINGLE_WARPS = 8
+
+# Units per program when they are split: 8 gives 32 gate rows (the A operand of the forward product) and, at
+# H=1024, 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8
+# warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp. The largest padded H per storage dtype
+# that compiles without spills (kernels/aot.py): fp32 weights take twice the registers (at 512 units the fp32
+# forward spilled over a kilobyte, at 256 the fp32 backward 8-40 bytes in most switch combinations). The batch tile
+# shrinks instead of the limit where sizes are unaligned (block_b_for).
+SPLIT_UNITS = 8
+SPLIT_WARPS = 8
+SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
+
+# The Gluon split kernels run tensor-core (mma.sync) products of 16-bit operands; fp32 storage, whose exact dots are
+# FMA products, keeps the tl twins.
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def aligned(*sizes: int) -> bool:
+    """Whether triton compiles a launch with these sizes as multiples of 16 (it specialises on that): otherwise
+    every row address is unaligned, loads lose their 16-byte vectors and the kernels need more registers."""
+    return all(n % 16 == 0 for n in sizes)
+
+
+def block_b_for(batch: int, dtype: torch.dtype, is_aligned: bool) -> int:
+    """Sequences per program: 16, or 8 where the tiles must shrink to fit the registers without spills (fp32, whose
+    dots take more registers; unaligned sizes, see `aligned`) or where there are no more than 8 sequences."""
+    return 8 if batch <= 8 or dtype == torch.float32 or not is_aligned else 16
+
+
+def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | None:
+    h_pad = max(16, triton.next_power_of_2(hidden))
+    # A 16-wide projection tile under a wider unit tile made ptxas keep the projection's operands in a local-memory
+    # array (kilobytes of spills); 32 columns, masked past P, compile cleanly.
+    p_pad = max(triton.next_power_of_2(proj), min(32, h_pad))
+    limit = SINGLE_MAX_PAD[dtype]
+    if h_pad > limit or p_pad > limit:
+        return None
+    block_b = block_b_for(16, dtype, aligned(hidden, proj))
+    return SingleConfig(block_b=block_b, h_pad=h_pad, p_pad=p_pad, num_warps=SINGLE_WARPS, maxnreg=MAX_REGISTERS)
+
+
+def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
+    k_pad = max(16, triton.next_power_of_2(hidden))
+    is_aligned = aligned(hidden)
+    if k_pad > SPLIT_MAX_PAD[dtype]:
+        return None
+    block_b = block_b_for(batch, dtype, is_aligned)
+    return SplitConfig(
+        units=SPLIT_UNITS,
+        block_b=block_b,
+        k_pad=k_pad,
+        k_split=max(1, min(SPLIT_WARPS, k_pad // 16)),  # each slice at least 16 wide (tl.dot's K >= 16)
+        num_warps=SPLIT_WARPS,
+        maxnreg=MAX_REGISTERS,
+        unit_groups=triton.cdiv(hidden, SPLIT_UNITS),
+        batch_groups=triton.cdiv(batch, block_b),
+        batch_groups_per_launch=triton.cdiv(batch, block_b),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device, restarts: bool = False) -> Plan:
+    """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
+    gluon = not interpreting() and _capability(device) >= (8, 0)
+    return plan_for(
+        hidden,
+        proj,
+        batch,
+        dtype,
+        max_programs=None if host_stepped() else _multiprocessors(device),
+        gluon=gluon,
+        restarts=restarts,
+    )
+
+
+# The kernel families that take restarts (state resets inside the loop, docs/resets.md); a pass with restarts is
+# planned among them only, so that no kernel ever runs one while ignoring them. The split kernels take them in their
+# `tl` form only: a pass with restarts runs the tl twins where the Gluon ones would otherwise run.
+RESTART_FAMILIES = ("single", "split", "streaming")
+RESTART_IMPLEMENTATIONS = ("tl",)
+
+
+def takes_restarts(chosen: Plan) -> bool:
+    return chosen.kind in RESTART_FAMILIES and (
+        chosen.kind != "split" or chosen.implementation in RESTART_IMPLEMENTATIONS
+    )
+
+
+def plan_for(
+    hidden: int,
+    proj: int,
+    batch: int,
+    dtype: torch.dtype,
+    max_programs: int | None,
+    gluon: bool = False,
+    restarts: bool = False,
+) -> Plan:
+    """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
+    projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
+    max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
+    Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype and the pass has no `restarts`
+    (RESTART_FAMILIES); else the streaming kernels, which take everything."""
+    if KERNELS != "streaming":
+        single = single_config(hidden, proj, dtype)
+        if single is not None:
+            return Plan("single", single)
+        split = split_config(hidden, batch, dtype) if proj == hidden else None
+        if split is not None and max_programs is not None:
+            per_launch = max_programs // split.unit_groups
+            split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
+        if split is not None:
+            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
+            return Plan("split", split, "gluon" if use_gluon else "tl")
+    return Plan("streaming", STREAMING)
+
+
+def programs_of(chosen: Plan, batch: int) -> int:
+    """How many programs one launch of a plan runs for `batch` sequences."""
+    if chosen.kind == "split":
+        return chosen.config.unit_groups * chosen.config.batch_groups_per_launch
+    return triton.cdiv(batch, chosen.config.block_b)
+
+
+@contextlib.contextmanager
+def kernels(choice: str):
+    """KERNELS = choice inside the block (restored after): how a benchmark or test pins the kernel choice for the
+    launches it makes, forward and backward alike."""
+    global KERNELS
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    previous, KERNELS = KERNELS, choice
+    try:
+        yield
+    finally:
+        KERNELS = previous
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the plan asks of the device and the environment
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def host_stepped() -> bool:
+    """Whether the split kernels run one launch per step (the launcher reads it too, to launch them that way)."""
+    return EXCHANGE == "host-stepped" or interpreting()
+
+
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
