@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import native
 from .function import lstm_layer
+from .resets import direction_restarts, time_major_resets
 from .routing import PassShape, check_backend_name, choose
 from .telemetry import Telemetry
 
@@ -311,7 +312,7 @@ class LSTM(nn.RNNBase):
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if resets is not None:
-            resets = self._time_major_resets(resets, x, batched, sorted_indices if packed else None)
+            resets = time_major_resets(resets, x, batched, self.batch_first, sorted_indices if packed else None)
 
         weights = self._weights()
         autocast_dtype = _autocast_dtype(x.device)
@@ -367,30 +368,6 @@ class LSTM(nn.RNNBase):
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
-    def _time_major_resets(self, resets, x: Tensor, batched: bool, sorted_indices) -> Tensor:
-        """The user's resets as a contiguous bool [T, B] in the order of x's sequences (sorted for packed input)."""
-        if not isinstance(resets, torch.Tensor):
-            raise TypeError(f"LSTM: resets must be a Tensor or None, got {type(resets).__name__}")
-        if resets.dtype.is_floating_point or resets.dtype.is_complex:
-            raise RuntimeError(f"LSTM: resets must be a bool or integer tensor, got {resets.dtype}")
-        if resets.device != x.device:
-            raise RuntimeError(f"LSTM: resets is on {resets.device} but input is on {x.device}")
-        steps, batch = x.shape[0], x.shape[1]
-        if batched:
-            expected = (batch, steps) if self.batch_first else (steps, batch)
-            layout = "[batch, time] (batch_first)" if self.batch_first else "[time, batch]"
-        else:
-            expected, layout = (steps,), "[time] (unbatched input)"
-        if tuple(resets.shape) != expected:
-            raise RuntimeError(f"LSTM: Expected resets of shape {list(expected)} {layout}, got {list(resets.shape)}")
-        if not batched:
-            resets = resets.unsqueeze(1)
-        elif self.batch_first:
-            resets = resets.t()
-        if sorted_indices is not None:
-            resets = resets.index_select(1, sorted_indices)
-        return (resets if resets.dtype == torch.bool else resets != 0).contiguous()
-
     def _weights(self) -> list:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer-direction, read through getattr on every call so that
         reassigned weights, parametrizations, weight norm and torch.func.functional_call are honoured."""
@@ -445,19 +422,6 @@ class _ScriptableLSTM(LSTM):
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
-
-
-def direction_restarts(resets: Tensor | None, num_directions: int) -> tuple:
-    """Each direction's restarts (reference.py: the steps whose entering state is h0/c0) from the resets [T, B].
-
-    Direction 0 restarts where a step starts an episode. Direction 1 walks time backwards, so an episode boundary
-    before step t is met after step t, when entering step t - 1: it restarts at the last step of each episode."""
-    if resets is None:
-        return (None, None)
-    if num_directions == 1:
-        return (resets, None)
-    backwards = torch.cat((resets[1:], torch.zeros_like(resets[:1])))
-    return (resets, backwards)
 
 
 def _check_hx_form(hx) -> None:

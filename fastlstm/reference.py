@@ -15,7 +15,7 @@ output is zero. In the reverse direction the same rule makes each sequence start
 Restarts (episode boundaries inside a sequence, docs/resets.md) count only at steps inside a sequence. A restart cuts
 the recurrence's gradient: nothing flows from step t into the state of its previous step; what reaches the re-injected
 state goes to h0 and c0, whose gradients therefore add up over the first step and every restarted step. The module
-turns the user's `resets` mask into each direction's `restarts` (module.py, `direction_restarts`).
+turns the user's `resets` mask into each direction's `restarts` (fastlstm/resets.py).
 
 It is also what `backend="auto"` runs on the CPU when a pass records telemetry, so it is written for speed the one
 way eager PyTorch allows. An operation costs a few microseconds whatever its size, so each step issues only what
