@@ -1,6 +1,8 @@
 """`fastlstm bench`: the benchmark runner (runner.py) with its grid (cases.py), implementations (providers.py),
 timing (timing.py) and report (report.py)."""
 
-from .runner import cpu_threads, main, problem_seed, run
+from .providers import problem_seed
+from .runner import main, run
+from .timing import cpu_threads
 
 __all__ = ["cpu_threads", "main", "problem_seed", "run"]

@@ -130,9 +130,17 @@ def measure_problem(problem: Problem, device, seed: int, providers=PROVIDERS) ->
     the time users get; its gate result is recorded beside it."""
     import torch
 
-    from .providers import BASELINE, POOL, check_correctness, make_inputs, make_step, make_weights, precision
+    from .providers import (
+        BASELINE,
+        POOL,
+        check_correctness,
+        make_inputs,
+        make_step,
+        make_weights,
+        precision,
+        problem_seed,
+    )
     from .providers import PROVIDERS as ALL
-    from .runner import problem_seed
 
     case_seed = problem_seed(problem, seed)
     result = {"correctness": {}, "timing": {}}
@@ -168,12 +176,12 @@ def worker(cases_path: str, device_name: str, seed: int, providers=PROVIDERS) ->
     """Child process: one JSON line per event on stdout ({"event": "start" | "result", "case": ...})."""
     import torch
 
-    from .runner import cpu_threads
+    from .timing import cpu_threads
 
     device = torch.device(device_name)
     with open(cases_path) as f:
         problems = [Problem(**p) for p in json.load(f)]
-    with cpu_threads(1 if device.type == "cpu" else None):  # as the runner does on the CPU (runner.cpu_threads)
+    with cpu_threads(1 if device.type == "cpu" else None):  # as the runner does on the CPU (timing.cpu_threads)
         for problem in problems:
             _emit({"event": "start", "case": problem.name})
             try:
