@@ -17,6 +17,7 @@ Reading a history needs numpy only: nothing here imports torch or the trainer.
 from __future__ import annotations
 
 from ..history_view import HistoryView
+from . import rules  # noqa: F401 - importing the families registers their rules (registry.py)
 from .causes import LINKS, attach_causes, consequences_of
 from .findings import FINDINGS_FORMAT, SEVERITIES, Finding, dumps, findings_to_json, format_report, root_causes
 from .registry import codes, codes_table, specs
