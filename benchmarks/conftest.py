@@ -34,7 +34,7 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _one_cpu_thread():
     """One intra-op thread on the CPU, as `fastlstm bench --device cpu` does: at these sizes threads buy nothing, and
-    on a shared CI machine a descheduled second thread stalls every op (fastlstm/bench/runner.py, cpu_threads)."""
+    on a shared CI machine a descheduled second thread stalls every op (fastlstm/bench/timing.py, cpu_threads)."""
     with cpu_threads(1):
         yield
 

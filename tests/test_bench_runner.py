@@ -385,7 +385,7 @@ GPU_CHECK_TINY = [Problem(16, 1, 8, "fp32"), Problem(32, 4, 8, "bf16"), Problem(
 
 
 def test_gpu_check_grid_is_the_performance_models_shapes():
-    from fastlstm.bench.gpu_check import check_problems
+    from fastlstm.bench.gpu_plan import check_problems
     from fastlstm.kernels.model import model_shapes
 
     problems = check_problems("cuda")
@@ -397,7 +397,7 @@ def test_gpu_check_grid_is_the_performance_models_shapes():
 
 
 def test_gpu_check_on_the_cpu_gates_times_and_puts_the_model_beside_each_measurement(tmp_path):
-    from fastlstm.bench import gpu_check
+    from fastlstm.bench import gpu_check, gpu_plan, gpu_worker
 
     problem = GPU_CHECK_TINY[0]
     modelled = {"forward_ms": 1.5, "forward_backward_ms": 4.5, "forward_us_per_step": 187.5}
@@ -422,11 +422,11 @@ def test_gpu_check_on_the_cpu_gates_times_and_puts_the_model_beside_each_measure
     case = doc["cases"][problem.name]
     assert case["status"] == "ok", case
     assert case["modelled"] == modelled
-    assert all(case["correctness"][p]["passed"] for p in gpu_check.PROVIDERS)
-    for mode in gpu_check.MODES:
-        for provider in gpu_check.PROVIDERS:
+    assert all(case["correctness"][p]["passed"] for p in gpu_plan.PROVIDERS)
+    for mode in gpu_plan.MODES:
+        for provider in gpu_plan.PROVIDERS:
             t = case["timing"][mode][provider]
-            assert t["median_ms"] > 0 and 1 <= t["samples"] <= gpu_check.REPEATS
+            assert t["median_ms"] > 0 and 1 <= t["samples"] <= gpu_worker.REPEATS
             assert t["us_per_step"] == pytest.approx(t["median_ms"] * 1000 / problem.seq)
     assert doc["tests"]["status"] == "passed" and "3 passed" in doc["tests"]["tail"]
     written = json.loads((out / "gpu-check.json").read_text())
@@ -435,6 +435,23 @@ def test_gpu_check_on_the_cpu_gates_times_and_puts_the_model_beside_each_measure
     measured = merged["cases"][problem.name]["measured"]
     assert measured["forward"]["fastlstm"]["median_ms"] == case["timing"]["forward"]["fastlstm"]["median_ms"]
     assert problem.name in (out / "gpu-check.md").read_text()
+
+
+def test_gpu_check_worker_reports_each_case_as_a_start_and_a_result_line(tmp_path, capsys):
+    """The worker's protocol, in this process, through the command line it had inside gpu_check (`--worker`)."""
+    from fastlstm.bench import gpu_check, gpu_plan
+
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([vars(p) for p in GPU_CHECK_TINY[:2]]))
+    assert gpu_check.main(["--worker", str(cases), "--device", "cpu", "--providers", "nn.LSTM"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [p.name for p in GPU_CHECK_TINY[:2]]
+    assert [(e["event"], e["case"]) for e in events] == [(kind, n) for n in names for kind in ("start", "result")]
+    for event in events[1::2]:
+        result = event["result"]
+        assert result["status"] == "ok", result
+        assert set(result["correctness"]) == {"nn.LSTM"}
+        assert all(result["timing"][mode]["nn.LSTM"]["median_ms"] > 0 for mode in gpu_plan.MODES)
 
 
 def test_gpu_check_kills_a_hung_case_and_carries_on_in_a_fresh_worker(tmp_path):

@@ -21,7 +21,7 @@ from support import one_cpu_thread
 
 import fastlstm
 from fastlstm import doctor
-from fastlstm.doctor.signals import truncated_gradient_share
+from fastlstm.doctor.measures import truncated_gradient_share
 from fastlstm.history_view import HistoryView
 from fastlstm.jsonio import write_json
 

@@ -277,6 +277,16 @@ def test_codes_and_the_docs_table_derive_from_the_registry():
     assert {e for link in doctor.LINKS for e in link.effects} <= set(doctor.CODES)
 
 
+def test_the_registry_module_prints_the_table_of_the_registered_rules():
+    """`python -m fastlstm.doctor.registry` (docs/doctor.md) prints the same table, every code in it."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    command = [sys.executable, "-m", "fastlstm.doctor.registry"]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == doctor.codes_table()
+    assert all(f"| `{code}` |" in result.stdout for code in doctor.CODES)
+
+
 def test_the_doctor_reads_a_history_without_torch_or_the_trainer(tmp_path):
     """The doctor and what it imports need numpy only: run it where importing torch or fastlstm.tbptt fails."""
     path = tmp_path / "run.json"

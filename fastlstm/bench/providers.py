@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import zlib
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -211,6 +212,11 @@ def default_providers() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ weights, inputs
+
+
+def problem_seed(problem, seed: int) -> int:
+    """Distinct weights per problem, identical for every provider of it, reproducible across runs."""
+    return (zlib.crc32(problem.name.encode()) + 7919 * seed) % 2**31
 
 
 @functools.lru_cache(maxsize=2)

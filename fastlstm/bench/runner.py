@@ -20,8 +20,6 @@ import gc
 import os
 import sys
 import time
-import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 
 import torch
@@ -52,8 +50,9 @@ from .providers import (
     make_step,
     make_weights,
     precision,
+    problem_seed,
 )
-from .timing import peak_memory, sync_check, time_step
+from .timing import cpu_threads, peak_memory, sync_check, time_step
 
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
@@ -190,30 +189,10 @@ def _timer(args, device: str):
 # ---------------------------------------------------------------------------------------------------- the run
 
 
-def problem_seed(problem, seed: int) -> int:
-    """Distinct weights per problem, identical for every provider of it, reproducible across runs."""
-    return (zlib.crc32(problem.name.encode()) + 7919 * seed) % 2**31
-
-
 def run(cases, providers, device, timer, *, seed=0, command="fastlstm bench", quick=False, log=print) -> dict:
     """Measure every case with every provider; returns the result document (see report.py)."""
     with cpu_threads(1 if device.type == "cpu" else None):
         return _run(cases, providers, device, timer, seed, command, quick, log)
-
-
-@contextmanager
-def cpu_threads(n):
-    """Run with n intra-op threads (None: leave as is), restored afterwards. CPU runs use one: at smoke-test sizes
-    threads buy nothing, and on a shared machine an op whose second thread is descheduled stalls for a scheduler
-    tick (measured here: nn.LSTM H=16, T=8 took 84 ms per call with 2 threads next to another busy process, and
-    0.13 ms with 1)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(cases, providers, device, timer, seed, command, quick, log) -> dict:

@@ -1,4 +1,5 @@
-"""How `fastlstm bench` measures a step: time (with warm-up and separate repeats), peak memory, host syncs.
+"""How `fastlstm bench` measures a step: time (with warm-up and separate repeats), peak memory, host syncs, and
+the CPU thread count it measures under (`cpu_threads`).
 
 On CUDA each call is bracketed by CUDA events, so the time is what the GPU's stream spent from the call's first
 launch to its last, including any gaps while the host was still launching (the Python overhead a user pays too).
@@ -11,6 +12,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -127,3 +129,18 @@ def sync_check(step: Callable[[int], None], device: torch.device) -> dict:
         torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
     return {"status": "passed", "detail": "no host synchronisation in a training step"}
+
+
+@contextmanager
+def cpu_threads(n):
+    """Run with n intra-op threads (None: leave as is), restored afterwards. CPU runs use one: at smoke-test sizes
+    threads buy nothing, and on a shared machine an op whose second thread is descheduled stalls for a scheduler
+    tick (measured here: nn.LSTM H=16, T=8 took 84 ms per call with 2 threads next to another busy process, and
+    0.13 ms with 1)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -6,10 +6,10 @@
 
 Each rule (rules/<family>.py, registered in registry.py) reads measured signals (signals.py: losses, gradient norms
 before and after clipping, update ratios, per-timestep gradient norms, gate saturation, first non-finite location,
-input and target statistics, carried state, truncation events), compares them with a documented threshold
-(`Thresholds`), and reports a `Finding(code, severity, message, evidence, remedy, caused_by)` (findings.py). The
-causal links (causes.py) put each symptom under the fault that explains it. docs/doctor.md documents every rule and
-the precision/recall measured on failure reproductions and real datasets.
+input and target statistics, carried state, truncation events; the statistics in measures.py), compares them with a
+documented threshold (`Thresholds`, thresholds.py), and reports a `Finding(code, severity, message, evidence,
+remedy, caused_by)` (findings.py). The causal links (causes.py) put each symptom under the fault that explains it.
+docs/doctor.md documents every rule and the precision/recall measured on failure reproductions and real datasets.
 
 Reading a history needs numpy only: nothing here imports torch or the trainer.
 """
@@ -17,10 +17,12 @@ Reading a history needs numpy only: nothing here imports torch or the trainer.
 from __future__ import annotations
 
 from ..history_view import HistoryView
+from . import rules  # noqa: F401 - importing the families registers their rules (registry.py)
 from .causes import LINKS, attach_causes, consequences_of
 from .findings import FINDINGS_FORMAT, SEVERITIES, Finding, dumps, findings_to_json, format_report, root_causes
 from .registry import codes, codes_table, specs
-from .signals import DEFAULT_THRESHOLDS, Signals, Thresholds
+from .signals import Signals
+from .thresholds import DEFAULT_THRESHOLDS, Thresholds
 
 CODES = codes()  # the fixed vocabulary, in report order (registry.py)
 CONSEQUENCES = {code: consequences_of(code) for code in CODES if consequences_of(code)}

@@ -27,6 +27,12 @@ class RuleSpec:
 
 _REGISTRY: list = []
 
+# The report order: the families (modules of rules/) in this order, each family's rules in the order its module
+# defines them. That order also decides which of several causes a consequence is reported under (causes.py), so
+# families whose findings are root causes (bad values, bad data) come before those whose findings are usually their
+# symptoms.
+FAMILY_ORDER = ("nonfinite", "data", "loss", "gradients", "gates", "truncation", "stagnation", "validation", "history")
+
 
 def rule(code: str, *, family: str, severity: str, signal: str, threshold: str) -> Callable:
     """Register the decorated `check(signals)` as the rule for `code`."""
@@ -41,9 +47,8 @@ def rule(code: str, *, family: str, severity: str, signal: str, threshold: str) 
 
 
 def specs() -> tuple:
-    """Every registered rule in report order: by family (rules.FAMILY_ORDER), then in the order each family's
-    module defines them."""
-    from .rules import FAMILY_ORDER
+    """Every registered rule in report order: by family (FAMILY_ORDER), then in the order each family's module
+    defines them. The rules register when the doctor package imports rules/."""
 
     def family_rank(spec: RuleSpec) -> int:
         module = spec.check.__module__.rsplit(".", 1)[-1]
@@ -68,4 +73,7 @@ def codes_table() -> str:
 
 
 if __name__ == "__main__":
-    print(codes_table())
+    # Run with -m, this file is a second copy of the module: the rules registered in the package's copy.
+    from fastlstm.doctor.registry import codes_table as registered_table
+
+    print(registered_table())

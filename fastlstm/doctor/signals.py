@@ -1,9 +1,9 @@
-"""What the doctor measures in a History, and the thresholds its rules compare the measurements with.
+"""What the doctor measures in a History, once per history, for the rules to share.
 
-`Signals` derives, once per history, the quantities several rules share (initial and final loss, the loss of a
-constant predictor, gradient-norm profiles through time, gate saturation series, input scale offenders); the
-module-level functions are the measurements themselves (robust medians, Kendall's tau, the share of gradient a
-truncation window misses). Nothing here decides what is a problem: that is rules.py, against `Thresholds`.
+`Signals` derives the quantities several rules read (initial and final loss, the loss of a constant predictor,
+gradient-norm profiles through time, gate saturation series, input scale offenders) from a HistoryView; the
+statistics it and the rules apply are measures.py's, the numbers the rules compare them with thresholds.py's.
+Nothing here decides what is a problem: that is the rules' job (rules/<family>.py).
 """
 
 from __future__ import annotations
@@ -15,60 +15,8 @@ from functools import cached_property
 import numpy as np
 
 from ..history_view import HistoryView
-
-
-@dataclasses.dataclass(frozen=True)
-class Thresholds:
-    """Every number a rule compares against. docs/doctor.md explains each; override for experiments with
-    `diagnose(history, Thresholds(...))`."""
-
-    min_steps: int = 10  # loss rules need at least this many finite training losses
-    # exploding_gradients
-    explode_through_time: float = 1e3  # max_t ‖∂L/∂h_t‖ / ‖∂L/∂h_T‖ (or 10·T if larger)
-    explode_spike: float = 100.0  # a step's grad norm / its baseline (see `spike_baseline_steps`)
-    explode_error: float = 1e4  # spike or growth ratio at which the finding is an error
-    spike_baseline_steps: int = 20  # baseline: median norm of this many preceding steps, floored (docs/doctor.md)
-    spike_min_steps: int = 2  # a warning needs this many spiking steps; a lone spike is info
-    explode_growth: float = 100.0  # median grad norm of the last 20% of steps / of the first 10%
-    clip_contains: float = 0.9  # clipping "contains" the spikes when it was in effect on this share of them
-    # vanishing_gradients
-    vanish_ratio: float = 1e-3  # ‖∂L/∂h‖ at the sequence start / at its end
-    learned_fraction: float = 0.5  # the run "learned" if final loss < this × initial loss
-    # gate_saturation
-    saturation_warning: float = 0.6  # fraction of a gate's activations saturated, averaged over recent windows
-    forget_open_share: float = 0.5  # forget-gate saturation provably this much *open* is memory, not a fault
-    # unscaled_inputs / unscaled_targets
-    feature_rms_max: float = 10.0  # sqrt(mean² + std²) of one feature
-    feature_spread_max: float = 1e3  # largest / smallest feature RMS
-    target_offset: float = 3.0  # |mean| / std of a target beyond which its offset dominates
-    initial_vs_constant: float = 10.0  # initial loss / MSE of the constant (mean) predictor
-    # loss_stagnant / loss_zero
-    stagnant_improvement: float = 0.05  # relative fall of the loss from its start to its end
-    stagnant_sigmas: float = 3.0  # the fall must exceed this many standard errors of the loss level
-    zero_relative: float = 1e-6  # final / initial loss at or below which the loss counts as zero
-    # loss_diverging
-    diverge_rise: float = 0.2  # final loss above the lower of its initial and best level by this fraction
-    diverge_error: float = 10.0  # final / reference at which the finding is an error (or a non-finite end)
-    update_ratio_high: float = 1e-2  # ‖Δθ‖/‖θ‖ per step; ~1e-3 is the usual healthy order
-    clip_active_share: float = 0.5  # clipping counts as in effect when it scaled this share of the steps
-    # train_val_divergence
-    min_evals: int = 5
-    divergence_rise: float = 0.1  # recent validation loss above its best by this fraction
-    divergence_trend: float = 0.3  # Kendall's tau of the validation loss after its best
-    divergence_noise_multiple: float = 3.0  # the rise, in multiples of the curve's evaluation-to-evaluation noise
-    # val_oscillation
-    oscillation_rise: float = 0.15  # median rise of val_loss (when it rises), relative to the value before it
-    oscillation_sign_changes: float = 0.5  # fraction of successive changes that reverse direction
-    oscillation_swing_to_trend: float = 4.0  # total |Δ val_loss| / |net change| over the later evaluations
-    # subset_disparity
-    subset_ratio: float = 2.0  # worst subset loss / median of the other subsets
-    # truncation_too_short
-    truncation_bias: float = 0.1  # estimated share of the gradient that lies beyond the truncation window
-    truncation_min_correlation: float = 0.2  # residual-input correlation beyond k2 that matters (r² ≥ 4%)
-    carried_share: float = 0.5  # share of an LSTM's training passes given a nonzero, detached state: chunked
-
-
-DEFAULT_THRESHOLDS = Thresholds()
+from .measures import kendall_tau, median_positive, median_se, scale_offenders
+from .thresholds import Thresholds
 
 # Loss levels are compared over five consecutive blocks (fifths of the run): long enough to average out structure
 # within a run (a stream's easy first chunks, an epoch's batch order), short enough that a late rise is its own block.
@@ -114,11 +62,6 @@ class GradientProfile:
         """How many steps back from the end the gradient stays above `fraction` × its end level."""
         above = self.norms[::-1] >= fraction * self.end
         return int(np.argmin(above)) if not above.all() else len(self.norms)
-
-
-def median_positive(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if values.size else math.nan
 
 
 class Signals:
@@ -387,14 +330,6 @@ def _running_median(loss: np.ndarray, width: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(loss, width), axis=1)
 
 
-def _lowest_run(loss: np.ndarray, width: int) -> np.ndarray:
-    """The `width` consecutive losses with the lowest median (the best level and its noise)."""
-    if loss.size <= width:
-        return loss
-    start = int(np.argmin(_running_median(loss, width)))
-    return loss[start : start + width]
-
-
 def _onset(steps: np.ndarray, loss: np.ndarray, width: int, level: float, start: int) -> int:
     """The first step from index `start` on at which the running median of `width` losses exceeds `level`."""
     smooth = _running_median(loss, width)
@@ -402,110 +337,6 @@ def _onset(steps: np.ndarray, loss: np.ndarray, width: int, level: float, start:
     above = np.flatnonzero(smooth[start:] > level)
     index = start + (int(above[0]) if above.size else smooth.size - 1 - start)
     return int(steps[min(index + width // 2, steps.size - 1)])  # the middle of the first window above
-
-
-def scale_offenders(stats, th: Thresholds) -> tuple:
-    """(indices too large, indices too small relative to the largest, spread) of a FeatureStats."""
-    rms = stats.rms
-    big = [int(j) for j in np.argsort(-rms) if rms[j] > th.feature_rms_max]
-    varying = rms[rms > 0]
-    spread = float(varying.max() / varying.min()) if varying.size else 1.0
-    small = []
-    if spread > th.feature_spread_max:
-        small = [int(j) for j in np.argsort(rms) if 0 < rms[j] * th.feature_spread_max < rms.max() and j not in big]
-    return big, small, spread
-
-
-def nanmean(values) -> float:
-    values = np.array([v for v in values if v is not None], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else math.nan
-
-
-def forget_open_share(mean: float, saturated: float) -> float:
-    """A lower bound on the share of saturated forget activations that are saturated *open* (σ > 0.95), from the
-    gate's mean and saturated fraction alone: unsaturated activations contribute at most 0.95 each to the mean, so
-    at least mean - 0.95·(1 - saturated) of the activations sit near 1."""
-    if not (math.isfinite(mean) and saturated > 0):
-        return math.nan
-    return float(min(1.0, max(0.0, mean - 0.95 * (1.0 - saturated)) / saturated))
-
-
-def median_se(values: np.ndarray) -> float:
-    if values.size < 2:
-        return 0.0
-    mad = float(np.median(np.abs(values - np.median(values))))
-    return 1.25 * 1.4826 * mad / math.sqrt(values.size)
-
-
-def kendall_tau(values: np.ndarray) -> float:
-    """Kendall's tau of `values` against their order: +1 steadily rising, -1 steadily falling, 0 no trend."""
-    n = values.size
-    if n < 2:
-        return 0.0
-    diff = np.sign(values[None, :] - values[:, None])
-    upper = np.triu_indices(n, k=1)
-    return float(diff[upper].sum() / len(upper[0]))
-
-
-def truncated_gradient_share(norms: np.ndarray, k1: int) -> tuple:
-    """Estimate which share of the gradient lies beyond the start of the backpropagation window.
-
-    Two window shapes (docs/doctor.md has the derivation):
-      * the window is longer than the loss region (k2 > k1): the first k2-k1 steps receive gradient only through
-        the recurrence, so the ratio across that loss-free prefix is the decay the window still misses;
-      * a loss at every step of the window (k1 = k2): the total gradient at lag k from the window's end
-        accumulates the contributions of the k later losses, P(k) = Σ_{j<=k} ρ^j in the geometric model, rising
-        going back until the recurrence forgets. The rise over lags (q, 2q] divided by the rise over (0, q] is
-        exactly ρ^q, so the share beyond the window, ρ^K, is that ratio to the power K/q. Only the later half of
-        the window is used: the first steps after a carried state can have larger errors of their own (the
-        truncation cuts their credit), which would look like a rise.
-    """
-    norms = np.where(np.isfinite(norms), norms, np.nan)
-    window = norms.size
-    prefix = window - k1 if 0 < k1 < window else 0
-    if prefix >= 2 and norms[prefix] > 0:
-        return float(min(1.0, norms[0] / norms[prefix])), "loss-free prefix decay"
-    by_lag = norms[::-1]
-    q = max(1, window // 4)
-    if 2 * q >= window:
-        return math.nan, "insufficient"
-    end, quarter, half = by_lag[0], _local_mean(by_lag, q), _local_mean(by_lag, 2 * q)
-    if not all(map(math.isfinite, (end, quarter, half))) or end <= 0:
-        return math.nan, "insufficient"
-    # Noise (or seasonality) of the profile from its second differences, which a smooth rise leaves near zero:
-    # for white noise σ, median|Δ²| ≈ 1.65σ. A rise must exceed 2σ to count.
-    jitter = 2.0 * float(np.nanmedian(np.abs(np.diff(norms, n=2)))) / 1.65
-    first_rise, second_rise = quarter - end, half - quarter
-    if first_rise <= max(0.05 * end, jitter):
-        return 0.0, "no accumulation"  # the gradient does not build up going back: memory ends at the window end
-    second_rise = second_rise if second_rise > jitter else 0.0
-    return float(min(1.0, second_rise / first_rise) ** (window / q)), "accumulation curvature"
-
-
-def _local_mean(values: np.ndarray, k: int) -> float:
-    """Mean of values[k-1 : k+2] (three points around k, fewer at the edges): a less noisy reading of lag k."""
-    return float(np.nanmean(values[max(0, k - 1) : k + 2]))
-
-
-def suggest_truncation(bias: float, window: int, target: float) -> int:
-    """Window length that would bring the share beyond it to `target`, from share ≈ ρ^window."""
-    if not 0 < bias < 0.95:
-        return int(4 * window)
-    rho = bias ** (1.0 / window)
-    return int(min(8 * window, math.ceil(math.log(target) / math.log(rho))))
-
-
-def constant_targets(view: HistoryView) -> list:
-    stats = view.target_stats()
-    if stats is None:
-        return []
-    spread = stats.max - stats.min
-    return [
-        int(j)
-        for j in range(spread.size)
-        if np.isfinite(spread[j]) and spread[j] <= 1e-12 * max(1.0, abs(stats.mean[j]))
-    ]
 
 
 def train_level_near(s: Signals, step: int) -> float:

@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from ..findings import Finding
+from ..measures import constant_targets, scale_offenders
 from ..registry import rule
-from ..signals import Signals, constant_targets, scale_offenders
+from ..signals import Signals
 from .common import num, stat
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..findings import Finding
+from ..measures import forget_open_share, nanmean
 from ..registry import rule
-from ..signals import Signals, forget_open_share, nanmean
+from ..signals import Signals
 from .common import lstm_label, merge_same_code, num
 
 

@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from ..findings import Finding
+from ..measures import constant_targets, kendall_tau
 from ..registry import rule
-from ..signals import Signals, constant_targets, kendall_tau
+from ..signals import Signals
 from .common import clip_value, healthy_norms, num
 
 

@@ -8,8 +8,9 @@ import math
 import numpy as np
 
 from ..findings import Finding
+from ..measures import median_se
 from ..registry import rule
-from ..signals import Signals, median_se
+from ..signals import Signals
 from .common import num
 
 

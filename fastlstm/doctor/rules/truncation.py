@@ -7,8 +7,10 @@ import math
 
 from ...history_view import to_float
 from ..findings import Finding
+from ..measures import suggest_truncation, truncated_gradient_share
 from ..registry import rule
-from ..signals import Signals, Thresholds, suggest_truncation, truncated_gradient_share
+from ..signals import Signals
+from ..thresholds import Thresholds
 from ..trainer_evidence import truncation_evidence
 from .common import lstm_label, merge_same_code, num
 

@@ -8,8 +8,9 @@ import numpy as np
 
 from ...history_view import HistoryView
 from ..findings import Finding
+from ..measures import kendall_tau
 from ..registry import rule
-from ..signals import Signals, kendall_tau, train_level_near
+from ..signals import Signals, train_level_near
 from .common import clip_value, num
 
 
