@@ -1,20 +1,14 @@
 """Ahead-of-time compile check of every kernel variant the launcher can plan, for sm_80 and sm_90, without a GPU.
 
-For each variant it runs triton.compile against a GPUTarget, reads registers and spills from the ptxas log and the
-shared memory from the metadata, and fails on a compile error, any spill, or shared memory above the chip's limit
-(triton does not check that at compile time). `fastlstm aot` prints the table; CI runs the full matrix.
-
-Signatures come from each kernel's own argument list: a pointer's element type from POINTER_TYPES by name, the
-integers from INTEGER_ARGUMENTS, the switches from the variant; an argument those tables do not know fails the
-variant, so a kernel argument can never compile with a guessed type. Optional tensors are compiled as None, which
-is what the launcher passes, and their flags are then derived by the kernel's own triton.heuristics.
+For each variant (kernels/variant.py) it runs triton.compile against a GPUTarget, reads registers and spills from the
+ptxas log and the shared memory from the metadata, and fails on a compile error, any spill, or shared memory above
+the chip's limit (triton does not check that at compile time). `fastlstm aot` prints the table; CI runs the full
+matrix.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import itertools
 import multiprocessing
 import os
@@ -23,88 +17,12 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
+from .variant import Variant, compile_kernel, config_pairs
+
 # Per-block shared memory limits (bytes): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCHS = (80, 90)
 PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"))
-
-# Element type of every pointer argument of the kernels; "storage" is the layer's dtype.
-STORAGE_POINTERS = (
-    "xw_ptr",
-    "h0_ptr",
-    "c0_ptr",
-    "w_hh_ptr",
-    "w_hr_ptr",
-    "out_ptr",
-    "hn_ptr",
-    "cn_ptr",
-    "grad_out_ptr",
-    "exchange_ptr",
-)
-FLOAT32_POINTERS = (
-    "gates_ptr",
-    "cells_ptr",
-    "hfull_ptr",
-    "dgates_ptr",
-    "grad_h_ptr",
-    "grad_c_ptr",
-    "dhidden_ptr",
-    "dhfull_ptr",
-    "partials_ptr",
-    "grad_h0_ptr",
-    "grad_c0_ptr",
-)
-POINTER_TYPES = {
-    **dict.fromkeys(STORAGE_POINTERS, "storage"),
-    **dict.fromkeys(FLOAT32_POINTERS, "fp32"),
-    **dict.fromkeys(("stats_ptr", "grad_ptr"), "fp64"),
-    **dict.fromkeys(("lengths_ptr", "first_ptr", "seq_ptr"), "i64"),
-    "flags_ptr": "i32",
-    "restarts_ptr": "i1",
-}
-INTEGER_ARGUMENTS = ("T", "B", "H", "P", "order", "capacity", "step_begin", "step_end", "batch_group_base")
-# Which switch of a variant makes an optional pointer present (absent pointers are compiled as None).
-OPTIONAL_POINTERS = {
-    "lengths_ptr": "lengths",
-    **dict.fromkeys(("w_hr_ptr", "hfull_ptr", "dhidden_ptr", "dhfull_ptr"), "proj"),
-    **dict.fromkeys(("stats_ptr", "grad_ptr", "first_ptr", "seq_ptr", "partials_ptr"), "telemetry"),
-    "flags_ptr": "exchange",
-    **dict.fromkeys(("restarts_ptr", "grad_h0_ptr", "grad_c0_ptr"), "resets"),
-}
-
-
-class Variant(NamedTuple):
-    family: str  # "single" | "split" | "split-gluon" | "streaming"
-    stage: str  # "forward" | "backward"
-    dtype: str
-    precision: str
-    switches: frozenset  # of "reverse", "lengths", "telemetry", "proj", "exchange", "resets"
-    config: tuple  # (name, value) pairs: the constexprs and launch options the plan sets
-    # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes are multiples of 16
-    # (the usual case at real sizes); otherwise with no such hints.
-    aligned: bool = True
-
-    @property
-    def name(self) -> str:
-        flags = "".join(
-            tag
-            for tag, s in (
-                ("R", "reverse"),
-                ("L", "lengths"),
-                ("T", "telemetry"),
-                ("P", "proj"),
-                ("X", "exchange"),
-                ("E", "resets"),
-            )
-            if s in self.switches
-        )
-        config = "".join(f"{_short(k)}{v}" for k, v in self.config)
-        suffix = "" if self.aligned else "-u"
-        return f"{self.family}-{self.stage}-{self.dtype}-{self.precision}-{flags or '_'}-{config}{suffix}"
-
-
-def _short(key: str) -> str:
-    return {"num_warps": "w", "num_stages": "s", "maxnreg": "r"}.get(key, key.lower().replace("_", "")[:2])
 
 
 class Result(NamedTuple):
@@ -134,46 +52,6 @@ def _torch_dtype(dtype: str):
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
-def config_pairs(chosen) -> tuple:
-    """The constexpr and option pairs a planning.Plan sets, as a variant's `config`."""
-    import triton
-
-    cfg = chosen.config
-    if chosen.kind == "single":
-        return (
-            ("BLOCK_B", cfg.block_b),
-            ("H_PAD", cfg.h_pad),
-            ("P_PAD", cfg.p_pad),
-            ("num_warps", cfg.num_warps),
-            ("maxnreg", cfg.maxnreg),
-        )
-    if chosen.kind == "split":
-        return (
-            ("UNITS", cfg.units),
-            ("BLOCK_B", cfg.block_b),
-            ("K_PAD", cfg.k_pad),
-            ("K_SPLIT", cfg.k_split),
-            ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)),
-            ("ASM_FENCE", True),
-            ("num_warps", cfg.num_warps),
-            ("maxnreg", cfg.maxnreg),
-        )
-    return (
-        ("BLOCK_B", cfg.block_b),
-        ("BLOCK_H", cfg.block_h),
-        ("BLOCK_K", cfg.block_k),
-        ("num_warps", cfg.num_warps),
-        ("num_stages", cfg.num_stages),
-        ("maxnreg", cfg.maxnreg),
-    )
-
-
-def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
-    """The variant a planning.Plan compiles for one pass, with the given switches."""
-    family = "split-gluon" if chosen.implementation == "gluon" else chosen.kind
-    return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen))
 
 
 def family_configs(family: str, dtype: str) -> list:
@@ -274,110 +152,8 @@ def _possible(switches, config) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Compiling one variant
+# Compiling the matrix
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _not_specialized(fn) -> set:
-    """The arguments a kernel marks do_not_specialize, from a JIT function or (under the interpreter, as the test
-    suite runs) from the keywords its InterpretedFunction kept."""
-    if hasattr(fn, "params"):
-        return {fn.arg_names[p.num] for p in fn.params if p.do_not_specialize}
-    return set(fn.kwargs.get("do_not_specialize") or ())
-
-
-def kernel_of(variant: Variant):
-    """The @triton.jit function (under its heuristics) a variant compiles."""
-    from .backward import lstm_split_backward_kernel
-    from .forward import lstm_split_forward_kernel
-    from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
-    from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
-    from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
-
-    return {
-        ("single", "forward"): lstm_single_forward_kernel,
-        ("single", "backward"): lstm_single_backward_kernel,
-        ("split", "forward"): lstm_split_forward_kernel,
-        ("split", "backward"): lstm_split_backward_kernel,
-        ("split-gluon", "forward"): lstm_split_forward_gluon_kernel,
-        ("split-gluon", "backward"): lstm_split_backward_gluon_kernel,
-        ("streaming", "forward"): lstm_streaming_forward_kernel,
-        ("streaming", "backward"): lstm_streaming_backward_kernel,
-    }[(variant.family, variant.stage)]
-
-
-def signature(variant: Variant):
-    """(jit function, signature, constexprs, attributes) of a variant, derived from the kernel's argument list."""
-    import triton.language as tl
-
-    heuristics = kernel_of(variant)
-    fn = heuristics.fn
-    options = {k: v for k, v in variant.config if k in ("num_warps", "num_stages", "maxnreg")}
-    constexprs = {k: v for k, v in variant.config if k not in options}
-    constexprs.update(
-        REVERSE="reverse" in variant.switches,
-        DOT_PRECISION=variant.precision,
-        DOT_DTYPE={"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[variant.dtype],
-    )
-    types, present = {}, {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            continue
-        if name.endswith("_ptr"):
-            if name not in POINTER_TYPES:
-                raise KeyError(f"{fn.__name__}: pointer argument {name!r} has no type in kernels/aot.py POINTER_TYPES")
-            needs = OPTIONAL_POINTERS.get(name)
-            if needs is not None and needs not in variant.switches:
-                constexprs[name] = None
-                present[name] = None
-                continue
-            kind = POINTER_TYPES[name]
-            types[name] = "*" + (variant.dtype if kind == "storage" else kind)
-            present[name] = object()  # any non-None value: what the heuristics test
-        elif name in INTEGER_ARGUMENTS:
-            types[name] = "i32"
-        elif name not in heuristics.values:
-            raise KeyError(f"{fn.__name__}: argument {name!r} is neither a pointer, a known integer nor a constexpr")
-    for flag, rule in heuristics.values.items():
-        constexprs[flag] = rule(present)
-    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    attrs = {}
-    if variant.aligned:
-        # What triton specialises at run time: 16-byte aligned tensors and integers divisible by 16, except the
-        # integers the kernel marks do_not_specialize (those are compiled as any value).
-        generic = _not_specialized(fn)
-        for index, name in enumerate(fn.arg_names):
-            if name in types and (types[name].startswith("*") or name not in generic):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    return fn, signature, constexprs, attrs, options
-
-
-class Compiled(NamedTuple):
-    fn: object  # the @triton.jit function (what the performance model reads the source of)
-    kernel: object  # triton's CompiledKernel: asm["ptx"], asm["cubin"], metadata
-    ptxas_log: str  # registers and spills; empty unless asked for
-
-
-def compile_kernel(variant: Variant, arch: int = 90, ptxas_log: bool = False) -> Compiled:
-    """One variant compiled for sm_<arch> without a GPU; raises what the compiler raises. With ptxas_log the cache
-    is bypassed (a cache hit skips ptxas, and with it the log that reports registers and spills)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    fn, sig, constexprs, attrs, options = signature(variant)
-    source = (GluonASTSource if variant.family.endswith("-gluon") else ASTSource)(fn, sig, constexprs, attrs)
-    log = io.StringIO()
-    with contextlib.ExitStack() as stack:
-        if ptxas_log:
-            stack.enter_context(triton.knobs.nvidia.scope())
-            stack.enter_context(triton.knobs.compilation.scope())
-            triton.knobs.nvidia.dump_ptxas_log = True
-            triton.knobs.compilation.always_compile = True
-            stack.enter_context(contextlib.redirect_stdout(log))
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return Compiled(fn, kernel, log.getvalue())
 
 
 def compile_variant(variant: Variant, arch: int) -> Result:

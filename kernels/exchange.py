@@ -1,5 +1,5 @@
 """Step-to-step exchange between the programs of one cooperative launch (the split kernels: forward.py,
-backward.py, split_gluon.py).
+backward.py, and their Gluon versions through split_gluon.py).
 
 Every program publishes its share of a step (h_t in the forward, the gate gradients in the backward) into a buffer
 the others read, then raises its own flag to the number of steps it has published. A reader waits until every

@@ -23,7 +23,8 @@ from . import planning
 from .backward import lstm_split_backward_kernel
 from .forward import lstm_split_forward_kernel
 from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
-from .split_gluon import lstm_split_backward_gluon_kernel, lstm_split_forward_gluon_kernel
+from .split_gluon_backward import lstm_split_backward_gluon_kernel
+from .split_gluon_forward import lstm_split_forward_gluon_kernel
 from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -21,9 +21,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from .hardware import H200, SOURCES
+from .model_report import LABEL, markdown, summary_table, write_json
+from .variant import compile_kernel, plan_variant
 
 SCHEMA = "fastlstm.model/1"
-LABEL = "modelled"  # every figure below carries it: no GPU ran any of this
 
 # The shapes of the GPU check (fastlstm bench --gpu-check runs the same list): bf16 at every width and batch the
 # targets name, T = 1024, plus two exact-fp32 shapes.
@@ -63,7 +64,7 @@ class Route:
 
     label: str
     routed: bool
-    forward: object  # aot.Variant
+    forward: object  # variant.Variant
     backward: object
     programs: int  # per launch
     resident_weights: bool = False
@@ -77,7 +78,7 @@ def routes(shape: Shape) -> list[Route]:
     forces."""
     import torch
 
-    from . import aot, planning
+    from . import planning
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[shape.dtype]
     storage = "fp32" if shape.dtype in ("fp32", "tf32") else shape.dtype
@@ -92,7 +93,7 @@ def routes(shape: Shape) -> list[Route]:
     for chosen in candidates:
         switches = {"telemetry"} | ({"exchange"} if chosen.kind == "split" else set())
         forward, backward = (
-            aot.plan_variant(chosen, stage, storage, precision, switches) for stage in ("forward", "backward")
+            plan_variant(chosen, stage, storage, precision, switches) for stage in ("forward", "backward")
         )
         launches = chosen.config.launches if chosen.kind == "split" else 1
         out.append(
@@ -154,10 +155,9 @@ def scalars(shape: Shape) -> dict:
 def profile_variant(task) -> dict:
     """Compile one variant and profile it at every (shape, programs): {"weights_every_step", "profiles"}."""
     variant, launches = task
-    from . import aot
     from .analysis import analyse
 
-    compiled = aot.compile_kernel(variant, 90)
+    compiled = compile_kernel(variant, 90)
     analysis = analyse(compiled.kernel, compiled.fn, name=variant.name)
     profiles = {key: analysis.per_step(scalars(shape), programs).to_dict() for key, shape, programs in launches}
     return {
@@ -327,8 +327,6 @@ def file_stem(triton_version: str) -> str:
 
 
 def write(doc: dict, folder: str) -> list[str]:
-    from .model_report import markdown, write_json
-
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, file_stem(doc["triton"]))
     write_json(doc, stem + ".json")
@@ -345,8 +343,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     doc = build(model_shapes(args.quick), jobs=args.jobs)
     paths = write(doc, args.out)
-    from .model_report import summary_table
-
     print(summary_table(doc))
     print("wrote " + ", ".join(paths))
     return 0

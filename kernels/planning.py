@@ -3,8 +3,9 @@
 Given the hidden size, the projection, the batch and the storage dtype (and, on a GPU, how many programs the device
 holds at once), `plan` picks one of three families and sizes it:
   - single (single.py): one program per batch tile holds all of W_hh in registers;
-  - split (forward.py / backward.py, or their Gluon versions in split_gluon.py): the units split over about one
-    program per SM, exchanging h_t (gate gradients) every step, launched cooperatively;
+  - split (forward.py / backward.py, or their Gluon versions in split_gluon_forward.py / split_gluon_backward.py):
+    the units split over about one program per SM, exchanging h_t (gate gradients) every step, launched
+    cooperatively;
   - streaming (streaming.py): one program per 16 sequences re-reads W_hh from L2 every step; it takes what the
     resident kernels cannot (a projection past the single kernel's sizes, hidden sizes whose share does not fit a
     split program's registers, more programs than the device can hold at once).
@@ -96,7 +97,7 @@ class SplitConfig(NamedTuple):
 class Plan(NamedTuple):
     kind: str  # "single" | "split" | "streaming"
     config: SingleConfig | SplitConfig | StreamingConfig
-    # How the split kernels are written: "gluon" (split_gluon.py: explicit layouts, 16-bit storage on a GPU) or
+    # How the split kernels are written: "gluon" (split_gluon_*.py: explicit layouts, 16-bit storage on a GPU) or
     # "tl" (forward.py / backward.py: their twins, which the interpreter runs and fp32 uses).
     implementation: str = "tl"
 

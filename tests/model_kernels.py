@@ -133,12 +133,12 @@ def profile_task(task) -> dict:
         fn, compiled = compile_toy(name)
         programs = 1
     else:  # ("route", "split-forward", sizes): the variant kernels/model.py says the launcher runs
-        from fastlstm.kernels import aot
+        from fastlstm.kernels.variant import compile_kernel
 
         label, pass_name = name.split("-")
         shape = model.Shape(sizes["H"], sizes["B"], sizes["T"], sizes["dtype"])
         route = next(r for r in model.routes(shape) if r.label == label)
-        built = aot.compile_kernel(getattr(route, pass_name), 90)
+        built = compile_kernel(getattr(route, pass_name), 90)
         fn, compiled = built.fn, built.kernel
         programs = route.programs
     result = analysis.analyse(compiled, fn)
@@ -153,11 +153,12 @@ def profile_task(task) -> dict:
 
 def resident_weight_offenders() -> list:
     """Worker: every routed variant that claims to keep W_hh on chip but whose time loop loads it."""
-    from fastlstm.kernels import analysis, aot, model
+    from fastlstm.kernels import analysis, model
+    from fastlstm.kernels.variant import compile_kernel
 
     offenders, claimed = [], model.resident_weight_variants()
     for label, pass_name, variant in claimed:
-        built = aot.compile_kernel(variant, 90)
+        built = compile_kernel(variant, 90)
         ops = analysis.analyse(built.kernel, built.fn).weight_loads_in_time_loop()
         if ops:
             where = ", ".join(f"{op.instruction.opcode} of {op.label} at {op.instruction.frames[:1]}" for op in ops)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the kernels for sm_80 and sm_90 with no GPU (kernels/aot.py).
+"""Ahead-of-time compilation of the kernels for sm_80 and sm_90 with no GPU (kernels/aot.py, kernels/variant.py).
 
 The suite compiles each kernel family's largest configuration with every switch on, for each dtype and precision
 (the most registers each can need); `.ci/run` also runs the full matrix through `python -m fastlstm.kernels.aot`.
@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 aot = pytest.importorskip("fastlstm.kernels.aot", reason="triton is not installed")
+variant_module = pytest.importorskip("fastlstm.kernels.variant", reason="triton is not installed")
 
 
 def test_quick_matrix_compiles_without_spills_within_shared_memory():
@@ -32,7 +33,7 @@ def test_matrix_covers_every_plan_the_launcher_makes():
         for proj in {hidden, max(1, hidden // 4)}:
             for gluon in (False, True):
                 chosen = planning.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
-                variant = aot.plan_variant(chosen, "forward", names[dtype], "ieee", ())
+                variant = variant_module.plan_variant(chosen, "forward", names[dtype], "ieee", ())
                 is_aligned = chosen.kind == "streaming" or planning.aligned(hidden, proj)
                 key = (variant.family, names[dtype], variant.config, is_aligned)
                 assert key in covered, (hidden, proj, batch, dtype, gluon)
@@ -49,14 +50,14 @@ def test_a_spilling_result_fails_the_check():
 
 def test_an_argument_the_tables_do_not_know_fails_the_variant(monkeypatch):
     variant = next(v for v in aot.variants(quick=True) if v.family == "split")
-    monkeypatch.delitem(aot.POINTER_TYPES, "flags_ptr")
+    monkeypatch.delitem(variant_module.POINTER_TYPES, "flags_ptr")
     with pytest.raises(KeyError, match="flags_ptr"):
-        aot.signature(variant)
+        variant_module.signature(variant)
 
 
 def test_absent_tensors_compile_as_none_and_set_their_flags():
     variant = next(v for v in aot.variants() if v.family == "single" and v.switches == frozenset())
-    _, signature, constexprs, _, _ = aot.signature(variant)
+    _, signature, constexprs, _, _ = variant_module.signature(variant)
     assert constexprs["lengths_ptr"] is None and constexprs["w_hr_ptr"] is None and constexprs["stats_ptr"] is None
     assert (constexprs["HAS_LENGTHS"], constexprs["HAS_PROJ"], constexprs["TELEMETRY"]) == (False, False, False)
     assert constexprs["restarts_ptr"] is None and constexprs["HAS_RESTARTS"] is False
@@ -70,5 +71,5 @@ def test_restarts_compile_for_a_subset_of_the_families_that_take_them():
     with_restarts = [v for v in every if "resets" in v.switches]
     assert {v.family for v in with_restarts} == set(planning.RESTART_FAMILIES)  # never the Gluon split kernels
     assert len(with_restarts) <= 0.1 * (len(every) - len(with_restarts))  # the CI budget: at most a tenth more
-    _, signature, constexprs, _, _ = aot.signature(next(v for v in with_restarts if v.stage == "backward"))
+    _, signature, constexprs, _, _ = variant_module.signature(next(v for v in with_restarts if v.stage == "backward"))
     assert signature["restarts_ptr"] == "*i1" and constexprs["HAS_RESTARTS"] is True

@@ -541,11 +541,11 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
 
 def test_gluon_split_kernels_take_exactly_their_tl_twins_arguments():
     """The launcher passes the same arguments to either implementation of the split kernels."""
-    from fastlstm.kernels import backward, forward, split_gluon
+    from fastlstm.kernels import backward, forward, split_gluon_backward, split_gluon_forward
 
     pairs = [
-        (split_gluon.lstm_split_forward_gluon_kernel, forward.lstm_split_forward_kernel),
-        (split_gluon.lstm_split_backward_gluon_kernel, backward.lstm_split_backward_kernel),
+        (split_gluon_forward.lstm_split_forward_gluon_kernel, forward.lstm_split_forward_kernel),
+        (split_gluon_backward.lstm_split_backward_gluon_kernel, backward.lstm_split_backward_kernel),
     ]
     for gluon_kernel, twin in pairs:
         assert gluon_kernel.fn.arg_names == twin.fn.arg_names
