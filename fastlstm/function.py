@@ -20,16 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import active_mask, compute_dtype, time_order
+from .reference import active_mask, compute_dtype, counted_restarts, time_order
 from .routing import time_loops
 from .telemetry import PassProbe, StageProbe, telemetry_of
 
 
-def lstm_layer(x, h0, c0, weights, lengths, reverse: bool, implementation: str, probe: PassProbe | None):
+def lstm_layer(x, h0, c0, weights, lengths, reverse: bool, implementation: str, probe: PassProbe | None, restarts=None):
     """One layer-direction. x: [T, B, I]; weights: (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent ones;
-    implementation: "reference" | "triton"; probe: where telemetry goes, or None. Returns (out, h_n, c_n)."""
+    implementation: "reference" | "triton"; probe: where telemetry goes, or None; restarts: [T, B] bool, the steps
+    whose entering state is (h0, c0) (reference.py), or None. Returns (out, h_n, c_n)."""
     telemetry = (None, None, None, 0, 0, 0) if probe is None else tuple(probe)
-    return _LSTMLayer.apply(x, h0, c0, *weights, lengths, *telemetry, reverse, implementation)
+    return _LSTMLayer.apply(x, h0, c0, *weights, lengths, restarts, *telemetry, reverse, implementation)
 
 
 # Both ops take the telemetry's registry key instead of its counter rows and find the rows at run time (eagerly,
@@ -45,6 +46,7 @@ def recurrence_forward(
     w_hh: Tensor,
     w_hr: Tensor | None,
     lengths: Tensor | None,
+    restarts: Tensor | None,
     first: Tensor | None,
     seq: Tensor | None,
     telemetry_key: int,
@@ -56,12 +58,13 @@ def recurrence_forward(
     probe = None
     if first is not None:
         probe = StageProbe(telemetry_of(telemetry_key).stats_row(xw.device, slot), first, seq, slot)
-    result = time_loops(backend).recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse, probe)
+    loops = time_loops(backend)
+    result = loops.recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse, probe, restarts=restarts)
     return (result.out, result.h_n, result.c_n, *result.saved)
 
 
 @recurrence_forward.register_fake
-def _(xw, h0, c0, w_hh, w_hr, lengths, first, seq, telemetry_key, slot, reverse, backend):
+def _(xw, h0, c0, w_hh, w_hr, lengths, restarts, first, seq, telemetry_key, slot, reverse, backend):
     steps, batch, four_h = xw.shape
     state = compute_dtype(xw.dtype)
     return (
@@ -84,6 +87,7 @@ def recurrence_backward(
     w_hh: Tensor,
     w_hr: Tensor | None,
     lengths: Tensor | None,
+    restarts: Tensor | None,
     first: Tensor | None,
     seq: Tensor | None,
     telemetry_key: int,
@@ -99,7 +103,7 @@ def recurrence_backward(
         rows = telemetry_of(telemetry_key).step_rows(gates.device, gates.shape[0])
         probe = StageProbe(rows[slot], first, seq, order)
     result = time_loops(backend).recurrence_backward(
-        grad_out, grad_hn, grad_cn, c0, (gates, cells), w_hh, w_hr, lengths, reverse, probe
+        grad_out, grad_hn, grad_cn, c0, (gates, cells), w_hh, w_hr, lengths, reverse, probe, restarts=restarts
     )
     grad_hidden = gates.new_empty(0) if result.grad_hidden is None else result.grad_hidden
     hidden_full = gates.new_empty(0) if result.hidden_full is None else result.hidden_full
@@ -108,7 +112,23 @@ def recurrence_backward(
 
 @recurrence_backward.register_fake
 def _(
-    grad_out, grad_hn, grad_cn, c0, gates, cells, w_hh, w_hr, lengths, first, seq, key, slot, order, reverse, backend
+    grad_out,
+    grad_hn,
+    grad_cn,
+    c0,
+    gates,
+    cells,
+    w_hh,
+    w_hr,
+    lengths,
+    restarts,
+    first,
+    seq,
+    key,
+    slot,
+    order,
+    reverse,
+    backend,
 ):
     steps, batch, four_h = gates.shape
     has_proj = w_hr is not None
@@ -123,7 +143,7 @@ def _(
 
 # Positions in _LSTMLayer.forward's argument list.
 _DIFFERENTIABLE = 8  # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
-_NON_DIFFERENTIABLE = 9  # lengths, the six PassProbe fields, reverse, implementation
+_NON_DIFFERENTIABLE = 10  # lengths, restarts, the six PassProbe fields, reverse, implementation
 
 
 class _LSTMLayer(torch.autograd.Function):
@@ -139,6 +159,7 @@ class _LSTMLayer(torch.autograd.Function):
         b_hh,
         w_hr,
         lengths,
+        restarts,
         first_forward,
         first_backward,
         seq,
@@ -151,9 +172,9 @@ class _LSTMLayer(torch.autograd.Function):
         bias = None if b_ih is None else b_ih + b_hh
         xw = F.linear(x, w_ih, bias)
         out, h_n, c_n, gates, cells = recurrence_forward(
-            xw, h0, c0, w_hh, w_hr, lengths, first_forward, seq, telemetry_key, slot, reverse, implementation
+            xw, h0, c0, w_hh, w_hr, lengths, restarts, first_forward, seq, telemetry_key, slot, reverse, implementation
         )
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cells, seq)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, restarts, out, gates, cells, seq)
         # Other layers' backwards write this between this forward and its backward, so it is kept as a plain
         # reference: save_for_backward would reject it for having been modified in place.
         ctx.first_backward = first_backward
@@ -162,7 +183,7 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_hn, grad_cn):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cells, seq = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, restarts, out, gates, cells, seq = ctx.saved_tensors
         key, slot, order, reverse, implementation = ctx.config
         create_graph = torch.is_grad_enabled()
         if not create_graph or ctx.first_backward is not None:  # with create_graph, only for the telemetry
@@ -177,6 +198,7 @@ class _LSTMLayer(torch.autograd.Function):
                     w_hh,
                     w_hr,
                     lengths,
+                    restarts,
                     ctx.first_backward,
                     seq,
                     key,
@@ -187,7 +209,9 @@ class _LSTMLayer(torch.autograd.Function):
                 )
         if create_graph:
             inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-            grads = _differentiable_grads(inputs, ctx.needs_input_grad, (grad_out, grad_hn, grad_cn), lengths, reverse)
+            grads = _differentiable_grads(
+                inputs, ctx.needs_input_grad, (grad_out, grad_hn, grad_cn), lengths, reverse, restarts
+            )
             return (*grads, *([None] * _NON_DIFFERENTIABLE))
         needs = ctx.needs_input_grad
         dgates = dgates_raw.to(x.dtype).flatten(0, 1)
@@ -195,7 +219,7 @@ class _LSTMLayer(torch.autograd.Function):
         grad_w_ih = dgates.t() @ x.flatten(0, 1) if needs[3] else None
         grad_w_hh = None
         if needs[4]:
-            h_prev = _previous_hidden(out, h0, lengths, reverse)
+            h_prev = _previous_hidden(out, h0, lengths, reverse, restarts)
             grad_w_hh = dgates.t() @ h_prev.flatten(0, 1)
         grad_bias = dgates_raw.sum(dim=(0, 1)).to(x.dtype) if b_ih is not None and (needs[5] or needs[6]) else None
         grad_w_hr = None
@@ -214,9 +238,11 @@ class _LSTMLayer(torch.autograd.Function):
         )
 
 
-def _previous_hidden(out, h0, lengths, reverse):
+def _previous_hidden(out, h0, lengths, reverse, restarts=None):
     """h_{t-1} as seen by step t, for every t: [T, B, P]. Only steps inside a sequence matter (others have zero
-    gate gradients), but there the first processed step must see h0."""
+    gate gradients), but there the first processed step and every restarted one must see h0."""
+    if restarts is not None:
+        return torch.where(restarts.unsqueeze(-1), h0.to(out.dtype), _previous_hidden(out, h0, lengths, reverse))
     # Slicing after the concatenation keeps every size T or T + 1: a T - 1 would make torch.compile specialise
     # (and recompile) at T = 2.
     steps = out.shape[0]
@@ -233,10 +259,10 @@ def _previous_hidden(out, h0, lengths, reverse):
 # ---- differentiable backward (create_graph=True) ----
 
 
-def _differentiable_grads(inputs, needs_input_grad, grad_outputs, lengths, reverse) -> list:
+def _differentiable_grads(inputs, needs_input_grad, grad_outputs, lengths, reverse, restarts) -> list:
     """Gradients of the layer's outputs with respect to `inputs`, as a graph autograd can differentiate again."""
     wanted = [k for k in range(_DIFFERENTIABLE) if needs_input_grad[k] and inputs[k] is not None]
-    outputs = differentiable_layer(*inputs, lengths, reverse)
+    outputs = differentiable_layer(*inputs, lengths, reverse, restarts)
     found = torch.autograd.grad(
         outputs, [inputs[k] for k in wanted], grad_outputs, create_graph=True, allow_unused=True
     )
@@ -246,10 +272,11 @@ def _differentiable_grads(inputs, needs_input_grad, grad_outputs, lengths, rever
     return grads
 
 
-def differentiable_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool):
+def differentiable_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool, restarts=None):
     """One layer-direction from ordinary torch ops: reference.recurrence_forward's maths (same dtype rule, same
-    handling of lengths) without telemetry and without in-place writes, so autograd differentiates it any number of
-    times. Slow (a few ops per step, all recorded); only double backward uses it. Returns (out, h_n, c_n)."""
+    handling of lengths and restarts) without telemetry and without in-place writes, so autograd differentiates it
+    any number of times. Slow (a few ops per step, all recorded); only double backward uses it. Returns (out, h_n,
+    c_n)."""
     dtype = compute_dtype(x.dtype)
     bias = None if b_ih is None else (b_ih + b_hh).to(dtype)
     xw = F.linear(x.to(dtype), w_ih.to(dtype), bias)
@@ -257,9 +284,14 @@ def differentiable_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, rever
     w_hr_t = None if w_hr is None else w_hr.to(dtype).t()
     steps = x.shape[0]
     active = active_mask(lengths, steps)
-    h, c = h0.to(dtype), c0.to(dtype)
+    restarts = counted_restarts(restarts, active)
+    h0, c0 = h0.to(dtype), c0.to(dtype)
+    h, c = h0, c0
     outputs = [None] * steps
     for t in time_order(steps, reverse):
+        if restarts is not None:
+            restart = restarts[t].unsqueeze(1)
+            h, c = torch.where(restart, h0, h), torch.where(restart, c0, c)
         i, f, g, o = (xw[t] + h @ w_hh_t).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)

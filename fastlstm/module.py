@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import native
 from .function import lstm_layer
+from .resets import direction_restarts, time_major_resets
 from .routing import PassShape, check_backend_name, choose
 from .telemetry import Telemetry
 
@@ -35,6 +36,12 @@ class LSTM(nn.RNNBase):
       telemetry: record gate saturation, gradient norms through time and the first non-finite value into
                  `self.telemetry` (docs/telemetry.md) on every pass that autograd records. False removes that
                  work entirely; `self.telemetry.enabled` switches it at run time.
+
+    `forward(input, hx=None, *, resets=None)` takes one extra keyword-only argument, which nn.LSTM does not have:
+    `resets`, a bool (or integer, nonzero meaning True) tensor [T, B] ([B, T] when batch_first, [T] for unbatched
+    input) on the input's device, True where a step starts a new episode: the state entering it is hx (or zeros)
+    instead of the state carried from the step before. docs/resets.md has the rules (directions, lengths, gradients,
+    telemetry); PyTorch's LSTM op has no such argument, so a pass with resets always runs fastlstm's own ops.
     """
 
     # nn.LSTM's own shape checks, so the error messages are the same.
@@ -145,30 +152,30 @@ class LSTM(nn.RNNBase):
     @overload
     @torch._jit_internal._overload_method
     def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None, *, resets: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
 
     @overload
     @torch._jit_internal._overload_method
     def forward(
-        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None, *, resets: Tensor | None = None
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, resets=None):
         # TorchScript compiles only what follows this block (it folds is_scripting() to True), so a scripted
         # module is the native path alone.
         if not torch.jit.is_scripting():
             records = self.telemetry.records()
-            implementation = self._implementation(input, records)
+            implementation = self._implementation(input, records, resets is not None)
             if implementation != "native":
-                return self._fused_forward(input, hx, implementation, records)
+                return self._fused_forward(input, hx, implementation, records, resets)
             _check_hx_form(hx)
             self._update_flat_weights()  # functional_call, parametrizations and reassigned weights
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
 
-    def _implementation(self, input, records_telemetry: bool) -> str:
+    def _implementation(self, input, records_telemetry: bool, resets: bool = False) -> str:
         if isinstance(input, PackedSequence):
             data = input.data
         elif isinstance(input, torch.Tensor):
@@ -181,7 +188,12 @@ class LSTM(nn.RNNBase):
         else:
             raise TypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
         return choose(
-            self.backend, data.device, data.dtype, records_telemetry=records_telemetry, shape=lambda: self._shape(input)
+            self.backend,
+            data.device,
+            data.dtype,
+            records_telemetry=records_telemetry,
+            shape=lambda: self._shape(input),
+            resets=resets,
         )
 
     def _shape(self, input) -> PassShape:
@@ -203,6 +215,14 @@ class LSTM(nn.RNNBase):
             batch,
             steps,
         )
+
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles: this module under a class whose forward has nn.LSTM's signature.
+        TorchScript rejects keyword-only arguments (resets), and a scripted module runs the native path, which
+        cannot take them anyway; the twin shares this module's parameters and state."""
+        twin = object.__new__(_ScriptableLSTM)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     # ---- native: nn.LSTM's own forward, TorchScript-compatible ----
 
@@ -272,7 +292,7 @@ class LSTM(nn.RNNBase):
 
     # ---- fused: fastlstm's own ops, layer by layer, with telemetry ----
 
-    def _fused_forward(self, input, hx, implementation: str, records: bool):
+    def _fused_forward(self, input, hx, implementation: str, records: bool, resets=None):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -291,6 +311,8 @@ class LSTM(nn.RNNBase):
             h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if resets is not None:
+            resets = time_major_resets(resets, x, batched, self.batch_first, sorted_indices if packed else None)
 
         weights = self._weights()
         autocast_dtype = _autocast_dtype(x.device)
@@ -299,7 +321,7 @@ class LSTM(nn.RNNBase):
             weights = [tuple(None if w is None else w.to(autocast_dtype) for w in ws) for ws in weights]
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
-            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation, records)
+            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation, records, resets)
 
         if packed:
             out_data = pack_padded_sequence(out, lengths).data
@@ -313,8 +335,9 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
 
-    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str, records: bool):
+    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str, records: bool, resets=None):
         num_directions = 2 if self.bidirectional else 1
+        restarts = direction_restarts(resets, num_directions)
         # docs/telemetry.md: nothing is recorded when the pass does not record (Telemetry.records) or the batch is
         # empty.
         record = records and x.shape[1] > 0
@@ -327,7 +350,15 @@ class LSTM(nn.RNNBase):
                 slot = layer * num_directions + direction
                 probe = self.telemetry.pass_probe(layer, direction, seq) if record else None
                 out, h, c = lstm_layer(
-                    layer_input, h0[slot], c0[slot], weights[slot], lengths, direction == 1, implementation, probe
+                    layer_input,
+                    h0[slot],
+                    c0[slot],
+                    weights[slot],
+                    lengths,
+                    direction == 1,
+                    implementation,
+                    probe,
+                    restarts[direction],
                 )
                 outputs.append(out)
                 h_n.append(h)
@@ -370,6 +401,27 @@ class LSTM(nn.RNNBase):
             if state.device != input.device:
                 raise RuntimeError(f"{name} is on {state.device} but input is on {input.device}")
         return h0, c0
+
+
+class _ScriptableLSTM(LSTM):
+    """LSTM as torch.jit.script sees it (LSTM.__prepare_scriptable__): the native forward, without resets."""
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._native_packed(input, hx)
+        return self._native_padded(input, hx)
 
 
 def _check_hx_form(hx) -> None:

@@ -7,8 +7,15 @@ Shapes: T timesteps, B sequences, H hidden units, P = proj_size or H (the size o
   xw      [T, B, 4H]  input projection x_t W_ihᵀ + b_ih + b_hh, gate blocks in nn.LSTM order i, f, g, o
   h0, c0  [B, P], [B, H]
   lengths [B] int64 on the device, or None when every sequence spans all T steps
+  restarts [T, B] bool on the device, or None: True where the state entering step t of sequence b is (h0[b], c0[b])
+          instead of the state its previous step (in the direction's own time order) carried
 A sequence b takes part in step t only while t < lengths[b]; past its end its state is left untouched and its
 output is zero. In the reverse direction the same rule makes each sequence start from its own last step.
+
+Restarts (episode boundaries inside a sequence, docs/resets.md) count only at steps inside a sequence. A restart cuts
+the recurrence's gradient: nothing flows from step t into the state of its previous step; what reaches the re-injected
+state goes to h0 and c0, whose gradients therefore add up over the first step and every restarted step. The module
+turns the user's `resets` mask into each direction's `restarts` (fastlstm/resets.py).
 
 It is also what `backend="auto"` runs on the CPU when a pass records telemetry, so it is written for speed the one
 way eager PyTorch allows. An operation costs a few microseconds whatever its size, so each step issues only what
@@ -64,6 +71,13 @@ def gate_blocks(x: torch.Tensor) -> tuple:
     return tuple(x[..., k * hidden : (k + 1) * hidden] for k in range(4))
 
 
+def counted_restarts(restarts: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor | None:
+    """[T, B] bool: the restarts that take effect (inside a sequence), or None without restarts."""
+    if restarts is None or active is None:
+        return restarts
+    return restarts & active
+
+
 def _per_step(x: torch.Tensor | None) -> tuple | None:
     """x's views along its first (time) dimension, taken once: indexing in the loop would cost an op per step."""
     return None if x is None else x.unbind(0)
@@ -91,11 +105,12 @@ def tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.add(s.new_full((), -1.0), s, alpha=2.0, out=s)
 
 
-def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
+def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None) -> ForwardResult:
     steps, batch, four_h = xw.shape
     hidden = four_h // 4
     dtype = compute_dtype(xw.dtype)
     active = active_mask(lengths, steps)
+    restarts = counted_restarts(restarts, active)
     # Each step adds h_{t-1} W_hhᵀ into its row of `pre` in place, so `pre` starts as the (candidate-doubled) xw.
     scale = _candidate_scale(four_h, dtype, xw.device)
     # Also the conversion of 16-bit storage to float32. (Broadcast over a 2-D view: over the 3-D tensor, the same
@@ -107,7 +122,9 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     out = pre.new_empty(steps, batch, h0.shape[-1])
     gates = pre.new_empty(steps, batch, four_h)
     cells = pre.new_empty(steps, batch, hidden)  # 2·c_t during the loop
-    h_n, c2_n = _forward_loop(pre, h0.to(dtype), c0.to(dtype) * 2.0, w_hh_t, w_hr_t, active, reverse, gates, cells, out)
+    h_n, c2_n = _forward_loop(
+        pre, h0.to(dtype), c0.to(dtype) * 2.0, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out
+    )
     c_n = c2_n * 0.5  # before halving `cells`, which c2_n may be a view of
     cells.mul_(0.5)
 
@@ -117,16 +134,20 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     return ForwardResult(out.to(xw.dtype), h_n.to(xw.dtype, copy=True), c_n.to(xw.dtype), (gates, cells))
 
 
-def _forward_loop(pre, h, c2, w_hh_t, w_hr_t, active, reverse, gates, cells, out):
+def _forward_loop(pre, h, c2, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out):
     """Fill gates, cells (with 2·c_t) and out step by step; returns the carried (h, 2·c) after the last step."""
     steps = pre.shape[0]
     pre_t, gates_t, cells_t, out_t = _per_step(pre), _per_step(gates), _per_step(cells), _per_step(out)
     i_t, f_t, g_t, o_t = (_per_step(block) for block in gate_blocks(gates))
     keep_t = _per_step(None if active is None else active.unsqueeze(-1))
+    restart_t = _per_step(None if restarts is None else restarts.unsqueeze(-1))
+    h0, c2_0 = h, c2  # what a restart re-injects (two ops per step, only with restarts)
     tanh_c = torch.empty_like(c2)
     full = None if w_hr_t is None else torch.empty_like(c2)  # o * tanh(c) before the projection
     zero, minus_one = c2.new_zeros(()), c2.new_full((), -1.0)  # where(..., out=) and add(..., out=) take tensors
     for t in time_order(steps, reverse):
+        if restart_t is not None:
+            h, c2 = torch.where(restart_t[t], h0, h), torch.where(restart_t[t], c2_0, c2)
         torch.sigmoid(pre_t[t].addmm_(h, w_hh_t), out=gates_t[t])
         g = torch.add(minus_one, g_t[t], alpha=2.0, out=g_t[t])  # 2σ(2x) − 1 = tanh(x)
         if keep_t is None:
@@ -151,16 +172,19 @@ def _forward_loop(pre, h, c2, w_hh_t, w_hr_t, active, reverse, gates, cells, out
 # ---- backward ----
 
 
-def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None):
+def recurrence_backward(
+    grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None
+):
     gates, cells = saved
     steps, batch, four_h = gates.shape
     dtype = gates.dtype
     w_hh_c = w_hh.to(dtype)
     w_hr_c = None if w_hr is None else w_hr.to(dtype)
     active = active_mask(lengths, steps)
+    restarts = counted_restarts(restarts, active)
     grad_out = grad_out.to(dtype)
     tanh_c = tanh_via_sigmoid(cells)
-    derivatives = _GateDerivatives(gates, cells, tanh_c, c0.to(dtype), reverse)
+    derivatives = _GateDerivatives(gates, cells, tanh_c, c0.to(dtype), reverse, restarts)
 
     grad_gates = gates.new_empty(steps, batch, four_h)
     # dL/dh_t of every step (zero past each sequence's end): dW_hr needs it with a projection, telemetry always.
@@ -174,6 +198,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
         w_hh_c,
         w_hr_c,
         active,
+        restarts,
         reverse,
         grad_gates,
         grad_hidden,
@@ -196,7 +221,7 @@ class _GateDerivatives:
     Computed on [T·B, ·] views: eager PyTorch runs a pointwise op on a strided 3-D view several times slower.
     """
 
-    def __init__(self, gates, cells, tanh_c, c0, reverse: bool):
+    def __init__(self, gates, cells, tanh_c, c0, reverse: bool, restarts=None):
         steps, batch, hidden = cells.shape
         i, _, g, o = (_rows(block) for block in gate_blocks(gates))
         slopes = torch.rsub(gates, 1.0).mul_(gates)  # s·(1 − s) of every gate (the candidate's is not used)
@@ -213,6 +238,9 @@ class _GateDerivatives:
         )
         torch.mul(_rows(cells[before]), _rows(slope_f[rest]), out=_rows(from_cell[rest, :, 1]))
         torch.mul(c0, slope_f[first], out=from_cell[first, :, 1])
+        if restarts is not None:  # a restarted step's c_{t-1} is c0
+            c0_term = torch.mul(c0, slope_f)
+            from_cell[:, :, 1] = torch.where(restarts.unsqueeze(-1), c0_term, from_cell[:, :, 1])
         torch.addcmul(i, i, g * g, value=-1.0, out=_rows(from_cell[:, :, 2]))
         self.from_cell = from_cell
 
@@ -222,8 +250,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, x.shape[-1])
 
 
-def _backward_loop(grad_out, grad_h, grad_c, d, w_hh, w_hr, active, reverse, grad_gates, grad_hidden, grad_cell):
-    """Fill grad_gates (and grad_hidden / grad_cell when given) in reverse time order; returns (grad_h0, grad_c0)."""
+def _backward_loop(
+    grad_out, grad_h, grad_c, d, w_hh, w_hr, active, restarts, reverse, grad_gates, grad_hidden, grad_cell
+):
+    """Fill grad_gates (and grad_hidden / grad_cell when given) in reverse time order; returns (grad_h0, grad_c0).
+
+    With restarts, what reaches a restarted step's entering state (dgates_t W_hh, dc_t f_t) goes to h0 and c0 instead
+    of the previous step, whose carried gradients start again from zero. Those are row masks (0 or 1 per sequence),
+    so multiplying by them is exact: a pass whose restarts are all false gives the bits of a pass without them."""
     steps, batch, four_h = grad_gates.shape
     hidden = four_h // 4
     order = list(time_order(steps, not reverse))
@@ -237,6 +271,11 @@ def _backward_loop(grad_out, grad_h, grad_c, d, w_hh, w_hr, active, reverse, gra
         _per_step(x) for x in (d.forget, d.from_hidden, d.from_cell, d.output_gate)
     )
     keep_t = _per_step(None if active is None else active.unsqueeze(-1))
+    restart_t = kept_t = None
+    if restarts is not None:  # five ops per step more, only with restarts
+        restart = restarts.unsqueeze(-1).to(grad_c.dtype)
+        restart_t, kept_t = _per_step(restart), _per_step(1.0 - restart)
+        grad_h0, grad_c0 = torch.zeros_like(grad_h), torch.zeros_like(grad_c)
     full = None if w_hr is None else grad_c.new_empty(batch, hidden)
     dc_scratch, carry_scratch = torch.empty_like(grad_c), torch.empty_like(grad_c)
     zero = grad_c.new_zeros(())  # where(..., out=) takes no Python number
@@ -253,15 +292,24 @@ def _backward_loop(grad_out, grad_h, grad_c, d, w_hh, w_hr, active, reverse, gra
         dc = torch.addcmul(grad_c, dh_full, from_hidden_t[t], out=dc_scratch if dc_t is None else dc_t[t])
         torch.mul(dc.unsqueeze(1), from_cell_t[t], out=ifg_t[t])
         torch.mul(dh_full, output_gate_t[t], out=o_t[t])
+        if keep is not None:
+            gates_t[t].masked_fill_(~keep, 0.0)
+        outgoing, carried_c = gates_t[t], torch.mul(dc, forget_t[t], out=carry_scratch if keep is None else None)
+        if restart_t is not None:
+            grad_h0.addmm_(gates_t[t] * restart_t[t], w_hh)
+            grad_c0.addcmul_(carried_c, restart_t[t])
+            outgoing = gates_t[t] * kept_t[t]
+            carried_c.mul_(kept_t[t])
         if keep is None:
-            grad_c = torch.mul(dc, forget_t[t], out=carry_scratch)
+            grad_c = carried_c
             if k + 1 < steps:
                 after = order[k + 1]
-                dh = torch.addmm(grad_out_t[after], gates_t[t], w_hh, out=None if dh_t is None else dh_t[after])
+                dh = torch.addmm(grad_out_t[after], outgoing, w_hh, out=None if dh_t is None else dh_t[after])
             else:
-                grad_h = gates_t[t] @ w_hh
+                grad_h = outgoing @ w_hh
             continue
-        gates_t[t].masked_fill_(~keep, 0.0)
-        grad_h = torch.where(keep, gates_t[t] @ w_hh, grad_h)
-        grad_c = torch.where(keep, dc * forget_t[t], grad_c)
+        grad_h = torch.where(keep, outgoing @ w_hh, grad_h)
+        grad_c = torch.where(keep, carried_c, grad_c)
+    if restart_t is not None:
+        return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
     return grad_h, (grad_c.clone() if keep_t is None else grad_c)  # the padded loop's grad_c is a scratch buffer

@@ -14,7 +14,8 @@ backend="auto" pays for fastlstm's own implementations only where they are worth
   * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
     Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
     GPU measurement found the kernels faster (KERNELS_FASTER below), under torch.compile, and under CPU autocast
-    (both of which PyTorch's op does not support, see _native_unsupported).
+    (both of which PyTorch's op does not support, see _native_unsupported);
+  * a pass with state resets (docs/resets.md) never runs natively: PyTorch's op cannot restart a state.
 An explicit backend forces its implementation, with or without telemetry.
 
 A pass that one of PyTorch's program transforms is tracing (torch.export and the ONNX exporters, torch.jit.trace,
@@ -120,16 +121,20 @@ def choose(
     *,
     records_telemetry: bool = True,
     shape: Callable[[], PassShape] | None = None,
+    resets: bool = False,
 ) -> str:
     """The implementation ("native" | "triton" | "reference") that runs one pass of a module whose backend setting
     is `backend`, on input of this device and dtype. `records_telemetry`: whether the pass records telemetry
-    (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could apply."""
+    (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could apply;
+    `resets`: whether the pass restarts states inside the loop, which PyTorch's op cannot do (docs/resets.md)."""
     if backend == "native" or program_transform() is not None:
+        if resets:
+            raise RuntimeError(_NATIVE_RESETS.format(why=program_transform() or "backend='native'"))
         return "native"
     if backend == "auto":
         kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
         fused = "triton" if kernels else "reference"
-        if records_telemetry or _native_unsupported(device):
+        if records_telemetry or resets or _native_unsupported(device):
             return fused
         if kernels and shape is not None and any(region.covers(dtype, shape()) for region in KERNELS_FASTER):
             return "triton"
@@ -142,6 +147,12 @@ def choose(
         if not _triton_importable():
             raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
     return backend
+
+
+_NATIVE_RESETS = (
+    "fastlstm.LSTM: resets need fastlstm's own ops, and this pass runs PyTorch's LSTM op ({why}), which cannot "
+    "restart states inside a sequence; run the segments between resets as separate calls there (docs/resets.md)"
+)
 
 
 def _native_unsupported(device: torch.device) -> bool:

@@ -97,25 +97,49 @@ FAMILY_SWITCHES = {
 }
 
 
+# Restarts (state resets, docs/resets.md) are compiled for a representative subset only, so that they add under a
+# tenth to the matrix (72 variants to 736) rather than doubling it: in each family that takes them
+# (planning.RESTART_FAMILIES; not the Gluon split kernels), the largest aligned and the largest unaligned
+# configuration with every switch on plus restarts (the most registers a restarts launch can need), and the largest
+# aligned one also with restarts alone. A launch without restarts compiles the same code as before the switch
+# existed (its tensors are None, HAS_RESTARTS false): the other variants cover it.
+RESTART_SWITCH = "resets"
+
+
+def _restart_combos(family: str, largest: bool, everything: frozenset) -> list:
+    """The restart variants of one configuration; `largest`: the family's largest of its alignment."""
+    from . import planning
+
+    if family not in planning.RESTART_FAMILIES or not largest:
+        return []
+    return [everything | {RESTART_SWITCH}]
+
+
 def variants(quick: bool = False) -> list[Variant]:
     """Every (family, stage, dtype, precision, switches, config, alignment) the launcher can produce. Every switch
     combination is compiled for each family's largest aligned configuration (the most registers); the other
-    configurations with every switch on and every switch off, the two ends of their register budget. `quick`
-    keeps each family's largest aligned configuration with every switch on."""
+    configurations with every switch on and every switch off, the two ends of their register budget; restarts for
+    the subset RESTART_SWITCH's comment names. `quick` keeps each family's largest aligned configuration with every
+    switch on (restarts too, where the family takes them)."""
     result = []
     for family, stage, (dtype, precision) in itertools.product(FAMILY_SWITCHES, ("forward", "backward"), PRECISIONS):
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
+        seen_alignments = set()
         for index, (config, is_aligned) in enumerate(family_configs(family, dtype)):
+            restart_combos = _restart_combos(family, is_aligned not in seen_alignments, everything)
+            if index == 0 and restart_combos:
+                restart_combos.append(frozenset({RESTART_SWITCH}))
+            seen_alignments.add(is_aligned)
             if quick:
                 if index == 0:
-                    result.append(Variant(family, stage, dtype, precision, everything, config))
+                    result.append(Variant(family, stage, dtype, precision, (restart_combos or [everything])[0], config))
                 continue
             if index == 0:
                 combos = [frozenset(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
             else:
                 combos = [frozenset(), everything]
-            for switches in combos:
+            for switches in combos + restart_combos:
                 if _possible(switches, config):
                     result.append(Variant(family, stage, dtype, precision, switches, config, aligned=is_aligned))
     return result

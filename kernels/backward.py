@@ -21,7 +21,14 @@ registers (host-stepped launches hand them over through grad_h / grad_c, which a
 Per-step squared gradient norms (of dL/dh_t and dL/dc_t) leave each program as two floats per step in `partials`
 (the launcher adds them up once after the launch); the first non-finite codes leave it as one atomic after the loop.
 
+Restarts (fastlstm/reference.py): the flags of step t are loaded a step ahead; a restarted step's c_{t-1} is c0
+(resident), and what reaches its entering state (the next backward step's product, and dc * f) is gathered in
+registers for h0 and c0 instead of being carried to the step before, whose carried gradients restart from zero. A
+launch adds what it gathered to grad_h0 / grad_c0 (zeros from the launcher, which adds them to grad_h / grad_c once
+the pass is over), so host-stepped launches and batch slices need nothing else.
+
 Layouts: grad_out [T, B, H] · gates [T, B, 4H] fp32 · cells [T, B, H] fp32 · c0 [B, H] · w_hh [4H, H]
+  restarts [T, B] bool or None · grad_h0, grad_c0 [B, H] fp32 (only with restarts)
   dgates [T, B, 4H] fp32 · grad_h, grad_c [B, H] fp32 (in: dL/dh_n, dL/dc_n; out: dL/dh0, dL/dc0)
   exchange [2, B, 4H] storage dtype · partials [programs, T] fp32
 """
@@ -36,6 +43,7 @@ from .cell import (
     cell_backward,
     count_backward_pass,
     flush_first_nonfinite,
+    load_flags,
     load_gate_tiles,
     note_nonfinite,
     step_time,
@@ -48,6 +56,7 @@ from .exchange import publish, wait_for
 @triton.heuristics(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["grad_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
@@ -60,9 +69,12 @@ def lstm_split_backward_kernel(
     cells_ptr,
     w_hh_ptr,
     lengths_ptr,
+    restarts_ptr,
     dgates_ptr,
     grad_h_ptr,
     grad_c_ptr,
+    grad_h0_ptr,
+    grad_c0_ptr,
     exchange_ptr,
     partials_ptr,
     grad_ptr,
@@ -87,6 +99,7 @@ def lstm_split_backward_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr,
     TELEMETRY: tl.constexpr,
     EXCHANGE: tl.constexpr,
 ):
@@ -133,6 +146,14 @@ def lstm_split_backward_kernel(
         state_offsets,
         REVERSE,
     )
+    if HAS_RESTARTS:
+        c0 = tl.load(c0_ptr + state_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+        to_h0 = tl.load(grad_h0_ptr + state_offsets, mask=tile_ok, other=0.0)
+        to_c0 = tl.load(grad_c0_ptr + state_offsets, mask=tile_ok, other=0.0)
+        restart_ahead = load_flags(restarts_ptr, t, B, seqs, seq_ok & (step_begin < step_end))
+        # Whether the step after this launch's first (the previous launch's, host-stepped) restarted.
+        after_first, _ = step_time(T - step_begin, T, REVERSE)
+        restart_after = load_flags(restarts_ptr, after_first, B, seqs, seq_ok & (step_begin > 0))
     if TELEMETRY:
         first = tl.full((BLOCK_B, UNITS), NO_EVENT, tl.int32)
 
@@ -161,6 +182,13 @@ def lstm_split_backward_kernel(
             )
         active = seq_ok & (t < length)
         keep = active[:, None]
+        if HAS_RESTARTS:
+            restart = active & restart_ahead
+            ahead_t, _ = step_time(p - 1, T, REVERSE)
+            restart_ahead = load_flags(restarts_ptr, ahead_t, B, seqs, seq_ok & (q + 1 < step_end))
+            c_before = tl.where(restart[:, None], c0, c_prev)
+        else:
+            c_before = c_prev
 
         # The carried dh: the gate gradients of the previous backward step (the step after t) times W_hh.
         if q > 0:
@@ -172,9 +200,13 @@ def lstm_split_backward_kernel(
                 exchange_ptr, (q - 1) % 2, B, H, seqs, seq_ok, j_of_dg, w_i, w_f, w_g, w_o, DOT_DTYPE, DOT_PRECISION
             )
             dh_carried = tl.where(after_active, product, dh_carried)
+            if HAS_RESTARTS:  # the step after t entered from h0: its product is h0's, and nothing reaches t
+                sent = after_active & restart_after[:, None]
+                to_h0 += tl.where(sent, dh_carried, 0.0)
+                dh_carried = tl.where(sent, 0.0, dh_carried)
 
         dh = tl.where(keep, g_out + dh_carried, 0.0)
-        dc, dg_i, dg_f, dg_g, dg_o = cell_backward(dh, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep)
+        dc, dg_i, dg_f, dg_g, dg_o = cell_backward(dh, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_before, keep)
         _publish_gate_grads(exchange_ptr, q % 2, B, H, seqs, units, tile_ok, dg_i, dg_f, dg_g, dg_o)
         if EXCHANGE:
             publish(flags_ptr, program, q + 1)
@@ -188,6 +220,10 @@ def lstm_split_backward_kernel(
             tile_ok,
         )
         dc_carried = tl.where(keep, dc * gate_f, dc_carried)
+        if HAS_RESTARTS:
+            to_c0 += tl.where(restart[:, None], dc_carried, 0.0)
+            dc_carried = tl.where(restart[:, None], 0.0, dc_carried)
+            restart_after = restart
         c_t = c_prev
 
         if TELEMETRY:
@@ -215,6 +251,9 @@ def lstm_split_backward_kernel(
         dh_carried = tl.where(started, product, dh_carried)
     tl.store(grad_h_ptr + state_offsets, dh_carried, mask=tile_ok)
     tl.store(grad_c_ptr + state_offsets, dc_carried, mask=tile_ok)
+    if HAS_RESTARTS:
+        tl.store(grad_h0_ptr + state_offsets, to_h0, mask=tile_ok)
+        tl.store(grad_c0_ptr + state_offsets, to_c0, mask=tile_ok)
 
     if TELEMETRY:
         flush_first_nonfinite(first_ptr, seq_ptr, first, T, order, STAGE_BACKWARD, REVERSE)

@@ -59,6 +59,31 @@ def step_time(p, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def load_flags(restarts_ptr, t, B, seqs, mask):
+    """restarts[t, seqs] as [BLOCK_B] bool (false where masked off). Only called under a kernel's HAS_RESTARTS, so
+    that a launch without restarts compiles as if they did not exist."""
+    return tl.load(restarts_ptr + tl.cast(t, tl.int64) * B + seqs, mask=mask, other=0) != 0
+
+
+@triton.jit
+def step_restarts(restarts_ptr, t, B, rows, active):
+    """[BLOCK_B] bool: which of these sequences restart at step t (counted inside a sequence only)."""
+    return active & load_flags(restarts_ptr, t, B, rows, active)
+
+
+@triton.jit
+def send_to_initial(initial_ptr, offsets, mask, restart, carried):
+    """Where a step restarted (`restart`, broadcast over the tile), what reaches its entering state is added to the
+    initial state's gradient at initial_ptr + offsets, and the carried gradient for the step before restarts from
+    zero. Returns the carried tile. Each program owns its tile's rows and reads and writes them through the same
+    pointers, so the same thread does both."""
+    sent = mask & restart
+    tile = initial_ptr + offsets
+    tl.store(tile, tl.load(tile, mask=sent, other=0.0) + carried, mask=sent)
+    return tl.where(restart, 0.0, carried)
+
+
+@triton.jit
 def steps_active(length, step_begin, step_end, T, REVERSE: tl.constexpr):
     """How many of the processing steps step_begin..step_end-1 fall inside each sequence."""
     if REVERSE:  # t = T-1-p < length  <=>  p >= T - length

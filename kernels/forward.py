@@ -23,8 +23,11 @@ The product is a batched tl.dot over K_SPLIT slices of the reduction axis ([K_SP
 K/K_SPLIT, BB], summed over the slices): a [4U, BB] output is too small to give every warp its own rows, so each
 warp takes one slice of K instead, and no warp computes (or holds registers for) another's share.
 
+Restarts (fastlstm/reference.py): a step's flags are loaded a step ahead with xw, c0 stays resident, and a restarted
+sequence reads its h_{t-1} from the exchange buffer's h0 row, as a sequence at its first step does.
+
 Layouts (contiguous; storage dtype fp32, fp16 or bf16; saved tensors fp32), P = H (no projection):
-  xw [T, B, 4H] · h0, c0 [B, H] · w_hh [4H, H] · lengths [B] int64 or None
+  xw [T, B, 4H] · h0, c0 [B, H] · w_hh [4H, H] · lengths [B] int64 or None · restarts [T, B] bool or None
   out [T, B, H] · gates [T, B, 4H] activated · cells [T, B, H] carried c_t · h_n, c_n [B, H]
 """
 
@@ -38,6 +41,7 @@ from .cell import (
     count_forward_launch,
     flush_first_nonfinite,
     flush_forward_stats,
+    load_flags,
     note_nonfinite,
     sigmoid,
     sigmoid_saturated,
@@ -55,6 +59,7 @@ from .exchange import publish, wait_for
 @triton.heuristics(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["stats_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
@@ -66,6 +71,7 @@ def lstm_split_forward_kernel(
     c0_ptr,
     w_hh_ptr,
     lengths_ptr,
+    restarts_ptr,
     out_ptr,
     gates_ptr,
     cells_ptr,
@@ -92,6 +98,7 @@ def lstm_split_forward_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr,
     TELEMETRY: tl.constexpr,
     EXCHANGE: tl.constexpr,
 ):
@@ -127,6 +134,9 @@ def lstm_split_forward_kernel(
     c = tl.load(c0_ptr + state_offsets, mask=tile_ok & ~resumed, other=0.0).to(tl.float32)
     c += tl.load(cells_ptr + (before_first.to(tl.int64) * B) * H + state_offsets, mask=tile_ok & resumed, other=0.0)
     x_next = _load_gate_inputs(xw_ptr, first_t, B, H, seqs, w_row, gate_tile_ok)
+    if HAS_RESTARTS:
+        c0 = tl.load(c0_ptr + state_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+        restart_next = load_flags(restarts_ptr, first_t, B, seqs, seq_ok)
 
     if TELEMETRY:
         sat_i = tl.zeros((UNITS, BLOCK_B), tl.float32)
@@ -146,6 +156,11 @@ def lstm_split_forward_kernel(
         active = seq_ok & (t < length)
         # h_{t-1} is the previous step's h of a sequence already running, else its h0.
         from_prev = seq_ok & (p > 0) & (t_prev < length)
+        if HAS_RESTARTS:
+            restart = active & restart_next
+            restart_next = load_flags(restarts_ptr, next_t, B, seqs, seq_ok & (p + 1 < step_end))
+            from_prev = from_prev & ~restart
+            c = tl.where(restart[None, :], c0, c)
         if EXCHANGE and p > 0:
             wait_for(flags_ptr, batch_group * unit_groups, unit_groups, p, MAX_PROGRAMS, ASM_FENCE)
         h = _load_exchanged(out_ptr - B * H, t_prev, B, H, seqs, seq_ok, from_prev, k_of_h).to(DOT_DTYPE)

@@ -146,7 +146,7 @@ def _telemetry_args(probe):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None) -> ForwardResult:
+def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None) -> ForwardResult:
     check_supported(xw)
     steps, batch, four_h = xw.shape
     hidden, proj = four_h // 4, h0.shape[-1]
@@ -158,7 +158,8 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
     stats, first, seq, order = _telemetry_args(probe)
-    chosen = planning.plan(hidden, proj, batch, dtype, device)
+    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None)
+    _check_restarts(chosen, restarts)
     if chosen.kind == "split":
         # The exchange buffer is [h0; out]: row 0 holds h0, so that a sequence starting at a step reads its h_{t-1}
         # from the same tensor as the others (forward.py, _load_exchanged). `out` is a view of rows 1..T.
@@ -180,6 +181,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
                 w_hh,
                 w_hr,
                 lengths,
+                restarts,
                 out,
                 gates,
                 cells,
@@ -196,18 +198,36 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
                 **_single_keywords(cfg, reverse, dtype),
             )
         elif chosen.kind == "split":
-            args = (xw, h0, c0, w_hh, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order)
+            args = (xw, h0, c0, w_hh, lengths, restarts, out, gates, cells, h_n, c_n, stats, first, seq, order)
             kernel = lstm_split_forward_gluon_kernel if chosen.implementation == "gluon" else lstm_split_forward_kernel
             _launch_split(kernel, "forward", args, chosen, steps, batch, hidden, reverse, dtype)
         else:
             _record("forward", chosen, "streaming")
             _forward_streaming(
-                xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse
+                xw,
+                h0,
+                c0,
+                w_hh,
+                w_hr,
+                lengths,
+                restarts,
+                out,
+                gates,
+                cells,
+                h_n,
+                c_n,
+                stats,
+                first,
+                seq,
+                order,
+                reverse,
             )
     return ForwardResult(out, h_n, c_n, (gates, cells))
 
 
-def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse):
+def _forward_streaming(
+    xw, h0, c0, w_hh, w_hr, lengths, restarts, out, gates, cells, h_n, c_n, stats, first, seq, order, reverse
+):
     steps, batch, hidden = cells.shape
     cfg = planning.STREAMING
     hfull = _new((batch, hidden), torch.float32, xw.device) if w_hr is not None else None
@@ -218,6 +238,7 @@ def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, 
         w_hh,
         w_hr,
         lengths,
+        restarts,
         out,
         gates,
         cells,
@@ -241,7 +262,9 @@ def _forward_streaming(xw, h0, c0, w_hh, w_hr, lengths, out, gates, cells, h_n, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None):
+def recurrence_backward(
+    grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None
+):
     gates, cells = saved
     steps, batch, four_h = gates.shape
     hidden, proj = four_h // 4, grad_hn.shape[-1]
@@ -254,12 +277,14 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     grad_rows, first, seq, order = _telemetry_args(probe)
-    chosen = planning.plan(hidden, proj, batch, dtype, device)
+    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None)
+    _check_restarts(chosen, restarts)
     if batch > 0:
         with torch.cuda.device_of(gates):
             if chosen.kind == "single":
                 cfg = chosen.config
                 _record("backward", chosen, "single")
+                grad_h0, grad_c0 = _restart_accumulators(restarts, grad_h, grad_c)
                 lstm_single_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
                     grad_out,
                     c0,
@@ -268,9 +293,12 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                     w_hh,
                     w_hr,
                     lengths,
+                    restarts,
                     dgates,
                     grad_h,
                     grad_c,
+                    grad_h0,
+                    grad_c0,
                     dhidden,
                     grad_rows,
                     _capacity(grad_rows),
@@ -283,14 +311,16 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                     proj,
                     **_single_keywords(cfg, reverse, dtype),
                 )
+                grad_h, grad_c = _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
             elif chosen.kind == "split":
-                _backward_split(
+                grad_h, grad_c = _backward_split(
                     grad_out,
                     c0,
                     gates,
                     cells,
                     w_hh,
                     lengths,
+                    restarts,
                     dgates,
                     grad_h,
                     grad_c,
@@ -303,7 +333,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                 )
             else:
                 _record("backward", chosen, "streaming")
-                _backward_streaming(
+                grad_h, grad_c = _backward_streaming(
                     grad_out,
                     c0,
                     gates,
@@ -311,6 +341,7 @@ def recurrence_backward(grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengt
                     w_hh,
                     w_hr,
                     lengths,
+                    restarts,
                     dgates,
                     grad_h,
                     grad_c,
@@ -332,7 +363,22 @@ def _capacity(grad_rows) -> int:
 
 
 def _backward_split(
-    grad_out, c0, gates, cells, w_hh, lengths, dgates, grad_h, grad_c, grad_rows, first, seq, order, reverse, chosen
+    grad_out,
+    c0,
+    gates,
+    cells,
+    w_hh,
+    lengths,
+    restarts,
+    dgates,
+    grad_h,
+    grad_c,
+    grad_rows,
+    first,
+    seq,
+    order,
+    reverse,
+    chosen,
 ):
     steps, batch, hidden = cells.shape
     cfg = chosen.config
@@ -341,6 +387,7 @@ def _backward_split(
     # still read slot (q - 1) % 2 (backward.py; a program cannot reach step q + 2 before every program has read q).
     exchange = _new((2, batch, 4 * hidden), w_hh.dtype, device)
     partials = _new((2, cfg.programs, steps), torch.float32, device) if grad_rows is not None else None
+    grad_h0, grad_c0 = _restart_accumulators(restarts, grad_h, grad_c)
     args = (
         grad_out,
         c0,
@@ -348,9 +395,12 @@ def _backward_split(
         cells,
         w_hh,
         lengths,
+        restarts,
         dgates,
         grad_h,
         grad_c,
+        grad_h0,
+        grad_c0,
         exchange,
         partials,
         grad_rows,
@@ -365,6 +415,7 @@ def _backward_split(
         sums = partials.sum(dim=1, dtype=torch.float64)
         grad_rows[C.GRAD_SUMSQ, :steps] += sums[0]
         grad_rows[C.GRAD_CELL_SUMSQ, :steps] += sums[1]
+    return _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
 
 
 def _backward_streaming(
@@ -375,6 +426,7 @@ def _backward_streaming(
     w_hh,
     w_hr,
     lengths,
+    restarts,
     dgates,
     grad_h,
     grad_c,
@@ -388,6 +440,7 @@ def _backward_streaming(
     steps, batch, hidden = cells.shape
     cfg = planning.STREAMING
     dhfull = _new((batch, hidden), torch.float32, gates.device) if w_hr is not None else None
+    grad_h0, grad_c0 = _restart_accumulators(restarts, grad_h, grad_c)
     lstm_streaming_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
         grad_out,
         c0,
@@ -396,9 +449,12 @@ def _backward_streaming(
         w_hh,
         w_hr,
         lengths,
+        restarts,
         dgates,
         grad_h,
         grad_c,
+        grad_h0,
+        grad_c0,
         dhidden,
         dhfull,
         grad_rows,
@@ -412,6 +468,41 @@ def _backward_streaming(
         grad_h.shape[-1],
         **_streaming_keywords(cfg, reverse, w_hh.dtype),
     )
+    return _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Restarts (state resets inside the loop, docs/resets.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_restarts(chosen: planning.Plan, restarts) -> None:
+    """Restarts reach only a kernel that takes them (the plan keeps them from the others): never silently ignored."""
+    if restarts is None:
+        return
+    if not planning.takes_restarts(chosen):
+        family = chosen.kind if chosen.kind != "split" else f"split ({chosen.implementation})"
+        raise NotImplementedError(
+            f"fastlstm: the {family} kernels do not take restarts (resets); the plan should not have chosen them for "
+            f"this pass ({', '.join(planning.RESTART_FAMILIES)} do, the split ones as "
+            f"{', '.join(planning.RESTART_IMPLEMENTATIONS)})"
+        )
+    if restarts.dtype != torch.bool or not restarts.is_contiguous():
+        raise ValueError("fastlstm: restarts must be a contiguous bool tensor [T, B]")
+
+
+def _restart_accumulators(restarts, grad_h, grad_c):
+    """Zeroed buffers for what restarted steps send to h0 and c0 (None without restarts)."""
+    if restarts is None:
+        return None, None
+    return torch.zeros_like(grad_h), torch.zeros_like(grad_c)
+
+
+def _with_restarted(grad_h, grad_c, grad_h0, grad_c0):
+    """dL/dh0, dL/dc0: what the first step left in the carried gradients plus what restarted steps sent."""
+    if grad_h0 is None:
+        return grad_h, grad_c
+    return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -174,22 +174,47 @@ def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | N
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device) -> Plan:
+def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device, restarts: bool = False) -> Plan:
     """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
     gluon = not interpreting() and _capability(device) >= (8, 0)
     return plan_for(
-        hidden, proj, batch, dtype, max_programs=None if host_stepped() else _multiprocessors(device), gluon=gluon
+        hidden,
+        proj,
+        batch,
+        dtype,
+        max_programs=None if host_stepped() else _multiprocessors(device),
+        gluon=gluon,
+        restarts=restarts,
+    )
+
+
+# The kernel families that take restarts (state resets inside the loop, docs/resets.md); a pass with restarts is
+# planned among them only, so that no kernel ever runs one while ignoring them. The split kernels take them in their
+# `tl` form only: a pass with restarts runs the tl twins where the Gluon ones would otherwise run.
+RESTART_FAMILIES = ("single", "split", "streaming")
+RESTART_IMPLEMENTATIONS = ("tl",)
+
+
+def takes_restarts(chosen: Plan) -> bool:
+    return chosen.kind in RESTART_FAMILIES and (
+        chosen.kind != "split" or chosen.implementation in RESTART_IMPLEMENTATIONS
     )
 
 
 def plan_for(
-    hidden: int, proj: int, batch: int, dtype: torch.dtype, max_programs: int | None, gluon: bool = False
+    hidden: int,
+    proj: int,
+    batch: int,
+    dtype: torch.dtype,
+    max_programs: int | None,
+    gluon: bool = False,
+    restarts: bool = False,
 ) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
     projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
     max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
-    Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype; else the streaming kernels, which take
-    everything."""
+    Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype and the pass has no `restarts`
+    (RESTART_FAMILIES); else the streaming kernels, which take everything."""
     if KERNELS != "streaming":
         single = single_config(hidden, proj, dtype)
         if single is not None:
@@ -199,7 +224,7 @@ def plan_for(
             per_launch = max_programs // split.unit_groups
             split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
         if split is not None:
-            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES
+            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
             return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
 

@@ -7,13 +7,20 @@ step's critical path touches memory. The per-step inputs (xw[t]; grad_out[t] and
 loaded one step ahead. Output tiles are batch-major ([BLOCK_B, units]): with a 16-sequence M and the units as N,
 tl.dot gives every warp its own columns, so no warp computes (or stores registers for) another's work.
 
+Restarts (fastlstm/reference.py): each step's flags are loaded one step ahead with its other inputs, and c0 stays
+resident beside h0, so a restart costs two selects on the step's path. Backwards, what a restarted step sends to h0
+and c0 is added into grad_h0 / grad_c0 (zeros from the launcher, which adds the carried gradients after the loop),
+off the step's path and outside the registers: the fp32 backward with every switch on uses all 255 without them.
+
 The time loops are `while` loops for the reason forward.py's docstring gives (the weights stay in registers).
 
 Layouts as the reference (contiguous; storage dtype fp32, fp16 or bf16; saved tensors fp32), P = proj_size or H:
   forward:  xw [T, B, 4H] · h0 [B, P] · c0 [B, H] · w_hh [4H, P] · w_hr [P, H] or None · lengths [B] int64 or None
+            · restarts [T, B] bool or None
             out [T, B, P] · gates [T, B, 4H] activated · cells [T, B, H] carried c_t · h_n [B, P] · c_n [B, H]
   backward: grad_out [T, B, P] · dgates [T, B, 4H] · grad_h [B, P], grad_c [B, H] (in: dL/dh_n, dL/dc_n; out:
-            dL/dh0, dL/dc0) · dhidden [T, B, P] total dL/dh_t, only with a projection (for dW_hr)
+            dL/dh0, dL/dc0) · dhidden [T, B, P] total dL/dh_t, only with a projection (for dW_hr) · restarts [T, B]
+            bool or None · grad_h0 [B, P], grad_c0 [B, H] fp32 zeros, only with restarts
 """
 
 import triton
@@ -31,9 +38,11 @@ from .cell import (
     count_forward_launch,
     flush_first_code,
     flush_forward_stats,
+    load_flags,
     load_gate_tiles,
     note_nonfinite,
     program_sequences,
+    send_to_initial,
     sigmoid,
     sigmoid_saturated,
     step_time,
@@ -47,6 +56,7 @@ from .cell import (
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
         "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["stats_ptr"] is not None,
     }
 )
@@ -58,6 +68,7 @@ def lstm_single_forward_kernel(
     w_hh_ptr,
     w_hr_ptr,
     lengths_ptr,
+    restarts_ptr,
     out_ptr,
     gates_ptr,
     cells_ptr,
@@ -79,6 +90,7 @@ def lstm_single_forward_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr,
     TELEMETRY: tl.constexpr,
 ):
     seqs, seq_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
@@ -104,6 +116,9 @@ def lstm_single_forward_kernel(
     c = tl.load(c0_ptr + unit_tile, mask=tile_ok, other=0.0).to(tl.float32)
     first_t, _ = step_time(0, T, REVERSE)
     x_next = _load_inputs(xw_ptr, first_t, B, H, seqs, units, tile_ok)
+    if HAS_RESTARTS:
+        c0 = c
+        restart_next = load_flags(restarts_ptr, first_t, B, seqs, seq_ok)
     if TELEMETRY:
         sat_i = tl.zeros((BLOCK_B, H_PAD), tl.float32)
         sat_f = tl.zeros((BLOCK_B, H_PAD), tl.float32)
@@ -123,6 +138,11 @@ def lstm_single_forward_kernel(
         active = seq_ok & (t < length)
         keep = active[:, None]
         from_prev = (seq_ok & (p > 0) & (t_prev < length))[:, None]
+        if HAS_RESTARTS:
+            restart = (active & restart_next)[:, None]
+            restart_next = load_flags(restarts_ptr, next_t, B, seqs, seq_ok & (p + 1 < T))
+            from_prev = from_prev & ~restart
+            c = tl.where(restart, c0, c)  # kept only inside the sequence, where a restart counts
         h_prev = tl.where(from_prev, h, h0).to(DOT_DTYPE)
 
         pre_i = tl.dot(h_prev, w_i, input_precision=DOT_PRECISION) + x_i.to(tl.float32)
@@ -183,6 +203,7 @@ def lstm_single_forward_kernel(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
         "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["grad_ptr"] is not None,
     }
 )
@@ -195,9 +216,12 @@ def lstm_single_backward_kernel(
     w_hh_ptr,
     w_hr_ptr,
     lengths_ptr,
+    restarts_ptr,
     dgates_ptr,
     grad_h_ptr,
     grad_c_ptr,
+    grad_h0_ptr,
+    grad_c0_ptr,
     dhidden_ptr,
     grad_ptr,
     capacity,
@@ -216,6 +240,7 @@ def lstm_single_backward_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr,
     TELEMETRY: tl.constexpr,
 ):
     seqs, seq_ok, length = program_sequences(lengths_ptr, T, B, BLOCK_B, HAS_LENGTHS)
@@ -259,6 +284,9 @@ def lstm_single_backward_kernel(
         unit_tile,
         REVERSE,
     )
+    if HAS_RESTARTS:  # c0: what a restarted step saw as c_{t-1}
+        c0 = tl.load(c0_ptr + unit_tile, mask=tile_ok, other=0.0).to(tl.float32)
+        restart_ahead = load_flags(restarts_ptr, t, B, seqs, seq_ok)
     if TELEMETRY:
         first_units = tl.full((BLOCK_B, H_PAD), NO_EVENT, tl.int32)
         first_outs = tl.full((BLOCK_B, P_PAD), NO_EVENT, tl.int32)
@@ -268,6 +296,13 @@ def lstm_single_backward_kernel(
         p = T - 1 - q
         t, _ = step_time(p, T, REVERSE)
         g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
+        if HAS_RESTARTS:
+            restart = (seq_ok & (t < length) & restart_ahead)[:, None]
+            t_ahead, _ = step_time(p - 1, T, REVERSE)
+            restart_ahead = load_flags(restarts_ptr, t_ahead, B, seqs, seq_ok & (q + 1 < T))
+            c_before = tl.where(restart, c0, c_prev)
+        else:
+            c_before = c_prev
         if q + 1 < T:
             ahead = _load_step(
                 grad_out_ptr,
@@ -298,7 +333,7 @@ def lstm_single_backward_kernel(
         else:
             dh_full = dh
         dc, dg_i, dg_f, dg_g, dg_o = cell_backward(
-            dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep
+            dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_before, keep
         )
         store_gate_tiles(dgates_ptr + row_step[:, None] * (4 * H) + units[None, :], H, dg_i, dg_f, dg_g, dg_o, tile_ok)
         product = tl.dot(dg_i.to(DOT_DTYPE), w_i, input_precision=DOT_PRECISION)
@@ -307,6 +342,9 @@ def lstm_single_backward_kernel(
         product = tl.dot(dg_o.to(DOT_DTYPE), w_o, product, input_precision=DOT_PRECISION)
         dh_carried = tl.where(keep, product, dh_carried)
         dc_carried = tl.where(keep, dc * gate_f, dc_carried)
+        if HAS_RESTARTS:  # the state step t entered was h0, c0: their gradient, and nothing for step t - 1
+            dh_carried = send_to_initial(grad_h0_ptr, out_tile, out_ok, restart, dh_carried)
+            dc_carried = send_to_initial(grad_c0_ptr, unit_tile, tile_ok, restart, dc_carried)
         c_t = c_prev
 
         if TELEMETRY:

@@ -30,6 +30,7 @@ def _batch_major_reduction(block_b, units, s):
 @triton.heuristics(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["grad_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
@@ -42,9 +43,12 @@ def lstm_split_backward_gluon_kernel(
     cells_ptr,
     w_hh_ptr,
     lengths_ptr,
+    restarts_ptr,
     dgates_ptr,
     grad_h_ptr,
     grad_c_ptr,
+    grad_h0_ptr,
+    grad_c0_ptr,
     exchange_ptr,
     partials_ptr,
     grad_ptr,
@@ -69,9 +73,12 @@ def lstm_split_backward_gluon_kernel(
     DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
     HAS_LENGTHS: gl.constexpr,
+    HAS_RESTARTS: gl.constexpr,
     TELEMETRY: gl.constexpr,
     EXCHANGE: gl.constexpr,
 ):
+    # The tl twin takes restarts; this kernel does not yet, and the launcher plans the twin for a pass with them.
+    gl.static_assert(not HAS_RESTARTS, "the Gluon split kernels take no restarts: launch their tl twin")
     S: gl.constexpr = K_SPLIT
     KC: gl.constexpr = K_PAD // K_SPLIT
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[S, 1, 1], instr_shape=[1, 16, 8])

@@ -46,6 +46,7 @@ def _split4(tile, UNITS: gl.constexpr, N: gl.constexpr):
 @triton.heuristics(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["stats_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
     }
@@ -57,6 +58,7 @@ def lstm_split_forward_gluon_kernel(
     c0_ptr,
     w_hh_ptr,
     lengths_ptr,
+    restarts_ptr,
     out_ptr,
     gates_ptr,
     cells_ptr,
@@ -83,9 +85,12 @@ def lstm_split_forward_gluon_kernel(
     DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
     HAS_LENGTHS: gl.constexpr,
+    HAS_RESTARTS: gl.constexpr,
     TELEMETRY: gl.constexpr,
     EXCHANGE: gl.constexpr,
 ):
+    # The tl twin takes restarts; this kernel does not yet, and the launcher plans the twin for a pass with them.
+    gl.static_assert(not HAS_RESTARTS, "the Gluon split kernels take no restarts: launch their tl twin")
     S: gl.constexpr = K_SPLIT
     KC: gl.constexpr = K_PAD // K_SPLIT
     ROWS: gl.constexpr = 4 * UNITS

@@ -19,8 +19,13 @@ specification is reference.recurrence_backward):
   dgates = [dc*g*i(1-i), dc*c_{t-1}*f(1-f), dc*i*(1-g^2), dh_full*tanh(c_t)*o(1-o)], zero outside the sequence
   carried dh <- dgates @ W_hh, carried dc <- dc_t * f   (unchanged outside the sequence)
 
+Restarts (fastlstm/reference.py): where restarts[t, b] is set inside sequence b, step t starts from h0/c0 instead of
+the carried state, and backwards the gradient reaching that state goes to grad_h0/grad_c0 (accumulators the launcher
+adds the carried gradients to after the loop) instead of the previous step, whose carried gradients restart at zero.
+
 Layouts (all contiguous; storage dtype = fp32, fp16 or bf16; state and saved tensors in fp32):
   xw [T, B, 4H] · h0 [B, P] · c0 [B, H] · w_hh [4H, P] · w_hr [P, H] or None · lengths [B] int64 or None
+  restarts [T, B] bool or None · grad_h0 [B, P], grad_c0 [B, H] fp32 zeros (backward, only with restarts)
   out [T, B, P] · gates [T, B, 4H] activated · cells [T, B, H] carried c_t · h_n [B, P] · c_n [B, H]
   hfull [B, H] fp32 scratch for o * tanh(c) before the projection (None without one)
   grad_out [T, B, P] · dgates [T, B, 4H] · grad_h [B, P], grad_c [B, H] · dhidden [T, B, P] and dhfull [B, H]
@@ -45,8 +50,10 @@ from .cell import (
     load_gate_tiles,
     note_nonfinite,
     program_sequences,
+    send_to_initial,
     sigmoid,
     sigmoid_saturated,
+    step_restarts,
     store_gate_tiles,
     tanh,
     tanh_saturated,
@@ -68,6 +75,7 @@ def _gate_dot(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
         "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["stats_ptr"] is not None,
     }
 )
@@ -79,6 +87,7 @@ def lstm_streaming_forward_kernel(
     w_hh_ptr,
     w_hr_ptr,
     lengths_ptr,
+    restarts_ptr,
     out_ptr,
     gates_ptr,
     cells_ptr,
@@ -96,6 +105,7 @@ def lstm_streaming_forward_kernel(
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr,
     TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -122,8 +132,17 @@ def lstm_streaming_forward_kernel(
             t = p
             t_prev = t - 1
         active = row_ok & (t < length)
-        # h_{t-1} is the previous output row while the sequence was already running, else h0.
+        # h_{t-1} is the previous output row while the sequence was already running, else h0; c_{t-1} the previous
+        # step's carried c_t (which is c0 until a sequence starts). A restarted step takes h0 and c0.
         from_prev = row_ok & (p > 0) & (t_prev < length)
+        if HAS_RESTARTS:
+            restart = step_restarts(restarts_ptr, t, B, rows, active)
+            from_prev = from_prev & ~restart
+            c_from_prev = (row_ok & (p > 0) & ~restart)[:, None]
+            c_from_c0 = ~c_from_prev
+        else:
+            c_from_prev = p > 0
+            c_from_c0 = p == 0
         from_h0 = row_ok & ~from_prev
         row_step = t.to(tl.int64) * B + rows
         prev_row_step = t_prev.to(tl.int64) * B + rows
@@ -167,8 +186,8 @@ def lstm_streaming_forward_kernel(
             gate_o = sigmoid(pre_o)
 
             c_prev = tl.load(
-                cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & (p > 0), other=0.0
-            ) + tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & (p == 0), other=0.0).to(tl.float32)
+                cells_ptr + prev_row_step[:, None] * H + units[None, :], mask=tile_ok & c_from_prev, other=0.0
+            ) + tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=tile_ok & c_from_c0, other=0.0).to(tl.float32)
             c_new = gate_f * c_prev + gate_i * gate_g
             h_full = gate_o * tanh(c_new)
             keep = active[:, None]
@@ -278,6 +297,7 @@ def lstm_streaming_forward_kernel(
     {
         "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
         "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+        "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["grad_ptr"] is not None,
     }
 )
@@ -290,9 +310,12 @@ def lstm_streaming_backward_kernel(
     w_hh_ptr,
     w_hr_ptr,
     lengths_ptr,
+    restarts_ptr,
     dgates_ptr,
     grad_h_ptr,
     grad_c_ptr,
+    grad_h0_ptr,
+    grad_c0_ptr,
     dhidden_ptr,
     dhfull_ptr,
     grad_ptr,
@@ -307,6 +330,7 @@ def lstm_streaming_backward_kernel(
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr,
     TELEMETRY: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -328,6 +352,9 @@ def lstm_streaming_backward_kernel(
             t_prev = t - 1
         active = row_ok & (t < length)
         has_prev = (t_prev >= 0) & (t_prev < T)
+        if HAS_RESTARTS:
+            restart = step_restarts(restarts_ptr, t, B, rows, active)
+            has_prev = has_prev & ~restart[:, None]
         row_step = t.to(tl.int64) * B + rows
         prev_row_step = t_prev.to(tl.int64) * B + rows
         code = p * 4
@@ -408,9 +435,12 @@ def lstm_streaming_backward_kernel(
                 dh_full, dc_carried, gate_i, gate_f, gate_g, gate_o, c_t, c_prev, keep
             )
             store_gate_tiles(dgates_ptr + gate_tile, H, d_i, d_f, d_g, d_o, tile_ok)
-            tl.store(
-                grad_c_ptr + rows[:, None] * H + units[None, :], tl.where(keep, dc * gate_f, dc_carried), mask=tile_ok
-            )
+            carried_c = tl.where(keep, dc * gate_f, dc_carried)
+            if HAS_RESTARTS:
+                carried_c = send_to_initial(
+                    grad_c0_ptr, rows[:, None] * H + units[None, :], tile_ok, restart[:, None], carried_c
+                )
+            tl.store(grad_c_ptr + rows[:, None] * H + units[None, :], carried_c, mask=tile_ok)
             if TELEMETRY:
                 cell_sumsq += tl.sum(tl.sum(tl.where(counted, dc * dc, 0.0), axis=1), axis=0)
                 first = note_nonfinite(first, dc, counted, code + 2)
@@ -443,8 +473,12 @@ def lstm_streaming_backward_kernel(
             )
             dh_tile = grad_h_ptr + rows[:, None] * P + outs[None, :]
             tile_ok = row_ok[:, None] & out_ok[None, :]
-            carried = tl.load(dh_tile, mask=tile_ok, other=0.0)
-            tl.store(dh_tile, tl.where(active[:, None], acc, carried), mask=tile_ok)
+            carried = tl.where(active[:, None], acc, tl.load(dh_tile, mask=tile_ok, other=0.0))
+            if HAS_RESTARTS:
+                carried = send_to_initial(
+                    grad_h0_ptr, rows[:, None] * P + outs[None, :], tile_ok, restart[:, None], carried
+                )
+            tl.store(dh_tile, carried, mask=tile_ok)
         tl.debug_barrier()
 
     if TELEMETRY:

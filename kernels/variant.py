@@ -40,6 +40,8 @@ FLOAT32_POINTERS = (
     "dhidden_ptr",
     "dhfull_ptr",
     "partials_ptr",
+    "grad_h0_ptr",
+    "grad_c0_ptr",
 )
 POINTER_TYPES = {
     **dict.fromkeys(STORAGE_POINTERS, "storage"),
@@ -47,6 +49,7 @@ POINTER_TYPES = {
     **dict.fromkeys(("stats_ptr", "grad_ptr"), "fp64"),
     **dict.fromkeys(("lengths_ptr", "first_ptr", "seq_ptr"), "i64"),
     "flags_ptr": "i32",
+    "restarts_ptr": "i1",
 }
 INTEGER_ARGUMENTS = ("T", "B", "H", "P", "order", "capacity", "step_begin", "step_end", "batch_group_base")
 # Which switch of a variant makes an optional pointer present (absent pointers are compiled as None).
@@ -55,6 +58,7 @@ OPTIONAL_POINTERS = {
     **dict.fromkeys(("w_hr_ptr", "hfull_ptr", "dhidden_ptr", "dhfull_ptr"), "proj"),
     **dict.fromkeys(("stats_ptr", "grad_ptr", "first_ptr", "seq_ptr", "partials_ptr"), "telemetry"),
     "flags_ptr": "exchange",
+    **dict.fromkeys(("restarts_ptr", "grad_h0_ptr", "grad_c0_ptr"), "resets"),
 }
 
 
@@ -63,7 +67,7 @@ class Variant(NamedTuple):
     stage: str  # "forward" | "backward"
     dtype: str
     precision: str
-    switches: frozenset  # of "reverse", "lengths", "telemetry", "proj", "exchange"
+    switches: frozenset  # of "reverse", "lengths", "telemetry", "proj", "exchange", "resets"
     config: tuple  # (name, value) pairs: the constexprs and launch options the plan sets
     # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes are multiples of 16
     # (the usual case at real sizes); otherwise with no such hints.
@@ -73,7 +77,14 @@ class Variant(NamedTuple):
     def name(self) -> str:
         flags = "".join(
             tag
-            for tag, s in (("R", "reverse"), ("L", "lengths"), ("T", "telemetry"), ("P", "proj"), ("X", "exchange"))
+            for tag, s in (
+                ("R", "reverse"),
+                ("L", "lengths"),
+                ("T", "telemetry"),
+                ("P", "proj"),
+                ("X", "exchange"),
+                ("E", "resets"),
+            )
             if s in self.switches
         )
         config = "".join(f"{_short(k)}{v}" for k, v in self.config)

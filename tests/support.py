@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm.bench import cpu_threads
@@ -23,6 +23,7 @@ __all__ = [
     "HostReadGuard",
     "assert_module_parity",
     "assert_rel",
+    "assert_resets_parity",
     "fast_like",
     "leaf",
     "lstm_cell_step",
@@ -30,7 +31,9 @@ __all__ = [
     "mixed_lengths",
     "one_cpu_thread",
     "pack",
+    "random_resets",
     "rel_err",
+    "segmented_lstm",
     "tolerance",
     "weighted_loss",
 ]
@@ -120,6 +123,86 @@ def lstm_cell_step(lstm: nn.LSTM, layer: int, x_t: torch.Tensor, h: torch.Tensor
     i, f, g, o = pre.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
+
+
+# ---- resets: nn.LSTM run on each episode separately ----
+
+
+def segmented_lstm(ref: nn.LSTM, x: torch.Tensor, hx, resets: torch.Tensor, lengths=None) -> tuple:
+    """What fastlstm.LSTM(x, hx, resets=resets) must give, from `ref` (a time-major nn.LSTM) run separately on every
+    episode of every sequence, each starting from hx (or zeros): a reset at step t ends one episode before t.
+
+    x [T, B, I]; resets [T, B] bool; lengths: per-sequence lengths (resets past a sequence's end have no effect).
+    Returns (out [T, B, D*P], zero past each end; h_n, c_n [layers*D, B, *]): direction 0's final state is its last
+    episode's, direction 1's (which ends at t = 0) its first episode's. Autograd through the result gives every
+    gradient; hx's adds up over the episodes' starts, because each episode's call takes the same hx slices."""
+    assert not ref.batch_first
+    steps, batch = x.shape[:2]
+    directions = 2 if ref.bidirectional else 1
+    if hx is None:
+        proj = ref.proj_size or ref.hidden_size
+        slots = ref.num_layers * directions
+        hx = (x.new_zeros(slots, batch, proj), x.new_zeros(slots, batch, ref.hidden_size))
+    outs, h_n, c_n = [], [], []
+    for b in range(batch):
+        length = steps if lengths is None else int(lengths[b])
+        starts = [0] + [t for t in range(1, length) if bool(resets[t, b])]
+        episodes = [
+            ref(x[s:e, b : b + 1], (hx[0][:, b : b + 1], hx[1][:, b : b + 1]))
+            for s, e in zip(starts, [*starts[1:], length])
+        ]
+        out = torch.cat([o for o, _ in episodes])
+        outs.append(torch.cat((out, out.new_zeros(steps - length, 1, out.shape[-1]))))
+        last, first = episodes[-1][1], episodes[0][1]
+        pick = [last if slot % directions == 0 else first for slot in range(ref.num_layers * directions)]
+        h_n.append(torch.stack([state[0][slot, 0] for slot, state in enumerate(pick)]))
+        c_n.append(torch.stack([state[1][slot, 0] for slot, state in enumerate(pick)]))
+    return torch.cat(outs, dim=1), torch.stack(h_n, dim=1), torch.stack(c_n, dim=1)
+
+
+def random_resets(steps: int, batch: int, p: float = 0.3) -> torch.Tensor:
+    """A random [T, B] reset mask that always holds a reset at t = 0 and two consecutive resets (T >= 3, B >= 2)."""
+    resets = torch.rand(steps, batch) < p
+    resets[0, 0] = True
+    resets[1, 1] = resets[2, 1] = True
+    return resets
+
+
+def assert_resets_parity(fast, ref, x, hx, resets, tol: float, *, lengths=None, enforce_sorted=False) -> None:
+    """fast(input, hx, resets=...) matches segmented_lstm(ref, ...) (a float64, time-major nn.LSTM run on every
+    episode separately) in outputs, final states and, for one random loss, the gradients of the input, hx and every
+    parameter. x [T, B, I] and resets [T, B] are time-major float64 / bool; fast gets them in its own dtype and layout
+    (batch_first), packed when `lengths` is given. hx (float64 or None) goes to both, as leaves of their own."""
+    steps = x.shape[0]
+    dtype = fast.weight_ih_l0.dtype
+    x_ref, x_fast = leaf(x), leaf((x.transpose(0, 1) if fast.batch_first else x).to(dtype))
+    hx_ref = None if hx is None else tuple(leaf(t) for t in hx)
+    hx_fast = None if hx is None else tuple(leaf(t.to(dtype)) for t in hx)
+    r_out, r_h, r_c = segmented_lstm(ref, x_ref, hx_ref, resets, lengths)
+    user_resets = resets.t() if fast.batch_first else resets
+    if lengths is None:
+        f_out, (f_h, f_c) = fast(x_fast, hx_fast, resets=user_resets)
+        if fast.batch_first:
+            f_out = f_out.transpose(0, 1)
+    else:
+        packed = pack(x_fast, lengths, fast.batch_first, enforce_sorted)
+        f_out, (f_h, f_c) = fast(packed, hx_fast, resets=user_resets)
+        f_out = pad_packed_sequence(f_out, total_length=steps)[0]
+    weights = tuple(torch.randn_like(t) for t in (r_out, r_h, r_c))
+    weighted_loss(r_out, r_h, r_c, weights).backward()
+    weighted_loss(f_out, f_h, f_c, tuple(w.to(dtype) for w in weights)).backward()
+    assert f_out.dtype == dtype
+    assert_rel(f_out, r_out, tol, "output")
+    assert_rel(f_h, r_h, tol, "h_n")
+    assert_rel(f_c, r_c, tol, "c_n")
+    grad_x = x_fast.grad.transpose(0, 1) if fast.batch_first else x_fast.grad
+    assert_rel(grad_x, x_ref.grad, tol, "grad input")
+    if hx is not None:
+        assert_rel(hx_fast[0].grad, hx_ref[0].grad, tol, "grad h0")
+        assert_rel(hx_fast[1].grad, hx_ref[1].grad, tol, "grad c0")
+    ref_params = dict(ref.named_parameters())
+    for name, param in fast.named_parameters():
+        assert_rel(param.grad, ref_params[name].grad, tol, f"grad {name}")
 
 
 # ---- parity with nn.LSTM ----

@@ -60,4 +60,16 @@ def test_absent_tensors_compile_as_none_and_set_their_flags():
     _, signature, constexprs, _, _ = variant_module.signature(variant)
     assert constexprs["lengths_ptr"] is None and constexprs["w_hr_ptr"] is None and constexprs["stats_ptr"] is None
     assert (constexprs["HAS_LENGTHS"], constexprs["HAS_PROJ"], constexprs["TELEMETRY"]) == (False, False, False)
+    assert constexprs["restarts_ptr"] is None and constexprs["HAS_RESTARTS"] is False
     assert signature["xw_ptr"] == "*" + variant.dtype
+
+
+def test_restarts_compile_for_a_subset_of_the_families_that_take_them():
+    from fastlstm.kernels import planning
+
+    every = aot.variants()
+    with_restarts = [v for v in every if "resets" in v.switches]
+    assert {v.family for v in with_restarts} == set(planning.RESTART_FAMILIES)  # never the Gluon split kernels
+    assert len(with_restarts) <= 0.1 * (len(every) - len(with_restarts))  # the CI budget: at most a tenth more
+    _, signature, constexprs, _, _ = variant_module.signature(next(v for v in with_restarts if v.stage == "backward"))
+    assert signature["restarts_ptr"] == "*i1" and constexprs["HAS_RESTARTS"] is True

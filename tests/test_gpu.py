@@ -13,9 +13,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastlstm
 
 try:
-    from support import rel_err, tolerance
+    from support import assert_resets_parity, random_resets, rel_err, tolerance
 except ImportError:  # tests/ turned into a package
-    from tests.support import rel_err, tolerance
+    from tests.support import assert_resets_parity, random_resets, rel_err, tolerance
 
 pytestmark = [
     pytest.mark.gpu,
@@ -143,6 +143,22 @@ def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidd
     if kind == "split" and dtype == torch.float32 and hidden > planning.SPLIT_MAX_PAD[torch.float32]:
         kind = "streaming"  # fp32 split programs hold a share of at most SPLIT_MAX_PAD units
     assert_single_layer_parity(dtype, hidden, 256, batch)
+    assert {k for _, k, _ in launched} == {kind}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("hidden,kind", [(32, "single"), (128, "split"), (2048, "streaming")], ids=str)
+def test_resets_parity_of_each_kernel_family_with_nn_lstm_per_episode(launched, dtype, hidden, kind):
+    """State resets at a real length: fastlstm against a float64 nn.LSTM run on every episode (docs/resets.md); the
+    16-bit split layers run the Gluon kernels' tl twins."""
+    _, fast = pair(16, hidden, dtype, bidirectional=True)
+    ref = nn.LSTM(16, hidden, bidirectional=True, device="cuda", dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    steps, batch = 96, 4
+    x = torch.randn(steps, batch, 16, device="cuda", dtype=torch.float64)
+    hx = tuple(torch.randn(2, batch, hidden, device="cuda", dtype=torch.float64) for _ in range(2))
+    resets = random_resets(steps, batch, p=0.05).cuda()
+    assert_resets_parity(fast, ref, x, hx, resets, tolerance(dtype))
     assert {k for _, k, _ in launched} == {kind}
 
 

@@ -31,9 +31,9 @@ from fastlstm.kernels.single import lstm_single_forward_kernel
 from fastlstm.telemetry import Telemetry
 
 try:
-    from support import rel_err, tolerance
+    from support import assert_resets_parity, random_resets, rel_err, tolerance
 except ImportError:  # tests/ turned into a package
-    from tests.support import rel_err, tolerance
+    from tests.support import assert_resets_parity, random_resets, rel_err, tolerance
 
 if not isinstance(lstm_single_forward_kernel.fn, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("fastlstm.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
@@ -86,6 +86,7 @@ def random_problem(steps, batch, hidden, proj, dtype, with_lengths, scale=0.4):
 
 
 def run_backend(backend, problem, grads, reverse):
+    restarts = {} if problem.get("restarts") is None else {"restarts": problem["restarts"]}
     telemetry = Telemetry(1, 1)
     probe = telemetry.probe(0, 0, telemetry.begin_pass(torch.device("cpu"), problem["xw"].shape[0]))
     fwd = backend.recurrence_forward(
@@ -97,6 +98,7 @@ def run_backend(backend, problem, grads, reverse):
         problem["lengths"],
         reverse,
         probe.forward,
+        **restarts,
     )
     bwd = backend.recurrence_backward(
         grads["grad_out"],
@@ -109,6 +111,7 @@ def run_backend(backend, problem, grads, reverse):
         problem["lengths"],
         reverse,
         probe.backward,
+        **restarts,
     )
     return fwd, bwd, telemetry.snapshot()
 
@@ -282,6 +285,113 @@ def test_module_telemetry_equals_reference_backend():
     for k_layer, r_layer in zip(snapshots["triton"].layers, snapshots["reference"].layers):
         assert k_layer.elements == r_layer.elements
         assert k_layer.gate_saturation == pytest.approx(r_layer.gate_saturation, abs=1.0 / r_layer.elements)
+
+
+# ---- restarts (state resets inside the loop) ----
+
+# Every family takes restarts (the split kernels in their tl form, which is what the interpreter runs).
+RESTART_FAMILIES = {"single": "single", "single-proj": "single", "streaming": "streaming", "split": "split"}
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("family", list(RESTART_FAMILIES))
+def test_restarts_match_reference(launched, family, reverse, with_lengths):
+    steps, batch, hidden, proj = FAMILIES[family]
+    problem, grads = random_problem(steps, min(batch, 9), hidden, proj, torch.float32, with_lengths)
+    problem["restarts"] = random_resets(steps, min(batch, 9))
+    assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
+    assert {kind for _, kind, _ in launched} == {RESTART_FAMILIES[family]}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_restarts_in_split_kernels_with_their_exchange_on(launched, one_group_exchange, reverse):
+    problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
+    problem["restarts"] = random_resets(4, 18)
+    assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
+    assert launched == [("forward", "split", "cooperative"), ("backward", "split", "cooperative")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("family", ["single-proj", "split"])
+def test_restarts_in_half_precision_match_reference(family, dtype):
+    steps, _batch, hidden, proj = FAMILIES[family]
+    problem, grads = random_problem(steps, 5, hidden, proj, dtype, with_lengths=True)
+    problem["restarts"] = random_resets(steps, 5)
+    assert_matches_reference(problem, grads, reverse=True, tol=tolerance(dtype))
+
+
+def test_all_false_restarts_give_the_bits_of_none(launched):
+    for family in ("single-proj", "split", "streaming"):
+        _steps, _batch, hidden, proj = FAMILIES[family]
+        problem, grads = random_problem(3, 3, hidden, proj, torch.float32, with_lengths=True)
+        without = run_backend(launch, problem, grads, reverse=False)
+        problem["restarts"] = torch.zeros(3, 3, dtype=torch.bool)
+        with_false = run_backend(launch, problem, grads, reverse=False)
+        for a, b in ((without[0], with_false[0]), (without[1], with_false[1])):
+            for x, y in zip(a, b):
+                for u, v in zip(*((x, y) if isinstance(x, tuple) else ((x,), (y,)))):
+                    assert (u is None and v is None) or torch.equal(u, v)
+        assert without[2].to_dict() == with_false[2].to_dict()
+
+
+def test_a_kernel_without_restarts_refuses_them_loudly(monkeypatch):
+    """The Gluon split kernels do not take restarts: the plan runs their tl twins for such a pass, and a plan that
+    chose them would fail with fastlstm's own error instead of running them without the restarts."""
+    steps, batch, hidden, _ = FAMILIES["split"]
+    with_restarts = planning.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True, restarts=True)
+    gluon_plan = planning.plan_for(hidden, hidden, batch, torch.bfloat16, 132, gluon=True)
+    assert (with_restarts.kind, with_restarts.implementation) == ("split", "tl")
+    assert (gluon_plan.kind, gluon_plan.implementation) == ("split", "gluon")
+    monkeypatch.setattr(planning, "plan", lambda *args, **kwargs: gluon_plan)
+    problem, grads = random_problem(steps, batch, hidden, 0, torch.bfloat16, with_lengths=False)
+    problem["restarts"] = random_resets(steps, batch)
+    with pytest.raises(NotImplementedError, match=r"split \(gluon\) kernels do not take restarts"):
+        run_backend(launch, problem, grads, reverse=False)
+
+
+def test_module_with_resets_on_the_kernels_matches_nn_lstm_per_episode(launched):
+    ref = nn.LSTM(3, 12, num_layers=2, bidirectional=True, proj_size=5, dtype=torch.float64)
+    fast = fastlstm.LSTM(3, 12, num_layers=2, bidirectional=True, proj_size=5, batch_first=True, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    steps, batch = 5, 3
+    hx = (torch.randn(4, batch, 5, dtype=torch.float64), torch.randn(4, batch, 12, dtype=torch.float64))
+    x = torch.randn(steps, batch, 3, dtype=torch.float64)
+    assert_resets_parity(fast, ref, x, hx, random_resets(steps, batch), 1e-5, lengths=[5, 2, 4])
+    assert {kind for _, kind, _ in launched} == {"single"}
+
+
+def test_split_module_with_resets_matches_nn_lstm_per_episode(launched):
+    ref = nn.LSTM(3, 40, bidirectional=True, dtype=torch.float64)
+    fast = fastlstm.LSTM(3, 40, bidirectional=True, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    hx = (torch.randn(2, 3, 40, dtype=torch.float64), torch.randn(2, 3, 40, dtype=torch.float64))
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    assert_resets_parity(fast, ref, x, hx, random_resets(4, 3), 1e-5)
+    assert {kind for _, kind, _ in launched} == {"split"}
+
+
+def test_module_telemetry_with_resets_equals_reference_backend():
+    models = {b: fastlstm.LSTM(3, 9, bidirectional=True, backend=b) for b in ("triton", "reference")}
+    models["triton"].load_state_dict(models["reference"].state_dict())
+    x = torch.randn(6, 4, 3)
+    resets = random_resets(6, 4)
+    snapshots = {}
+    for name, model in models.items():
+        out, _ = model(x, resets=resets)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        snapshots[name] = model.telemetry.snapshot()
+    for k_layer, r_layer in zip(snapshots["triton"].layers, snapshots["reference"].layers):
+        assert k_layer.elements == r_layer.elements
+        assert (
+            rel_err(torch.from_numpy(k_layer.grad_norm_per_step), torch.from_numpy(r_layer.grad_norm_per_step)) < 1e-5
+        )
+        assert (
+            rel_err(
+                torch.from_numpy(k_layer.cell_grad_norm_per_step), torch.from_numpy(r_layer.cell_grad_norm_per_step)
+            )
+            < 1e-5
+        )
 
 
 # ---- where the first non-finite value arose ----
