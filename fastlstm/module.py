@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import native
+from . import native, native_recorded
 from .function import lstm_layer
-from .routing import PassShape, check_backend_name, choose
+from .routing import NATIVE_RECORDED, PassShape, check_backend_name, choose
 from .telemetry import Telemetry
 
 
@@ -319,6 +319,24 @@ class LSTM(nn.RNNBase):
         # empty.
         record = records and x.shape[1] > 0
         seq = self.telemetry.begin_pass(x.device) if record else None
+        if implementation == NATIVE_RECORDED:
+            probes = [
+                self.telemetry.pass_probe(layer, direction, seq) if record else None
+                for layer in range(self.num_layers)
+                for direction in range(num_directions)
+            ]
+            dropout = float(self.dropout) if self.training else 0.0
+            return native_recorded.run_layers(
+                x,
+                h0,
+                c0,
+                weights,
+                lengths,
+                bias=self.bias,
+                dropout=dropout,
+                num_directions=num_directions,
+                probes=probes,
+            )
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):

@@ -5,12 +5,16 @@ decides.
              fastlstm/native.py. Gives nn.LSTM's results and records no telemetry.
   triton     the fused kernels (fastlstm.kernels.launch) for CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
   reference  the plain-torch specification (fastlstm/reference.py), any device.
+  native-recorded
+             PyTorch's own LSTM op layer by layer, the telemetry and the analytic backward's state rebuilt from its
+             outputs (fastlstm/native_recorded.py): the results of native, the telemetry and gradients of reference.
 
-The last two run layer by layer through fastlstm's own ops (function.py) and are what records telemetry; which
-Triton kernel variant runs is the launcher's choice (kernels/launch.py), not this module's.
+triton and reference run layer by layer through fastlstm's own ops (function.py); they and native-recorded are what
+records telemetry. Which Triton kernel variant runs is the launcher's choice (kernels/launch.py), not this module's.
 
 backend="auto" pays for fastlstm's own implementations only where they are worth it:
-  * a pass that records telemetry runs the kernels on CUDA (in their dtypes) and the reference elsewhere;
+  * a pass that records telemetry runs the kernels on CUDA (in their dtypes), native-recorded on the CPU where it
+    applies (native_records) and the reference elsewhere;
   * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
     Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
     GPU measurement found the kernels faster (KERNELS_FASTER below), under torch.compile, and under CPU autocast
@@ -35,6 +39,7 @@ import torch
 from . import reference
 
 BACKENDS = ("auto", "native", "reference", "triton")
+NATIVE_RECORDED = "native-recorded"  # an implementation "auto" picks; not a backend a module can be given
 
 # Storage dtypes the kernels run; "auto" sends anything else (float64) to the reference implementation.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -121,16 +126,19 @@ def choose(
     records_telemetry: bool = True,
     shape: Callable[[], PassShape] | None = None,
 ) -> str:
-    """The implementation ("native" | "triton" | "reference") that runs one pass of a module whose backend setting
-    is `backend`, on input of this device and dtype. `records_telemetry`: whether the pass records telemetry
-    (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could apply."""
+    """The implementation ("native" | "triton" | "reference" | NATIVE_RECORDED) that runs one pass of a module whose
+    backend setting is `backend`, on input of this device and dtype. `records_telemetry`: whether the pass records
+    telemetry (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could
+    apply."""
     if backend == "native" or program_transform() is not None:
         return "native"
     if backend == "auto":
         kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
         fused = "triton" if kernels else "reference"
-        if records_telemetry or _native_unsupported(device):
+        if _native_unsupported(device):
             return fused
+        if records_telemetry:
+            return NATIVE_RECORDED if not kernels and native_records(device, dtype) else fused
         if kernels and shape is not None and any(region.covers(dtype, shape()) for region in KERNELS_FASTER):
             return "triton"
         return "native"
@@ -142,6 +150,18 @@ def choose(
         if not _triton_importable():
             raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
     return backend
+
+
+# Storage dtypes native-recorded takes. 16-bit passes stay on the reference: PyTorch's CPU op computes them in its
+# own mixed precision (oneDNN bf16), which the analytic backward's float32 state would not mirror.
+NATIVE_RECORDED_DTYPES = (torch.float32, torch.float64)
+
+
+def native_records(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a recording pass under "auto" may run native-recorded: on the CPU (on CUDA the kernels record), in
+    NATIVE_RECORDED_DTYPES. Anything PyTorch's op cannot express (a per-step state reset, say) must be refused here,
+    so that such a pass runs the reference."""
+    return device.type == "cpu" and dtype in NATIVE_RECORDED_DTYPES
 
 
 def _native_unsupported(device: torch.device) -> bool:
