@@ -333,6 +333,7 @@ class LSTM(nn.RNNBase):
                 weights,
                 lengths,
                 bias=self.bias,
+                batch_first=self.batch_first,
                 dropout=dropout,
                 num_directions=num_directions,
                 probes=probes,

@@ -43,18 +43,23 @@ _WEIGHTS = 5  # w_ih, w_hh, b_ih, b_hh, w_hr per direction, None where absent
 _PER_DIRECTION = 2 + _WEIGHTS  # h0, c0 and the weights: the differentiable inputs of one direction
 
 
-def run_layers(x, h0, c0, weights, lengths, *, bias: bool, dropout: float, num_directions: int, probes: list):
+def run_layers(
+    x, h0, c0, weights, lengths, *, bias: bool, batch_first: bool, dropout: float, num_directions: int, probes: list
+):
     """Every layer of a pass, as module.LSTM._run_layers runs them: x [T, B, I] time-major padded (sorted by
     length when `lengths` is given), h0/c0 [L·D, B, *], weights[slot] = (w_ih, w_hh, b_ih, b_hh, w_hr), dropout
     the probability applied between layers (0 outside training), probes[slot] a PassProbe or None (nothing
-    recorded). Returns (out [T, B, D·P], h_n [L·D, B, P], c_n [L·D, B, H])."""
-    batch_sizes = None if lengths is None else active_mask(lengths.cpu(), x.shape[0]).sum(dim=1)
+    recorded). Returns (out [T, B, D·P], h_n [L·D, B, P], c_n [L·D, B, H]). The CPU only: lengths are on the host.
+    batch_first: x is the transpose of a batch-first input."""
+    batch_sizes = None if lengths is None else active_mask(lengths, x.shape[0]).sum(dim=1)
     num_layers = h0.shape[0] // num_directions
     h_n, c_n = [], []
     layer_input = x
     for layer in range(num_layers):
         slots = range(layer * num_directions, (layer + 1) * num_directions)
-        config = _LayerConfig(bias, batch_sizes, tuple(probes[s] for s in slots), torch.is_grad_enabled())
+        config = _LayerConfig(
+            bias, batch_sizes, tuple(probes[s] for s in slots), torch.is_grad_enabled(), batch_first and layer == 0
+        )
         tensors = [t for s in slots for t in (h0[s], c0[s], *weights[s])]
         out, h, c = _NativeRecordedLayer.apply(config, layer_input, lengths, *tensors)
         h_n.append(h)
@@ -69,21 +74,40 @@ class _LayerConfig(NamedTuple):
     bias: bool
     batch_sizes: torch.Tensor | None  # host int64, the packed form of `lengths`; None without lengths
     probes: tuple  # PassProbe (or None) per direction
-    # Whether autograd records the module's pass. oneDNN computes a float32 LSTM in grad mode with other kernels
-    # than without (torch 2.13: the results differ in the last bits), so the op runs in the caller's mode.
-    grad_mode: bool
+    grad_mode: bool  # whether autograd records the module's pass (native_layer says why that matters)
+    batch_first: bool  # the layer's input reached the module batch-first (layer 0 of a batch-first module)
+
+    @property
+    def directions(self) -> int:
+        return len(self.probes)
 
 
-def native_layer(x, h0, c0, flat_weights: list, bias: bool, bidirectional: bool, lengths, batch_sizes):
-    """PyTorch's LSTM op on one layer (both directions), as nn.LSTM calls it: (out [T, B, D·P] padded with zeros
-    past each sequence's end, h_n [D, B, P], c_n [D, B, H]). With lengths the op runs on the packed sequence.
-    Inputs that require grad are the caller's to detach: this builds no graph of its own."""
-    if lengths is None:
-        return _VF.lstm(x, (h0, c0), flat_weights, bias, 1, 0.0, False, bidirectional, False)
-    data = pack_padded_sequence(x, lengths.cpu()).data
-    out, h_n, c_n = _VF.lstm(data, batch_sizes, (h0, c0), flat_weights, bias, 1, 0.0, False, bidirectional)
-    padded, _ = pad_packed_sequence(PackedSequence(out, batch_sizes), total_length=x.shape[0])
-    return padded, h_n, c_n
+def native_layer(x, h0, c0, flat_weights: list, config: _LayerConfig, lengths):
+    """PyTorch's LSTM op on one layer (both directions), called as nn.LSTM calls it, so that its results are
+    nn.LSTM's to the bit: (out [T, B, D·P] padded with zeros past each sequence's end, h_n [D, B, P], c_n
+    [D, B, H]), detached. With lengths the op runs on the packed sequence.
+
+    Which kernels the op runs, and so the last bits of its results, depend on more than the values (torch 2.13,
+    CPU): oneDNN's float32 path on the grad mode, PyTorch's own C++ path (float64, projections) on the layout of
+    the input and on which tensors require grad (matmul folds a 3-D input differently then). So the op sees the
+    caller's grad mode, the input in the module's layout, and aliases carrying each tensor's requires_grad; the
+    graph it may record on them is dropped with the aliases."""
+    x, h0, c0, *flat_weights = (t.detach().requires_grad_(t.requires_grad) for t in (x, h0, c0, *flat_weights))
+    bidirectional = config.directions == 2
+    with torch.set_grad_enabled(config.grad_mode):
+        if lengths is None:
+            input, batch_first = (x.transpose(0, 1), True) if config.batch_first else (x, False)
+            out, h_n, c_n = _VF.lstm(
+                input, (h0, c0), flat_weights, config.bias, 1, 0.0, False, bidirectional, batch_first
+            )
+            out = out.transpose(0, 1) if batch_first else out
+        else:
+            data = pack_padded_sequence(x, lengths).data
+            out, h_n, c_n = _VF.lstm(
+                data, config.batch_sizes, (h0, c0), flat_weights, config.bias, 1, 0.0, False, bidirectional
+            )
+            out, _ = pad_packed_sequence(PackedSequence(out, config.batch_sizes), total_length=x.shape[0])
+    return out.detach(), h_n.detach(), c_n.detach()
 
 
 class _Rebuilt(NamedTuple):
@@ -168,17 +192,7 @@ class _NativeRecordedLayer(torch.autograd.Function):
         flat = [w for d in directions for w in (d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.w_hr) if w is not None]
         h0 = torch.stack([d.h0 for d in directions])
         c0 = torch.stack([d.c0 for d in directions])
-        with torch.set_grad_enabled(config.grad_mode):
-            out, h_n, c_n = native_layer(
-                x.detach(),
-                h0,
-                c0,
-                [w.detach() for w in flat],
-                config.bias,
-                len(directions) == 2,
-                lengths,
-                config.batch_sizes,
-            )
+        out, h_n, c_n = native_layer(x, h0, c0, flat, config, lengths)
         width = out.shape[-1] // len(directions)
         saved = []
         for k, d in enumerate(directions):
@@ -254,7 +268,7 @@ def _direction_backward(grad_outputs, x, d: _Direction, state: _Rebuilt, lengths
     grad_w_hr = None
     if d.w_hr is not None and needs[6]:
         grad_w_hr = grad_hidden.flatten(0, 1).t() @ hidden_full.flatten(0, 1)
-    return (rows @ d.w_ih).view(*x.shape[:2], -1) if needs_x else None, [
+    return (rows @ d.w_ih).unflatten(0, x.shape[:2]) if needs_x else None, [
         grad_h0 if needs[0] else None,
         grad_c0 if needs[1] else None,
         rows.t() @ x.flatten(0, 1) if needs[2] else None,
