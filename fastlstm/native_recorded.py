@@ -6,8 +6,9 @@ reference's step loop (reference.py) issues one GEMM and six pointwise ops per s
 (oneDNN or its C++ loop) runs the same recurrence without that overhead. It runs layer by layer, each call covering
 both directions of one layer, so that every layer's outputs are at hand:
 
-  1. out, h_n, c_n   the op on the layer's input; these are the module's results, equal to nn.LSTM's to the bit
-                     (dropout is applied between the calls exactly where nn.LSTM applies it, with the same draws)
+  1. out, h_n, c_n   the op on the layer's input; these are the module's results, those of nn.LSTM under
+                     torch.no_grad() to the bit (native_layer says why not those of its training kernels), with
+                     dropout applied between the calls where nn.LSTM applies it, drawing the same masks
   2. per direction   h_{t-1} for every t is the output shifted by one step in the direction's own order (h0 first;
                      with lengths, each sequence's first step sees h0): the pre-activations of all steps are then one
                      GEMM, x W_ihᵀ + b + h_{t-1} W_hhᵀ, and the activated gates one sigmoid
@@ -57,9 +58,7 @@ def run_layers(
     layer_input = x
     for layer in range(num_layers):
         slots = range(layer * num_directions, (layer + 1) * num_directions)
-        config = _LayerConfig(
-            bias, batch_sizes, tuple(probes[s] for s in slots), torch.is_grad_enabled(), batch_first and layer == 0
-        )
+        config = _LayerConfig(bias, batch_sizes, tuple(probes[s] for s in slots), layer == 0, batch_first)
         tensors = [t for s in slots for t in (h0[s], c0[s], *weights[s])]
         out, h, c = _NativeRecordedLayer.apply(config, layer_input, lengths, *tensors)
         h_n.append(h)
@@ -74,8 +73,8 @@ class _LayerConfig(NamedTuple):
     bias: bool
     batch_sizes: torch.Tensor | None  # host int64, the packed form of `lengths`; None without lengths
     probes: tuple  # PassProbe (or None) per direction
-    grad_mode: bool  # whether autograd records the module's pass (native_layer says why that matters)
-    batch_first: bool  # the layer's input reached the module batch-first (layer 0 of a batch-first module)
+    first_layer: bool  # the layer's input is the module's (native_layer says why that matters)
+    batch_first: bool  # the module's input is batch-first
 
     @property
     def directions(self) -> int:
@@ -83,20 +82,25 @@ class _LayerConfig(NamedTuple):
 
 
 def native_layer(x, h0, c0, flat_weights: list, config: _LayerConfig, lengths):
-    """PyTorch's LSTM op on one layer (both directions), called as nn.LSTM calls it, so that its results are
-    nn.LSTM's to the bit: (out [T, B, D·P] padded with zeros past each sequence's end, h_n [D, B, P], c_n
-    [D, B, H]), detached. With lengths the op runs on the packed sequence.
+    """PyTorch's LSTM op on one layer (both directions), called as nn.LSTM calls it under torch.no_grad(), so that
+    its results are those of nn.LSTM under no_grad to the bit: (out [T, B, D·P] padded with zeros past each
+    sequence's end, h_n [D, B, P], c_n [D, B, H]). With lengths the op runs on the packed sequence.
 
     Which kernels the op runs, and so the last bits of its results, depend on more than the values (torch 2.13,
-    CPU): oneDNN's float32 path on the grad mode, PyTorch's own C++ path (float64, projections) on the layout of
-    the input and on which tensors require grad (matmul folds a 3-D input differently then). So the op sees the
-    caller's grad mode, the input in the module's layout, and aliases carrying each tensor's requires_grad; the
-    graph it may record on them is dropped with the aliases."""
-    x, h0, c0, *flat_weights = (t.detach().requires_grad_(t.requires_grad) for t in (x, h0, c0, *flat_weights))
+    CPU). oneDNN's float32 path runs other kernels in grad mode, whose results differ in the last bits and which
+    cost up to 2.7× more at the CPU targets' shapes (benchmarks/README.md): the route runs the no_grad ones,
+    whatever the pass, since its backward is its own. PyTorch's own C++ path (float64, projections) depends on the
+    layout of the input and on which tensors require grad (matmul folds a 3-D input differently then): the op
+    sees the input in the module's layout and aliases carrying the requires_grad that nn.LSTM's call would see
+    (the user's tensors' own; False for a layer above the first, an intermediate result under no_grad)."""
+    x_flag = x.requires_grad and config.first_layer
+    x = x.detach().requires_grad_(x_flag)
+    h0, c0, *flat_weights = (t.detach().requires_grad_(t.requires_grad) for t in (h0, c0, *flat_weights))
     bidirectional = config.directions == 2
-    with torch.set_grad_enabled(config.grad_mode):
+    with torch.no_grad():
         if lengths is None:
-            input, batch_first = (x.transpose(0, 1), True) if config.batch_first else (x, False)
+            batch_first = config.batch_first and config.first_layer
+            input = x.transpose(0, 1) if batch_first else x
             out, h_n, c_n = _VF.lstm(
                 input, (h0, c0), flat_weights, config.bias, 1, 0.0, False, bidirectional, batch_first
             )
@@ -107,7 +111,7 @@ def native_layer(x, h0, c0, flat_weights: list, config: _LayerConfig, lengths):
                 data, config.batch_sizes, (h0, c0), flat_weights, config.bias, 1, 0.0, False, bidirectional
             )
             out, _ = pad_packed_sequence(PackedSequence(out, config.batch_sizes), total_length=x.shape[0])
-    return out.detach(), h_n.detach(), c_n.detach()
+    return out, h_n, c_n
 
 
 class _Rebuilt(NamedTuple):

@@ -90,6 +90,12 @@ def _outputs(module, x, hx):
     return (out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out), h_n, c_n
 
 
+def _no_grad_outputs(module, x, hx):
+    """What the route's results equal to the bit: nn.LSTM's under torch.no_grad() (native_recorded.native_layer)."""
+    with torch.no_grad():
+        return _outputs(module, x, hx)
+
+
 # ---- which route runs ----
 
 
@@ -133,13 +139,14 @@ GRID_IDS = [f"bias{int(b)}-bf{int(f)}-bi{int(d)}-proj{p}-L{n}-{k}" for b, f, d, 
 
 @pytest.mark.parametrize("bias,batch_first,bidirectional,proj_size,num_layers,kind", GRID, ids=GRID_IDS)
 def test_option_grid(bias, batch_first, bidirectional, proj_size, num_layers, kind):
-    """float32: outputs and final states are nn.LSTM's own; every gradient within the float32 budget of a float64
-    nn.LSTM's, and float64 within the float64 budget (the analytic backward's maths, not only its rounding)."""
+    """float32: outputs and final states are nn.LSTM's own (under no_grad: native_recorded.native_layer); every
+    gradient within the float32 budget of nn.LSTM's, and in float64 within the float64 budget (the analytic
+    backward's maths, not only its rounding)."""
     options = {"bias": bias, "batch_first": batch_first, "bidirectional": bidirectional, "proj_size": proj_size}
     ref = nn.LSTM(INPUT, HIDDEN, num_layers, **options)
     fast = _auto(ref)
     x, to_input, hx = _inputs(ref, kind, torch.float32)
-    for got, want in zip(_outputs(fast, to_input(x), hx), _outputs(ref, to_input(x), hx), strict=True):
+    for got, want in zip(_outputs(fast, to_input(x), hx), _no_grad_outputs(ref, to_input(x), hx), strict=True):
         assert torch.equal(got, want)
     assert fast.telemetry.snapshot().launches == num_layers * (2 if bidirectional else 1)
     ref64 = copy.deepcopy(ref).double()
@@ -154,22 +161,24 @@ def test_hx_none_and_unbatched_input(kind):
     fast = _auto(ref)
     x, to_input, hx = _inputs(ref, kind, torch.float32)
     for state in (None, hx):
-        for got, want in zip(_outputs(fast, to_input(x), state), _outputs(ref, to_input(x), state), strict=True):
+        for got, want in zip(
+            _outputs(fast, to_input(x), state), _no_grad_outputs(ref, to_input(x), state), strict=True
+        ):
             assert torch.equal(got, want)
         assert_module_parity(fast, ref, x, state, tolerance(torch.float32), to_input=to_input)
 
 
 def test_dropout_draws_nn_lstms_masks_where_nn_lstm_draws_them():
     """Padded: the same masks from the same generator between the same layers, so training with dropout gives
-    nn.LSTM's outputs to the bit and its gradients."""
+    nn.LSTM's outputs (under no_grad) to the bit and its gradients."""
     ref = nn.LSTM(INPUT, HIDDEN, 3, dropout=0.5, bidirectional=True).train()
     fast = _auto(ref)
     x, _, hx = _inputs(ref, "padded", torch.float32)
     seed = int(torch.randint(0, 2**31, ()).item())
     results = []
-    for module in (ref, fast):
+    for run in (_no_grad_outputs, _outputs):
         torch.manual_seed(seed)
-        results.append(_outputs(module, x, hx))
+        results.append(run(ref if run is _no_grad_outputs else fast, x, hx))
     for got, want in zip(*reversed(results), strict=True):
         assert torch.equal(got, want)
     assert_module_parity(fast, ref, x, hx, tolerance(torch.float32), seed=seed)
@@ -186,8 +195,7 @@ def test_packed_dropout_is_the_reference_backends():
 
 
 def test_inference_that_records_gives_nn_lstms_inference_results():
-    """oneDNN computes float32 with other kernels in grad mode than without: a recording forward under no_grad
-    gives nn.LSTM's no_grad results, to the bit, and records its forward telemetry."""
+    """A recording forward under no_grad: nn.LSTM's results to the bit, and its forward telemetry recorded."""
     ref = nn.LSTM(INPUT, HIDDEN, 2).eval()
     fast = _auto(ref)
     fast.telemetry.record_inference = True
