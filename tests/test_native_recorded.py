@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fastlstm
-from fastlstm import routing
+from fastlstm import reference_telemetry, routing
 
 try:
     from support import HostReadGuard, assert_module_parity, fast_like, leaf, make_pair, mixed_lengths, pack, tolerance
@@ -264,7 +264,7 @@ def test_telemetry_fields_match_recomputation(cfg, packed):
 def test_float32_telemetry_is_the_reference_backends():
     ref = nn.LSTM(8, 16, 2, bidirectional=True)
     auto, spec = _auto(ref), fast_like(ref)
-    x, to_input, hx = _inputs(ref, "packed", torch.float32, steps=20, batch=6)
+    x, to_input, hx = _inputs(ref, "packed", torch.float32, steps=60, batch=6)  # past LANE_ROWS gate rows
     for module in (auto, spec):
         out, h_n, c_n = _outputs(module, to_input(x), hx)
         (out.square().sum() + h_n.sum() + c_n.sum()).backward()
@@ -276,6 +276,15 @@ def test_float32_telemetry_is_the_reference_backends():
         assert got.cell_absmax == pytest.approx(want.cell_absmax, rel=budget)
         assert got.grad_norm_per_step == pytest.approx(want.grad_norm_per_step, rel=budget)
         assert got.cell_grad_norm_per_step == pytest.approx(want.cell_grad_norm_per_step, rel=budget)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1000, 6), (255, 6), (600, 5), (7, 6)])
+def test_saturated_flags_are_counted_exactly_per_gate(rows, hidden):
+    """The eight-flags-at-a-time count (reference_telemetry.LANE_ROWS) against a plain count, across whole and
+    partial blocks of rows and a width it cannot split into eight-flag words."""
+    flags = torch.rand(rows, 4 * hidden) < torch.rand(4 * hidden)  # a different rate per column
+    expected = flags.view(rows, 4, hidden).double().sum(dim=(0, 2))
+    assert torch.equal(reference_telemetry._true_per_gate(flags), expected)
 
 
 @pytest.mark.parametrize("name", NAN_CASES)
