@@ -28,8 +28,9 @@ class LSTM(nn.RNNBase):
     """Drop-in replacement for `torch.nn.LSTM`; see its documentation for the arguments.
 
     Extra keyword-only arguments:
-      backend:   "auto" (passes that record telemetry: Triton kernels on CUDA, the reference elsewhere; passes
-                 that record none: PyTorch's own LSTM op, as nn.LSTM), "reference", "triton", or "native" (PyTorch's
+      backend:   "auto" (passes that record telemetry: Triton kernels on CUDA, PyTorch's op with the telemetry
+                 rebuilt from its outputs on the CPU (native_recorded.py), the reference elsewhere; passes that
+                 record none: PyTorch's own LSTM op, as nn.LSTM), "reference", "triton", or "native" (PyTorch's
                  own LSTM op, which records no telemetry). Exporting, tracing and torch.func always run the native
                  op (docs/deploy.md); fastlstm/routing.py decides.
       telemetry: record gate saturation, gradient norms through time and the first non-finite value into
