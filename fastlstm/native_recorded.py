@@ -100,9 +100,9 @@ def native_layer(x, h0, c0, flat_weights: list, config: _LayerConfig, lengths):
     with torch.no_grad():
         if lengths is None:
             batch_first = config.batch_first and config.first_layer
-            input = x.transpose(0, 1) if batch_first else x
+            layer_input = x.transpose(0, 1) if batch_first else x
             out, h_n, c_n = _VF.lstm(
-                input, (h0, c0), flat_weights, config.bias, 1, 0.0, False, bidirectional, batch_first
+                layer_input, (h0, c0), flat_weights, config.bias, 1, 0.0, False, bidirectional, batch_first
             )
             out = out.transpose(0, 1) if batch_first else out
         else:
