@@ -88,7 +88,7 @@ def native_layer(x, h0, c0, flat_weights: list, config: _LayerConfig, lengths):
 
     Which kernels the op runs, and so the last bits of its results, depend on more than the values (torch 2.13,
     CPU). oneDNN's float32 path runs other kernels in grad mode, whose results differ in the last bits and which
-    cost up to 2.7× more at the CPU targets' shapes (benchmarks/README.md): the route runs the no_grad ones,
+    cost up to 2.7× more at the CPU targets' shapes (one thread, benchmarks/README.md): the route runs the no_grad ones,
     whatever the pass, since its backward is its own. PyTorch's own C++ path (float64, projections) depends on the
     layout of the input and on which tensors require grad (matmul folds a 3-D input differently then): the op
     sees the input in the module's layout and aliases carrying the requires_grad that nn.LSTM's call would see
