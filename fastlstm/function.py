@@ -216,7 +216,7 @@ class _LSTMLayer(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dgates = dgates_raw.to(x.dtype).flatten(0, 1)
         grad_x = (dgates @ w_ih).view_as(x) if needs[0] else None
-        grad_w_ih = dgates.t() @ x.flatten(0, 1) if needs[3] else None
+        grad_w_ih = (x.flatten(0, 1).t() @ dgates).t() if needs[3] else None  # native_recorded.py says why
         grad_w_hh = None
         if needs[4]:
             h_prev = _previous_hidden(out, h0, lengths, reverse, restarts)

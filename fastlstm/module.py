@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import native
+from . import native, native_recorded
 from .function import lstm_layer
 from .resets import direction_restarts, time_major_resets
-from .routing import PassShape, check_backend_name, choose
+from .routing import NATIVE_RECORDED, PassShape, check_backend_name, choose
 from .telemetry import Telemetry
 
 
@@ -29,8 +29,9 @@ class LSTM(nn.RNNBase):
     """Drop-in replacement for `torch.nn.LSTM`; see its documentation for the arguments.
 
     Extra keyword-only arguments:
-      backend:   "auto" (passes that record telemetry: Triton kernels on CUDA, the reference elsewhere; passes
-                 that record none: PyTorch's own LSTM op, as nn.LSTM), "reference", "triton", or "native" (PyTorch's
+      backend:   "auto" (passes that record telemetry: Triton kernels on CUDA, PyTorch's op with the telemetry
+                 rebuilt from its outputs on the CPU (native_recorded.py), the reference elsewhere; passes that
+                 record none: PyTorch's own LSTM op, as nn.LSTM), "reference", "triton", or "native" (PyTorch's
                  own LSTM op, which records no telemetry). Exporting, tracing and torch.func always run the native
                  op (docs/deploy.md); fastlstm/routing.py decides.
       telemetry: record gate saturation, gradient norms through time and the first non-finite value into
@@ -342,6 +343,25 @@ class LSTM(nn.RNNBase):
         # empty.
         record = records and x.shape[1] > 0
         seq = self.telemetry.begin_pass(x.device) if record else None
+        if implementation == NATIVE_RECORDED:  # never with resets (routing.choose)
+            probes = [
+                self.telemetry.pass_probe(layer, direction, seq) if record else None
+                for layer in range(self.num_layers)
+                for direction in range(num_directions)
+            ]
+            dropout = float(self.dropout) if self.training else 0.0
+            return native_recorded.run_layers(
+                x,
+                h0,
+                c0,
+                weights,
+                lengths,
+                bias=self.bias,
+                batch_first=self.batch_first,
+                dropout=dropout,
+                num_directions=num_directions,
+                probes=probes,
+            )
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):

@@ -5,12 +5,16 @@ decides.
              fastlstm/native.py. Gives nn.LSTM's results and records no telemetry.
   triton     the fused kernels (fastlstm.kernels.launch) for CUDA tensors; CPU tensors under TRITON_INTERPRET=1.
   reference  the plain-torch specification (fastlstm/reference.py), any device.
+  native-recorded
+             PyTorch's own LSTM op layer by layer, the telemetry and the analytic backward's state rebuilt from its
+             outputs (fastlstm/native_recorded.py): the results of native, the telemetry and gradients of reference.
 
-The last two run layer by layer through fastlstm's own ops (function.py) and are what records telemetry; which
-Triton kernel variant runs is the launcher's choice (kernels/planning.py), not this module's.
+triton and reference run layer by layer through fastlstm's own ops (function.py); they and native-recorded are what
+records telemetry. Which Triton kernel variant runs is the launcher's choice (kernels/planning.py), not this module's.
 
 backend="auto" pays for fastlstm's own implementations only where they are worth it:
-  * a pass that records telemetry runs the kernels on CUDA (in their dtypes) and the reference elsewhere;
+  * a pass that records telemetry runs the kernels on CUDA (in their dtypes), native-recorded on the CPU where it
+    applies (native_records) and the reference elsewhere;
   * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
     Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
     GPU measurement found the kernels faster (KERNELS_FASTER below), under torch.compile, and under CPU autocast
@@ -36,6 +40,7 @@ import torch
 from . import reference
 
 BACKENDS = ("auto", "native", "reference", "triton")
+NATIVE_RECORDED = "native-recorded"  # an implementation "auto" picks; not a backend a module can be given
 
 # Storage dtypes the kernels run; "auto" sends anything else (float64) to the reference implementation.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -123,10 +128,11 @@ def choose(
     shape: Callable[[], PassShape] | None = None,
     resets: bool = False,
 ) -> str:
-    """The implementation ("native" | "triton" | "reference") that runs one pass of a module whose backend setting
-    is `backend`, on input of this device and dtype. `records_telemetry`: whether the pass records telemetry
-    (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could apply;
-    `resets`: whether the pass restarts states inside the loop, which PyTorch's op cannot do (docs/resets.md)."""
+    """The implementation ("native" | "triton" | "reference" | NATIVE_RECORDED) that runs one pass of a module whose
+    backend setting is `backend`, on input of this device and dtype. `records_telemetry`: whether the pass records
+    telemetry (Telemetry.records); `shape`: returns the pass's PassShape, called only where KERNELS_FASTER could
+    apply; `resets`: whether the pass restarts states inside the loop, which PyTorch's op cannot do (docs/resets.md),
+    so such a pass runs fastlstm's own ops, never native-recorded."""
     if backend == "native" or program_transform() is not None:
         if resets:
             raise RuntimeError(_NATIVE_RESETS.format(why=program_transform() or "backend='native'"))
@@ -134,8 +140,10 @@ def choose(
     if backend == "auto":
         kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_importable()
         fused = "triton" if kernels else "reference"
-        if records_telemetry or resets or _native_unsupported(device):
+        if resets or _native_unsupported(device):
             return fused
+        if records_telemetry:
+            return NATIVE_RECORDED if not kernels and native_records(device, dtype) else fused
         if kernels and shape is not None and any(region.covers(dtype, shape()) for region in KERNELS_FASTER):
             return "triton"
         return "native"
@@ -153,6 +161,17 @@ _NATIVE_RESETS = (
     "fastlstm.LSTM: resets need fastlstm's own ops, and this pass runs PyTorch's LSTM op ({why}), which cannot "
     "restart states inside a sequence; run the segments between resets as separate calls there (docs/resets.md)"
 )
+
+
+# Storage dtypes native-recorded takes. 16-bit passes stay on the reference: PyTorch's CPU op computes them in its
+# own mixed precision (oneDNN bf16), which the analytic backward's float32 state would not mirror.
+NATIVE_RECORDED_DTYPES = (torch.float32, torch.float64)
+
+
+def native_records(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a recording pass under "auto" may run native-recorded: on the CPU (on CUDA the kernels record), in
+    NATIVE_RECORDED_DTYPES. A pass with resets never gets here: choose() sends it to the reference first."""
+    return device.type == "cpu" and dtype in NATIVE_RECORDED_DTYPES
 
 
 def _native_unsupported(device: torch.device) -> bool:

@@ -9,8 +9,9 @@ import fastlstm
 from fastlstm import reference, routing
 
 
-def test_auto_uses_the_reference_on_cpu_and_for_float64():
-    assert routing.choose("auto", torch.device("cpu"), torch.float32) == "reference"
+def test_auto_records_natively_on_the_cpu_and_on_the_reference_for_16_bit_and_cuda_float64():
+    assert routing.choose("auto", torch.device("cpu"), torch.float32) == routing.NATIVE_RECORDED
+    assert routing.choose("auto", torch.device("cpu"), torch.bfloat16) == "reference"
     assert routing.choose("auto", torch.device("cuda"), torch.float64) == "reference"
     assert routing.time_loops("reference") is reference
 
@@ -55,9 +56,8 @@ def test_program_transforms_are_recognised_and_eager_passes_are_not():
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "native"])
 def test_every_backend_runs_natively_under_a_program_transform(backend):
-    assert routing.choose(backend, torch.device("cpu"), torch.float32) == (
-        "native" if backend == "native" else "reference"
-    )
+    eager = {"auto": routing.NATIVE_RECORDED, "reference": "reference", "native": "native"}
+    assert routing.choose(backend, torch.device("cpu"), torch.float32) == eager[backend]
     chosen = []
     torch.func.grad(lambda x: chosen.append(routing.choose(backend, x.device, x.dtype)) or x.sum())(torch.randn(2))
     assert chosen == ["native"]
