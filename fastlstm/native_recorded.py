@@ -267,6 +267,7 @@ def _direction_backward(grad_outputs, x, d: _Direction, state: _Rebuilt, lengths
         d.w_hh,
         d.w_hr,
         lengths,
+        None,  # restarts: a pass with resets never runs this route (routing.choose)
         first,
         seq,
         key,
