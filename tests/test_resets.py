@@ -155,9 +155,16 @@ def test_auto_never_routes_a_pass_with_resets_to_the_native_op():
     assert type(out.grad_fn).__name__ == "_LSTMLayerBackward"  # fastlstm's op, not aten::lstm
     with torch.no_grad():  # an inference pass records nothing, and would run natively without resets
         assert torch.equal(fast(x, resets=resets)[0], out.detach())
-    assert routing.choose("auto", torch.device("cpu"), torch.float32, records_telemetry=False, resets=True) == (
-        "reference"
+    for records in (False, True):  # recording, native-recorded (PyTorch's op layer by layer) is refused too
+        assert routing.choose("auto", torch.device("cpu"), torch.float32, records_telemetry=records, resets=True) == (
+            "reference"
+        )
+    assert routing.choose("auto", torch.device("cpu"), torch.float32, records_telemetry=True) == (
+        routing.NATIVE_RECORDED
     )
+    recording = fastlstm.LSTM(INPUTS, HIDDEN)
+    out, _ = recording(x.float(), resets=resets)
+    assert type(out.grad_fn).__name__ == "_LSTMLayerBackward"  # the reference's op
     assert routing.choose("auto", torch.device("cuda"), torch.float32, records_telemetry=False, resets=True) in (
         "triton",
         "reference",  # where triton is not importable
