@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
 from fastlstm import constants as C
 from fastlstm.reference import BackwardResult, ForwardResult
@@ -20,6 +19,7 @@ from fastlstm.reference import BackwardResult, ForwardResult
 # planning's switches (host_stepped, interpreting) are read through the module, so that a test that replaces one
 # there changes what the launcher does as well as what it plans.
 from . import planning
+from .arguments import check_supported, single_keywords, split_keywords, streaming_keywords
 from .backward import lstm_split_backward_kernel
 from .forward import lstm_split_forward_kernel
 from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
@@ -27,84 +27,9 @@ from .split_gluon_backward import lstm_split_backward_gluon_kernel
 from .split_gluon_forward import lstm_split_forward_gluon_kernel
 from .streaming import lstm_streaming_backward_kernel, lstm_streaming_forward_kernel
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 # Tests set this to fill every output with NaN before a kernel writes it, so an element a kernel forgets to write
 # fails the comparison instead of passing by luck.
 POISON_OUTPUTS = False
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's matmul setting, as nn.LSTM's cuBLAS/cuDNN GEMMs do: TF32 only when allowed."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def dot_dtype(dtype: torch.dtype):
-    """The tl.dot operand type: the storage type, except bf16 under the interpreter, whose bf16 dot returns garbage
-    (triton 3.6), so those tests run the dot in fp32 while every load, store and conversion stays bf16."""
-    if dtype == torch.bfloat16 and planning.interpreting():
-        return tl.float32
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-
-
-def check_supported(xw: torch.Tensor) -> None:
-    if xw.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"the triton backend supports float32, float16 and bfloat16, got {xw.dtype}; "
-            "use backend='reference' (or 'auto', which falls back to it)"
-        )
-    if xw.device.type != "cuda" and not planning.interpreting():
-        raise RuntimeError("the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The keywords of each family's launch: the constexprs and options a plan sets, written once for both passes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _single_keywords(cfg: planning.SingleConfig, reverse: bool, dtype: torch.dtype) -> dict:
-    return {
-        "REVERSE": reverse,
-        "BLOCK_B": cfg.block_b,
-        "H_PAD": cfg.h_pad,
-        "P_PAD": cfg.p_pad,
-        "DOT_DTYPE": dot_dtype(dtype),
-        "DOT_PRECISION": dot_precision(dtype),
-        "num_warps": cfg.num_warps,
-        "maxnreg": cfg.maxnreg,
-    }
-
-
-def _split_keywords(cfg: planning.SplitConfig, reverse: bool, dtype: torch.dtype) -> dict:
-    return {
-        "REVERSE": reverse,
-        "UNITS": cfg.units,
-        "BLOCK_B": cfg.block_b,
-        "K_PAD": cfg.k_pad,
-        "K_SPLIT": cfg.k_split,
-        "MAX_PROGRAMS": triton.next_power_of_2(cfg.unit_groups),
-        "ASM_FENCE": not planning.interpreting(),
-        "DOT_DTYPE": dot_dtype(dtype),
-        "DOT_PRECISION": dot_precision(dtype),
-        "num_warps": cfg.num_warps,
-        "maxnreg": cfg.maxnreg,
-    }
-
-
-def _streaming_keywords(cfg: planning.StreamingConfig, reverse: bool, dtype: torch.dtype) -> dict:
-    return {
-        "REVERSE": reverse,
-        "BLOCK_B": cfg.block_b,
-        "BLOCK_H": cfg.block_h,
-        "BLOCK_K": cfg.block_k,
-        "DOT_PRECISION": dot_precision(dtype),
-        "DOT_DTYPE": dot_dtype(dtype),
-        "num_warps": cfg.num_warps,
-        "num_stages": cfg.num_stages,
-        "maxnreg": cfg.maxnreg,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +120,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
                 batch,
                 hidden,
                 proj,
-                **_single_keywords(cfg, reverse, dtype),
+                **single_keywords(cfg, reverse, dtype),
             )
         elif chosen.kind == "split":
             args = (xw, h0, c0, w_hh, lengths, restarts, out, gates, cells, h_n, c_n, stats, first, seq, order)
@@ -253,7 +178,7 @@ def _forward_streaming(
         batch,
         hidden,
         h0.shape[-1],
-        **_streaming_keywords(cfg, reverse, xw.dtype),
+        **streaming_keywords(cfg, reverse, xw.dtype),
     )
 
 
@@ -309,7 +234,7 @@ def recurrence_backward(
                     batch,
                     hidden,
                     proj,
-                    **_single_keywords(cfg, reverse, dtype),
+                    **single_keywords(cfg, reverse, dtype),
                 )
                 grad_h, grad_c = _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
             elif chosen.kind == "split":
@@ -466,7 +391,7 @@ def _backward_streaming(
         batch,
         hidden,
         grad_h.shape[-1],
-        **_streaming_keywords(cfg, reverse, w_hh.dtype),
+        **streaming_keywords(cfg, reverse, w_hh.dtype),
     )
     return _with_restarted(grad_h, grad_c, grad_h0, grad_c0)
 
@@ -516,7 +441,7 @@ def _launch_split(kernel, name, args, chosen: planning.Plan, steps, batch, hidde
     finishes dL/dh0)."""
     cfg = chosen.config
     device = args[0].device
-    constants = _split_keywords(cfg, reverse, dtype)
+    constants = split_keywords(cfg, reverse, dtype)
     grid = (cfg.unit_groups, cfg.batch_groups)
     if planning.host_stepped():
         _record(name, chosen, "host-stepped")
