@@ -100,9 +100,10 @@ FAMILY_SWITCHES = {
 # Restarts (state resets, docs/resets.md) are compiled for a representative subset only, so that they add under a
 # tenth to the matrix (72 variants to 736) rather than doubling it: in each family that takes them
 # (planning.RESTART_FAMILIES; not the Gluon split kernels), the largest aligned and the largest unaligned
-# configuration with every switch on plus restarts (the most registers a restarts launch can need), and the largest
-# aligned one also with restarts alone. A launch without restarts compiles the same code as before the switch
-# existed (its tensors are None, HAS_RESTARTS false): the other variants cover it.
+# configuration that takes restarts (planning.split_takes_restarts) with every switch on plus restarts (the most
+# registers a restarts launch can need), and the largest aligned one also with restarts alone. A launch without
+# restarts compiles the same code as before the switch existed (its tensors are None, HAS_RESTARTS false): the
+# other variants cover it.
 RESTART_SWITCH = "resets"
 
 
@@ -115,6 +116,13 @@ def _restart_combos(family: str, largest: bool, everything: frozenset) -> list:
     return [everything | {RESTART_SWITCH}]
 
 
+def _config_takes_restarts(family: str, config, is_aligned: bool) -> bool:
+    """Whether the plan would run a pass with restarts on this configuration (planning.split_takes_restarts)."""
+    from . import planning
+
+    return family != "split" or planning.split_takes_restarts(dict(config)["K_PAD"], is_aligned)
+
+
 def variants(quick: bool = False) -> list[Variant]:
     """Every (family, stage, dtype, precision, switches, config, alignment) the launcher can produce. Every switch
     combination is compiled for each family's largest aligned configuration (the most registers); the other
@@ -125,12 +133,14 @@ def variants(quick: bool = False) -> list[Variant]:
     for family, stage, (dtype, precision) in itertools.product(FAMILY_SWITCHES, ("forward", "backward"), PRECISIONS):
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
-        seen_alignments = set()
+        seen_alignments = set()  # of the configurations that take restarts
         for index, (config, is_aligned) in enumerate(family_configs(family, dtype)):
-            restart_combos = _restart_combos(family, is_aligned not in seen_alignments, everything)
+            takes = _config_takes_restarts(family, config, is_aligned)
+            restart_combos = _restart_combos(family, takes and is_aligned not in seen_alignments, everything)
             if index == 0 and restart_combos:
                 restart_combos.append(frozenset({RESTART_SWITCH}))
-            seen_alignments.add(is_aligned)
+            if takes:
+                seen_alignments.add(is_aligned)
             if quick:
                 if index == 0:
                     result.append(Variant(family, stage, dtype, precision, (restart_combos or [everything])[0], config))

@@ -120,6 +120,10 @@ SINGLE_WARPS = 8
 SPLIT_UNITS = 8
 SPLIT_WARPS = 8
 SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
+# With restarts the split `tl` forward needs a few more registers; at an unaligned 1024-wide pad (16-bit, every
+# switch on) it spilled 36 bytes on sm_90 (triton 3.6, the AOT matrix), so a pass with restarts takes the split
+# kernels at unaligned sizes only up to this pad, and the streaming kernels above it.
+SPLIT_RESTARTS_UNALIGNED_MAX_PAD = 512
 
 # The Gluon split kernels run tensor-core (mma.sync) products of 16-bit operands; fp32 storage, whose exact dots are
 # FMA products, keeps the tl twins.
@@ -195,6 +199,12 @@ RESTART_FAMILIES = ("single", "split", "streaming")
 RESTART_IMPLEMENTATIONS = ("tl",)
 
 
+def split_takes_restarts(k_pad: int, is_aligned: bool) -> bool:
+    """Whether a split configuration of this pad and alignment runs a pass with restarts (see
+    SPLIT_RESTARTS_UNALIGNED_MAX_PAD)."""
+    return is_aligned or k_pad <= SPLIT_RESTARTS_UNALIGNED_MAX_PAD
+
+
 def takes_restarts(chosen: Plan) -> bool:
     return chosen.kind in RESTART_FAMILIES and (
         chosen.kind != "split" or chosen.implementation in RESTART_IMPLEMENTATIONS
@@ -220,6 +230,8 @@ def plan_for(
         if single is not None:
             return Plan("single", single)
         split = split_config(hidden, batch, dtype) if proj == hidden else None
+        if split is not None and restarts and not split_takes_restarts(split.k_pad, aligned(hidden)):
+            split = None
         if split is not None and max_programs is not None:
             per_launch = max_programs // split.unit_groups
             split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None

@@ -73,3 +73,25 @@ def test_restarts_compile_for_a_subset_of_the_families_that_take_them():
     assert len(with_restarts) <= 0.1 * (len(every) - len(with_restarts))  # the CI budget: at most a tenth more
     _, signature, constexprs, _, _ = variant_module.signature(next(v for v in with_restarts if v.stage == "backward"))
     assert signature["restarts_ptr"] == "*i1" and constexprs["HAS_RESTARTS"] is True
+
+
+def test_restarts_take_the_split_kernels_only_at_pads_the_matrix_compiles_with_restarts():
+    import torch
+
+    from fastlstm.kernels import planning
+
+    def plan(hidden, restarts):
+        return planning.plan_for(hidden, hidden, 8, torch.bfloat16, max_programs=132, gluon=True, restarts=restarts)
+
+    assert plan(1023, restarts=False).kind == "split"
+    assert plan(1023, restarts=True).kind == "streaming"  # unaligned above SPLIT_RESTARTS_UNALIGNED_MAX_PAD
+    assert (plan(1024, restarts=True).kind, plan(1024, restarts=True).implementation) == ("split", "tl")
+    assert plan(511, restarts=True).kind == "split"
+    restarts_pads = {
+        (v.dtype, v.aligned): dict(v.config)["K_PAD"]
+        for v in aot.variants()
+        if v.family == "split" and aot.RESTART_SWITCH in v.switches and v.stage == "forward"
+    }
+    for dtype in ("fp16", "bf16"):
+        assert restarts_pads[(dtype, False)] == planning.SPLIT_RESTARTS_UNALIGNED_MAX_PAD
+        assert restarts_pads[(dtype, True)] == planning.SPLIT_MAX_PAD[torch.bfloat16]
