@@ -111,15 +111,20 @@ MAX_REGISTERS = 255
 SINGLE_MAX_PAD = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 SINGLE_WARPS = 8
 
-# Units per program when they are split: 8 gives 32 gate rows (the A operand of the forward product) and, at
-# H=1024, 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8
-# warps, its share of the reduction axis (K_SPLIT = 8 slices) one per warp. The largest padded H per storage dtype
-# that compiles without spills (kernels/aot.py): fp32 weights take twice the registers (at 512 units the fp32
-# forward spilled over a kilobyte, at 256 the fp32 backward 8-40 bytes in most switch combinations). The batch tile
-# shrinks instead of the limit where sizes are unaligned (block_b_for).
+# Units per program when they are split: 8 gives 32 gate rows (the A operand of the forward product) and, at H=1024,
+# 128 programs (the H200 has 132 SMs), each holding 64 KiB of W_hh in 16 bits: 64 registers per thread at 8 warps, its
+# share of the reduction axis (K_SPLIT = 8 slices) one per warp. The largest padded H per storage dtype that compiles
+# without spills (kernels/aot.py). fp32 weights take more than twice the registers of 16-bit ones (their exact dots
+# are FMA products), so past a 128 pad an fp32 program takes half the units (SPLIT_NARROW_UNITS: 16 gate rows,
+# tl.dot's smallest M). Compiled with triton 3.6 for sm_80 and sm_90 in every switch combination: at a 256 pad 8 units
+# spilled 8-40 bytes in the fp32 backward, 4 units compile clean; at 512 the ieee backward with 4 units still spilled
+# 32-136 bytes in seven combinations (tf32 compiled clean, but the plan does not depend on the precision), so fp32
+# stops at 256. The batch tile shrinks instead of the limit where sizes are unaligned (block_b_for).
 SPLIT_UNITS = 8
+SPLIT_NARROW_UNITS = 4
+SPLIT_NARROW_ABOVE_PAD = {torch.float16: None, torch.bfloat16: None, torch.float32: 128}
 SPLIT_WARPS = 8
-SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128}
+SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
 # With restarts the split `tl` forward needs a few more registers; at an unaligned 1024-wide pad (16-bit, every
 # switch on) it spilled 36 bytes on sm_90 (triton 3.6, the AOT matrix), so a pass with restarts takes the split
 # kernels at unaligned sizes only up to this pad, and the streaming kernels above it.
@@ -154,20 +159,27 @@ def single_config(hidden: int, proj: int, dtype: torch.dtype) -> SingleConfig | 
     return SingleConfig(block_b=block_b, h_pad=h_pad, p_pad=p_pad, num_warps=SINGLE_WARPS, maxnreg=MAX_REGISTERS)
 
 
+def split_units(k_pad: int, dtype: torch.dtype) -> int:
+    """Hidden units per split program (see SPLIT_NARROW_UNITS)."""
+    narrow_above = SPLIT_NARROW_ABOVE_PAD[dtype]
+    return SPLIT_NARROW_UNITS if narrow_above is not None and k_pad > narrow_above else SPLIT_UNITS
+
+
 def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
     k_pad = max(16, triton.next_power_of_2(hidden))
     is_aligned = aligned(hidden)
     if k_pad > SPLIT_MAX_PAD[dtype]:
         return None
     block_b = block_b_for(batch, dtype, is_aligned)
+    units = split_units(k_pad, dtype)
     return SplitConfig(
-        units=SPLIT_UNITS,
+        units=units,
         block_b=block_b,
         k_pad=k_pad,
         k_split=max(1, min(SPLIT_WARPS, k_pad // 16)),  # each slice at least 16 wide (tl.dot's K >= 16)
         num_warps=SPLIT_WARPS,
         maxnreg=MAX_REGISTERS,
-        unit_groups=triton.cdiv(hidden, SPLIT_UNITS),
+        unit_groups=triton.cdiv(hidden, units),
         batch_groups=triton.cdiv(batch, block_b),
         batch_groups_per_launch=triton.cdiv(batch, block_b),
     )

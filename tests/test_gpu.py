@@ -130,6 +130,7 @@ def launched(monkeypatch):
     [
         (32, 16, "single"),
         (64, 300, "single"),
+        (256, 16, "split"),  # fp32: programs of 4 units (planning.SPLIT_NARROW_UNITS)
         (512, 1, "split"),
         (768, 16, "split"),
         (1024, 16, "split"),

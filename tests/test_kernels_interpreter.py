@@ -224,6 +224,33 @@ def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
     assert planning.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=64, gluon=True).kind == "streaming"
 
 
+def test_plan_narrows_fp32_split_programs_past_their_register_budget():
+    # fp32 programs take 4 units past a 128 pad (planning.SPLIT_NARROW_UNITS), 16-bit ones 8; fp32 past 256 streams.
+    def split_of(hidden, dtype):
+        chosen = planning.plan_for(hidden, hidden, 16, dtype, max_programs=132, gluon=True)
+        return chosen.kind, chosen.config.units if chosen.kind == "split" else None
+
+    assert split_of(128, torch.float32) == ("split", 8)
+    assert split_of(129, torch.float32) == ("split", 4)
+    assert split_of(256, torch.float32) == ("split", 4)
+    assert planning.plan_for(256, 256, 16, torch.float32, max_programs=132).config.unit_groups == 64
+    assert split_of(257, torch.float32) == ("streaming", None)
+    assert split_of(256, torch.bfloat16) == ("split", 8)
+
+
+@pytest.mark.parametrize(
+    ("reverse", "with_lengths"), [(False, False), (True, True)], ids=["forward", "reverse-lengths"]
+)
+def test_narrow_fp32_split_programs_match_reference(monkeypatch, launched, reverse, with_lengths):
+    # The 4-unit programs at a size the interpreter runs quickly: narrowing moved down to a 64 pad, H=70 is 18
+    # programs of 4 units, the last one ragged (two of its units past H).
+    monkeypatch.setattr(planning, "SPLIT_NARROW_ABOVE_PAD", {**planning.SPLIT_NARROW_ABOVE_PAD, torch.float32: 64})
+    assert planning.plan_for(70, 70, 5, torch.float32, max_programs=None).config.units == 4
+    problem, grads = random_problem(3, 5, 70, 0, torch.float32, with_lengths)
+    assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
+    assert launched == [("forward", "split", "host-stepped"), ("backward", "split", "host-stepped")]
+
+
 def test_hidden_sizes_on_every_pad_boundary(launched):
     # 16 (one exact pad), 17 (a 32 pad with one real unit past 16), 64 (the single kernel's widest), 65 (the first
     # split size): the ragged edges of each layout, and the switch between the two kernels.
