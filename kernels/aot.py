@@ -54,9 +54,10 @@ def _torch_dtype(dtype: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def family_configs(family: str, dtype: str) -> list:
-    """Every configuration the launcher can choose for a family and dtype, largest first, as (config pairs,
-    aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles, planning.py)."""
+def family_configs(family: str, dtype: str, precision: str = "ieee") -> list:
+    """Every configuration the launcher can choose for a family, dtype and dot precision, largest first, as (config
+    pairs, aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles,
+    planning.py)."""
     from . import planning
 
     torch_dtype = _torch_dtype(dtype)
@@ -72,10 +73,11 @@ def family_configs(family: str, dtype: str) -> list:
             return []
         smallest = planning.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
         for is_aligned, batch in itertools.product((True, False), (16, 8)):
-            limit = planning.SPLIT_MAX_PAD[torch_dtype]
+            limit = planning.split_max_pad(torch_dtype, precision)
             for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
                 hidden = k_pad if is_aligned else k_pad - 1
-                plans.append((planning.Plan("split", planning.split_config(hidden, batch, torch_dtype)), is_aligned))
+                config = planning.split_config(hidden, batch, torch_dtype, precision)
+                plans.append((planning.Plan("split", config), is_aligned))
     else:
         plans = [
             (planning.Plan("streaming", planning.STREAMING), True),
@@ -134,7 +136,7 @@ def variants(quick: bool = False) -> list[Variant]:
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
         seen_alignments = set()  # of the configurations that take restarts
-        for index, (config, is_aligned) in enumerate(family_configs(family, dtype)):
+        for index, (config, is_aligned) in enumerate(family_configs(family, dtype, precision)):
             takes = _config_takes_restarts(family, config, is_aligned)
             restart_combos = _restart_combos(family, takes and is_aligned not in seen_alignments, everything)
             if index == 0 and restart_combos:

@@ -19,7 +19,7 @@ from fastlstm.reference import BackwardResult, ForwardResult
 # planning's switches (host_stepped, interpreting) are read through the module, so that a test that replaces one
 # there changes what the launcher does as well as what it plans.
 from . import planning
-from .arguments import check_supported, single_keywords, split_keywords, streaming_keywords
+from .arguments import check_supported, dot_precision, single_keywords, split_keywords, streaming_keywords
 from .backward import lstm_split_backward_kernel
 from .forward import lstm_split_forward_kernel
 from .single import lstm_single_backward_kernel, lstm_single_forward_kernel
@@ -83,7 +83,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
     stats, first, seq, order = _telemetry_args(probe)
-    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None)
+    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None, dot_precision(dtype))
     _check_restarts(chosen, restarts)
     if chosen.kind == "split":
         # The exchange buffer is [h0; out]: row 0 holds h0, so that a sequence starting at a step reads its h_{t-1}
@@ -202,7 +202,7 @@ def recurrence_backward(
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     grad_rows, first, seq, order = _telemetry_args(probe)
-    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None)
+    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None, dot_precision(dtype))
     _check_restarts(chosen, restarts)
     if batch > 0:
         with torch.cuda.device_of(gates):

@@ -83,7 +83,9 @@ def routes(shape: Shape) -> list[Route]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[shape.dtype]
     storage = "fp32" if shape.dtype in ("fp32", "tf32") else shape.dtype
     precision = "tf32" if shape.dtype == "tf32" else "ieee"
-    routed = planning.plan_for(shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, gluon=True)
+    routed = planning.plan_for(
+        shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, gluon=True, precision=precision
+    )
     candidates = [routed]
     if routed.implementation == "gluon":
         candidates.append(routed._replace(implementation="tl"))

@@ -118,13 +118,16 @@ SINGLE_WARPS = 8
 # are FMA products), so past a 128 pad an fp32 program takes half the units (SPLIT_NARROW_UNITS: 16 gate rows,
 # tl.dot's smallest M). Compiled with triton 3.6 for sm_80 and sm_90 in every switch combination: at a 256 pad 8 units
 # spilled 8-40 bytes in the fp32 backward, 4 units compile clean; at 512 the ieee backward with 4 units still spilled
-# 32-136 bytes in seven combinations (tf32 compiled clean, but the plan does not depend on the precision), so fp32
-# stops at 256. The batch tile shrinks instead of the limit where sizes are unaligned (block_b_for).
+# 32-136 bytes in seven combinations, so exact fp32 stops at 256. TF32 dots (tensor-core products, taken where
+# torch.backends.cuda.matmul.allow_tf32 allows them) need fewer registers: with 4 units they compile clean at 512
+# (180 registers forward, 192 backward with every switch on, sm_90), where H=512 is 128 programs. The batch tile
+# shrinks instead of the limit where sizes are unaligned (block_b_for).
 SPLIT_UNITS = 8
 SPLIT_NARROW_UNITS = 4
 SPLIT_NARROW_ABOVE_PAD = {torch.float16: None, torch.bfloat16: None, torch.float32: 128}
 SPLIT_WARPS = 8
 SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
+SPLIT_MAX_PAD_TF32 = 512
 # With restarts the split `tl` forward needs a few more registers; at an unaligned 1024-wide pad (16-bit, every
 # switch on) it spilled 36 bytes on sm_90 (triton 3.6, the AOT matrix), so a pass with restarts takes the split
 # kernels at unaligned sizes only up to this pad, and the streaming kernels above it.
@@ -165,10 +168,15 @@ def split_units(k_pad: int, dtype: torch.dtype) -> int:
     return SPLIT_NARROW_UNITS if narrow_above is not None and k_pad > narrow_above else SPLIT_UNITS
 
 
-def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | None:
+def split_max_pad(dtype: torch.dtype, precision: str = "ieee") -> int:
+    """The largest padded H the split kernels take for a storage dtype and dot precision ("ieee" | "tf32")."""
+    return SPLIT_MAX_PAD_TF32 if dtype == torch.float32 and precision == "tf32" else SPLIT_MAX_PAD[dtype]
+
+
+def split_config(hidden: int, batch: int, dtype: torch.dtype, precision: str = "ieee") -> SplitConfig | None:
     k_pad = max(16, triton.next_power_of_2(hidden))
     is_aligned = aligned(hidden)
-    if k_pad > SPLIT_MAX_PAD[dtype]:
+    if k_pad > split_max_pad(dtype, precision):
         return None
     block_b = block_b_for(batch, dtype, is_aligned)
     units = split_units(k_pad, dtype)
@@ -190,8 +198,17 @@ def split_config(hidden: int, batch: int, dtype: torch.dtype) -> SplitConfig | N
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.device, restarts: bool = False) -> Plan:
-    """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit)."""
+def plan(
+    hidden: int,
+    proj: int,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    restarts: bool = False,
+    precision: str = "ieee",
+) -> Plan:
+    """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit); `precision` is
+    the launch's dot precision (arguments.dot_precision)."""
     gluon = not interpreting() and _capability(device) >= (8, 0)
     return plan_for(
         hidden,
@@ -201,6 +218,7 @@ def plan(hidden: int, proj: int, batch: int, dtype: torch.dtype, device: torch.d
         max_programs=None if host_stepped() else _multiprocessors(device),
         gluon=gluon,
         restarts=restarts,
+        precision=precision,
     )
 
 
@@ -231,9 +249,11 @@ def plan_for(
     max_programs: int | None,
     gluon: bool = False,
     restarts: bool = False,
+    precision: str = "ieee",
 ) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
-    projection, a W_hh share that fits) and one batch group's programs can be resident at once (at most
+    projection, a W_hh share that fits: split_max_pad, which depends on the dot `precision` for fp32) and one batch
+    group's programs can be resident at once (at most
     max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
     Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype and the pass has no `restarts`
     (RESTART_FAMILIES); else the streaming kernels, which take everything."""
@@ -241,7 +261,7 @@ def plan_for(
         single = single_config(hidden, proj, dtype)
         if single is not None:
             return Plan("single", single)
-        split = split_config(hidden, batch, dtype) if proj == hidden else None
+        split = split_config(hidden, batch, dtype, precision) if proj == hidden else None
         if split is not None and restarts and not split_takes_restarts(split.k_pad, aligned(hidden)):
             split = None
         if split is not None and max_programs is not None:

@@ -26,17 +26,18 @@ def test_matrix_covers_every_plan_the_launcher_makes():
 
     from fastlstm.kernels import planning
 
-    covered = {(v.family, v.dtype, v.config, v.aligned) for v in aot.variants()}
+    covered = {(v.family, v.dtype, v.precision, v.config, v.aligned) for v in aot.variants()}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    precisions = {torch.float32: ("ieee", "tf32"), torch.float16: ("ieee",), torch.bfloat16: ("ieee",)}
     hidden_sizes = (1, 16, 17, 32, 33, 64, 65, 100, 128, 256, 300, 512, 768, 1000, 1024, 1500, 2048, 4096)
     for hidden, batch, dtype in itertools.product(hidden_sizes, (1, 8, 9, 16, 64, 300), names):
         for proj in {hidden, max(1, hidden // 4)}:
-            for gluon in (False, True):
-                chosen = planning.plan_for(hidden, proj, batch, dtype, max_programs=132, gluon=gluon)
-                variant = variant_module.plan_variant(chosen, "forward", names[dtype], "ieee", ())
+            for gluon, precision in itertools.product((False, True), precisions[dtype]):
+                chosen = planning.plan_for(hidden, proj, batch, dtype, 132, gluon=gluon, precision=precision)
+                variant = variant_module.plan_variant(chosen, "forward", names[dtype], precision, ())
                 is_aligned = chosen.kind == "streaming" or planning.aligned(hidden, proj)
-                key = (variant.family, names[dtype], variant.config, is_aligned)
-                assert key in covered, (hidden, proj, batch, dtype, gluon)
+                key = (variant.family, names[dtype], precision, variant.config, is_aligned)
+                assert key in covered, (hidden, proj, batch, dtype, gluon, precision)
 
 
 def test_a_spilling_result_fails_the_check():

@@ -147,6 +147,19 @@ def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidd
     assert {k for _, k, _ in launched} == {kind}
 
 
+def test_tf32_fp32_layers_up_to_512_units_split_and_match_nn_lstm_float64(launched, monkeypatch):
+    """Where TF32 is allowed the plan takes fp32 layers of up to a 512 pad to the split kernels (4-unit programs,
+    kernels/planning.py); TF32 rounds operands to 10 mantissa bits, as fp16 does."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    ref, fast = pair(64, 512, torch.float32)
+    x = torch.randn(256, 16, 64, device="cuda")
+    weights = torch.randn(256, 16, 512, device="cuda", dtype=torch.float64)
+    expected = forward_backward(ref, x.double().requires_grad_(), weights)
+    actual = forward_backward(fast, x.requires_grad_(), weights)
+    assert_parity(expected, actual, tolerance(torch.float16))
+    assert {k for _, k, _ in launched} == {"split"}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("hidden,kind", [(32, "single"), (128, "split"), (2048, "streaming")], ids=str)
 def test_resets_parity_of_each_kernel_family_with_nn_lstm_per_episode(launched, dtype, hidden, kind):

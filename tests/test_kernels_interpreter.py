@@ -225,7 +225,8 @@ def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
 
 
 def test_plan_narrows_fp32_split_programs_past_their_register_budget():
-    # fp32 programs take 4 units past a 128 pad (planning.SPLIT_NARROW_UNITS), 16-bit ones 8; fp32 past 256 streams.
+    # fp32 programs take 4 units past a 128 pad (planning.SPLIT_NARROW_UNITS), 16-bit ones 8; exact fp32 past 256
+    # streams.
     def split_of(hidden, dtype):
         chosen = planning.plan_for(hidden, hidden, 16, dtype, max_programs=132, gluon=True)
         return chosen.kind, chosen.config.units if chosen.kind == "split" else None
@@ -236,6 +237,10 @@ def test_plan_narrows_fp32_split_programs_past_their_register_budget():
     assert planning.plan_for(256, 256, 16, torch.float32, max_programs=132).config.unit_groups == 64
     assert split_of(257, torch.float32) == ("streaming", None)
     assert split_of(256, torch.bfloat16) == ("split", 8)
+    # TF32 dots take fewer registers: fp32 layers up to a 512 pad split where TF32 is allowed.
+    tf32 = planning.plan_for(512, 512, 16, torch.float32, max_programs=132, precision="tf32")
+    assert (tf32.kind, tf32.config.units, tf32.config.unit_groups) == ("split", 4, 128)
+    assert planning.plan_for(513, 513, 16, torch.float32, max_programs=132, precision="tf32").kind == "streaming"
 
 
 @pytest.mark.parametrize(
@@ -249,6 +254,23 @@ def test_narrow_fp32_split_programs_match_reference(monkeypatch, launched, rever
     problem, grads = random_problem(3, 5, 70, 0, torch.float32, with_lengths)
     assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
     assert launched == [("forward", "split", "host-stepped"), ("backward", "split", "host-stepped")]
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_launch_plans_fp32_by_its_dot_precision(monkeypatch, launched, allow_tf32):
+    # The launcher hands torch's TF32 setting to the plan: the limits moved down so that H=72 (a 128 pad) is past
+    # exact fp32's split limit and within TF32's.
+    monkeypatch.setattr(planning, "SPLIT_MAX_PAD", {**planning.SPLIT_MAX_PAD, torch.float32: 64})
+    monkeypatch.setattr(planning, "SPLIT_MAX_PAD_TF32", 128)
+    problem, grads = random_problem(2, 3, 72, 0, torch.float32, with_lengths=False)
+    previous = torch.backends.cuda.matmul.allow_tf32  # a property: monkeypatch cannot restore it
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        assert_matches_reference(problem, grads, False, tolerance(torch.float32))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    kind = "split" if allow_tf32 else "streaming"
+    assert [k for _, k, _ in launched] == [kind, kind]
 
 
 def test_hidden_sizes_on_every_pad_boundary(launched):
