@@ -21,12 +21,13 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the kernels
 
 import triton
+import triton.language as tl
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import fastlstm
 from fastlstm import reference
-from fastlstm.kernels import launch, planning
+from fastlstm.kernels import exchange, launch, planning
 from fastlstm.kernels.single import lstm_single_forward_kernel
 from fastlstm.telemetry import Telemetry
 
@@ -190,6 +191,25 @@ def test_split_kernels_with_their_exchange_on(launched, one_group_exchange, reve
     problem, grads = random_problem(4, 18, 8, 0, torch.float32, with_lengths=True)
     assert_matches_reference(problem, grads, reverse, tolerance(torch.float32))
     assert launched == [("forward", "split", "cooperative"), ("backward", "split", "cooperative")]
+
+
+@triton.jit
+def _wait_kernel(flags_ptr, producers, steps_needed, MAX_PRODUCERS: tl.constexpr):
+    exchange.wait_for(flags_ptr, 0, producers, steps_needed, MAX_PRODUCERS, False)
+
+
+@pytest.mark.parametrize(
+    "flags,aborted_after",
+    [([0, 3, 4], 0), ([0, 3, 2], 1), ([7, 0, 0], 7)],
+    ids=["flags-up", "one-producer-behind-times-out", "already-aborted"],
+)
+def test_a_wait_returns_and_a_wait_that_times_out_raises_the_abort_word(monkeypatch, flags, aborted_after):
+    # exchange.py's wait, alone: two producers, three steps needed. It returns once every flag is up, or once the
+    # abort word is raised: by itself after WAIT_POLLS polls (to 1), or before it (any nonzero value, left as it is).
+    monkeypatch.setattr(exchange, "WAIT_POLLS", 5)
+    words = torch.tensor(flags, dtype=torch.int32)
+    _wait_kernel[(1,)](words, 2, 3, MAX_PRODUCERS=4)
+    assert words.tolist() == [aborted_after, *flags[1:]]
 
 
 class GridSpy:
