@@ -82,6 +82,20 @@ def chunked_kernel(x_ptr, w_hh_ptr, out_ptr, T, H, ROWS: tl.constexpr, BLOCK: tl
         tl.store(out_ptr + (t * ROWS + rows[:, None]) * BLOCK + cols[None, :], acc.to(tl.bfloat16))
 
 
+@triton.jit
+def poll_kernel(flags_ptr, data_ptr, out_ptr, T, BLOCK: tl.constexpr):
+    """Per step a wait for flag t (read once before the poll loop, which runs only while it is not up), then a load
+    of step t's data: with the flag already up the wait is one read, one round trip, and the data one more."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for t in range(T):
+        seen = tl.load(flags_ptr + t, volatile=True)
+        while seen == 0:
+            seen = tl.load(flags_ptr + t, volatile=True)
+        acc += tl.load(data_ptr + t * BLOCK + offs)
+    tl.store(out_ptr + offs, acc)
+
+
 KERNELS = {
     "resident": (
         weights_resident_kernel,
@@ -102,6 +116,11 @@ KERNELS = {
         for name, dependent in (("dependent", True), ("independent", False))
         for barrier in (True, False)
     },
+    "poll": (
+        poll_kernel,
+        {"flags_ptr": "*i32", "data_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32"},
+        {"BLOCK": GATHER_BLOCK},
+    ),
     "chunked": (
         chunked_kernel,
         {"x_ptr": "*bf16", "w_hh_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "H": "i32"},

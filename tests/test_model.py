@@ -23,7 +23,16 @@ from fastlstm.kernels import hardware
 H = 256
 SIZES = {"T": 1024, "B": 16, "H": H, "P": H, "step_begin": 0, "step_end": 1024, "capacity": 1024, "order": 0}
 TOY_SIZES = {"T": 1024, "H": 512}
-TOYS = ("resident", "every_step", "dependent", "independent", "dependent-unrolled", "independent-unrolled", "chunked")
+TOYS = (
+    "resident",
+    "every_step",
+    "dependent",
+    "independent",
+    "dependent-unrolled",
+    "independent-unrolled",
+    "chunked",
+    "poll",
+)
 ROUTES = ("streaming-forward", "split-forward")
 
 
@@ -113,6 +122,12 @@ def test_a_load_whose_address_is_a_loaded_value_adds_a_round_trip(read):
     # one more HBM round trip costs at least its latency
     extra = dependent["cycles"] - independent["cycles"]
     assert extra >= hardware.H200.hbm_latency.value
+
+
+def test_a_poll_whose_first_read_precedes_its_loop_costs_one_round_trip(read):
+    # A poll succeeds at its first read in the model: read before the loop, the loop's body never runs, and the
+    # wait costs that one read, not one more for the body.
+    assert read["poll"]["profile"]["round_trips_by_arg"]["flags_ptr"] == pytest.approx(1)
 
 
 def test_the_split_kernels_exchange_is_counted(read):
