@@ -294,6 +294,17 @@ def _gluon_step_inputs(
     return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
 
 
+# How many gates' exchanged gradients are loaded before the first product. Each gate's operand waits for its own
+# load, and loads issued one gate at a time (each after the previous gate's product, which stages its operand through
+# shared memory behind a block barrier) are four dependent round trips per step. Loaded ahead they overlap, at the
+# cost of the registers of the gates in flight: [BLOCK_B, K_PAD] 16-bit values per gate over 256 threads, 8 registers
+# per thread at a 256 pad, 16 at 512, 32 at 1024. One gate at a time, the kernel needed at most 152, 205 and 255
+# registers (sm_80/sm_90, every switch): four gates fit at 256, two at 512, none ahead at 1024.
+@gluon.constexpr_function
+def _gates_in_flight(k_pad):
+    return 4 if k_pad <= 256 else 2 if k_pad <= 512 else 1
+
+
 @gluon.jit
 def _gluon_carried_product(
     exchange_ptr,
@@ -314,33 +325,52 @@ def _gluon_carried_product(
     DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
 ):
-    """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], one gate's operands at a time
-    (the weights from shared memory)."""
+    """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], the weights from shared memory,
+    with _gates_in_flight gates' operands loaded before their products."""
     rows = exchange_ptr + ((slot * B + b_d).to(gl.int64) * (4 * H))[None, :, None] + j_of_dg
     acc = gl.zeros([gl.constexpr(w_i.shape[0]), b_d.shape[0], gl.constexpr(w_i.shape[2])], gl.float32, mma)
-    acc = _gate_product(acc, rows, dg_mask, w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-    acc = _gate_product(acc, rows + H, dg_mask, w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-    acc = _gate_product(acc, rows + 2 * H, dg_mask, w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-    acc = _gate_product(acc, rows + 3 * H, dg_mask, w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    AHEAD: gl.constexpr = _gates_in_flight(gl.constexpr(w_i.shape[0] * w_i.shape[1]))
+    if AHEAD == 4:
+        d_i = _exchanged(rows, dg_mask)
+        d_f = _exchanged(rows + H, dg_mask)
+        d_g = _exchanged(rows + 2 * H, dg_mask)
+        d_o = _exchanged(rows + 3 * H, dg_mask)
+        acc = _gate_product(acc, d_i, w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, d_f, w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, d_g, w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, d_o, w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    elif AHEAD == 2:
+        d_i = _exchanged(rows, dg_mask)
+        d_f = _exchanged(rows + H, dg_mask)
+        acc = _gate_product(acc, d_i, w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, d_f, w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        d_g = _exchanged(rows + 2 * H, dg_mask)
+        d_o = _exchanged(rows + 3 * H, dg_mask)
+        acc = _gate_product(acc, d_g, w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, d_o, w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    else:
+        acc = _gate_product(acc, _exchanged(rows, dg_mask), w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, _exchanged(rows + H, dg_mask), w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, _exchanged(rows + 2 * H, dg_mask), w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        acc = _gate_product(acc, _exchanged(rows + 3 * H, dg_mask), w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
     return gl.sum(gl.convert_layout(acc, red), axis=0)
 
 
 @gluon.jit
 def _gate_product(
     acc,
-    rows,
-    mask,
+    exchanged,
     w,
     a_layout: gl.constexpr,
     b_layout: gl.constexpr,
     DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
 ):
-    operand = _exchanged_operand(rows, mask, a_layout, DOT_DTYPE)
+    operand = gl.convert_layout(exchanged.to(DOT_DTYPE), a_layout)
     return mma_v2(operand, w.load(b_layout), acc, input_precision=DOT_PRECISION)
 
 
 @gluon.jit
-def _exchanged_operand(ptrs, mask, layout: gl.constexpr, DOT_DTYPE: gl.constexpr):
+def _exchanged(ptrs, mask):
     # Through L2 (".cg"): other programs wrote these gradients, and L1 is not coherent across SMs.
-    return gl.convert_layout(gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(DOT_DTYPE), layout)
+    return gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
