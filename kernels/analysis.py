@@ -14,6 +14,7 @@ ports, with the latencies of kernels/hardware.py. docs/performance-model.md stat
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -122,7 +123,6 @@ class KernelAnalysis:
         self.time_loop = self._time_loop()
         self.time_unroll = self.unroll.get(self.time_loop.start, 1)
         self.ops = self._memory_ops()
-        self._read_before: set[int] | None = None
         self._assign_levels()
 
     # ------------------------------------------------------------------------------------------ structure
@@ -272,20 +272,20 @@ class KernelAnalysis:
             if op.in_time_loop and op.instruction.kind in ("global_load", "async_copy") and op.args & weights
         ]
 
-    def _polls_read_before(self) -> set[int]:
+    @functools.cached_property
+    def _polls_read_before(self) -> frozenset[int]:
         """The poll loops whose first read of the polled words is made before the loop, in its parent: code that
         reads the flags once and loops while they are not up, or a loop whose first iteration the compiler peeled.
         A poll succeeds at its first read in the model, so the body of such a loop never runs."""
-        if self._read_before is None:
-            self._read_before = set()
-            for info in self.loops.values():
-                if info.kind != "poll" or info.loop.parent is None:
-                    continue
-                polled = self._strong_load_args(self._direct(info.loop))
-                before = [i for i in self._direct(info.loop.parent) if i.address < info.loop.start]
-                if polled and polled <= self._strong_load_args(before):
-                    self._read_before.add(info.loop.start)
-        return self._read_before
+        starts = set()
+        for info in self.loops.values():
+            if info.kind != "poll" or info.loop.parent is None:
+                continue
+            polled = self._strong_load_args(self._direct(info.loop))
+            before = [i for i in self._direct(info.loop.parent) if i.address < info.loop.start]
+            if polled and polled <= self._strong_load_args(before):
+                starts.add(info.loop.start)
+        return frozenset(starts)
 
     def _strong_load_args(self, instructions) -> set:
         """The pointer arguments read by the strong (volatile or acquire) global loads among `instructions`."""
@@ -298,7 +298,7 @@ class KernelAnalysis:
 
     def iterations(self, loop: sass.Loop, scalars: dict, notes: list | None = None) -> int:
         info = self.loops[loop.start]
-        if info.kind == "poll" and loop.start in self._polls_read_before():
+        if info.kind == "poll" and loop.start in self._polls_read_before:
             return 0  # its first read, before it, already succeeded
         if info.kind in ("poll", "other") or info.ref is None:
             return 1  # a poll succeeds the first time in the model: waiting for the slowest program is not modelled
