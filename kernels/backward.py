@@ -42,6 +42,7 @@ from .cell import (
     any_nonfinite,
     cell_backward,
     count_backward_pass,
+    finish_step_inputs,
     flush_first_nonfinite,
     load_flags,
     load_gate_tiles,
@@ -147,6 +148,7 @@ def lstm_split_backward_kernel(
         REVERSE,
     )
     if HAS_RESTARTS:
+        ahead = finish_step_inputs(ahead)  # see the loop
         c0 = tl.load(c0_ptr + state_offsets, mask=tile_ok, other=0.0).to(tl.float32)
         to_h0 = tl.load(grad_h0_ptr + state_offsets, mask=tile_ok, other=0.0)
         to_c0 = tl.load(grad_c0_ptr + state_offsets, mask=tile_ok, other=0.0)
@@ -161,7 +163,10 @@ def lstm_split_backward_kernel(
     while q < step_end:  # the time loop (a while loop on purpose: forward.py's docstring says why)
         p = T - 1 - q
         t, _ = step_time(p, T, REVERSE)
-        g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
+        if HAS_RESTARTS:
+            g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
+        else:
+            g_out, gate_i, gate_f, gate_g, gate_o, c_prev = finish_step_inputs(ahead)
         if q + 1 < step_end:
             next_t, _ = step_time(p - 1, T, REVERSE)
             ahead = _load_step(
@@ -180,6 +185,8 @@ def lstm_split_backward_kernel(
                 state_offsets,
                 REVERSE,
             )
+            if HAS_RESTARTS:  # finished at once: left to the next step, with restarts it spilled (_load_step)
+                ahead = finish_step_inputs(ahead)
         active = seq_ok & (t < length)
         keep = active[:, None]
         if HAS_RESTARTS:
@@ -296,21 +303,26 @@ def _load_step(
     state_offsets,
     REVERSE: tl.constexpr,
 ):
-    """What step t needs from memory: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step)."""
+    """What step t needs from memory: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step, a
+    second masked load). Returned as loaded (grad_out in the storage dtype, c_{t-1} in its two parts), for
+    finish_step_inputs: the loop issues this a step ahead, and converting or adding at once would make the issuing step
+    wait for the loads, one dependent round trip per step. With restarts they are finished at once all the same:
+    deferred, they kept more registers live across the loop, and the variant with every switch at a 1024 pad
+    spilled 28-68 bytes (sm_90, triton 3.6), where finishing at once compiles clean."""
     row_step = tl.cast(t, tl.int64) * B + seqs
-    g_out = tl.load(grad_out_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    g_out = tl.load(grad_out_ptr + row_step[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
     gate_i, gate_f, gate_g, gate_o = load_gate_tiles(
         gates_ptr + row_step[:, None] * (4 * H) + units[None, :], H, tile_ok
     )
     _, t_prev = step_time(p, T, REVERSE)
     has_prev = p > 0
-    c_prev = tl.load(
+    c_saved = tl.load(
         cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
         mask=tile_ok & has_prev,
         other=0.0,
     )
-    c_prev += tl.load(c0_ptr + state_offsets, mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
-    return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
+    c_initial = tl.load(c0_ptr + state_offsets, mask=tile_ok & ~has_prev, other=0.0)
+    return g_out, gate_i, gate_f, gate_g, gate_o, c_saved, c_initial
 
 
 @triton.jit

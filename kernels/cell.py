@@ -61,8 +61,18 @@ def step_time(p, T, REVERSE: tl.constexpr):
 @triton.jit
 def load_flags(restarts_ptr, t, B, seqs, mask):
     """restarts[t, seqs] as [BLOCK_B] bool (false where masked off). Only called under a kernel's HAS_RESTARTS, so
-    that a launch without restarts compiles as if they did not exist."""
+    that a launch without restarts compiles as if they did not exist. A bool load compares its bytes at once, so a
+    step that loads the next step's flags waits for them; loading bytes and comparing them at their use instead made
+    the `tl` split backward with every switch spill 28 bytes at a 1024 pad (sm_90, triton 3.6), so they stay bools."""
     return tl.load(restarts_ptr + tl.cast(t, tl.int64) * B + seqs, mask=mask, other=0) != 0
+
+
+@triton.jit
+def finish_step_inputs(ahead):
+    """A backward step's prefetched inputs (backward.py's _load_step: grad_out[t] as stored, the four gates, c_{t-1}
+    in two masked parts) as the step uses them: grad_out in fp32, c_{t-1} in one piece."""
+    g_out, gate_i, gate_f, gate_g, gate_o, c_saved, c_initial = ahead
+    return g_out.to(tl.float32), gate_i, gate_f, gate_g, gate_o, c_saved + c_initial.to(tl.float32)
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from .cell import (
     cell_backward,
     count_backward_pass,
     count_forward_launch,
+    finish_step_inputs,
     flush_first_code,
     flush_forward_stats,
     load_flags,
@@ -285,6 +286,7 @@ def lstm_single_backward_kernel(
         REVERSE,
     )
     if HAS_RESTARTS:  # c0: what a restarted step saw as c_{t-1}
+        ahead = finish_step_inputs(ahead)  # see the loop
         c0 = tl.load(c0_ptr + unit_tile, mask=tile_ok, other=0.0).to(tl.float32)
         restart_ahead = load_flags(restarts_ptr, t, B, seqs, seq_ok)
     if TELEMETRY:
@@ -295,7 +297,10 @@ def lstm_single_backward_kernel(
     while q < T:  # the time loop, backwards through the forward's steps
         p = T - 1 - q
         t, _ = step_time(p, T, REVERSE)
-        g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
+        if HAS_RESTARTS:
+            g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
+        else:
+            g_out, gate_i, gate_f, gate_g, gate_o, c_prev = finish_step_inputs(ahead)
         if HAS_RESTARTS:
             restart = (seq_ok & (t < length) & restart_ahead)[:, None]
             t_ahead, _ = step_time(p - 1, T, REVERSE)
@@ -322,6 +327,8 @@ def lstm_single_backward_kernel(
                 unit_tile,
                 REVERSE,
             )
+            if HAS_RESTARTS:  # finished at once (backward.py's _load_step says why)
+                ahead = finish_step_inputs(ahead)
         active = seq_ok & (t < length)
         keep = active[:, None]
         row_step = tl.cast(t, tl.int64) * B + seqs
@@ -410,19 +417,20 @@ def _load_step(
     unit_tile,
     REVERSE: tl.constexpr,
 ):
-    """What the forward's processing step p needs backwards: grad_out[t], its four gates and c_{t-1} (c0 first)."""
+    """What the forward's processing step p needs backwards: grad_out[t], its four gates and c_{t-1} (c0 first),
+    returned as loaded, for cell.finish_step_inputs (backward.py's _load_step says why)."""
     t, t_prev = step_time(p, T, REVERSE)
     row = (tl.cast(t, tl.int64) * B + seqs)[:, None]
-    g_out = tl.load(grad_out_ptr + row * P + outs[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    g_out = tl.load(grad_out_ptr + row * P + outs[None, :], mask=out_ok, other=0.0)
     gate_i, gate_f, gate_g, gate_o = load_gate_tiles(gates_ptr + row * (4 * H) + units[None, :], H, tile_ok)
     has_prev = p > 0
-    c_prev = tl.load(
+    c_saved = tl.load(
         cells_ptr + (tl.cast(t_prev, tl.int64) * B + seqs)[:, None] * H + units[None, :],
         mask=tile_ok & has_prev,
         other=0.0,
     )
-    c_prev += tl.load(c0_ptr + unit_tile, mask=tile_ok & ~has_prev, other=0.0).to(tl.float32)
-    return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
+    c_initial = tl.load(c0_ptr + unit_tile, mask=tile_ok & ~has_prev, other=0.0)
+    return g_out, gate_i, gate_f, gate_g, gate_o, c_saved, c_initial
 
 
 @triton.jit
