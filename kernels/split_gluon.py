@@ -39,6 +39,15 @@ def _blocked_k_cols(kc, s):
     return gl.BlockedLayout([1, 8, 1], [1, k_threads, 32 // k_threads], [s, 1, 1], [1, 2, 0])
 
 
+@gluon.constexpr_function
+def _staging_layout(kc, order):
+    """Shared layout of an exchanged operand that asynchronous copies stage ([S, ·, ·], KC contiguous 16-bit values
+    along the axis order[0]): 16-byte vectors, what one copy moves, swizzled across the rows so that the operand's
+    reads spread over the banks."""
+    per_phase = max(1, 128 // (kc * 2))
+    return gl.SwizzledSharedLayout(8, per_phase, 8 // per_phase, order)
+
+
 @gluon.jit
 def _gluon_publish(flags_ptr, program, steps_published):
     gl.thread_barrier()

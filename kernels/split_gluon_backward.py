@@ -5,7 +5,7 @@ what Gluon adds over the `tl` twin and holds the layouts and step flags this ker
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .cell import (
     GRAD_PASSES,
@@ -13,11 +13,12 @@ from .cell import (
     STAGE_BACKWARD,
     any_nonfinite,
     cell_backward,
+    finish_step_inputs,
     flush_first_nonfinite,
     note_nonfinite,
     step_time,
 )
-from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait
+from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait, _staging_layout
 
 
 @gluon.constexpr_function
@@ -33,6 +34,8 @@ def _batch_major_reduction(block_b, units, s):
         "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["grad_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
+        # What triton specialises a launch on (planning.aligned): the copies need the 16-byte vectors it then has.
+        "ALIGNED": lambda args: args["H"] % 16 == 0,
     }
 )
 @gluon.jit(do_not_specialize=["capacity", "order", "batch_group_base", "step_begin", "step_end", "T", "B"])
@@ -76,6 +79,7 @@ def lstm_split_backward_gluon_kernel(
     HAS_RESTARTS: gl.constexpr,
     TELEMETRY: gl.constexpr,
     EXCHANGE: gl.constexpr,
+    ALIGNED: gl.constexpr,
 ):
     # The tl twin takes restarts; this kernel does not yet, and the launcher plans the twin for a pass with them.
     gl.static_assert(not HAS_RESTARTS, "the Gluon split kernels take no restarts: launch their tl twin")
@@ -118,6 +122,14 @@ def lstm_split_backward_gluon_kernel(
     w_o = gl.allocate_shared_memory(
         DOT_DTYPE, [S, KC, UNITS], resident, _weight_columns(w_hh_ptr, 3, H, j_of_w, u_w, w_mask).to(DOT_DTYPE)
     )
+    # The exchanged gate gradients on their way to the product's operand (_staged_gates); the exchange buffer holds
+    # them in the storage dtype, which is the dot's, so they need no conversion.
+    gl.static_assert(exchange_ptr.dtype.element_ty == DOT_DTYPE, "the exchange buffer holds the dot's dtype")
+    if ALIGNED:
+        slots: gl.constexpr = _staged_gates(K_PAD)
+        staged = gl.allocate_shared_memory(DOT_DTYPE, [slots, S, BLOCK_B, KC], _staging_layout(KC, [2, 1, 0]))
+    else:
+        staged = None
 
     # The exchanged gradients' indices: [S, BLOCK_B, KC].
     s_d = gl.arange(0, S, layout=gl.SliceLayout(1, gl.SliceLayout(2, dg_load)))
@@ -152,7 +164,7 @@ def lstm_split_backward_gluon_kernel(
     while q < step_end:  # the time loop, backwards through the forward's steps
         p = T - 1 - q
         t, _ = step_time(p, T, REVERSE)
-        g_out, gate_i, gate_f, gate_g, gate_o, c_prev = ahead
+        g_out, gate_i, gate_f, gate_g, gate_o, c_prev = finish_step_inputs(ahead)
         if q + 1 < step_end:
             next_t, _ = step_time(p - 1, T, REVERSE)
             ahead = _gluon_step_inputs(
@@ -177,11 +189,11 @@ def lstm_split_backward_gluon_kernel(
                 w_f,
                 w_g,
                 w_o,
+                staged,
                 mma,
                 a_layout,
                 b_layout,
                 red,
-                DOT_DTYPE,
                 DOT_PRECISION,
             )
             dh_carried = gl.where((seq_ok & (after_t < length))[:, None], product, dh_carried)
@@ -233,11 +245,11 @@ def lstm_split_backward_gluon_kernel(
             w_f,
             w_g,
             w_o,
+            staged,
             mma,
             a_layout,
             b_layout,
             red,
-            DOT_DTYPE,
             DOT_PRECISION,
         )
         dh_carried = gl.where((seq_ok & (t0 < length))[:, None], product, dh_carried)
@@ -277,9 +289,10 @@ def _weight_columns(w_hh_ptr, gate: gl.constexpr, H, j_of_w, u_w, mask):
 def _gluon_step_inputs(
     grad_out_ptr, gates_ptr, cells_ptr, c0_ptr, t, p, T, B, H, seqs, units, tile_ok, state, REVERSE: gl.constexpr
 ):
-    """backward.py's _load_step: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step)."""
+    """backward.py's _load_step: grad_out[t], the four activated gates and c_{t-1} (c0 at the first step), returned
+    as loaded, for cell.finish_step_inputs."""
     row = (t.to(gl.int64) * B + seqs)[:, None]
-    g_out = gl.load(grad_out_ptr + row * H + units[None, :], mask=tile_ok, other=0.0).to(gl.float32)
+    g_out = gl.load(grad_out_ptr + row * H + units[None, :], mask=tile_ok, other=0.0)
     base = gates_ptr + row * (4 * H) + units[None, :]
     gate_i = gl.load(base, mask=tile_ok, other=0.0)
     gate_f = gl.load(base + H, mask=tile_ok, other=0.0)
@@ -287,19 +300,28 @@ def _gluon_step_inputs(
     gate_o = gl.load(base + 3 * H, mask=tile_ok, other=0.0)
     _, t_prev = step_time(p, T, REVERSE)
     has_prev = p > 0
-    c_prev = gl.load(
+    c_saved = gl.load(
         cells_ptr + (t_prev.to(gl.int64) * B + seqs)[:, None] * H + units[None, :], mask=tile_ok & has_prev, other=0.0
     )
-    c_prev += gl.load(c0_ptr + state, mask=tile_ok & ~has_prev, other=0.0).to(gl.float32)
-    return g_out, gate_i, gate_f, gate_g, gate_o, c_prev
+    c_initial = gl.load(c0_ptr + state, mask=tile_ok & ~has_prev, other=0.0)
+    return g_out, gate_i, gate_f, gate_g, gate_o, c_saved, c_initial
 
 
-# How many gates' exchanged gradients are loaded before the first product. Each gate's operand waits for its own
-# load, and loads issued one gate at a time (each after the previous gate's product, which stages its operand through
-# shared memory behind a block barrier) are four dependent round trips per step. Loaded ahead they overlap, at the
-# cost of the registers of the gates in flight: [BLOCK_B, K_PAD] 16-bit values per gate over 256 threads, 8 registers
-# per thread at a 256 pad, 16 at 512, 32 at 1024. One gate at a time, the kernel needed at most 152, 205 and 255
-# registers (sm_80/sm_90, every switch): four gates fit at 256, two at 512, none ahead at 1024.
+# The exchanged gate gradients of a step, staged in shared memory by asynchronous copies, all in flight at once.
+# Each gate's operand waits for its own copy: loaded one gate at a time (each after the previous gate's product) they
+# are four dependent round trips per step, issued together one. Copied straight into shared memory they hold no
+# registers on the way and need no layout change through shared memory afterwards. A gate's slot is [K_SPLIT,
+# BLOCK_B, KC] 16-bit values, 16 KiB at a 512 pad and 32 KiB at 1024: four slots fit beside the 32 KiB of weights at
+# 512; at 1024 two, reused as their products finish, since four (128 KiB) beside 64 KiB of weights would not fit
+# sm_80's 163 KiB of shared memory per program (sm_90 has 227 KiB).
+# cp.async moves at least 4 bytes, so it needs the 16-byte vectors of an aligned launch (planning.aligned): at other
+# sizes the gradients go through registers as before, as many gates ahead as the registers allowed
+# (_gates_in_flight; one gate at a time the kernel needed at most 152, 205 and 255 registers at 256, 512 and 1024).
+@gluon.constexpr_function
+def _staged_gates(k_pad):
+    return 4 if k_pad <= 512 else 2
+
+
 @gluon.constexpr_function
 def _gates_in_flight(k_pad):
     return 4 if k_pad <= 256 else 2 if k_pad <= 512 else 1
@@ -318,55 +340,93 @@ def _gluon_carried_product(
     w_f,
     w_g,
     w_o,
+    staged,
     mma: gl.constexpr,
     a_layout: gl.constexpr,
     b_layout: gl.constexpr,
     red: gl.constexpr,
-    DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
 ):
     """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], the weights from shared memory,
-    with _gates_in_flight gates' operands loaded before their products."""
+    the exchanged gradients through `staged` (None where the launch is not aligned: through registers)."""
     rows = exchange_ptr + ((slot * B + b_d).to(gl.int64) * (4 * H))[None, :, None] + j_of_dg
     acc = gl.zeros([gl.constexpr(w_i.shape[0]), b_d.shape[0], gl.constexpr(w_i.shape[2])], gl.float32, mma)
-    AHEAD: gl.constexpr = _gates_in_flight(gl.constexpr(w_i.shape[0] * w_i.shape[1]))
-    if AHEAD == 4:
-        d_i = _exchanged(rows, dg_mask)
-        d_f = _exchanged(rows + H, dg_mask)
-        d_g = _exchanged(rows + 2 * H, dg_mask)
-        d_o = _exchanged(rows + 3 * H, dg_mask)
-        acc = _gate_product(acc, d_i, w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, d_f, w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, d_g, w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, d_o, w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-    elif AHEAD == 2:
-        d_i = _exchanged(rows, dg_mask)
-        d_f = _exchanged(rows + H, dg_mask)
-        acc = _gate_product(acc, d_i, w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, d_f, w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        d_g = _exchanged(rows + 2 * H, dg_mask)
-        d_o = _exchanged(rows + 3 * H, dg_mask)
-        acc = _gate_product(acc, d_g, w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, d_o, w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+    if staged is not None:
+        STAGES: gl.constexpr = staged.shape[0]
+        gl.thread_barrier()  # every thread is done reading the slots (the previous product) before they are refilled
+        for gate in gl.static_range(STAGES):
+            _stage(staged.index(gate), rows + gate * H, dg_mask)
+        acc = _staged_product(acc, staged, 0, w_i, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
+        acc = _staged_product(acc, staged, 1, w_f, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
+        acc = _staged_product(acc, staged, 2, w_g, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
+        acc = _staged_product(acc, staged, 3, w_o, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
     else:
-        acc = _gate_product(acc, _exchanged(rows, dg_mask), w_i, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, _exchanged(rows + H, dg_mask), w_f, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, _exchanged(rows + 2 * H, dg_mask), w_g, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
-        acc = _gate_product(acc, _exchanged(rows + 3 * H, dg_mask), w_o, a_layout, b_layout, DOT_DTYPE, DOT_PRECISION)
+        AHEAD: gl.constexpr = _gates_in_flight(gl.constexpr(w_i.shape[0] * w_i.shape[1]))
+        if AHEAD == 4:
+            d_i = _exchanged(rows, dg_mask)
+            d_f = _exchanged(rows + H, dg_mask)
+            d_g = _exchanged(rows + 2 * H, dg_mask)
+            d_o = _exchanged(rows + 3 * H, dg_mask)
+            acc = _loaded_product(acc, d_i, w_i, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, d_f, w_f, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, d_g, w_g, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, d_o, w_o, a_layout, b_layout, DOT_PRECISION)
+        elif AHEAD == 2:
+            d_i = _exchanged(rows, dg_mask)
+            d_f = _exchanged(rows + H, dg_mask)
+            acc = _loaded_product(acc, d_i, w_i, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, d_f, w_f, a_layout, b_layout, DOT_PRECISION)
+            d_g = _exchanged(rows + 2 * H, dg_mask)
+            d_o = _exchanged(rows + 3 * H, dg_mask)
+            acc = _loaded_product(acc, d_g, w_g, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, d_o, w_o, a_layout, b_layout, DOT_PRECISION)
+        else:
+            acc = _loaded_product(acc, _exchanged(rows, dg_mask), w_i, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, _exchanged(rows + H, dg_mask), w_f, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, _exchanged(rows + 2 * H, dg_mask), w_g, a_layout, b_layout, DOT_PRECISION)
+            acc = _loaded_product(acc, _exchanged(rows + 3 * H, dg_mask), w_o, a_layout, b_layout, DOT_PRECISION)
     return gl.sum(gl.convert_layout(acc, red), axis=0)
 
 
 @gluon.jit
-def _gate_product(
+def _staged_product(
     acc,
-    exchanged,
+    staged,
+    gate: gl.constexpr,
     w,
+    rows,
+    mask,
+    H,
     a_layout: gl.constexpr,
     b_layout: gl.constexpr,
-    DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
 ):
-    operand = gl.convert_layout(exchanged.to(DOT_DTYPE), a_layout)
+    """acc + (the gate's staged gradients) @ w, once its copy has landed; then its slot is refilled with the gate
+    STAGES further on, if there is one. One copy group per gate, committed in gate order, so the gate's group has
+    landed when no more than (groups committed so far) - gate - 1 are still in flight."""
+    STAGES: gl.constexpr = staged.shape[0]
+    REFILLED: gl.constexpr = max(0, min(gate, 4 - STAGES))  # refills issued by the products before this one
+    async_copy.wait_group(STAGES + REFILLED - gate - 1)
+    gl.thread_barrier()  # every thread's copies of this gate are visible to the warps that read them
+    operand = staged.index(gate % STAGES).load(a_layout)
+    acc = mma_v2(operand, w.load(b_layout), acc, input_precision=DOT_PRECISION)
+    if gate + STAGES < 4:
+        gl.thread_barrier()  # the slot's reads are done before its refill lands
+        _stage(staged.index(gate % STAGES), rows + (gate + STAGES) * H, mask)
+    return acc
+
+
+@gluon.jit
+def _stage(slot, ptrs, mask):
+    """One gate's exchanged gradients into a shared slot, as one copy group. Through L2 (cp.async.cg bypasses L1,
+    which is not coherent across SMs: other programs wrote them); masked-off elements are filled with zeros."""
+    async_copy.async_copy_global_to_shared(slot, ptrs, mask=mask, cache_modifier=".cg")
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _loaded_product(acc, exchanged, w, a_layout: gl.constexpr, b_layout: gl.constexpr, DOT_PRECISION: gl.constexpr):
+    operand = gl.convert_layout(exchanged, a_layout)
     return mma_v2(operand, w.load(b_layout), acc, input_precision=DOT_PRECISION)
 
 

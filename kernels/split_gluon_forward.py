@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .cell import (
     NO_EVENT,
@@ -23,7 +23,7 @@ from .cell import (
     tanh,
     tanh_saturated,
 )
-from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait
+from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait, _staging_layout
 
 
 @gluon.constexpr_function
@@ -49,6 +49,8 @@ def _split4(tile, UNITS: gl.constexpr, N: gl.constexpr):
         "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["stats_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
+        # What triton specialises a launch on (planning.aligned): the copies need the 16-byte vectors it then has.
+        "ALIGNED": lambda args: args["H"] % 16 == 0,
     }
 )
 @gluon.jit(do_not_specialize=["order", "batch_group_base", "step_begin", "step_end", "T", "B"])
@@ -88,6 +90,7 @@ def lstm_split_forward_gluon_kernel(
     HAS_RESTARTS: gl.constexpr,
     TELEMETRY: gl.constexpr,
     EXCHANGE: gl.constexpr,
+    ALIGNED: gl.constexpr,
 ):
     # The tl twin takes restarts; this kernel does not yet, and the launcher plans the twin for a pass with them.
     gl.static_assert(not HAS_RESTARTS, "the Gluon split kernels take no restarts: launch their tl twin")
@@ -151,6 +154,12 @@ def lstm_split_forward_gluon_kernel(
     else:
         length_h = gl.where(b_h < B, T, 0)
     hx_ptr = out_ptr - B * H  # [h0; out]: row 0 is h0 (launch.py)
+    # h_{t-1} on its way to the product's operand: an asynchronous copy straight into shared memory, where a load
+    # would hold it in registers and then pass it through shared memory for the layout change (cp.async needs the
+    # 16-byte vectors of an aligned launch; otherwise the load it is).
+    gl.static_assert(out_ptr.dtype.element_ty == DOT_DTYPE, "the exchanged h is in the dot's dtype")
+    if ALIGNED:
+        staged_h = gl.allocate_shared_memory(DOT_DTYPE, [S, KC, BLOCK_B], _staging_layout(KC, [1, 2, 0]))
 
     first_t, before_first = step_time(step_begin, T, REVERSE)
     resumed = step_begin > 0
@@ -183,13 +192,17 @@ def lstm_split_forward_gluon_kernel(
             _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, p, MAX_PROGRAMS, S)
         from_prev = (b_h < B) & (p > 0) & (t_prev < length_h)
         h_row = gl.where(from_prev, 1 + t_prev, 0).to(gl.int64)
-        h = gl.load(
-            hx_ptr + ((h_row * B + b_h) * H)[None, None, :] + k_of_h,
-            mask=(b_h < B)[None, None, :] & (k_of_h < H),
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        h = gl.convert_layout(h.to(DOT_DTYPE), b_layout)
+        h_ptrs = hx_ptr + ((h_row * B + b_h) * H)[None, None, :] + k_of_h
+        h_mask = (b_h < B)[None, None, :] & (k_of_h < H)
+        if ALIGNED:  # through L2 (.cg) as every exchanged value: other programs wrote it
+            gl.thread_barrier()  # every thread is done reading the previous step's h from the slot
+            async_copy.async_copy_global_to_shared(staged_h, h_ptrs, mask=h_mask, cache_modifier=".cg")
+            async_copy.commit_group()
+            async_copy.wait_group(0)
+            gl.thread_barrier()  # every thread's copies are visible to the warps that read them
+            h = staged_h.load(b_layout)
+        else:
+            h = gl.convert_layout(gl.load(h_ptrs, mask=h_mask, other=0.0, cache_modifier=".cg"), b_layout)
 
         partials = mma_v2(w, h, gl.zeros([S, ROWS, BLOCK_B], gl.float32, mma), input_precision=DOT_PRECISION)
         pre = gl.sum(gl.convert_layout(partials, red), axis=0) + x

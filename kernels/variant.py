@@ -202,6 +202,7 @@ def signature(variant: Variant):
             present[name] = object()  # any non-None value: what the heuristics test
         elif name in INTEGER_ARGUMENTS:
             types[name] = "i32"
+            present[name] = 16 if variant.aligned else 1  # a size as the specialisation sees it (heuristics test it)
         elif name not in heuristics.values:
             raise KeyError(f"{fn.__name__}: argument {name!r} is neither a pointer, a known integer nor a constexpr")
     for flag, rule in heuristics.values.items():

@@ -151,10 +151,10 @@ def profile_task(task) -> dict:
     if kind == "toy":
         fn, compiled = compile_toy(name)
         programs = 1
-    else:  # ("route", "split-forward", sizes): the variant kernels/model.py says the launcher runs
+    else:  # ("route", "split-forward", sizes) or "split-gluon-backward": the variant kernels/model.py routes
         from fastlstm.kernels.variant import compile_kernel
 
-        label, pass_name = name.split("-")
+        label, pass_name = name.rsplit("-", 1)
         shape = model.Shape(sizes["H"], sizes["B"], sizes["T"], sizes["dtype"])
         route = next(r for r in model.routes(shape) if r.label == label)
         built = compile_kernel(getattr(route, pass_name), 90)

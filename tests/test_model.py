@@ -44,9 +44,10 @@ def read():
     tasks = [("toy", name, TOY_SIZES) for name in TOYS]
     tasks += [("toy", "chunked", {"T": 1024, "H": 1024})]
     tasks += [("route", name, {**SIZES, "dtype": "bf16"}) for name in ROUTES]
+    tasks += [("route", "split-gluon-backward", {**SIZES, "H": 512, "P": 512, "dtype": "bf16"})]
     tasks += [("resident-claims", None, None)]
     results = run_isolated(toys.profile_task, tasks, jobs=2)
-    keys = [*TOYS, "chunked@1024", *ROUTES, "resident-claims"]
+    keys = [*TOYS, "chunked@1024", *ROUTES, "split-gluon-backward@512", "resident-claims"]
     return dict(zip(keys, results))
 
 
@@ -136,6 +137,16 @@ def test_the_split_kernels_exchange_is_counted(read):
     assert sync["fences"] >= 1  # the acquire after the polls, and the release before the flag
     assert sync["cctl_invalidations"] == 1  # one L1 invalidation per step (the acquire), not one per poll
     assert read["streaming-forward"]["profile"]["sync"]["poll_loops"] == 0
+
+
+def test_the_gluon_backward_waits_once_for_every_gate_and_not_for_its_prefetch(read):
+    trips = read["split-gluon-backward@512"]["profile"]["round_trips_by_arg"]
+    # The four gates' exchanged gradients are copied into shared memory together (split_gluon_backward.py,
+    # _staged_gates): one dependent round trip for all of them, where loading them gate after gate took four.
+    assert trips["exchange_ptr"] == pytest.approx(1)
+    # What the next step needs is loaded a step ahead and finished where it is used (backward.py, _load_step):
+    # none of it on this step's critical path.
+    assert not {"cells_ptr", "grad_out_ptr", "gates_ptr", "c0_ptr"} & set(trips)
 
 
 def test_streaming_step_waits_on_w_hh_chunk_after_chunk(read):
