@@ -131,9 +131,11 @@ def launched(monkeypatch):
         (32, 16, "single"),
         (64, 300, "single"),
         (256, 16, "split"),  # fp32: programs of 4 units (planning.SPLIT_NARROW_UNITS)
+        (200, 16, "split"),  # not a multiple of 16: the Gluon kernels' exchange through registers (no cp.async)
         (512, 1, "split"),
         (768, 16, "split"),
         (1024, 16, "split"),
+        (1000, 16, "split"),
         (2048, 16, "streaming"),
     ],
     ids=str,
