@@ -57,12 +57,27 @@ def _gluon_publish(flags_ptr, program, steps_published):
 @gluon.jit
 def _gluon_wait(flags_ptr, first_producer, producers, steps_needed, MAX_PRODUCERS: gl.constexpr, S: gl.constexpr):
     """exchange.wait_for, with an explicit layout for the flags."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [S], [0])
-    slots = gl.arange(0, MAX_PRODUCERS, layout=layout)
+    seen, aborted = _gluon_first_poll(flags_ptr, first_producer, producers, steps_needed, MAX_PRODUCERS, S)
+    _gluon_wait_after(flags_ptr, first_producer, producers, steps_needed, seen, aborted, MAX_PRODUCERS, S)
+
+
+@gluon.jit
+def _gluon_first_poll(flags_ptr, first_producer, producers, steps_needed, MAX_PRODUCERS: gl.constexpr, S: gl.constexpr):
+    """The wait's first read of the flags and the abort word, on its own: work placed between it and
+    _gluon_wait_after runs while the read is in flight."""
+    slots = gl.arange(0, MAX_PRODUCERS, layout=gl.BlockedLayout([1], [32], [S], [0]))
+    seen = gl.load(flags_ptr + 1 + first_producer + slots, mask=slots < producers, other=steps_needed, volatile=True)
+    return seen, gl.load(flags_ptr, volatile=True)
+
+
+@gluon.jit
+def _gluon_wait_after(
+    flags_ptr, first_producer, producers, steps_needed, seen, aborted, MAX_PRODUCERS: gl.constexpr, S: gl.constexpr
+):
+    """The rest of the wait, from what _gluon_first_poll read."""
+    slots = gl.arange(0, MAX_PRODUCERS, layout=gl.BlockedLayout([1], [32], [S], [0]))
     watched = flags_ptr + 1 + first_producer + slots
     is_flag = slots < producers
-    seen = gl.load(watched, mask=is_flag, other=steps_needed, volatile=True)
-    aborted = gl.load(flags_ptr, volatile=True)
     polls = 0
     while (gl.min(seen, axis=0) < steps_needed) & (aborted == 0) & (polls < WAIT_POLLS):
         seen = gl.load(watched, mask=is_flag, other=steps_needed, volatile=True)

@@ -18,7 +18,15 @@ from .cell import (
     note_nonfinite,
     step_time,
 )
-from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait, _staging_layout
+from .split_gluon import (
+    _blocked_k_cols,
+    _blocked_rows_k,
+    _gluon_first_poll,
+    _gluon_publish,
+    _gluon_wait,
+    _gluon_wait_after,
+    _staging_layout,
+)
 
 
 @gluon.constexpr_function
@@ -159,6 +167,8 @@ def lstm_split_backward_gluon_kernel(
     )
     if TELEMETRY:
         first = gl.full([BLOCK_B, UNITS], NO_EVENT, gl.int32, tile)
+        sq_dh = gl.zeros([BLOCK_B, UNITS], gl.float32, tile)  # the squared gradients of the step before (see below)
+        sq_dc = gl.zeros([BLOCK_B, UNITS], gl.float32, tile)
 
     q = step_begin
     while q < step_end:  # the time loop, backwards through the forward's steps
@@ -176,7 +186,11 @@ def lstm_split_backward_gluon_kernel(
         if q > 0:
             after_t, _ = step_time(p + 1, T, REVERSE)
             if EXCHANGE:
-                _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
+                seen, aborted = _gluon_first_poll(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
+            if TELEMETRY and q > step_begin:  # the previous step's norms, while the poll's first read is in flight
+                _store_step_norms(partials_ptr + program * T + after_t, num_programs * T, sq_dh, sq_dc)
+            if EXCHANGE:
+                _gluon_wait_after(flags_ptr, batch_group * unit_groups, unit_groups, q, seen, aborted, MAX_PROGRAMS, S)
             product = _gluon_carried_product(
                 exchange_ptr,
                 (q - 1) % 2,
@@ -219,14 +233,19 @@ def lstm_split_backward_gluon_kernel(
         if TELEMETRY:
             counted = keep & tile_ok
             code = q * 4
-            partial = partials_ptr + program * T + t
-            gl.store(partial, gl.sum(gl.sum(gl.where(counted, dh * dh, 0.0), axis=1), axis=0))
-            gl.store(partial + num_programs * T, gl.sum(gl.sum(gl.where(counted, dc * dc, 0.0), axis=1), axis=0))
+            # This program's share of ||dL/dh_t||^2 and ||dL/dc_t||^2 (partials[0 | 1, program, t]), summed and stored
+            # at the next step, in the shadow of its poll: here they would lengthen every step by their reductions.
+            sq_dh = gl.where(counted, dh * dh, 0.0)
+            sq_dc = gl.where(counted, dc * dc, 0.0)
             first = note_nonfinite(first, g_out, counted, code)
             first = note_nonfinite(first, dh, counted, code + 1)
             first = note_nonfinite(first, dc, counted, code + 2)
             first = gl.minimum(first, gl.where(counted & any_nonfinite(dg_i, dg_f, dg_g, dg_o), code + 3, NO_EVENT))
         q += 1
+
+    if TELEMETRY and step_end > step_begin:  # the last step's norms
+        t_last, _ = step_time(T - step_end, T, REVERSE)
+        _store_step_norms(partials_ptr + program * T + t_last, num_programs * T, sq_dh, sq_dc)
 
     # dL/dh0 (backward.py's _finishes: the cooperative launch at its end, host-stepped a separate launch).
     if _gluon_finishes(step_begin, step_end, T, EXCHANGE):
@@ -271,6 +290,13 @@ def _gluon_count_backward_pass(grad_ptr, capacity, steps, S: gl.constexpr):
             t = t0 + gl.arange(0, 32 * S, layout=layout)
             ones = gl.full([32 * S], 1.0, gl.float64, layout)
             gl.atomic_add(grad_ptr + GRAD_PASSES * capacity + t, ones, mask=t < steps)
+
+
+@gluon.jit
+def _store_step_norms(partial_ptr, stride, sq_dh, sq_dc):
+    """One step's sums of squares over this program's tile: partials[0, program, t] and partials[1, program, t]."""
+    gl.store(partial_ptr, gl.sum(gl.sum(sq_dh, axis=1), axis=0))
+    gl.store(partial_ptr + stride, gl.sum(gl.sum(sq_dc, axis=1), axis=0))
 
 
 @gluon.jit
