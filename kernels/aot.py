@@ -78,6 +78,9 @@ def family_configs(family: str, dtype: str, precision: str = "ieee") -> list:
                 hidden = k_pad if is_aligned else k_pad - 1
                 config = planning.split_config(hidden, batch, torch_dtype, precision)
                 plans.append((planning.Plan("split", config), is_aligned))
+                if family == "split-gluon" and planning.gluon_takes_wide_tile(k_pad, hidden):
+                    wide = planning.split_config(hidden, batch, torch_dtype, precision, planning.GLUON_WIDE_BLOCK_B)
+                    plans.append((planning.Plan("split", wide), is_aligned))
     else:
         plans = [
             (planning.Plan("streaming", planning.STREAMING), True),

@@ -87,8 +87,12 @@ def routes(shape: Shape) -> list[Route]:
         shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, gluon=True, precision=precision
     )
     candidates = [routed]
-    if routed.implementation == "gluon":
-        candidates.append(routed._replace(implementation="tl"))
+    if routed.implementation == "gluon":  # the tl twins, as the launcher plans them (FASTLSTM_KERNELS=tl)
+        candidates.append(
+            planning.plan_for(
+                shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, precision=precision
+            )
+        )
     if routed.kind != "streaming":
         candidates.append(planning.Plan("streaming", planning.STREAMING))
     out = []

@@ -136,6 +136,14 @@ SPLIT_RESTARTS_UNALIGNED_MAX_PAD = 512
 # The Gluon split kernels run tensor-core (mma.sync) products of 16-bit operands; fp32 storage, whose exact dots are
 # FMA products, keeps the tl twins.
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
+# Where one batch group's programs fill most of the device, the batch groups run in sequential launches, each paying
+# the whole per-step latency; a wider batch tile per program means fewer groups, so fewer launches, for a step that
+# moves twice the data. The Gluon kernels take 32 sequences per program at aligned sizes up to a 512 pad (228 and 194
+# registers forward and backward with every switch, sm_80/sm_90, the backward's staged gates then fitting three
+# copy slots); unaligned, the backward spilled on sm_80, and past 512 it ran out of shared memory. The plan takes
+# the wide tile only where it saves launches (at H=512, B=64: one launch instead of two).
+GLUON_WIDE_BLOCK_B = 32
+GLUON_WIDE_MAX_PAD = 512
 
 
 def aligned(*sizes: int) -> bool:
@@ -173,12 +181,15 @@ def split_max_pad(dtype: torch.dtype, precision: str = "ieee") -> int:
     return SPLIT_MAX_PAD_TF32 if dtype == torch.float32 and precision == "tf32" else SPLIT_MAX_PAD[dtype]
 
 
-def split_config(hidden: int, batch: int, dtype: torch.dtype, precision: str = "ieee") -> SplitConfig | None:
+def split_config(
+    hidden: int, batch: int, dtype: torch.dtype, precision: str = "ieee", block_b: int | None = None
+) -> SplitConfig | None:
+    """The split configuration of a layer; `block_b` overrides block_b_for (the Gluon kernels' wide tile)."""
     k_pad = max(16, triton.next_power_of_2(hidden))
     is_aligned = aligned(hidden)
     if k_pad > split_max_pad(dtype, precision):
         return None
-    block_b = block_b_for(batch, dtype, is_aligned)
+    block_b = block_b or block_b_for(batch, dtype, is_aligned)
     units = split_units(k_pad, dtype)
     return SplitConfig(
         units=units,
@@ -264,13 +275,26 @@ def plan_for(
         split = split_config(hidden, batch, dtype, precision) if proj == hidden else None
         if split is not None and restarts and not split_takes_restarts(split.k_pad, aligned(hidden)):
             split = None
+        use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
         if split is not None and max_programs is not None:
-            per_launch = max_programs // split.unit_groups
-            split = split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
+            split = _sliced(split, max_programs)
+            if split is not None and use_gluon and split.launches > 1 and gluon_takes_wide_tile(split.k_pad, hidden):
+                wide = _sliced(split_config(hidden, batch, dtype, precision, GLUON_WIDE_BLOCK_B), max_programs)
+                split = wide if wide is not None and wide.launches < split.launches else split
         if split is not None:
-            use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
             return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
+
+
+def _sliced(split: SplitConfig, max_programs: int) -> SplitConfig | None:
+    """The configuration with its batch groups in slices of as many as max_programs hold (None: not one group)."""
+    per_launch = max_programs // split.unit_groups
+    return split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
+
+
+def gluon_takes_wide_tile(k_pad: int, hidden: int) -> bool:
+    """Whether the Gluon split kernels take GLUON_WIDE_BLOCK_B sequences per program at this pad and size."""
+    return k_pad <= GLUON_WIDE_MAX_PAD and aligned(hidden)
 
 
 def programs_of(chosen: Plan, batch: int) -> int:

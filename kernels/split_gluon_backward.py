@@ -134,7 +134,7 @@ def lstm_split_backward_gluon_kernel(
     # them in the storage dtype, which is the dot's, so they need no conversion.
     gl.static_assert(exchange_ptr.dtype.element_ty == DOT_DTYPE, "the exchange buffer holds the dot's dtype")
     if ALIGNED:
-        slots: gl.constexpr = _staged_gates(K_PAD)
+        slots: gl.constexpr = _staged_gates(K_PAD, BLOCK_B)
         staged = gl.allocate_shared_memory(DOT_DTYPE, [slots, S, BLOCK_B, KC], _staging_layout(KC, [2, 1, 0]))
     else:
         staged = None
@@ -337,15 +337,22 @@ def _gluon_step_inputs(
 # Each gate's operand waits for its own copy: loaded one gate at a time (each after the previous gate's product) they
 # are four dependent round trips per step, issued together one. Copied straight into shared memory they hold no
 # registers on the way and need no layout change through shared memory afterwards. A gate's slot is [K_SPLIT,
-# BLOCK_B, KC] 16-bit values, 16 KiB at a 512 pad and 32 KiB at 1024: four slots fit beside the 32 KiB of weights at
-# 512; at 1024 two, reused as their products finish, since four (128 KiB) beside 64 KiB of weights would not fit
-# sm_80's 163 KiB of shared memory per program (sm_90 has 227 KiB).
+# BLOCK_B, KC] 16-bit values (16 KiB at a 512 pad and 16 sequences); as many slots as fit, at most four, beside the
+# resident weights and the reduction's scratch in sm_80's 163 KiB per program (sm_90 has 227 KiB, but one variant
+# serves both), reused as their products finish: four at 16 sequences up to a 512 pad, two at 1024, three for the
+# wide tile (planning.GLUON_WIDE_BLOCK_B) at 512.
 # cp.async moves at least 4 bytes, so it needs the 16-byte vectors of an aligned launch (planning.aligned): at other
 # sizes the gradients go through registers as before, as many gates ahead as the registers allowed
 # (_gates_in_flight; one gate at a time the kernel needed at most 152, 205 and 255 registers at 256, 512 and 1024).
+SMALLEST_SHARED = 163 * 1024  # bytes per program on sm_80 (aot.SHARED_LIMIT)
+
+
 @gluon.constexpr_function
-def _staged_gates(k_pad):
-    return 4 if k_pad <= 512 else 2
+def _staged_gates(k_pad, block_b):
+    weights = 4 * k_pad * 8 * 2  # UNITS = 8 columns of W_hh per gate, 16 bits
+    layout_change = 8 * block_b * 8 * 4  # the product's partials on their way to the reduction layout
+    room = SMALLEST_SHARED - weights - layout_change
+    return max(1, min(4, room // (k_pad * block_b * 2)))
 
 
 @gluon.constexpr_function

@@ -133,6 +133,7 @@ def launched(monkeypatch):
         (256, 16, "split"),  # fp32: programs of 4 units (planning.SPLIT_NARROW_UNITS)
         (200, 16, "split"),  # not a multiple of 16: the Gluon kernels' exchange through registers (no cp.async)
         (512, 1, "split"),
+        (512, 64, "split"),  # the Gluon kernels' wide batch tile (planning.GLUON_WIDE_BLOCK_B)
         (768, 16, "split"),
         (1024, 16, "split"),
         (1000, 16, "split"),

@@ -247,6 +247,20 @@ def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
     assert planning.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=64, gluon=True).kind == "streaming"
 
 
+def test_plan_widens_the_gluon_batch_tile_only_where_it_saves_launches():
+    def plan(hidden, batch, gluon=True):
+        return planning.plan_for(hidden, hidden, batch, torch.bfloat16, max_programs=132, gluon=gluon).config
+
+    wide = planning.GLUON_WIDE_BLOCK_B
+    # 64 unit groups x 4 batch groups of 16 would need two launches; 2 groups of 32 sequences fit in one.
+    assert (plan(512, 64).block_b, plan(512, 64).launches) == (wide, 1)
+    assert (plan(512, 128).block_b, plan(512, 128).launches) == (wide, 2)
+    # Already one launch with 16 sequences a program: the narrow tile, whose steps move half the data.
+    assert (plan(256, 64).block_b, plan(512, 32).block_b) == (16, 16)
+    # Not past GLUON_WIDE_MAX_PAD, not at unaligned sizes, not for the tl twins.
+    assert (plan(768, 64).block_b, plan(500, 64).block_b, plan(512, 64, gluon=False).block_b) == (16, 8, 16)
+
+
 def test_plan_narrows_fp32_split_programs_past_their_register_budget():
     # fp32 programs take 4 units past a 128 pad (planning.SPLIT_NARROW_UNITS), 16-bit ones 8; exact fp32 past 256
     # streams.
