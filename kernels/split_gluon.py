@@ -39,6 +39,12 @@ def _blocked_k_cols(kc, s):
     return gl.BlockedLayout([1, 8, 1], [1, k_threads, 32 // k_threads], [s, 1, 1], [1, 2, 0])
 
 
+def aligned_launch(args) -> bool:
+    """The kernels' ALIGNED heuristic: whether triton specialises the launch as aligned (H a multiple of 16, the rule
+    of planning.aligned), which gives their asynchronous copies the 16-byte vectors they need."""
+    return args["H"] % 16 == 0
+
+
 @gluon.constexpr_function
 def _staging_layout(kc, order):
     """Shared layout of an exchanged operand that asynchronous copies stage ([S, ·, ·], KC contiguous 16-bit values

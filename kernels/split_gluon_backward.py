@@ -26,6 +26,7 @@ from .split_gluon import (
     _gluon_wait,
     _gluon_wait_after,
     _staging_layout,
+    aligned_launch,
 )
 
 
@@ -42,8 +43,7 @@ def _batch_major_reduction(block_b, units, s):
         "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["grad_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
-        # What triton specialises a launch on (planning.aligned): the copies need the 16-byte vectors it then has.
-        "ALIGNED": lambda args: args["H"] % 16 == 0,
+        "ALIGNED": aligned_launch,
     }
 )
 @gluon.jit(do_not_specialize=["capacity", "order", "batch_group_base", "step_begin", "step_end", "T", "B"])

@@ -23,7 +23,7 @@ from .cell import (
     tanh,
     tanh_saturated,
 )
-from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait, _staging_layout
+from .split_gluon import _blocked_k_cols, _blocked_rows_k, _gluon_publish, _gluon_wait, _staging_layout, aligned_launch
 
 
 @gluon.constexpr_function
@@ -49,8 +49,7 @@ def _split4(tile, UNITS: gl.constexpr, N: gl.constexpr):
         "HAS_RESTARTS": lambda args: args["restarts_ptr"] is not None,
         "TELEMETRY": lambda args: args["stats_ptr"] is not None,
         "EXCHANGE": lambda args: args["flags_ptr"] is not None,
-        # What triton specialises a launch on (planning.aligned): the copies need the 16-byte vectors it then has.
-        "ALIGNED": lambda args: args["H"] % 16 == 0,
+        "ALIGNED": aligned_launch,
     }
 )
 @gluon.jit(do_not_specialize=["order", "batch_group_base", "step_begin", "step_end", "T", "B"])
