@@ -54,6 +54,14 @@ def _staging_layout(kc, order):
     return gl.SwizzledSharedLayout(8, per_phase, 8 // per_phase, order)
 
 
+@gluon.constexpr_function
+def _flags_layout(max_producers, s):
+    """The watched flags, whole in every warp (each warp holds a replica): the wait's minimum over them is then a
+    reduction within each warp, where flags spread over the warps would need one through shared memory, between
+    block barriers, on every poll."""
+    return gl.BlockedLayout([max(1, max_producers // 32)], [32], [s], [0])
+
+
 @gluon.jit
 def _gluon_publish(flags_ptr, program, steps_published):
     gl.thread_barrier()
@@ -71,7 +79,7 @@ def _gluon_wait(flags_ptr, first_producer, producers, steps_needed, MAX_PRODUCER
 def _gluon_first_poll(flags_ptr, first_producer, producers, steps_needed, MAX_PRODUCERS: gl.constexpr, S: gl.constexpr):
     """The wait's first read of the flags and the abort word, on its own: work placed between it and
     _gluon_wait_after runs while the read is in flight."""
-    slots = gl.arange(0, MAX_PRODUCERS, layout=gl.BlockedLayout([1], [32], [S], [0]))
+    slots = gl.arange(0, MAX_PRODUCERS, layout=_flags_layout(MAX_PRODUCERS, S))
     seen = gl.load(flags_ptr + 1 + first_producer + slots, mask=slots < producers, other=steps_needed, volatile=True)
     return seen, gl.load(flags_ptr, volatile=True)
 
@@ -81,7 +89,7 @@ def _gluon_wait_after(
     flags_ptr, first_producer, producers, steps_needed, seen, aborted, MAX_PRODUCERS: gl.constexpr, S: gl.constexpr
 ):
     """The rest of the wait, from what _gluon_first_poll read."""
-    slots = gl.arange(0, MAX_PRODUCERS, layout=gl.BlockedLayout([1], [32], [S], [0]))
+    slots = gl.arange(0, MAX_PRODUCERS, layout=_flags_layout(MAX_PRODUCERS, S))
     watched = flags_ptr + 1 + first_producer + slots
     is_flag = slots < producers
     polls = 0

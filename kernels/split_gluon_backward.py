@@ -145,6 +145,8 @@ def lstm_split_backward_gluon_kernel(
     j_d = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(1, dg_load)))
     j_of_dg = s_d[:, None, None] * KC + j_d[None, None, :]
     dg_mask = (b_d < B)[None, :, None] & (j_of_dg < H)
+    # An element's offset within an exchange slot, worked out once: per step only the slot's start changes.
+    dg_within_slot = (b_d.to(gl.int64) * (4 * H))[None, :, None] + j_of_dg
 
     # The pointwise tile: [BLOCK_B, UNITS], batch-major.
     seqs = batch_group * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, tile))
@@ -185,19 +187,21 @@ def lstm_split_backward_gluon_kernel(
 
         if q > 0:
             after_t, _ = step_time(p + 1, T, REVERSE)
+            # The previous step's norms are summed and stored in the shadow of a round trip: the copies' where
+            # the gradients are staged (stored before the wait's fence, they would make it wait for their stores),
+            # else the poll's.
             if EXCHANGE:
                 seen, aborted = _gluon_first_poll(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
-            if TELEMETRY and q > step_begin:  # the previous step's norms, while the poll's first read is in flight
+            if TELEMETRY and not ALIGNED and q > step_begin:
                 _store_step_norms(partials_ptr + program * T + after_t, num_programs * T, sq_dh, sq_dc)
             if EXCHANGE:
                 _gluon_wait_after(flags_ptr, batch_group * unit_groups, unit_groups, q, seen, aborted, MAX_PROGRAMS, S)
+            rows = _request_exchanged(exchange_ptr, (q - 1) % 2, B, H, dg_within_slot, dg_mask, staged)
+            if TELEMETRY and ALIGNED and q > step_begin:
+                _store_step_norms(partials_ptr + program * T + after_t, num_programs * T, sq_dh, sq_dc)
             product = _gluon_carried_product(
-                exchange_ptr,
-                (q - 1) % 2,
-                B,
+                rows,
                 H,
-                b_d,
-                j_of_dg,
                 dg_mask,
                 w_i,
                 w_f,
@@ -252,13 +256,10 @@ def lstm_split_backward_gluon_kernel(
         t0, _ = step_time(0, T, REVERSE)
         if EXCHANGE:
             _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, T, MAX_PROGRAMS, S)
+        rows = _request_exchanged(exchange_ptr, (T - 1) % 2, B, H, dg_within_slot, dg_mask, staged)
         product = _gluon_carried_product(
-            exchange_ptr,
-            (T - 1) % 2,
-            B,
+            rows,
             H,
-            b_d,
-            j_of_dg,
             dg_mask,
             w_i,
             w_f,
@@ -361,13 +362,22 @@ def _gates_in_flight(k_pad):
 
 
 @gluon.jit
+def _request_exchanged(exchange_ptr, slot, B, H, within_slot, mask, staged):
+    """The exchanged gradients' pointers in exchange slot `slot` (gate i's; gate g's are g * H further on), and,
+    where they are staged, the copies of the first gates issued (_gluon_carried_product waits for them)."""
+    rows = exchange_ptr + slot.to(gl.int64) * B * (4 * H) + within_slot
+    if staged is not None:
+        STAGES: gl.constexpr = staged.shape[0]
+        gl.thread_barrier()  # every thread is done reading the slots (the previous product) before they are refilled
+        for gate in gl.static_range(STAGES):
+            _stage(staged.index(gate), rows + gate * H, mask)
+    return rows
+
+
+@gluon.jit
 def _gluon_carried_product(
-    exchange_ptr,
-    slot,
-    B,
+    rows,
     H,
-    b_d,
-    j_of_dg,
     dg_mask,
     w_i,
     w_f,
@@ -381,14 +391,10 @@ def _gluon_carried_product(
     DOT_PRECISION: gl.constexpr,
 ):
     """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], the weights from shared memory,
-    the exchanged gradients through `staged` (None where the launch is not aligned: through registers)."""
-    rows = exchange_ptr + ((slot * B + b_d).to(gl.int64) * (4 * H))[None, :, None] + j_of_dg
-    acc = gl.zeros([gl.constexpr(w_i.shape[0]), b_d.shape[0], gl.constexpr(w_i.shape[2])], gl.float32, mma)
+    the exchanged gradients at `rows` (_request_exchanged) through `staged` (None where the launch is not aligned:
+    through registers)."""
+    acc = gl.zeros([gl.constexpr(w_i.shape[0]), rows.shape[1], gl.constexpr(w_i.shape[2])], gl.float32, mma)
     if staged is not None:
-        STAGES: gl.constexpr = staged.shape[0]
-        gl.thread_barrier()  # every thread is done reading the slots (the previous product) before they are refilled
-        for gate in gl.static_range(STAGES):
-            _stage(staged.index(gate), rows + gate * H, dg_mask)
         acc = _staged_product(acc, staged, 0, w_i, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
         acc = _staged_product(acc, staged, 1, w_f, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
         acc = _staged_product(acc, staged, 2, w_g, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)

@@ -150,9 +150,9 @@ def lstm_split_forward_gluon_kernel(
     if HAS_LENGTHS:
         length_h = gl.load(lengths_ptr + b_h, mask=b_h < B, other=0)
         length_h = gl.minimum(gl.maximum(length_h, 0), T).to(gl.int32)
-    else:
-        length_h = gl.where(b_h < B, T, 0)
     hx_ptr = out_ptr - B * H  # [h0; out]: row 0 is h0 (launch.py)
+    # Per step only a row's start changes: the rest of each element's offset is worked out once, here.
+    h_within_row = (b_h.to(gl.int64) * H)[None, None, :] + k_of_h
     # h_{t-1} on its way to the product's operand: an asynchronous copy straight into shared memory, where a load
     # would hold it in registers and then pass it through shared memory for the layout change (cp.async needs the
     # 16-byte vectors of an aligned launch; otherwise the load it is).
@@ -189,9 +189,12 @@ def lstm_split_forward_gluon_kernel(
 
         if EXCHANGE and p > 0:
             _gluon_wait(flags_ptr, batch_group * unit_groups, unit_groups, p, MAX_PROGRAMS, S)
-        from_prev = (b_h < B) & (p > 0) & (t_prev < length_h)
-        h_row = gl.where(from_prev, 1 + t_prev, 0).to(gl.int64)
-        h_ptrs = hx_ptr + ((h_row * B + b_h) * H)[None, None, :] + k_of_h
+        # h_{t-1} is row 1 + t_prev of [h0; out] for a sequence already running, else row 0 (its h0).
+        h_row_start = gl.where(p > 0, (1 + t_prev).to(gl.int64) * B * H, 0)
+        if HAS_LENGTHS:
+            h_ptrs = hx_ptr + gl.where(t_prev < length_h, h_row_start, 0)[None, None, :] + h_within_row
+        else:
+            h_ptrs = hx_ptr + h_row_start + h_within_row
         h_mask = (b_h < B)[None, None, :] & (k_of_h < H)
         if ALIGNED:  # through L2 (.cg) as every exchanged value: other programs wrote it
             gl.thread_barrier()  # every thread is done reading the previous step's h from the slot
