@@ -54,9 +54,9 @@ def _torch_dtype(dtype: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def family_configs(family: str, dtype: str, precision: str = "ieee") -> list:
-    """Every configuration the launcher can choose for a family, dtype and dot precision, largest first, as (config
-    pairs, aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles,
+def family_configs(family: str, dtype: str, precision: str = "ieee", stage: str = "forward") -> list:
+    """Every configuration the launcher can choose for a family, dtype, dot precision and pass, largest first, as
+    (config pairs, aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles,
     planning.py)."""
     from . import planning
 
@@ -78,7 +78,7 @@ def family_configs(family: str, dtype: str, precision: str = "ieee") -> list:
                 hidden = k_pad if is_aligned else k_pad - 1
                 config = planning.split_config(hidden, batch, torch_dtype, precision)
                 plans.append((planning.Plan("split", config), is_aligned))
-                if family == "split-gluon" and planning.gluon_takes_wide_tile(k_pad, hidden):
+                if family == "split-gluon" and planning.gluon_takes_wide_tile(k_pad, hidden, stage):
                     wide = planning.split_config(hidden, batch, torch_dtype, precision, planning.GLUON_WIDE_BLOCK_B)
                     plans.append((planning.Plan("split", wide), is_aligned))
     else:
@@ -103,7 +103,7 @@ FAMILY_SWITCHES = {
 
 
 # Restarts (state resets, docs/resets.md) are compiled for a representative subset only, so that they add under a
-# tenth to the matrix (72 variants to 784) rather than doubling it: in each family that takes them
+# tenth to the matrix (72 variants to 788) rather than doubling it: in each family that takes them
 # (planning.RESTART_FAMILIES; not the Gluon split kernels), the largest aligned and the largest unaligned
 # configuration that takes restarts (planning.split_takes_restarts) with every switch on plus restarts (the most
 # registers a restarts launch can need), and the largest aligned one also with restarts alone. A launch without
@@ -139,7 +139,7 @@ def variants(quick: bool = False) -> list[Variant]:
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
         seen_alignments = set()  # of the configurations that take restarts
-        for index, (config, is_aligned) in enumerate(family_configs(family, dtype, precision)):
+        for index, (config, is_aligned) in enumerate(family_configs(family, dtype, precision, stage)):
             takes = _config_takes_restarts(family, config, is_aligned)
             restart_combos = _restart_combos(family, takes and is_aligned not in seen_alignments, everything)
             if index == 0 and restart_combos:

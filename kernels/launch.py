@@ -83,7 +83,7 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     h_n = _new((batch, proj), dtype, device)
     c_n = _new((batch, hidden), dtype, device)
     stats, first, seq, order = _telemetry_args(probe)
-    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None, dot_precision(dtype))
+    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None, dot_precision(dtype), "forward")
     _check_restarts(chosen, restarts)
     if chosen.kind == "split":
         # The exchange buffer is [h0; out]: row 0 holds h0, so that a sequence starting at a step reads its h_{t-1}
@@ -202,7 +202,7 @@ def recurrence_backward(
     grad_c = grad_cn.to(torch.float32, copy=True).contiguous()
     dhidden = _new((steps, batch, proj), torch.float32, device) if w_hr is not None else None
     grad_rows, first, seq, order = _telemetry_args(probe)
-    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None, dot_precision(dtype))
+    chosen = planning.plan(hidden, proj, batch, dtype, device, restarts is not None, dot_precision(dtype), "backward")
     _check_restarts(chosen, restarts)
     if batch > 0:
         with torch.cuda.device_of(gates):

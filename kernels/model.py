@@ -66,9 +66,12 @@ class Route:
     routed: bool
     forward: object  # variant.Variant
     backward: object
-    programs: int  # per launch
+    programs: dict  # per launch, by pass ("forward" | "backward": the passes plan their tiles apart)
     resident_weights: bool = False
-    launches: int = 1  # the split kernels' slices of batch groups, run one after another
+    launches: dict | None = None  # by pass: the split kernels' slices of batch groups, run one after another
+
+    def variant(self, name: str):
+        return self.forward if name == "forward" else self.backward
 
 
 def routes(shape: Shape) -> list[Route]:
@@ -83,37 +86,48 @@ def routes(shape: Shape) -> list[Route]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[shape.dtype]
     storage = "fp32" if shape.dtype in ("fp32", "tf32") else shape.dtype
     precision = "tf32" if shape.dtype == "tf32" else "ieee"
-    routed = planning.plan_for(
-        shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, gluon=True, precision=precision
-    )
-    candidates = [routed]
-    if routed.implementation == "gluon":  # the tl twins, as the launcher plans them (FASTLSTM_KERNELS=tl)
-        candidates.append(
-            planning.plan_for(
-                shape.hidden, shape.hidden, shape.batch, dtype, max_programs=H200.sms.value, precision=precision
+
+    def plans(gluon: bool) -> dict:
+        return {
+            stage: planning.plan_for(
+                shape.hidden,
+                shape.hidden,
+                shape.batch,
+                dtype,
+                max_programs=H200.sms.value,
+                gluon=gluon,
+                precision=precision,
+                stage=stage,
             )
-        )
-    if routed.kind != "streaming":
-        candidates.append(planning.Plan("streaming", planning.STREAMING))
+            for stage in PASSES
+        }
+
+    routed = plans(gluon=True)
+    candidates = [routed]
+    if routed["forward"].implementation == "gluon":  # the tl twins, as the launcher plans them (FASTLSTM_KERNELS=tl)
+        candidates.append(plans(gluon=False))
+    if routed["forward"].kind != "streaming":
+        candidates.append(dict.fromkeys(PASSES, planning.Plan("streaming", planning.STREAMING)))
     out = []
     for chosen in candidates:
-        switches = {"telemetry"} | ({"exchange"} if chosen.kind == "split" else set())
-        forward, backward = (
-            plan_variant(chosen, stage, storage, precision, switches) for stage in ("forward", "backward")
-        )
-        launches = chosen.config.launches if chosen.kind == "split" else 1
+        kind = chosen["forward"].kind
+        switches = {"telemetry"} | ({"exchange"} if kind == "split" else set())
+        forward, backward = (plan_variant(chosen[stage], stage, storage, precision, switches) for stage in PASSES)
         out.append(
             Route(
                 forward.family,
                 chosen is routed,
                 forward,
                 backward,
-                planning.programs_of(chosen, shape.batch),
-                resident_weights=chosen.kind in ("single", "split"),
-                launches=launches,
+                {stage: planning.programs_of(chosen[stage], shape.batch) for stage in PASSES},
+                resident_weights=kind in ("single", "split"),
+                launches={stage: chosen[stage].config.launches if kind == "split" else 1 for stage in PASSES},
             )
         )
     return out
+
+
+PASSES = ("forward", "backward")
 
 
 def resident_weight_variants() -> list:
@@ -193,10 +207,12 @@ def gemm_us_per_step(shape: Shape, backward: bool) -> float:
     return flops / (rate * H200.gemm_efficiency.value) * 1e6
 
 
-def estimate(shape: Shape, forward: dict, backward: dict, launches: int = 1) -> dict:
-    """µs per step of one route; a route launched in `launches` slices of the batch, one after another, pays its
-    recurrence step once per slice."""
-    forward_step, backward_step = launches * forward["step_us"], launches * backward["step_us"]
+def estimate(shape: Shape, forward: dict, backward: dict, launches: dict | None = None) -> dict:
+    """µs per step of one route; a pass launched in `launches[pass]` slices of the batch, one after another, pays
+    its recurrence step once per slice."""
+    launches = launches or dict.fromkeys(PASSES, 1)
+    forward_step = launches["forward"] * forward["step_us"]
+    backward_step = launches["backward"] * backward["step_us"]
     fwd = forward_step + gemm_us_per_step(shape, backward=False)
     bwd = backward_step + gemm_us_per_step(shape, backward=True)
     return {
@@ -267,8 +283,8 @@ def build(shapes: list[Shape], jobs: int = 2) -> dict:
     plan: dict = {}  # variant -> (pass, [(key, shape, programs)])
     for shape in shapes:
         for route in routes(shape):
-            for variant in (route.forward, route.backward):
-                plan.setdefault(variant, []).append((shape.key, shape, route.programs))
+            for stage in PASSES:
+                plan.setdefault(route.variant(stage), []).append((shape.key, shape, route.programs[stage]))
     results = dict(zip(plan, run_isolated(profile_variant, list(plan.items()), jobs)))
     cases = {}
     for shape in shapes:

@@ -82,8 +82,9 @@ def detail_table(doc: dict) -> str:
                 sync = ", ".join(_n(x) for x in counts)
                 mma = ", ".join(f"{_n(n)}× {op}" for op, n in p["mma"].items())
                 mma = mma or (f"{_n(p['ffma'])} FFMA" if p["ffma"] else "—")
+                loads = _kib(sum(p["global_load_bytes"].values()))
                 lines.append(
-                    f"| {key} | {label} | {name} | {k['programs']} | {_kib(sum(p['global_load_bytes'].values()))} | "
+                    f"| {key} | {label} | {name} | {k['programs'][name]} | {loads} | "
                     f"{_kib(p['weight_load_bytes'])} | {_kib(sum(p['global_store_bytes'].values()))} | "
                     f"{_kib(p['shared_load_bytes'])} / {_kib(p['shared_store_bytes'])} | "
                     f"{_n(p['barriers'])} | {sync} | "

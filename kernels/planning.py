@@ -140,10 +140,13 @@ GLUON_DTYPES = (torch.float16, torch.bfloat16)
 # the whole per-step latency; a wider batch tile per program means fewer groups, so fewer launches, for a step that
 # moves twice the data. The Gluon kernels take 32 sequences per program at aligned sizes up to a 512 pad (228 and 194
 # registers forward and backward with every switch, sm_80/sm_90, the backward's staged gates then fitting three
-# copy slots); unaligned, the backward spilled on sm_80, and past 512 it ran out of shared memory. The plan takes
-# the wide tile only where it saves launches (at H=512, B=64: one launch instead of two).
+# copy slots); unaligned, the backward spilled on sm_80, and past 512 it ran out of shared memory. The forward takes
+# it up to a 1024 pad (at most 248 registers there with every switch, no spills, sm_80/sm_90; 64 sequences spilled
+# 560-1376 bytes), the backward only up to 512 (at 1024 it spilled 96-368 bytes): the passes plan their tiles apart,
+# as nothing of the tile crosses from one to the other. The plan takes the wide tile only where it saves launches (at
+# H=512, B=64: one launch instead of two each way; at H=1024, B=64 a forward of two launches instead of four).
 GLUON_WIDE_BLOCK_B = 32
-GLUON_WIDE_MAX_PAD = 512
+GLUON_WIDE_MAX_PAD = {"forward": 1024, "backward": 512}
 
 
 def aligned(*sizes: int) -> bool:
@@ -217,9 +220,10 @@ def plan(
     device: torch.device,
     restarts: bool = False,
     precision: str = "ieee",
+    stage: str = "forward",
 ) -> Plan:
-    """The kernel that runs a layer-direction on `device` (plan_for with its co-residency limit); `precision` is
-    the launch's dot precision (arguments.dot_precision)."""
+    """The kernel that runs one pass ("forward" | "backward") of a layer-direction on `device` (plan_for with its
+    co-residency limit); `precision` is the launch's dot precision (arguments.dot_precision)."""
     gluon = not interpreting() and _capability(device) >= (8, 0)
     return plan_for(
         hidden,
@@ -230,6 +234,7 @@ def plan(
         gluon=gluon,
         restarts=restarts,
         precision=precision,
+        stage=stage,
     )
 
 
@@ -261,13 +266,15 @@ def plan_for(
     gluon: bool = False,
     restarts: bool = False,
     precision: str = "ieee",
+    stage: str = "forward",
 ) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
     projection, a W_hh share that fits: split_max_pad, which depends on the dot `precision` for fp32) and one batch
     group's programs can be resident at once (at most
     max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
     Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype and the pass has no `restarts`
-    (RESTART_FAMILIES); else the streaming kernels, which take everything."""
+    (RESTART_FAMILIES); else the streaming kernels, which take everything. The two passes differ only in the Gluon
+    kernels' wide tile (GLUON_WIDE_MAX_PAD)."""
     if KERNELS != "streaming":
         single = single_config(hidden, proj, dtype)
         if single is not None:
@@ -278,7 +285,8 @@ def plan_for(
         use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
         if split is not None and max_programs is not None:
             split = _sliced(split, max_programs)
-            if split is not None and use_gluon and split.launches > 1 and gluon_takes_wide_tile(split.k_pad, hidden):
+            several = split is not None and use_gluon and split.launches > 1
+            if several and gluon_takes_wide_tile(split.k_pad, hidden, stage):
                 wide = _sliced(split_config(hidden, batch, dtype, precision, GLUON_WIDE_BLOCK_B), max_programs)
                 split = wide if wide is not None and wide.launches < split.launches else split
         if split is not None:
@@ -292,9 +300,9 @@ def _sliced(split: SplitConfig, max_programs: int) -> SplitConfig | None:
     return split._replace(batch_groups_per_launch=min(split.batch_groups, per_launch)) if per_launch else None
 
 
-def gluon_takes_wide_tile(k_pad: int, hidden: int) -> bool:
-    """Whether the Gluon split kernels take GLUON_WIDE_BLOCK_B sequences per program at this pad and size."""
-    return k_pad <= GLUON_WIDE_MAX_PAD and aligned(hidden)
+def gluon_takes_wide_tile(k_pad: int, hidden: int, stage: str) -> bool:
+    """Whether a Gluon split pass takes GLUON_WIDE_BLOCK_B sequences per program at this pad and size."""
+    return k_pad <= GLUON_WIDE_MAX_PAD[stage] and aligned(hidden)
 
 
 def programs_of(chosen: Plan, batch: int) -> int:

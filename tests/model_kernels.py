@@ -157,9 +157,9 @@ def profile_task(task) -> dict:
         label, pass_name = name.rsplit("-", 1)
         shape = model.Shape(sizes["H"], sizes["B"], sizes["T"], sizes["dtype"])
         route = next(r for r in model.routes(shape) if r.label == label)
-        built = compile_kernel(getattr(route, pass_name), 90)
+        built = compile_kernel(route.variant(pass_name), 90)
         fn, compiled = built.fn, built.kernel
-        programs = route.programs
+        programs = route.programs[pass_name]
     result = analysis.analyse(compiled, fn)
     scalars = {k: v for k, v in sizes.items() if k != "dtype"}
     return {

@@ -21,23 +21,27 @@ def test_quick_matrix_compiles_without_spills_within_shared_memory():
     assert all(r.registers is not None and r.spill_bytes == 0 for r in results)
 
 
+STAGES = ("forward", "backward")
+
+
 def test_matrix_covers_every_plan_the_launcher_makes():
     import torch
 
     from fastlstm.kernels import planning
 
-    covered = {(v.family, v.dtype, v.precision, v.config, v.aligned) for v in aot.variants()}
+    covered = {(v.family, v.stage, v.dtype, v.precision, v.config, v.aligned) for v in aot.variants()}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     precisions = {torch.float32: ("ieee", "tf32"), torch.float16: ("ieee",), torch.bfloat16: ("ieee",)}
     hidden_sizes = (1, 16, 17, 32, 33, 64, 65, 100, 128, 256, 300, 512, 768, 1000, 1024, 1500, 2048, 4096)
     for hidden, batch, dtype in itertools.product(hidden_sizes, (1, 8, 9, 16, 64, 300), names):
         for proj in {hidden, max(1, hidden // 4)}:
-            for gluon, precision in itertools.product((False, True), precisions[dtype]):
-                chosen = planning.plan_for(hidden, proj, batch, dtype, 132, gluon=gluon, precision=precision)
-                variant = variant_module.plan_variant(chosen, "forward", names[dtype], precision, ())
+            for gluon, precision, stage in itertools.product((False, True), precisions[dtype], STAGES):
+                options = {"gluon": gluon, "precision": precision, "stage": stage}
+                chosen = planning.plan_for(hidden, proj, batch, dtype, 132, **options)
+                variant = variant_module.plan_variant(chosen, stage, names[dtype], precision, ())
                 is_aligned = chosen.kind == "streaming" or planning.aligned(hidden, proj)
-                key = (variant.family, names[dtype], precision, variant.config, is_aligned)
-                assert key in covered, (hidden, proj, batch, dtype, gluon, precision)
+                key = (variant.family, stage, names[dtype], precision, variant.config, is_aligned)
+                assert key in covered, (hidden, proj, batch, dtype, gluon, precision, stage)
 
 
 def test_a_spilling_result_fails_the_check():

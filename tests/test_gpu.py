@@ -136,6 +136,7 @@ def launched(monkeypatch):
         (512, 64, "split"),  # the Gluon kernels' wide batch tile (planning.GLUON_WIDE_BLOCK_B)
         (768, 16, "split"),
         (1024, 16, "split"),
+        (1024, 48, "split"),  # the wide tile in the forward only: 2 forward launches, 3 backward ones
         (1000, 16, "split"),
         (2048, 16, "streaming"),
     ],

@@ -238,7 +238,7 @@ def test_split_batch_groups_run_in_slices_when_their_grid_exceeds_the_device(mon
 
 def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
     fits = planning.plan_for(1024, 1024, 16, torch.bfloat16, max_programs=132, gluon=True).config
-    sliced = planning.plan_for(1024, 1024, 64, torch.bfloat16, max_programs=132, gluon=True).config
+    sliced = planning.plan_for(1024, 1024, 64, torch.bfloat16, max_programs=132, gluon=True, stage="backward").config
     assert (fits.unit_groups, fits.batch_groups, fits.launches) == (128, 1, 1)
     assert (sliced.batch_groups, sliced.batch_groups_per_launch, sliced.launches) == (4, 1, 4)
     wide = planning.plan_for(256, 256, 64, torch.bfloat16, max_programs=132, gluon=True).config
@@ -248,17 +248,25 @@ def test_plan_slices_the_batch_only_where_the_grid_exceeds_the_device():
 
 
 def test_plan_widens_the_gluon_batch_tile_only_where_it_saves_launches():
-    def plan(hidden, batch, gluon=True):
-        return planning.plan_for(hidden, hidden, batch, torch.bfloat16, max_programs=132, gluon=gluon).config
+    def plan(hidden, batch, gluon=True, stage="forward"):
+        chosen = planning.plan_for(hidden, hidden, batch, torch.bfloat16, max_programs=132, gluon=gluon, stage=stage)
+        return chosen.config
 
     wide = planning.GLUON_WIDE_BLOCK_B
-    # 64 unit groups x 4 batch groups of 16 would need two launches; 2 groups of 32 sequences fit in one.
-    assert (plan(512, 64).block_b, plan(512, 64).launches) == (wide, 1)
-    assert (plan(512, 128).block_b, plan(512, 128).launches) == (wide, 2)
-    # Already one launch with 16 sequences a program: the narrow tile, whose steps move half the data.
-    assert (plan(256, 64).block_b, plan(512, 32).block_b) == (16, 16)
-    # Not past GLUON_WIDE_MAX_PAD, not at unaligned sizes, not for the tl twins.
-    assert (plan(768, 64).block_b, plan(500, 64).block_b, plan(512, 64, gluon=False).block_b) == (16, 8, 16)
+    for stage in ("forward", "backward"):
+        # 64 unit groups x 4 batch groups of 16 would need two launches; 2 groups of 32 sequences fit in one.
+        assert (plan(512, 64, stage=stage).block_b, plan(512, 64, stage=stage).launches) == (wide, 1)
+        assert (plan(512, 128, stage=stage).block_b, plan(512, 128, stage=stage).launches) == (wide, 2)
+        # Already one launch with 16 sequences a program: the narrow tile, whose steps move half the data.
+        assert (plan(256, 64, stage=stage).block_b, plan(512, 32, stage=stage).block_b) == (16, 16)
+        # Not at unaligned sizes, not for the tl twins.
+        assert (plan(500, 64, stage=stage).block_b, plan(512, 64, gluon=False, stage=stage).block_b) == (8, 16)
+    # Past a 512 pad only the forward takes it (GLUON_WIDE_MAX_PAD): at H=1024, B=64 two forward launches, four
+    # backward ones.
+    assert [(plan(h, 64).block_b, plan(h, 64).launches) for h in (768, 1024)] == [(wide, 2)] * 2
+    assert [(plan(h, 64, stage="backward").block_b, plan(h, 64, stage="backward").launches) for h in (768, 1024)] == [
+        (16, 4)
+    ] * 2
 
 
 def test_plan_narrows_fp32_split_programs_past_their_register_budget():
