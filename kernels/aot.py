@@ -39,7 +39,7 @@ class Result(NamedTuple):
             self.error is None
             and self.spill_bytes == 0
             and self.shared_bytes is not None
-            and self.shared_bytes <= SHARED_LIMIT[self.arch]
+            and self.shared_bytes <= min(SHARED_LIMIT[self.arch], self.variant.shared_limit or SHARED_LIMIT[self.arch])
         )
 
 
@@ -56,8 +56,9 @@ def _torch_dtype(dtype: str):
 
 def family_configs(family: str, dtype: str, precision: str = "ieee", stage: str = "forward") -> list:
     """Every configuration the launcher can choose for a family, dtype, dot precision and pass, largest first, as
-    (config pairs, aligned): each padded size planned both as a multiple of 16 and not (which takes smaller tiles,
-    planning.py)."""
+    (config pairs, aligned, shared limit): each padded size planned both as a multiple of 16 and not (which takes
+    smaller tiles, planning.py), and the Gluon backward for each device's shared memory (planning.SHARED_BYTES, its
+    copy slots), with the smallest shared memory it is planned for (None: any)."""
     from . import planning
 
     torch_dtype = _torch_dtype(dtype)
@@ -67,7 +68,8 @@ def family_configs(family: str, dtype: str, precision: str = "ieee", stage: str 
         for h_pad, is_aligned in itertools.product(pads, (True, False)):
             hidden = h_pad if is_aligned else h_pad - 1
             for proj in sorted({hidden, 16 if is_aligned else 15}, reverse=True):
-                plans.append((planning.Plan("single", planning.single_config(hidden, proj, torch_dtype)), is_aligned))
+                single = planning.Plan("single", planning.single_config(hidden, proj, torch_dtype))
+                plans.append((single, is_aligned, None))
     elif family in ("split", "split-gluon"):
         if family == "split-gluon" and torch_dtype not in planning.GLUON_DTYPES:
             return []
@@ -76,22 +78,42 @@ def family_configs(family: str, dtype: str, precision: str = "ieee", stage: str 
             limit = planning.split_max_pad(torch_dtype, precision)
             for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
                 hidden = k_pad if is_aligned else k_pad - 1
-                config = planning.split_config(hidden, batch, torch_dtype, precision)
-                plans.append((planning.Plan("split", config), is_aligned))
+                configs = [planning.split_config(hidden, batch, torch_dtype, precision)]
                 if family == "split-gluon" and planning.gluon_takes_wide_tile(k_pad, hidden, stage):
-                    wide = planning.split_config(hidden, batch, torch_dtype, precision, planning.GLUON_WIDE_BLOCK_B)
-                    plans.append((planning.Plan("split", wide), is_aligned))
+                    configs.append(
+                        planning.split_config(hidden, batch, torch_dtype, precision, planning.GLUON_WIDE_BLOCK_B)
+                    )
+                for config in configs:
+                    plans += _split_plans(family, stage, config, is_aligned)
     else:
         plans = [
-            (planning.Plan("streaming", planning.STREAMING), True),
-            (planning.Plan("streaming", planning.STREAMING), False),
+            (planning.Plan("streaming", planning.STREAMING), True, None),
+            (planning.Plan("streaming", planning.STREAMING), False, None),
         ]
-    unique = []
-    for chosen, is_aligned in plans:
-        entry = (config_pairs(chosen), is_aligned)
-        if entry not in unique:
-            unique.append(entry)
+    unique, seen = [], set()
+    for chosen, is_aligned, limit in plans:  # the smallest shared memory a configuration is planned for comes first
+        entry = (config_pairs(chosen, stage), is_aligned)
+        if entry not in seen:
+            seen.add(entry)
+            unique.append((*entry, limit))
     return unique
+
+
+def _split_plans(family: str, stage: str, config, is_aligned: bool) -> list:
+    """(plan, aligned, shared limit) of one split configuration: the Gluon backward's at aligned sizes once per
+    device shared memory, from the smallest (planning.plan_for: where no copy slot fits, the pass runs the tl twin)."""
+    from . import planning
+
+    if family != "split-gluon":
+        return [(planning.Plan("split", config), is_aligned, None)]
+    if stage != "backward" or not is_aligned:
+        return [(planning.Plan("split", config, "gluon"), is_aligned, None)]
+    plans = []
+    for shared in sorted(planning.SHARED_BYTES.values()):
+        slots = planning.gluon_copy_slots(config.k_pad, config.block_b, shared)
+        if slots:
+            plans.append((planning.Plan("split", config._replace(copy_slots=slots), "gluon"), is_aligned, shared))
+    return plans
 
 
 FAMILY_SWITCHES = {
@@ -139,7 +161,7 @@ def variants(quick: bool = False) -> list[Variant]:
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
         seen_alignments = set()  # of the configurations that take restarts
-        for index, (config, is_aligned) in enumerate(family_configs(family, dtype, precision, stage)):
+        for index, (config, is_aligned, limit) in enumerate(family_configs(family, dtype, precision, stage)):
             takes = _config_takes_restarts(family, config, is_aligned)
             restart_combos = _restart_combos(family, takes and is_aligned not in seen_alignments, everything)
             if index == 0 and restart_combos:
@@ -148,7 +170,8 @@ def variants(quick: bool = False) -> list[Variant]:
                 seen_alignments.add(is_aligned)
             if quick:
                 if index == 0:
-                    result.append(Variant(family, stage, dtype, precision, (restart_combos or [everything])[0], config))
+                    combo = (restart_combos or [everything])[0]
+                    result.append(Variant(family, stage, dtype, precision, combo, config, shared_limit=limit))
                 continue
             if index == 0:
                 combos = [frozenset(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
@@ -156,7 +179,8 @@ def variants(quick: bool = False) -> list[Variant]:
                 combos = [frozenset(), everything]
             for switches in combos + restart_combos:
                 if _possible(switches, config):
-                    result.append(Variant(family, stage, dtype, precision, switches, config, aligned=is_aligned))
+                    tail = {"aligned": is_aligned, "shared_limit": limit}
+                    result.append(Variant(family, stage, dtype, precision, switches, config, **tail))
     return result
 
 
@@ -198,7 +222,8 @@ def _compiler_process():
 
 
 def run_matrix(quick: bool = False, jobs: int = 2) -> list[Result]:
-    work = [(v, arch) for v in variants(quick) for arch in ARCHS]
+    # A variant planned for a device's shared memory compiles for the architectures that have as much.
+    work = [(v, arch) for v in variants(quick) for arch in ARCHS if (v.shared_limit or 0) <= SHARED_LIMIT[arch]]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, initializer=_compiler_process) as pool:
         return list(pool.map(_compile_pair, work, chunksize=4))

@@ -55,8 +55,10 @@ def single_keywords(cfg: planning.SingleConfig, reverse: bool, dtype: torch.dtyp
     }
 
 
-def split_keywords(cfg: planning.SplitConfig, reverse: bool, dtype: torch.dtype) -> dict:
-    return {
+def split_keywords(cfg: planning.SplitConfig, reverse: bool, dtype: torch.dtype, gluon_backward: bool = False) -> dict:
+    """The split kernels' launch constants; the Gluon backward also takes its copy slots (planning.gluon_copy_slots)."""
+    staged = {"COPY_SLOTS": cfg.copy_slots} if gluon_backward else {}
+    return staged | {
         "REVERSE": reverse,
         "UNITS": cfg.units,
         "BLOCK_B": cfg.block_b,

@@ -441,7 +441,7 @@ def _launch_split(kernel, name, args, chosen: planning.Plan, steps, batch, hidde
     finishes dL/dh0)."""
     cfg = chosen.config
     device = args[0].device
-    constants = split_keywords(cfg, reverse, dtype)
+    constants = split_keywords(cfg, reverse, dtype, gluon_backward=kernel is lstm_split_backward_gluon_kernel)
     grid = (cfg.unit_groups, cfg.batch_groups)
     if planning.host_stepped():
         _record(name, chosen, "host-stepped")

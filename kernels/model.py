@@ -98,6 +98,7 @@ def routes(shape: Shape) -> list[Route]:
                 gluon=gluon,
                 precision=precision,
                 stage=stage,
+                shared_bytes=planning.SHARED_BYTES["sm_90"],
             )
             for stage in PASSES
         }

@@ -84,6 +84,8 @@ class SplitConfig(NamedTuple):
     # Batch groups exchange nothing with each other, so where the whole grid would not be resident at once the
     # launcher runs them in slices of this many, one cooperative launch per slice, one after another on the stream.
     batch_groups_per_launch: int
+    # The Gluon backward's exchanged gates staged in shared memory at once (gluon_copy_slots; 0: through registers).
+    copy_slots: int = 0
 
     @property
     def programs(self) -> int:
@@ -140,13 +142,30 @@ GLUON_DTYPES = (torch.float16, torch.bfloat16)
 # the whole per-step latency; a wider batch tile per program means fewer groups, so fewer launches, for a step that
 # moves twice the data. The Gluon kernels take 32 sequences per program at aligned sizes up to a 512 pad (228 and 194
 # registers forward and backward with every switch, sm_80/sm_90, the backward's staged gates then fitting three
-# copy slots); unaligned, the backward spilled on sm_80, and past 512 it ran out of shared memory. The forward takes
-# it up to a 1024 pad (at most 248 registers there with every switch, no spills, sm_80/sm_90; 64 sequences spilled
-# 560-1376 bytes), the backward only up to 512 (at 1024 it spilled 96-368 bytes): the passes plan their tiles apart,
-# as nothing of the tile crosses from one to the other. The plan takes the wide tile only where it saves launches (at
+# copy slots on sm_80); unaligned, the backward spilled on sm_80. The forward takes it up to a 1024 pad (at most 248
+# registers there with every switch, no spills, sm_80/sm_90; 64 sequences spilled 560-1376 bytes), the backward only
+# up to 512 (at 1024 it spilled 96-368 bytes): the passes plan their tiles apart, as nothing of the tile crosses from
+# one to the other. The plan takes the wide tile only where it saves launches (at
 # H=512, B=64: one launch instead of two each way; at H=1024, B=64 a forward of two launches instead of four).
 GLUON_WIDE_BLOCK_B = 32
 GLUON_WIDE_MAX_PAD = {"forward": 1024, "backward": 512}
+
+
+# Shared memory one program may take (the opt-in maximum per block, bytes) on the devices the Gluon kernels run on:
+# the Gluon backward stages as many gates' exchanged gradients as fit beside its weights (gluon_copy_slots), so its
+# plan depends on it. sm_86, sm_89 and sm_120 parts (RTX, A10, L4, L40) have 99 KiB; sm_80 and sm_87 163 KiB; sm_90
+# and sm_100 227 KiB (CUDA C++ Programming Guide, compute capabilities). A plan made without a device assumes sm_80.
+SHARED_BYTES = {"sm_86": 99 * 1024, "sm_80": 163 * 1024, "sm_90": 227 * 1024}
+DEFAULT_SHARED_BYTES = SHARED_BYTES["sm_80"]
+
+
+def gluon_copy_slots(k_pad: int, block_b: int, shared_bytes: int) -> int:
+    """How many gates' exchanged gradients the Gluon backward stages at once (at most the four; 0: none fits), beside
+    its resident weights (8 units' columns of W_hh per gate, 16 bits) and the scratch of the product's partials on
+    their way to the reduction layout. The AOT matrix's shared-memory figures match this count to the byte."""
+    weights = 4 * k_pad * 8 * 2
+    layout_change = 8 * block_b * 8 * 4
+    return max(0, min(4, (shared_bytes - weights - layout_change) // (k_pad * block_b * 2)))
 
 
 def aligned(*sizes: int) -> bool:
@@ -223,7 +242,7 @@ def plan(
     stage: str = "forward",
 ) -> Plan:
     """The kernel that runs one pass ("forward" | "backward") of a layer-direction on `device` (plan_for with its
-    co-residency limit); `precision` is the launch's dot precision (arguments.dot_precision)."""
+    co-residency limit and shared memory); `precision` is the launch's dot precision (arguments.dot_precision)."""
     gluon = not interpreting() and _capability(device) >= (8, 0)
     return plan_for(
         hidden,
@@ -235,6 +254,7 @@ def plan(
         restarts=restarts,
         precision=precision,
         stage=stage,
+        shared_bytes=_shared_bytes(device) if gluon else DEFAULT_SHARED_BYTES,
     )
 
 
@@ -267,6 +287,7 @@ def plan_for(
     restarts: bool = False,
     precision: str = "ieee",
     stage: str = "forward",
+    shared_bytes: int = DEFAULT_SHARED_BYTES,
 ) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
     projection, a W_hh share that fits: split_max_pad, which depends on the dot `precision` for fp32) and one batch
@@ -274,7 +295,8 @@ def plan_for(
     max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
     Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype and the pass has no `restarts`
     (RESTART_FAMILIES); else the streaming kernels, which take everything. The two passes differ only in the Gluon
-    kernels' wide tile (GLUON_WIDE_MAX_PAD)."""
+    kernels' wide tile (GLUON_WIDE_MAX_PAD) and in the backward's copy slots, which `shared_bytes` (one program's
+    shared memory) sizes: where an aligned Gluon backward has room for none, the pass runs the tl twin."""
     if KERNELS != "streaming":
         single = single_config(hidden, proj, dtype)
         if single is not None:
@@ -289,6 +311,9 @@ def plan_for(
             if several and gluon_takes_wide_tile(split.k_pad, hidden, stage):
                 wide = _sliced(split_config(hidden, batch, dtype, precision, GLUON_WIDE_BLOCK_B), max_programs)
                 split = wide if wide is not None and wide.launches < split.launches else split
+        if split is not None and use_gluon and stage == "backward" and aligned(hidden):
+            split = split._replace(copy_slots=gluon_copy_slots(split.k_pad, split.block_b, shared_bytes))
+            use_gluon = split.copy_slots > 0
         if split is not None:
             return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
@@ -346,3 +371,12 @@ def _capability(device: torch.device) -> tuple:
 
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _shared_bytes(device: torch.device) -> int:
+    """The most shared memory one program may take on the device: the figure triton's launcher checks a kernel's
+    against (its OutOfResources error)."""
+    from triton.runtime import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]

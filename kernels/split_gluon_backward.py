@@ -83,6 +83,7 @@ def lstm_split_backward_gluon_kernel(
     ASM_FENCE: gl.constexpr,
     DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr,
+    COPY_SLOTS: gl.constexpr,
     HAS_LENGTHS: gl.constexpr,
     HAS_RESTARTS: gl.constexpr,
     TELEMETRY: gl.constexpr,
@@ -130,12 +131,12 @@ def lstm_split_backward_gluon_kernel(
     w_o = gl.allocate_shared_memory(
         DOT_DTYPE, [S, KC, UNITS], resident, _weight_columns(w_hh_ptr, 3, H, j_of_w, u_w, w_mask).to(DOT_DTYPE)
     )
-    # The exchanged gate gradients on their way to the product's operand (_staged_gates); the exchange buffer holds
+    # The exchanged gate gradients on their way to the product's operand (COPY_SLOTS); the exchange buffer holds
     # them in the storage dtype, which is the dot's, so they need no conversion.
     gl.static_assert(exchange_ptr.dtype.element_ty == DOT_DTYPE, "the exchange buffer holds the dot's dtype")
-    if ALIGNED:
-        slots: gl.constexpr = _staged_gates(K_PAD, BLOCK_B)
-        staged = gl.allocate_shared_memory(DOT_DTYPE, [slots, S, BLOCK_B, KC], _staging_layout(KC, [2, 1, 0]))
+    STAGED: gl.constexpr = ALIGNED and COPY_SLOTS > 0
+    if STAGED:
+        staged = gl.allocate_shared_memory(DOT_DTYPE, [COPY_SLOTS, S, BLOCK_B, KC], _staging_layout(KC, [2, 1, 0]))
     else:
         staged = None
 
@@ -192,12 +193,12 @@ def lstm_split_backward_gluon_kernel(
             # else the poll's.
             if EXCHANGE:
                 seen, aborted = _gluon_first_poll(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
-            if TELEMETRY and not ALIGNED and q > step_begin:
+            if TELEMETRY and not STAGED and q > step_begin:
                 _store_step_norms(partials_ptr + program * T + after_t, num_programs * T, sq_dh, sq_dc)
             if EXCHANGE:
                 _gluon_wait_after(flags_ptr, batch_group * unit_groups, unit_groups, q, seen, aborted, MAX_PROGRAMS, S)
             rows = _request_exchanged(exchange_ptr, (q - 1) % 2, B, H, dg_within_slot, dg_mask, staged)
-            if TELEMETRY and ALIGNED and q > step_begin:
+            if TELEMETRY and STAGED and q > step_begin:
                 _store_step_norms(partials_ptr + program * T + after_t, num_programs * T, sq_dh, sq_dc)
             product = _gluon_carried_product(
                 rows,
@@ -338,22 +339,12 @@ def _gluon_step_inputs(
 # Each gate's operand waits for its own copy: loaded one gate at a time (each after the previous gate's product) they
 # are four dependent round trips per step, issued together one. Copied straight into shared memory they hold no
 # registers on the way and need no layout change through shared memory afterwards. A gate's slot is [K_SPLIT,
-# BLOCK_B, KC] 16-bit values (16 KiB at a 512 pad and 16 sequences); as many slots as fit, at most four, beside the
-# resident weights and the reduction's scratch in sm_80's 163 KiB per program (sm_90 has 227 KiB, but one variant
-# serves both), reused as their products finish: four at 16 sequences up to a 512 pad, two at 1024, three for the
-# wide tile (planning.GLUON_WIDE_BLOCK_B) at 512.
+# BLOCK_B, KC] 16-bit values (16 KiB at a 512 pad and 16 sequences); COPY_SLOTS of them, as many as fit beside the
+# resident weights and the reduction's scratch in the device's shared memory (planning.gluon_copy_slots: on sm_90 all
+# four at every pad with 16 sequences, on sm_80 two at 1024), reused as their products finish.
 # cp.async moves at least 4 bytes, so it needs the 16-byte vectors of an aligned launch (planning.aligned): at other
 # sizes the gradients go through registers as before, as many gates ahead as the registers allowed
 # (_gates_in_flight; one gate at a time the kernel needed at most 152, 205 and 255 registers at 256, 512 and 1024).
-SMALLEST_SHARED = 163 * 1024  # bytes per program on sm_80 (aot.SHARED_LIMIT)
-
-
-@gluon.constexpr_function
-def _staged_gates(k_pad, block_b):
-    weights = 4 * k_pad * 8 * 2  # UNITS = 8 columns of W_hh per gate, 16 bits
-    layout_change = 8 * block_b * 8 * 4  # the product's partials on their way to the reduction layout
-    room = SMALLEST_SHARED - weights - layout_change
-    return max(1, min(4, room // (k_pad * block_b * 2)))
 
 
 @gluon.constexpr_function

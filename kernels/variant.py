@@ -72,6 +72,9 @@ class Variant(NamedTuple):
     # Compiled as triton specialises a launch whose tensors are 16-byte aligned and whose sizes are multiples of 16
     # (the usual case at real sizes); otherwise with no such hints.
     aligned: bool = True
+    # The shared memory (bytes) of the devices the plan makes this variant for, where that sets its configuration
+    # (the Gluon backward's copy slots); None: any device of the target architecture.
+    shared_limit: int | None = None
 
     @property
     def name(self) -> str:
@@ -96,8 +99,8 @@ def _short(key: str) -> str:
     return {"num_warps": "w", "num_stages": "s", "maxnreg": "r"}.get(key, key.lower().replace("_", "")[:2])
 
 
-def config_pairs(chosen) -> tuple:
-    """The constexpr and option pairs a planning.Plan sets, as a variant's `config`."""
+def config_pairs(chosen, stage: str = "forward") -> tuple:
+    """The constexpr and option pairs a planning.Plan sets for a pass, as a variant's `config`."""
     import triton
 
     cfg = chosen.config
@@ -117,6 +120,7 @@ def config_pairs(chosen) -> tuple:
             ("K_SPLIT", cfg.k_split),
             ("MAX_PROGRAMS", triton.next_power_of_2(cfg.unit_groups)),
             ("ASM_FENCE", True),
+            *((("COPY_SLOTS", cfg.copy_slots),) if chosen.implementation == "gluon" and stage == "backward" else ()),
             ("num_warps", cfg.num_warps),
             ("maxnreg", cfg.maxnreg),
         )
@@ -133,7 +137,7 @@ def config_pairs(chosen) -> tuple:
 def plan_variant(chosen, stage: str, dtype: str, precision: str, switches) -> Variant:
     """The variant a planning.Plan compiles for one pass, with the given switches."""
     family = "split-gluon" if chosen.implementation == "gluon" else chosen.kind
-    return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen))
+    return Variant(family, stage, dtype, precision, frozenset(switches), config_pairs(chosen, stage))
 
 
 # ---------------------------------------------------------------------------------------------------------------

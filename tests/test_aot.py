@@ -35,13 +35,14 @@ def test_matrix_covers_every_plan_the_launcher_makes():
     hidden_sizes = (1, 16, 17, 32, 33, 64, 65, 100, 128, 256, 300, 512, 768, 1000, 1024, 1500, 2048, 4096)
     for hidden, batch, dtype in itertools.product(hidden_sizes, (1, 8, 9, 16, 64, 300), names):
         for proj in {hidden, max(1, hidden // 4)}:
-            for gluon, precision, stage in itertools.product((False, True), precisions[dtype], STAGES):
-                options = {"gluon": gluon, "precision": precision, "stage": stage}
+            devices = itertools.product((False, True), precisions[dtype], STAGES, planning.SHARED_BYTES.values())
+            for gluon, precision, stage, shared in devices:
+                options = {"gluon": gluon, "precision": precision, "stage": stage, "shared_bytes": shared}
                 chosen = planning.plan_for(hidden, proj, batch, dtype, 132, **options)
                 variant = variant_module.plan_variant(chosen, stage, names[dtype], precision, ())
                 is_aligned = chosen.kind == "streaming" or planning.aligned(hidden, proj)
                 key = (variant.family, stage, names[dtype], precision, variant.config, is_aligned)
-                assert key in covered, (hidden, proj, batch, dtype, gluon, precision, stage)
+                assert key in covered, (hidden, proj, batch, dtype, gluon, precision, stage, shared)
 
 
 def test_a_spilling_result_fails_the_check():

@@ -634,21 +634,55 @@ def test_out_of_range_lengths_are_clamped_not_read_out_of_bounds():
 
 
 def test_gluon_split_kernels_take_exactly_their_tl_twins_arguments():
-    """The launcher passes the same arguments to either implementation of the split kernels; the switches their
-    heuristics derive are the twin's, plus ALIGNED in the Gluon kernels (whether their asynchronous copies apply)."""
+    """The launcher passes the same arguments to either implementation of the split kernels, and to the Gluon
+    backward its copy slots (planning.gluon_copy_slots); the switches their heuristics derive are the twin's, plus
+    ALIGNED in the Gluon kernels (whether their asynchronous copies apply)."""
     from fastlstm.kernels import backward, forward, split_gluon_backward, split_gluon_forward
 
     pairs = [
-        (split_gluon_forward.lstm_split_forward_gluon_kernel, forward.lstm_split_forward_kernel),
-        (split_gluon_backward.lstm_split_backward_gluon_kernel, backward.lstm_split_backward_kernel),
+        (split_gluon_forward.lstm_split_forward_gluon_kernel, forward.lstm_split_forward_kernel, []),
+        (split_gluon_backward.lstm_split_backward_gluon_kernel, backward.lstm_split_backward_kernel, ["COPY_SLOTS"]),
     ]
-    for gluon_kernel, twin in pairs:
+    for gluon_kernel, twin, own in pairs:
 
         def passed(kernel):
             return [name for name in kernel.fn.arg_names if name not in kernel.values]
 
-        assert passed(gluon_kernel) == passed(twin)
+        assert [name for name in passed(gluon_kernel) if name not in own] == passed(twin)
+        assert set(own) <= set(passed(gluon_kernel))
         assert set(gluon_kernel.values) == set(twin.values) | {"ALIGNED"}
+
+
+def test_the_gluon_backward_stages_as_many_gates_as_the_device_has_shared_memory_for():
+    def plan(hidden, batch, device, stage="backward"):
+        shared = planning.SHARED_BYTES[device]
+        return planning.plan_for(
+            hidden, hidden, batch, torch.bfloat16, max_programs=132, gluon=True, stage=stage, shared_bytes=shared
+        )
+
+    slots = {device: plan(1024, 16, device).config.copy_slots for device in ("sm_90", "sm_80")}
+    assert slots == {"sm_90": 4, "sm_80": 2}
+    assert [plan(512, 16, d).config.copy_slots for d in ("sm_90", "sm_80", "sm_86")] == [4, 4, 3]
+    # No slot fits beside 64 KiB of weights in 99 KiB at 16 sequences a program: the tl twin takes that backward.
+    assert plan(1024, 16, "sm_86").implementation == "tl"
+    assert plan(1024, 16, "sm_86", stage="forward").implementation == "gluon"
+    # Unaligned sizes go through registers; the forward has no slots to size.
+    assert plan(1000, 16, "sm_90").config.copy_slots == 0 and plan(1024, 16, "sm_90", "forward").config.copy_slots == 0
+    # That what the count leaves fits each device is the AOT matrix's check (a variant's shared_limit, kernels/aot.py).
+
+
+@pytest.mark.parametrize(
+    "capability,shared,expected", [((8, 6), 99 * 1024, ("tl", 0)), ((9, 0), 227 * 1024, ("gluon", 4))], ids=str
+)
+def test_the_launchers_plan_reads_the_devices_shared_memory(monkeypatch, capability, shared, expected):
+    # What planning.plan asks of a GPU, stood in for: its architecture, SM count and shared memory per program.
+    monkeypatch.setattr(planning, "interpreting", lambda: False)
+    monkeypatch.setattr(planning, "host_stepped", lambda: False)
+    monkeypatch.setattr(planning, "_capability", lambda device: capability)
+    monkeypatch.setattr(planning, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(planning, "_shared_bytes", lambda device: shared)
+    chosen = planning.plan(1024, 1024, 16, torch.bfloat16, torch.device("cuda"), stage="backward")
+    assert (chosen.implementation, chosen.config.copy_slots) == expected
 
 
 def test_plan_takes_gluon_only_on_a_gpu_for_16_bit_storage(monkeypatch):

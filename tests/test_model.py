@@ -142,7 +142,7 @@ def test_the_split_kernels_exchange_is_counted(read):
 def test_the_gluon_backward_waits_once_for_every_gate_and_not_for_its_prefetch(read):
     trips = read["split-gluon-backward@512"]["profile"]["round_trips_by_arg"]
     # The four gates' exchanged gradients are copied into shared memory together (split_gluon_backward.py,
-    # _staged_gates): one dependent round trip for all of them, where loading them gate after gate took four.
+    # COPY_SLOTS): one dependent round trip for all of them, where loading them gate after gate took four.
     assert trips["exchange_ptr"] == pytest.approx(1)
     # What the next step needs is loaded a step ahead and finished where it is used (backward.py, _load_step):
     # none of it on this step's critical path.
