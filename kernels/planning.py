@@ -16,6 +16,7 @@ Nothing here allocates or launches: launch.py does, from a Plan.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -376,7 +377,11 @@ def _multiprocessors(device: torch.device) -> int:
 def _shared_bytes(device: torch.device) -> int:
     """The most shared memory one program may take on the device: the figure triton's launcher checks a kernel's
     against (its OutOfResources error)."""
+    return _shared_bytes_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _shared_bytes_of(index: int) -> int:  # a driver query, asked once per device rather than on every pass
     from triton.runtime import driver
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
     return driver.active.utils.get_device_properties(index)["max_shared_mem"]
