@@ -177,7 +177,8 @@ def native_records(device: torch.device, dtype: torch.dtype) -> bool:
 def _native_unsupported(device: torch.device) -> bool:
     """Eager settings under which PyTorch's LSTM op fails where fastlstm's own ops work (torch 2.13): inside
     torch.compile (Dynamo refuses nn.LSTM, and the op's CPU kernel fails in a compiled graph), and under CPU
-    autocast (oneDNN rejects the bfloat16 LSTM). Those passes stay on fastlstm's ops, without telemetry."""
+    autocast (oneDNN rejects the bfloat16 LSTM on CPUs without its bf16 support; with AVX512-BF16 or AMX it runs,
+    but a module cannot know in advance). Those passes stay on fastlstm's ops, without telemetry."""
     return torch.compiler.is_compiling() or (device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 
 

@@ -142,13 +142,13 @@ def test_inference_records_nothing_and_runs_natively_unless_asked_to_record(nati
     assert snapshot.layers[0].elements == 6 * 3 * 6 and snapshot.layers[0].backward_passes.size == 0
 
 
-def test_cpu_autocast_stays_on_fastlstms_ops_where_pytorchs_op_fails(native_calls):
+def test_cpu_autocast_stays_on_fastlstms_ops_where_pytorchs_op_may_fail(native_calls):
+    # Under CPU autocast nn.LSTM's op fails on CPUs without bf16 support in oneDNN (torch 2.13: a RuntimeError) and
+    # runs on others (AVX512-BF16, AMX): fastlstm stays on its own ops there, which run everywhere.
     ref, fast = _pair(telemetry=False)
     x = torch.randn(6, 3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = fast(x)
-        with pytest.raises(RuntimeError):  # nn.LSTM itself cannot run here (oneDNN, torch 2.13)
-            ref(x)
     assert out.dtype == torch.bfloat16 and native_calls == []
     assert ((out.float() - ref(x)[0]).norm() / ref(x)[0].norm()) < 2e-2
 
