@@ -52,6 +52,30 @@ def test_a_spilling_result_fails_the_check():
     broken = aot.Result(variant, 90, None, None, None, "CompilationError: boom")
     assert not spilled.ok and not too_much_shared.ok and not broken.ok
     assert aot.Result(variant, 90, 128, 0, 1024, None).ok
+    # A variant planned for a device with less shared memory than its architecture's (the Gluon backward's copy
+    # slots on a 99 KiB part) is held to that device's.
+    small = variant._replace(shared_limit=99 * 1024)
+    assert not aot.Result(small, 80, 128, 0, 100 * 1024, None).ok and aot.Result(small, 80, 128, 0, 99 * 1024, None).ok
+
+
+def test_the_gluon_backward_is_compiled_for_every_device_shared_memory_it_is_planned_for():
+    import torch
+
+    from fastlstm.kernels import planning
+
+    compiled = {
+        (v.config, v.shared_limit) for v in aot.variants() if v.family == "split-gluon" and v.stage == "backward"
+    }
+    for shared in planning.SHARED_BYTES.values():
+        chosen = planning.plan_for(
+            1024, 1024, 16, torch.bfloat16, 132, gluon=True, stage="backward", shared_bytes=shared
+        )
+        if chosen.implementation == "gluon":
+            config = variant_module.plan_variant(chosen, "backward", "bf16", "ieee", ()).config
+            assert any(c == config and (limit or 0) <= shared for c, limit in compiled), shared
+    # Planned for 227 KiB (four slots at a 1024 pad), a variant compiles for sm_90 only: sm_80 has 163 KiB.
+    wide = [v for v in aot.variants() if v.shared_limit and v.shared_limit > aot.SHARED_LIMIT[80]]
+    assert wide and all(dict(v.config)["COPY_SLOTS"] == 4 for v in wide)
 
 
 def test_an_argument_the_tables_do_not_know_fails_the_variant(monkeypatch):
