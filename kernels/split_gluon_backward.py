@@ -188,9 +188,9 @@ def lstm_split_backward_gluon_kernel(
 
         if q > 0:
             after_t, _ = step_time(p + 1, T, REVERSE)
-            # The previous step's norms are summed and stored in the shadow of a round trip: the copies' where
-            # the gradients are staged (stored before the wait's fence, they would make it wait for their stores),
-            # else the poll's.
+            # The previous step's norms are summed and stored in the shadow of a round trip: of the copies that
+            # stage this step's gradients where there are any (stored before the wait's fence, they would make it
+            # wait for their stores), else of the poll's first read.
             if EXCHANGE:
                 seen, aborted = _gluon_first_poll(flags_ptr, batch_group * unit_groups, unit_groups, q, MAX_PROGRAMS, S)
             if TELEMETRY and not STAGED and q > step_begin:
@@ -382,8 +382,8 @@ def _gluon_carried_product(
     DOT_PRECISION: gl.constexpr,
 ):
     """Σ_gates dgates[slot][:, gate rows] @ W_hh[gate rows, units]: [BLOCK_B, UNITS], the weights from shared memory,
-    the exchanged gradients at `rows` (_request_exchanged) through `staged` (None where the launch is not aligned:
-    through registers)."""
+    the exchanged gradients at `rows` (_request_exchanged) through `staged` (None where the launch is not aligned or
+    has no copy slot: through registers)."""
     acc = gl.zeros([gl.constexpr(w_i.shape[0]), rows.shape[1], gl.constexpr(w_i.shape[2])], gl.float32, mma)
     if staged is not None:
         acc = _staged_product(acc, staged, 0, w_i, rows, dg_mask, H, a_layout, b_layout, DOT_PRECISION)
