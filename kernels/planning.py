@@ -146,8 +146,8 @@ GLUON_DTYPES = (torch.float16, torch.bfloat16)
 # copy slots on sm_80); unaligned, the backward spilled on sm_80. The forward takes it up to a 1024 pad (at most 248
 # registers there with every switch, no spills, sm_80/sm_90; 64 sequences spilled 560-1376 bytes), the backward only
 # up to 512 (at 1024 it spilled 96-368 bytes): the passes plan their tiles apart, as nothing of the tile crosses from
-# one to the other. The plan takes the wide tile only where it saves launches (at
-# H=512, B=64: one launch instead of two each way; at H=1024, B=64 a forward of two launches instead of four).
+# one to the other. The plan takes the wide tile only where it saves launches (at H=512, B=64: one launch instead of
+# two each way; at H=1024, B=64 a forward of two launches instead of four).
 GLUON_WIDE_BLOCK_B = 32
 GLUON_WIDE_MAX_PAD = {"forward": 1024, "backward": 512}
 
