@@ -108,12 +108,8 @@ def _split_plans(family: str, stage: str, config, is_aligned: bool) -> list:
         return [(planning.Plan("split", config), is_aligned, None)]
     if stage != "backward" or not is_aligned:
         return [(planning.Plan("split", config, "gluon"), is_aligned, None)]
-    plans = []
-    for shared in sorted(planning.SHARED_BYTES.values()):
-        slots = planning.gluon_copy_slots(config.k_pad, config.block_b, shared)
-        if slots:
-            plans.append((planning.Plan("split", config._replace(copy_slots=slots), "gluon"), is_aligned, shared))
-    return plans
+    staged = ((planning.staged_backward(config, shared), shared) for shared in sorted(planning.SHARED_BYTES.values()))
+    return [(planning.Plan("split", c, "gluon"), is_aligned, shared) for c, shared in staged if c is not None]
 
 
 FAMILY_SWITCHES = {

@@ -169,6 +169,13 @@ def gluon_copy_slots(k_pad: int, block_b: int, shared_bytes: int) -> int:
     return max(0, min(4, (shared_bytes - weights - layout_change) // (k_pad * block_b * 2)))
 
 
+def staged_backward(split: SplitConfig, shared_bytes: int) -> SplitConfig | None:
+    """An aligned split configuration as the Gluon backward takes it on a device with this shared memory per program
+    (its copy slots set), or None where not one slot fits (the pass then runs the tl twin)."""
+    slots = gluon_copy_slots(split.k_pad, split.block_b, shared_bytes)
+    return split._replace(copy_slots=slots) if slots else None
+
+
 def aligned(*sizes: int) -> bool:
     """Whether triton compiles a launch with these sizes as multiples of 16 (it specialises on that): otherwise
     every row address is unaligned, loads lose their 16-byte vectors and the kernels need more registers."""
@@ -313,8 +320,8 @@ def plan_for(
                 wide = _sliced(split_config(hidden, batch, dtype, precision, GLUON_WIDE_BLOCK_B), max_programs)
                 split = wide if wide is not None and wide.launches < split.launches else split
         if split is not None and use_gluon and stage == "backward" and aligned(hidden):
-            split = split._replace(copy_slots=gluon_copy_slots(split.k_pad, split.block_b, shared_bytes))
-            use_gluon = split.copy_slots > 0
+            staged = staged_backward(split, shared_bytes)
+            split, use_gluon = (staged, True) if staged is not None else (split, False)
         if split is not None:
             return Plan("split", split, "gluon" if use_gluon else "tl")
     return Plan("streaming", STREAMING)
