@@ -15,9 +15,10 @@ both directions of one layer, so that every layer's outputs are at hand:
   3. cell states     c_t = f_t · c_{t-1} + i_t · g_t is the only step-by-step part left: one multiply-add per step
   4. telemetry       reduced from those tensors by the reference's own code (reference_telemetry.record_forward)
 
-The backward is the reference's analytic backward (reference.recurrence_backward, through the same custom op as the
-reference backend) on the rebuilt gates and cell states, followed by the weight and input gradients as GEMMs over
-all T·B rows, so gradients and gradient telemetry are the reference's up to float rounding. A backward asked for a
+The backward is the reference's analytic backward (reference.recurrence_backward, called directly rather than
+through function.py's op, so that its gate gradients can be a scratch buffer) on the rebuilt gates and cell states,
+followed by the weight and input gradients as GEMMs over all T·B rows, so gradients and gradient telemetry are the
+reference's up to float rounding. A backward asked for a
 differentiable result (create_graph=True) differentiates function.differentiable_layer instead, as the reference
 backend does.
 
@@ -35,9 +36,11 @@ import torch.nn.functional as F
 from torch import _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .function import _previous_hidden, differentiable_layer, recurrence_backward
+from . import reference
+from .function import _previous_hidden, differentiable_layer
 from .reference import _candidate_scale, active_mask, gate_blocks, time_order
 from .reference_telemetry import record_forward
+from .scratch import scratch
 from .telemetry import PassProbe, StageProbe, telemetry_of
 
 _WEIGHTS = 5  # w_ih, w_hh, b_ih, b_hh, w_hr per direction, None where absent
@@ -119,7 +122,7 @@ class _Rebuilt(NamedTuple):
 
     gates: torch.Tensor  # [T, B, 4H] activated gates i, f, g, o (g = tanh)
     cells: torch.Tensor  # [T, B, H] c_t, the carried state past each sequence's end (as the reference saves it)
-    h_prev: torch.Tensor  # [T, B, P] the h_{t-1} step t saw
+    operands: torch.Tensor  # [T, B, I + P (+ 1)] what step t multiplied by the weights: x_t, h_{t-1} (and a 1)
 
 
 def rebuild(x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool, probe: StageProbe | None):
@@ -129,21 +132,22 @@ def rebuild(x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool
     four_h = w_hh.shape[0]
     hidden = four_h // 4
     active = active_mask(lengths, steps)
-    h_prev = _previous_hidden(out, h0, lengths, reverse)
+    operands = _operands(x, out, h0, lengths, reverse, b_ih is not None)
     # The candidate's rows doubled, so that its tanh comes from the one sigmoid of all gates (reference.py,
     # TANH_VIA_SIGMOID): exact scaling, the same pre-activations the reference loop checks.
     scale = _candidate_scale(four_h, w_hh.dtype, w_hh.device).unsqueeze(1)
     w_ih_s = w_ih * scale
     bias_s = None if b_ih is None else (b_ih + b_hh) * scale.squeeze(1)
-    # x_t W_ihᵀ + b + h_{t−1} W_hhᵀ of every step as one GEMM, [x, h_{t−1}] [W_ih, W_hh]ᵀ + b: the input projection
-    # on its own is read at one step only, by the non-finite check (input_at).
-    operands = torch.cat((x, h_prev), dim=2).flatten(0, 1)
-    weights = torch.cat((w_ih_s, w_hh * scale), dim=1).t()
-    pre = torch.mm(operands, weights) if bias_s is None else torch.addmm(bias_s, operands, weights)
+    # x_t W_ihᵀ + b + h_{t−1} W_hhᵀ of every step as one product, [x, h_{t−1}, 1] [W_ih, W_hh, b]ᵀ: the input
+    # projection on its own is read at one step only, by the non-finite check (input_at).
+    weights = [w_ih_s, w_hh * scale] + ([] if bias_s is None else [bias_s.unsqueeze(1)])
+    rows = operands.flatten(0, 1)
+    pre = torch.mm(rows, torch.cat(weights, dim=1).t(), out=scratch("pre", (rows.shape[0], four_h), *_where(x)))
     gates = torch.sigmoid(pre)
     i, f, g, _ = gate_blocks(gates)
     torch.add(gates.new_full((), -1.0), g, alpha=2.0, out=g)  # 2σ(2x) − 1 = tanh(x)
-    cells = _cell_states(i * g, f, c0, active, reverse, (steps, batch, hidden))
+    cell_input = torch.mul(i, g, out=scratch("cell_input", (rows.shape[0], hidden), *_where(x)))
+    cells = _cell_states(cell_input, f, c0, active, reverse, (steps, batch, hidden))
     if probe is not None:
 
         def input_at(step):
@@ -151,12 +155,41 @@ def rebuild(x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool
 
         pre, gates = pre.view(steps, batch, four_h), gates.view(steps, batch, four_h)
         record_forward(probe, input_at, pre, gates, cells, out if w_hr is not None else None, active, reverse)
-    return _Rebuilt(gates.view(steps, batch, four_h), cells, h_prev)
+    return _Rebuilt(gates.view(steps, batch, four_h), cells, operands)
+
+
+# On the CPU the products over all T·B rows are fastest with the bias as a column of ones beside the inputs, and with
+# the rows of those operands as the reduced dimension of the weight gradient (torch 2.13, one thread; at input 8,
+# hidden 64, 32000 rows: the forward's product 12 ms against 25 for addmm on a concatenation, the weight and bias
+# gradients 11 ms against 21 for three separate reductions).
+def _operands(x, out, h0, lengths, reverse: bool, bias: bool) -> torch.Tensor:
+    """[T, B, I + P (+ 1)]: x_t, the h_{t-1} step t saw (function._previous_hidden) and, with a bias, a 1."""
+    steps, batch, inputs = x.shape
+    width = out.shape[-1]
+    operands = x.new_empty(steps, batch, inputs + width + int(bias))
+    operands[..., :inputs] = x
+    h_prev = operands[..., inputs : inputs + width]
+    if reverse and lengths is not None:  # each sequence's first step is its last one: per-sequence starts
+        h_prev.copy_(_previous_hidden(out, h0, lengths, reverse))
+    else:
+        first, rest, source = (
+            (0, slice(1, None), slice(None, -1)) if not reverse else (-1, slice(None, -1), slice(1, None))
+        )
+        h_prev[first] = h0
+        h_prev[rest] = out[source]
+    if bias:
+        operands[..., -1] = 1.0
+    return operands
+
+
+def _where(x: torch.Tensor) -> tuple:
+    return x.dtype, x.device
 
 
 def _cell_states(ig, f, c0, active, reverse: bool, shape) -> torch.Tensor:
-    """c_t = f_t · c_{t−1} + (i·g)_t in the direction's time order, from ig [T·B, H] and f (a [T·B, H] view).
-    Past a sequence's end f is taken as 1 and i·g as 0, which carries the state exactly, as the reference does."""
+    """c_t = f_t · c_{t−1} + (i·g)_t in the direction's time order, from ig [T·B, H] (overwritten) and f (a
+    [T·B, H] view). Past a sequence's end f is taken as 1 and i·g as 0, which carries the state exactly, as the
+    reference does."""
     steps, batch, _ = shape
     ig = ig.view(shape)
     f = f.unflatten(0, (steps, batch))
@@ -177,6 +210,14 @@ def _forward_probe(probe: PassProbe | None, device) -> StageProbe | None:
     if probe is None:
         return None
     return StageProbe(telemetry_of(probe.key).stats_row(device, probe.slot), probe.first_forward, probe.seq, probe.slot)
+
+
+def _backward_probe(probe: PassProbe | None, device, steps: int) -> StageProbe | None:
+    """The per-step gradient rows of a PassProbe, looked up now (as function.py's backward op does)."""
+    if probe is None:
+        return None
+    rows = telemetry_of(probe.key).step_rows(device, steps)[probe.slot]
+    return StageProbe(rows, probe.first_backward, probe.seq, probe.backward_order)
 
 
 class _Direction(NamedTuple):
@@ -252,44 +293,40 @@ class _NativeRecordedLayer(torch.autograd.Function):
 
 def _direction_backward(grad_outputs, x, d: _Direction, state: _Rebuilt, lengths, reverse, probe, needs_x, needs):
     """(grad x or None, [grads of h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]) of one direction: the reference's analytic
-    backward through function.py's op (telemetry included), then GEMMs over all T·B rows."""
+    backward (telemetry included), then products over all T·B rows. The gate gradients stay inside this function,
+    so they are a scratch buffer (scratch.py), which function.py's op, whose outputs they would be, cannot use."""
     grad_out, grad_hn, grad_cn = (g.contiguous() for g in grad_outputs)
-    first, seq, key, slot, order = (None, None, 0, 0, 0)
-    if probe is not None:
-        first, seq, key, slot, order = probe.first_backward, probe.seq, probe.key, probe.slot, probe.backward_order
-    dgates, grad_h0, grad_c0, grad_hidden, hidden_full = recurrence_backward(
+    gates = state.gates
+    dgates, grad_h0, grad_c0, grad_hidden, hidden_full = reference.recurrence_backward(
         grad_out,
         grad_hn,
         grad_cn,
         d.c0,
-        state.gates,
-        state.cells,
+        (gates, state.cells),
         d.w_hh,
         d.w_hr,
         lengths,
-        None,  # restarts: a pass with resets never runs this route (routing.choose)
-        first,
-        seq,
-        key,
-        slot,
-        order,
         reverse,
-        "reference",
+        _backward_probe(probe, gates.device, gates.shape[0]),
+        grad_gates=scratch("grad_gates", gates.shape, *_where(gates)),
     )
     rows = dgates.flatten(0, 1)
-    grad_bias = rows.sum(dim=0) if d.b_ih is not None and (needs[4] or needs[5]) else None
     grad_w_hr = None
     if d.w_hr is not None and needs[6]:
         grad_w_hr = grad_hidden.flatten(0, 1).t() @ hidden_full.flatten(0, 1)
+    inputs, width = x.shape[-1], d.w_hh.shape[1]
+    grad_weights = [None, None, None]  # of w_ih, w_hh and the bias: one product gives all three (_operands)
+    if needs[2] or needs[3] or (d.b_ih is not None and (needs[4] or needs[5])):
+        full = (state.operands.flatten(0, 1).t() @ rows).t()
+        grad_weights = [full[:, :inputs], full[:, inputs : inputs + width], full[:, -1] if d.b_ih is not None else None]
+    grad_w_ih, grad_w_hh, grad_bias = grad_weights
     return (rows @ d.w_ih).unflatten(0, x.shape[:2]) if needs_x else None, [
         grad_h0 if needs[0] else None,
         grad_c0 if needs[1] else None,
-        # (xᵀ dgates)ᵀ rather than dgatesᵀ x: with a narrow input (8 columns, 32000 rows) the BLAS behind torch
-        # 2.13's CPU build took 117 ms for the latter and 10 ms for the former (one thread); the same elsewhere.
-        (x.flatten(0, 1).t() @ rows).t() if needs[2] else None,
-        rows.t() @ state.h_prev.flatten(0, 1) if needs[3] else None,
-        grad_bias,
-        grad_bias,
+        grad_w_ih if needs[2] else None,
+        grad_w_hh if needs[3] else None,
+        grad_bias if needs[4] else None,
+        grad_bias if needs[5] else None,
         grad_w_hr,
     ]
 

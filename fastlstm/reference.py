@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .reference_telemetry import record_backward, record_forward
+from .scratch import scratch
 
 
 class ForwardResult(NamedTuple):
@@ -99,9 +100,10 @@ def _candidate_scale(four_h: int, dtype: torch.dtype, device) -> torch.Tensor:
     return scale
 
 
-def tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """tanh(x) as the forward computes it, for a whole (contiguous) tensor: 2·σ(2x) − 1."""
-    s = torch.sigmoid(x.mul(2.0))
+def tanh_via_sigmoid(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """tanh(x) as the forward computes it, for a whole (contiguous) tensor: 2·σ(2x) − 1 (into out, if given)."""
+    s = torch.mul(x, 2.0, out=out)
+    torch.sigmoid(s, out=s)
     return torch.add(s.new_full((), -1.0), s, alpha=2.0, out=s)
 
 
@@ -115,7 +117,8 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     scale = _candidate_scale(four_h, dtype, xw.device)
     # Also the conversion of 16-bit storage to float32. (Broadcast over a 2-D view: over the 3-D tensor, the same
     # product takes seven times longer on the CPU.)
-    pre = (xw.reshape(-1, four_h) * scale).view(steps, batch, four_h)
+    pre = torch.mul(xw.reshape(-1, four_h), scale, out=scratch("pre", (steps * batch, four_h), dtype, xw.device))
+    pre = pre.view(steps, batch, four_h)
     w_hh_t = (w_hh.to(dtype) * scale.unsqueeze(1)).t()
     w_hr_t = None if w_hr is None else w_hr.to(dtype).t()
 
@@ -173,8 +176,20 @@ def _forward_loop(pre, h, c2, w_hh_t, w_hr_t, active, restarts, reverse, gates, 
 
 
 def recurrence_backward(
-    grad_out, grad_hn, grad_cn, c0, saved, w_hh, w_hr, lengths, reverse: bool, probe=None, restarts=None
+    grad_out,
+    grad_hn,
+    grad_cn,
+    c0,
+    saved,
+    w_hh,
+    w_hr,
+    lengths,
+    reverse: bool,
+    probe=None,
+    restarts=None,
+    grad_gates=None,
 ):
+    """grad_gates: the [T, B, 4H] tensor to write the gate gradients into, or None for a fresh one."""
     gates, cells = saved
     steps, batch, four_h = gates.shape
     dtype = gates.dtype
@@ -183,13 +198,19 @@ def recurrence_backward(
     active = active_mask(lengths, steps)
     restarts = counted_restarts(restarts, active)
     grad_out = grad_out.to(dtype)
-    tanh_c = tanh_via_sigmoid(cells)
+    tanh_c = tanh_via_sigmoid(cells, out=scratch("tanh_c", cells.shape, dtype, cells.device))
     derivatives = _GateDerivatives(gates, cells, tanh_c, c0.to(dtype), reverse, restarts)
 
-    grad_gates = gates.new_empty(steps, batch, four_h)
-    # dL/dh_t of every step (zero past each sequence's end): dW_hr needs it with a projection, telemetry always.
-    grad_hidden = gates.new_empty(steps, batch, grad_hn.shape[-1]) if w_hr is not None or probe is not None else None
-    grad_cell = gates.new_empty(steps, batch, four_h // 4) if probe is not None else None  # dL/dc_t, for telemetry
+    grad_gates = gates.new_empty(steps, batch, four_h) if grad_gates is None else grad_gates
+    # dL/dh_t of every step (zero past each sequence's end): dW_hr needs it with a projection (and so it is returned
+    # then), telemetry always.
+    hidden_shape = (steps, batch, grad_hn.shape[-1])
+    grad_hidden = None
+    if w_hr is not None:
+        grad_hidden = gates.new_empty(hidden_shape)
+    elif probe is not None:
+        grad_hidden = scratch("grad_hidden", hidden_shape, dtype, gates.device)
+    grad_cell = None if probe is None else scratch("grad_cell", cells.shape, dtype, cells.device)  # dL/dc_t
     grad_h0, grad_c0 = _backward_loop(
         grad_out,
         grad_hn.to(dtype),
@@ -223,26 +244,38 @@ class _GateDerivatives:
 
     def __init__(self, gates, cells, tanh_c, c0, reverse: bool, restarts=None):
         steps, batch, hidden = cells.shape
-        i, _, g, o = (_rows(block) for block in gate_blocks(gates))
-        slopes = torch.rsub(gates, 1.0).mul_(gates)  # s·(1 − s) of every gate (the candidate's is not used)
-        slope_i, slope_f, _, slope_o = gate_blocks(slopes)
+        i, f, g, o = (_rows(block) for block in gate_blocks(gates))
         tanh_rows = _rows(tanh_c)
+        # Every factor is written straight into the buffer the loop reads, with no temporary the size of the gates:
+        # on the CPU a fresh tensor that large costs more to fault in than the arithmetic written into it (scratch.py).
         self.forget = gate_blocks(gates)[1]
-        self.from_hidden = torch.addcmul(o, o, tanh_rows * tanh_rows, value=-1.0).view(steps, batch, hidden)
-        self.output_gate = torch.mul(_rows(slope_o), tanh_rows).view(steps, batch, hidden)
-        from_cell = gates.new_empty(steps, batch, 3, hidden)
-        torch.mul(g, _rows(slope_i), out=_rows(from_cell[:, :, 0]))
+        dtype, device = gates.dtype, gates.device
+        self.from_hidden = scratch("from_hidden", cells.shape, dtype, device)
+        from_hidden = torch.mul(tanh_rows, tanh_rows, out=_rows(self.from_hidden))
+        torch.addcmul(o, o, from_hidden, value=-1.0, out=from_hidden)
+        self.output_gate = scratch("output_gate", cells.shape, dtype, device)
+        _slope(o, _rows(self.output_gate)).mul_(tanh_rows)
+        from_cell = scratch("from_cell", (steps, batch, 3, hidden), dtype, device)
+        _slope(i, _rows(from_cell[:, :, 0])).mul_(g)
+        slope_f = from_cell[:, :, 1]
+        _slope(f, _rows(slope_f))
+        c0_term = None if restarts is None else torch.mul(c0, slope_f)  # a restarted step's c_{t-1} is c0
         # c_{t-1} is the carried state of the previous step in the direction's own order, c0 before the first.
         first, rest, before = (
             (0, slice(1, None), slice(None, -1)) if not reverse else (-1, slice(None, -1), slice(1, None))
         )
-        torch.mul(_rows(cells[before]), _rows(slope_f[rest]), out=_rows(from_cell[rest, :, 1]))
-        torch.mul(c0, slope_f[first], out=from_cell[first, :, 1])
-        if restarts is not None:  # a restarted step's c_{t-1} is c0
-            c0_term = torch.mul(c0, slope_f)
-            from_cell[:, :, 1] = torch.where(restarts.unsqueeze(-1), c0_term, from_cell[:, :, 1])
-        torch.addcmul(i, i, g * g, value=-1.0, out=_rows(from_cell[:, :, 2]))
+        _rows(slope_f[rest]).mul_(_rows(cells[before]))
+        slope_f[first].mul_(c0)
+        if restarts is not None:
+            from_cell[:, :, 1] = torch.where(restarts.unsqueeze(-1), c0_term, slope_f)
+        g_squared = _rows(from_cell[:, :, 2])
+        torch.addcmul(i, i, torch.mul(g, g, out=g_squared), value=-1.0, out=g_squared)
         self.from_cell = from_cell
+
+
+def _slope(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(1 − s)·s, the derivative of a sigmoid whose value is s, into out (both [T·B, H])."""
+    return torch.sub(s.new_ones(()), s, out=out).mul_(s)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

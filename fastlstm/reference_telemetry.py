@@ -1,8 +1,9 @@
 """The reference backend's telemetry (docs/telemetry.md), reduced after a time loop from the tensors it stored.
 
 Nothing here runs per step: every quantity is one or two vectorised reductions over all steps at once, chosen for
-what eager PyTorch does fast on a CPU (measured with torch 2.13 on the project's 2-core machine: reductions in the
-tensor's own dtype are several times faster than comparisons, boolean reductions or float64 accumulation).
+what eager PyTorch does fast on a CPU (measured with torch 2.13 on the project's 2-core machines: reductions in the
+tensor's own dtype are several times faster than float64 accumulation, and anything that writes or reads a bool
+tensor several times slower than the same work in float).
 
   * A step's tensor holds a NaN/±inf exactly when its maximum or its minimum is not finite (amax and amin
     propagate NaN): two read-only passes, exact.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import constants as C
+from .scratch import scratch
 
 # Saturation thresholds of the four gate blocks (docs/telemetry.md): below LOW[k] or above HIGH is saturated.
 # The candidate g is tanh: |g| > TANH_HIGH is g < -TANH_HIGH or g > TANH_HIGH, and TANH_HIGH == 1 - SIGMOID_LOW.
@@ -33,17 +35,18 @@ assert C.TANH_HIGH == _HIGH, "one comparison serves all four gates only while th
 def record_forward(probe, xw, pre, gates, cells, out, active, reverse: bool) -> None:
     """Add one forward launch to probe.target (the slot's stats row) and its first non-finite value to probe.first.
     xw, pre, gates: [T, B, 4H]; cells: [T, B, H]; out: [T, B, P] with a projection, else None. xw, which is read at
-    one step only, may also be a function of a step index tensor [1] returning that step's rows [1, B, 4H]."""
+    one step only, may also be a function of a step index tensor [1] returning that step's rows [1, B, 4H]. pre is
+    overwritten (its buffer serves as scratch once it has been checked): the callers' pre is theirs to discard."""
     steps, batch, _ = gates.shape
     stats = probe.target
     stats[C.STAT_LAUNCHES] += 1
     if steps * batch == 0:
         return
-    _record_gate_stats(stats, gates, active)
-    cell_bad, cell_absmax = _nonfinite_and_absmax(cells, active)
-    stats[C.STAT_CELL_ABSMAX] = torch.maximum(stats[C.STAT_CELL_ABSMAX], cell_absmax.amax().double())
     order = _launch_order(steps, ascending=not reverse, device=gates.device)
     key_gates = _first_key(probe, C.STAGE_FORWARD, _nonfinite_and_absmax(pre, active)[0], order, tensor=1)
+    _record_gate_stats(stats, gates, active, scratch=pre)  # pre is read: its buffer holds the flags from here on
+    cell_bad, cell_absmax = _nonfinite_and_absmax(cells, active)
+    stats[C.STAT_CELL_ABSMAX] = torch.maximum(stats[C.STAT_CELL_ABSMAX], cell_absmax.amax().double())
     keys = [
         key_gates,
         _earlier_at(key_gates, xw, active, reverse, steps),
@@ -57,14 +60,14 @@ def record_forward(probe, xw, pre, gates, cells, out, active, reverse: bool) -> 
 def record_backward(probe, grad_out, grad_hidden, grad_cell, grad_gates, active, reverse: bool) -> None:
     """Add one backward launch to probe.target (the slot's [NUM_GRAD_ROWS, capacity] rows) and its first
     non-finite value to probe.first. grad_hidden: dL/dh_t, zero past each sequence's end; grad_cell: dL/dc_t as
-    the loop carried it (also past the end, where it is not counted)."""
+    the loop carried it (also past the end, where it is not counted, and where it is overwritten with zeros)."""
     steps, batch, _ = grad_gates.shape
     rows = probe.target
     rows[C.GRAD_PASSES, :steps] += 1
     if steps * batch == 0:
         return
     if active is not None:
-        grad_cell = grad_cell.masked_fill(~active.unsqueeze(-1), 0.0)
+        grad_cell.masked_fill_(~active.unsqueeze(-1), 0.0)
     hidden_bad, hidden_absmax = _nonfinite_and_absmax(grad_hidden, active)
     cell_bad, cell_absmax = _nonfinite_and_absmax(grad_cell, active)
     rows[C.GRAD_SUMSQ, :steps] += _squared_norms(grad_hidden, hidden_absmax)
@@ -86,47 +89,41 @@ def _squared_norms(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """[T] float64: the squared norm of each step of x [T, B, F] (zero where not counted), absmax [T] its largest
     |value|. A step holding a NaN or ±inf is not scaled, so its norm is NaN or inf as the float64 sum would be."""
     scale = torch.where(torch.isfinite(absmax) & (absmax > 0), absmax, 1.0)
-    norms = torch.linalg.vector_norm(x / scale.view(-1, 1, 1), dim=(1, 2))
+    scaled = torch.div(x, scale.view(-1, 1, 1), out=scratch("scaled", x.shape, x.dtype, x.device))
+    norms = torch.linalg.vector_norm(scaled, dim=(1, 2))
     return (norms.double() * scale.double()).square()
 
 
-def _record_gate_stats(stats, gates, active) -> None:
+def _record_gate_stats(stats, gates, active, scratch) -> None:
     steps, batch, four_h = gates.shape
     hidden = four_h // 4
     rows = gates.view(steps * batch, four_h)
     # Over [T·B, 4H] with one threshold per column: over the [T, B, 4, H] view the same comparison is slower.
     low = torch.tensor(_LOW, dtype=gates.dtype, device=gates.device).repeat_interleave(hidden)
-    saturated = torch.lt(rows, low).logical_or_(torch.gt(rows, _HIGH))
-    forget = rows[:, hidden : 2 * hidden]
-    if active is None:
-        elements = float(steps * batch * hidden)
-    else:
-        counted = active.view(-1, 1)
-        saturated.logical_and_(counted)
-        forget = forget.masked_fill(~counted, 0.0)
-        elements = active.sum(dtype=torch.float64) * hidden
-    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += _true_per_gate(saturated)
-    stats[C.STAT_ELEMENTS] += elements
-    stats[C.STAT_FORGET_SUM] += forget.sum().double()
+    counted = rows.new_ones(rows.shape[0]) if active is None else active.view(-1).to(gates.dtype)
+    # The flags are written as 0/1 in the gates' own dtype and counted by a matrix-vector product with the rows'
+    # weights (1, or 0 past a sequence's end): on the CPU, comparisons that write bool and reductions of bool or
+    # over the first dimension run several times slower (torch 2.13, [32000, 256] float32, one thread: a comparison
+    # 10 ms into bool against 3.4 into float32, a column sum 2.4 ms against 1.4 for the product).
+    flags = scratch.view(steps * batch, four_h)
+    saturated = _per_column_count(torch.lt(rows, low, out=flags), counted)
+    saturated += _per_column_count(torch.gt(rows, _HIGH, out=flags), counted)  # disjoint from the low side
+    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += saturated.view(4, hidden).sum(dim=1)
+    stats[C.STAT_ELEMENTS] += counted.sum(dtype=torch.float64) * hidden
+    stats[C.STAT_FORGET_SUM] += (counted @ rows[:, hidden : 2 * hidden]).sum().double()
 
 
-# Counting flags eight at a time: a bool tensor [R, C] read as int64 [R, C/8] holds one flag per byte, and a sum of
-# at most LANE_ROWS such rows keeps every byte's count below 256, so no byte carries into the next and the sum read
-# back as bytes is the per-column count. One read of the flags and no conversion of them: over [32000, 256], 0.3 ms
-# against 16 ms for a float32 sum of the flags read as bytes, the fastest per-column sum of them otherwise (torch
-# 2.13, one thread of the project's CPU machine).
-LANE_ROWS = 255
+# A float32 sum of 0/1 values is exact while every partial sum stays below 2**24, whatever the order it adds in:
+# the flags are counted in slices of at most that many rows.
+_EXACT_ROWS = 2**24
 
 
-def _true_per_gate(flags: torch.Tensor) -> torch.Tensor:
-    """float64 [4]: how many of flags [R, 4H] (bool, contiguous) are True in each gate block's columns, exactly."""
-    rows, width = flags.shape
-    full = rows // LANE_ROWS * LANE_ROWS if width % 8 == 0 else 0
-    counts = flags[full:].view(-1, 4, width // 4).sum(dim=(0, 2), dtype=torch.float64)
-    if full:
-        lanes = flags[:full].view(torch.int64).view(-1, LANE_ROWS, width // 8).sum(dim=1)
-        counts += lanes.view(torch.uint8).view(-1, 4, width // 4).sum(dim=(0, 2), dtype=torch.float64)
-    return counts
+def _per_column_count(flags: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """float64 [C]: the sum over rows of flags [R, C] (0 or 1) weighted by counted [R] (0 or 1); exact."""
+    total = flags.new_zeros(flags.shape[1], dtype=torch.float64)
+    for start in range(0, flags.shape[0], _EXACT_ROWS):
+        total += (counted[start : start + _EXACT_ROWS] @ flags[start : start + _EXACT_ROWS]).double()
+    return total
 
 
 def _nonfinite_and_absmax(x: torch.Tensor, active) -> tuple:

@@ -10,13 +10,15 @@ NaN/inf cases, which the reference backend meets too).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import fastlstm
-from fastlstm import reference_telemetry, routing
+from fastlstm import reference_telemetry, routing, scratch
 
 try:
     from support import HostReadGuard, assert_module_parity, fast_like, leaf, make_pair, mixed_lengths, pack, tolerance
@@ -264,7 +266,7 @@ def test_telemetry_fields_match_recomputation(cfg, packed):
 def test_float32_telemetry_is_the_reference_backends():
     ref = nn.LSTM(8, 16, 2, bidirectional=True)
     auto, spec = _auto(ref), fast_like(ref)
-    x, to_input, hx = _inputs(ref, "packed", torch.float32, steps=60, batch=6)  # past LANE_ROWS gate rows
+    x, to_input, hx = _inputs(ref, "packed", torch.float32, steps=60, batch=6)
     for module in (auto, spec):
         out, h_n, c_n = _outputs(module, to_input(x), hx)
         (out.square().sum() + h_n.sum() + c_n.sum()).backward()
@@ -278,13 +280,16 @@ def test_float32_telemetry_is_the_reference_backends():
         assert got.cell_grad_norm_per_step == pytest.approx(want.cell_grad_norm_per_step, rel=budget)
 
 
-@pytest.mark.parametrize("rows,hidden", [(1000, 6), (255, 6), (600, 5), (7, 6)])
-def test_saturated_flags_are_counted_exactly_per_gate(rows, hidden):
-    """The eight-flags-at-a-time count (reference_telemetry.LANE_ROWS) against a plain count, across whole and
-    partial blocks of rows and a width it cannot split into eight-flag words."""
-    flags = torch.rand(rows, 4 * hidden) < torch.rand(4 * hidden)  # a different rate per column
-    expected = flags.view(rows, 4, hidden).double().sum(dim=(0, 2))
-    assert torch.equal(reference_telemetry._true_per_gate(flags), expected)
+@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "counted-rows"])
+def test_saturated_flags_are_counted_exactly_per_column(masked, monkeypatch):
+    """The per-column count of 0/1 flags (reference_telemetry._per_column_count) against a plain integer count, over
+    row slices shorter than the tensor, so that the slicing that keeps float32 sums exact is exercised."""
+    monkeypatch.setattr(reference_telemetry, "_EXACT_ROWS", 64)
+    flags = torch.rand(1000, 24) < torch.rand(24)  # a different rate per column
+    counted = torch.rand(1000) < 0.7 if masked else None
+    expected = (flags if counted is None else flags & counted.unsqueeze(1)).sum(dim=0).double()
+    weights = torch.ones(1000) if counted is None else counted.float()
+    assert torch.equal(reference_telemetry._per_column_count(flags.float(), weights), expected)
 
 
 @pytest.mark.parametrize("name", NAN_CASES)
@@ -336,3 +341,43 @@ def test_no_host_sync(packed):
         data = out.data if packed else out
         ((data * torch.randn_like(data)).sum() + h.sum() + c.sum()).backward()
     assert guard.reads == [], f"host synchronisation in forward/backward: {guard.reads}"
+
+
+def test_scratch_buffers_carry_nothing_from_one_pass_to_the_next():
+    """The CPU passes' temporaries (fastlstm/scratch.py) outlive them: a pass after a longer and a shorter one, in
+    another dtype and direction layout, gives the bits it gives with every buffer freed first, and the telemetry it
+    records is the same."""
+    ref = nn.LSTM(INPUT, HIDDEN, 2, bidirectional=True)
+
+    def trained(module, steps, dtype=torch.float32):
+        module = module.to(dtype)
+        x = torch.randn(steps, 3, INPUT, dtype=dtype, generator=torch.Generator().manual_seed(steps))
+        out, (h_n, c_n) = module(x)
+        (out.square().sum() + h_n.sum()).backward()
+        return [out.detach(), *(p.grad for p in module.parameters())], module.telemetry.snapshot()
+
+    scratch.release()
+    fresh, fresh_snapshot = trained(_auto(ref), STEPS)
+    trained(_auto(ref), 3 * STEPS)
+    trained(_auto(ref), 2, torch.float64)
+    trained(_auto(nn.LSTM(INPUT, HIDDEN, 1)), STEPS - 1)
+    again, snapshot = trained(_auto(ref), STEPS)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, again, strict=True))
+    for got, want in zip(snapshot.layers, fresh_snapshot.layers, strict=True):
+        for field in dataclasses.fields(got):
+            assert np.array_equal(getattr(got, field.name), getattr(want, field.name)), field.name
+
+
+def test_scratch_is_one_buffer_per_role_on_the_cpu_and_fresh_elsewhere():
+    scratch.release()
+    small = scratch.scratch("role", (2, 3), torch.float32, CPU)
+    same = scratch.scratch("role", (3, 2), torch.float32, CPU)
+    assert same.data_ptr() == small.data_ptr()
+    assert scratch.scratch("other", (2, 3), torch.float32, CPU).data_ptr() != small.data_ptr()
+    assert scratch.scratch("role", (2, 3), torch.float64, CPU).dtype == torch.float64
+    grown = scratch.scratch("role", (4, 5), torch.float32, CPU)
+    assert grown.shape == (4, 5) and scratch.scratch("role", (2,), torch.float32, CPU).data_ptr() == grown.data_ptr()
+    meta = torch.device("meta")
+    assert scratch.scratch("role", (2, 3), torch.float32, meta).device == meta
+    scratch.release()
+    assert not scratch._BUFFERS.by_role
