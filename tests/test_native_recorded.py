@@ -353,7 +353,7 @@ def test_scratch_buffers_carry_nothing_from_one_pass_to_the_next():
         module = module.to(dtype)
         x = torch.randn(steps, 3, INPUT, dtype=dtype, generator=torch.Generator().manual_seed(steps))
         out, (h_n, c_n) = module(x)
-        (out.square().sum() + h_n.sum()).backward()
+        (out.square().sum() + h_n.sum() + c_n.sum()).backward()
         return [out.detach(), *(p.grad for p in module.parameters())], module.telemetry.snapshot()
 
     scratch.release()
