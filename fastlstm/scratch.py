@@ -12,6 +12,10 @@ largest pass has asked for.
 The rule for a caller: a tensor from `scratch` is dead before the function that took it returns. It is never saved
 for a backward, returned, or returned through a custom op (outputs of an op must not share memory with each other
 or with later calls); two live tensors never share a role. `release()` frees the buffers.
+
+What they hold: a forward's roles share the buffers of backward roles (_SHARED), since a forward and a backward never
+run at once in one thread, so the buffers come to about what one backward's temporaries take, some 13 values per
+element of [T, B, H] in the compute dtype: the peak a pass reached before, now kept between passes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ class _Buffers(threading.local):
 
 _BUFFERS = _Buffers()
 
+# forward role -> the backward role whose buffer it takes (the same size: [T·B, 4H] and [T·B, H]).
+_SHARED = {"pre": "grad_gates", "cell_input": "tanh_c"}
+
 
 def scratch(role: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor. On the CPU it is a view of the calling thread's buffer for `role`, which the next
@@ -37,7 +44,7 @@ def scratch(role: str, shape, dtype: torch.dtype, device: torch.device) -> torch
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    key = (role, dtype)
+    key = (_SHARED.get(role, role), dtype)
     buffer = _BUFFERS.by_role.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = _BUFFERS.by_role[key] = torch.empty(numel, dtype=dtype)

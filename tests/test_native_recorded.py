@@ -374,6 +374,8 @@ def test_scratch_is_one_buffer_per_role_on_the_cpu_and_fresh_elsewhere():
     same = scratch.scratch("role", (3, 2), torch.float32, CPU)
     assert same.data_ptr() == small.data_ptr()
     assert scratch.scratch("other", (2, 3), torch.float32, CPU).data_ptr() != small.data_ptr()
+    pre = scratch.scratch("pre", (2, 3), torch.float32, CPU)  # a forward's role takes a backward role's buffer
+    assert pre.data_ptr() == scratch.scratch("grad_gates", (2, 3), torch.float32, CPU).data_ptr()
     assert scratch.scratch("role", (2, 3), torch.float64, CPU).dtype == torch.float64
     grown = scratch.scratch("role", (4, 5), torch.float32, CPU)
     assert grown.shape == (4, 5) and scratch.scratch("role", (2,), torch.float32, CPU).data_ptr() == grown.data_ptr()
