@@ -3,9 +3,10 @@
 A CPU pass of the reference backend or of native-recorded allocates tensors the size of its gates that it discards
 before it returns: pre-activations, the backward's gate derivatives, scaled copies for the norms. Allocations that
 large come straight from the operating system (glibc serves them with mmap and gives them back on free), so each
-one is faulted in again, page by page, on every pass: measured with torch 2.13 on a 2-core machine, one thread, at
-input 8, hidden 64, batch 64, 500 steps, a training step of native-recorded took about 20 000 page faults, and 20%
-longer than with the same memory kept (glibc told to keep freed memory; nothing else changed). Here those
+one is faulted in again, page by page, on every pass, unless glibc happens to recycle it: measured with torch 2.13
+on a 2-core machine, one thread, at input 8, hidden 64, batch 64, 500 steps, a training step of native-recorded
+took 3 400-11 600 page faults from run to run, and about 20 000 with fewer, larger temporaries; 8-24% of its time
+went to them (against the same runs with glibc told to keep freed memory). Here those
 temporaries are views of buffers that stay allocated, one per role and dtype and thread, each as large as the
 largest pass has asked for.
 
