@@ -142,11 +142,11 @@ def rebuild(x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool
     # projection on its own is read at one step only, by the non-finite check (input_at).
     weights = [w_ih_s, w_hh * scale] + ([] if bias_s is None else [bias_s.unsqueeze(1)])
     rows = operands.flatten(0, 1)
-    pre = torch.mm(rows, torch.cat(weights, dim=1).t(), out=scratch("pre", (rows.shape[0], four_h), *_where(x)))
+    pre = torch.mm(rows, torch.cat(weights, dim=1).t(), out=scratch("pre", (rows.shape[0], four_h), x.dtype, x.device))
     gates = torch.sigmoid(pre)
     i, f, g, _ = gate_blocks(gates)
     torch.add(gates.new_full((), -1.0), g, alpha=2.0, out=g)  # 2σ(2x) − 1 = tanh(x)
-    cell_input = torch.mul(i, g, out=scratch("cell_input", (rows.shape[0], hidden), *_where(x)))
+    cell_input = torch.mul(i, g, out=scratch("cell_input", (rows.shape[0], hidden), x.dtype, x.device))
     cells = _cell_states(cell_input, f, c0, active, reverse, (steps, batch, hidden))
     if probe is not None:
 
@@ -180,10 +180,6 @@ def _operands(x, out, h0, lengths, reverse: bool, bias: bool) -> torch.Tensor:
     if bias:
         operands[..., -1] = 1.0
     return operands
-
-
-def _where(x: torch.Tensor) -> tuple:
-    return x.dtype, x.device
 
 
 def _cell_states(ig, f, c0, active, reverse: bool, shape) -> torch.Tensor:
@@ -308,7 +304,7 @@ def _direction_backward(grad_outputs, x, d: _Direction, state: _Rebuilt, lengths
         lengths,
         reverse,
         _backward_probe(probe, gates.device, gates.shape[0]),
-        grad_gates=scratch("grad_gates", gates.shape, *_where(gates)),
+        grad_gates=scratch("grad_gates", gates.shape, gates.dtype, gates.device),
     )
     rows = dgates.flatten(0, 1)
     grad_w_hr = None
