@@ -75,14 +75,13 @@ def family_configs(family: str, dtype: str, precision: str = "ieee", stage: str 
             return []
         smallest = planning.SINGLE_MAX_PAD[torch_dtype] + 1  # below it the single kernel takes the layer
         for is_aligned, batch in itertools.product((True, False), (16, 8)):
-            limit = planning.split_max_pad(torch_dtype, precision)
+            limit = planning.split_max_pad(torch_dtype, precision, is_aligned, cooperative=True)
             for k_pad in (p for p in (1024, 512, 256, 128, 64) if smallest <= p <= limit):
                 hidden = k_pad if is_aligned else k_pad - 1
-                configs = [planning.split_config(hidden, batch, torch_dtype, precision)]
+                configs = [planning.split_config(hidden, batch, torch_dtype, precision, cooperative=True)]
                 if family == "split-gluon" and planning.gluon_takes_wide_tile(k_pad, hidden, stage):
-                    configs.append(
-                        planning.split_config(hidden, batch, torch_dtype, precision, planning.GLUON_WIDE_BLOCK_B)
-                    )
+                    wide = planning.split_config(hidden, batch, torch_dtype, precision, planning.GLUON_WIDE_BLOCK_B)
+                    configs.append(wide)
                 for config in configs:
                     plans += _split_plans(family, stage, config, is_aligned)
     else:
@@ -157,10 +156,16 @@ def variants(quick: bool = False) -> list[Variant]:
         names = FAMILY_SWITCHES[family]
         everything = frozenset(names)
         seen_alignments = set()  # of the configurations that take restarts
+        host_stepped_seen = False  # whether a configuration launchable host-stepped came (they come largest first)
         for index, (config, is_aligned, limit) in enumerate(family_configs(family, dtype, precision, stage)):
             takes = _config_takes_restarts(family, config, is_aligned)
             restart_combos = _restart_combos(family, takes and is_aligned not in seen_alignments, everything)
-            if index == 0 and restart_combos:
+            # The largest configuration of each launch mode gets every combination: the first one, and where that one
+            # is cooperative only (planning.split_max_pad), also the largest that is launched host-stepped.
+            host_steppable = _launchable(family, dtype, precision, frozenset(), config, is_aligned)
+            largest = index == 0 or (host_steppable and not host_stepped_seen)
+            host_stepped_seen = host_stepped_seen or host_steppable
+            if largest and takes and _restart_combos(family, True, everything):
                 restart_combos.append(frozenset({RESTART_SWITCH}))
             if takes:
                 seen_alignments.add(is_aligned)
@@ -169,12 +174,12 @@ def variants(quick: bool = False) -> list[Variant]:
                     combo = (restart_combos or [everything])[0]
                     result.append(Variant(family, stage, dtype, precision, combo, config, shared_limit=limit))
                 continue
-            if index == 0:
+            if largest:
                 combos = [frozenset(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
             else:
                 combos = [frozenset(), everything]
             for switches in combos + restart_combos:
-                if _possible(switches, config):
+                if _possible(switches, config) and _launchable(family, dtype, precision, switches, config, is_aligned):
                     tail = {"aligned": is_aligned, "shared_limit": limit}
                     result.append(Variant(family, stage, dtype, precision, switches, config, **tail))
     return result
@@ -184,6 +189,18 @@ def _possible(switches, config) -> bool:
     """A layer without a projection has P = H: a single-kernel tile for P narrower than H's needs one."""
     pads = dict(config)
     return "proj" in switches or pads.get("P_PAD") == pads.get("H_PAD")
+
+
+def _launchable(family: str, dtype: str, precision: str, switches, config, is_aligned: bool) -> bool:
+    """Whether the plan launches a split configuration this way: host-stepped (no "exchange") only up to the pad it
+    takes host-stepped (planning.split_max_pad)."""
+    from . import planning
+
+    if family != "split" or "exchange" in switches:
+        return True
+    return dict(config)["K_PAD"] <= planning.split_max_pad(
+        _torch_dtype(dtype), precision, is_aligned, cooperative=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -131,6 +131,12 @@ SPLIT_NARROW_ABOVE_PAD = {torch.float16: None, torch.bfloat16: None, torch.float
 SPLIT_WARPS = 8
 SPLIT_MAX_PAD = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
 SPLIT_MAX_PAD_TF32 = 512
+# Exact fp32 at a 512 pad (4 units, 128 programs) compiles without spills in its cooperative launch at aligned sizes
+# (every switch combination, sm_80 and sm_90), but not host-stepped, whose launches resume the state a previous
+# launch left (the backward spilled 32-72 bytes) nor unaligned (backward 64-136 bytes, forward 8). So a cooperative
+# launch of an aligned fp32 layer takes the split kernels up to this pad; host-stepped or unaligned, up to
+# SPLIT_MAX_PAD (triton 3.6, the AOT matrix).
+SPLIT_MAX_PAD_FP32_COOPERATIVE = 512
 # With restarts the split `tl` forward needs a few more registers; at an unaligned 1024-wide pad (16-bit, every
 # switch on) it spilled 36 bytes on sm_90 (triton 3.6, the AOT matrix), so a pass with restarts takes the split
 # kernels at unaligned sizes only up to this pad, and the streaming kernels above it.
@@ -206,18 +212,31 @@ def split_units(k_pad: int, dtype: torch.dtype) -> int:
     return SPLIT_NARROW_UNITS if narrow_above is not None and k_pad > narrow_above else SPLIT_UNITS
 
 
-def split_max_pad(dtype: torch.dtype, precision: str = "ieee") -> int:
-    """The largest padded H the split kernels take for a storage dtype and dot precision ("ieee" | "tf32")."""
-    return SPLIT_MAX_PAD_TF32 if dtype == torch.float32 and precision == "tf32" else SPLIT_MAX_PAD[dtype]
+def split_max_pad(
+    dtype: torch.dtype, precision: str = "ieee", is_aligned: bool = True, cooperative: bool = False
+) -> int:
+    """The largest padded H the split kernels take for a storage dtype and dot precision ("ieee" | "tf32"), at
+    aligned sizes or not, in a cooperative launch or host-stepped (see SPLIT_MAX_PAD_FP32_COOPERATIVE)."""
+    if dtype != torch.float32:
+        return SPLIT_MAX_PAD[dtype]
+    if precision == "tf32":
+        return SPLIT_MAX_PAD_TF32
+    return SPLIT_MAX_PAD_FP32_COOPERATIVE if is_aligned and cooperative else SPLIT_MAX_PAD[dtype]
 
 
 def split_config(
-    hidden: int, batch: int, dtype: torch.dtype, precision: str = "ieee", block_b: int | None = None
+    hidden: int,
+    batch: int,
+    dtype: torch.dtype,
+    precision: str = "ieee",
+    block_b: int | None = None,
+    cooperative: bool = False,
 ) -> SplitConfig | None:
-    """The split configuration of a layer; `block_b` overrides block_b_for (the Gluon kernels' wide tile)."""
+    """The split configuration of a layer, or None where split_max_pad stops it; `block_b` overrides block_b_for
+    (the Gluon kernels' wide tile); `cooperative`: for a cooperative launch rather than a host-stepped one."""
     k_pad = max(16, triton.next_power_of_2(hidden))
     is_aligned = aligned(hidden)
-    if k_pad > split_max_pad(dtype, precision):
+    if k_pad > split_max_pad(dtype, precision, is_aligned, cooperative):
         return None
     block_b = block_b or block_b_for(batch, dtype, is_aligned)
     units = split_units(k_pad, dtype)
@@ -298,9 +317,9 @@ def plan_for(
     shared_bytes: int = DEFAULT_SHARED_BYTES,
 ) -> Plan:
     """single.py while one program holds all of W_hh; else the split kernels while they take the layer (no
-    projection, a W_hh share that fits: split_max_pad, which depends on the dot `precision` for fp32) and one batch
-    group's programs can be resident at once (at most
-    max_programs; None: no limit, host-stepped), the batch groups in as many slices as the device needs, written in
+    projection, a W_hh share that fits: split_max_pad, which depends for fp32 on the dot `precision`, the alignment
+    and the launch mode) and one batch group's programs can be resident at once (at most max_programs; None: no
+    limit, host-stepped), the batch groups in as many slices as the device needs, written in
     Gluon where `gluon` (a GPU of sm_80 or newer) allows it for the dtype and the pass has no `restarts`
     (RESTART_FAMILIES); else the streaming kernels, which take everything. The two passes differ only in the Gluon
     kernels' wide tile (GLUON_WIDE_MAX_PAD) and in the backward's copy slots, which `shared_bytes` (one program's
@@ -309,7 +328,8 @@ def plan_for(
         single = single_config(hidden, proj, dtype)
         if single is not None:
             return Plan("single", single)
-        split = split_config(hidden, batch, dtype, precision) if proj == hidden else None
+        cooperative = max_programs is not None
+        split = split_config(hidden, batch, dtype, precision, cooperative=cooperative) if proj == hidden else None
         if split is not None and restarts and not split_takes_restarts(split.k_pad, aligned(hidden)):
             split = None
         use_gluon = gluon and KERNELS != "tl" and dtype in GLUON_DTYPES and not restarts
@@ -317,7 +337,8 @@ def plan_for(
             split = _sliced(split, max_programs)
             several = split is not None and use_gluon and split.launches > 1
             if several and gluon_takes_wide_tile(split.k_pad, hidden, stage):
-                wide = _sliced(split_config(hidden, batch, dtype, precision, GLUON_WIDE_BLOCK_B), max_programs)
+                wide = split_config(hidden, batch, dtype, precision, GLUON_WIDE_BLOCK_B, cooperative)
+                wide = _sliced(wide, max_programs)
                 split = wide if wide is not None and wide.launches < split.launches else split
         if split is not None and use_gluon and stage == "backward" and aligned(hidden):
             staged = staged_backward(split, shared_bytes)

@@ -145,8 +145,10 @@ def launched(monkeypatch):
 def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidden, batch, kind):
     from fastlstm.kernels import planning
 
-    if kind == "split" and dtype == torch.float32 and hidden > planning.SPLIT_MAX_PAD[torch.float32]:
-        kind = "streaming"  # fp32 split programs hold a share of at most SPLIT_MAX_PAD units
+    k_pad = 1 << (hidden - 1).bit_length()  # the split kernels' padded H (planning.split_config)
+    limit = planning.split_max_pad(dtype, "ieee", planning.aligned(hidden), cooperative=not planning.host_stepped())
+    if kind == "split" and k_pad > limit:
+        kind = "streaming"  # fp32 split programs hold a share of at most split_max_pad units
     assert_single_layer_parity(dtype, hidden, 256, batch)
     assert {k for _, k, _ in launched} == {kind}
 

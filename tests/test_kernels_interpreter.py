@@ -270,8 +270,8 @@ def test_plan_widens_the_gluon_batch_tile_only_where_it_saves_launches():
 
 
 def test_plan_narrows_fp32_split_programs_past_their_register_budget():
-    # fp32 programs take 4 units past a 128 pad (planning.SPLIT_NARROW_UNITS), 16-bit ones 8; exact fp32 past 256
-    # streams.
+    # fp32 programs take 4 units past a 128 pad (planning.SPLIT_NARROW_UNITS), 16-bit ones 8; exact fp32 splits up
+    # to a 512 pad in a cooperative launch at aligned sizes, up to 256 host-stepped or unaligned, and streams past.
     def split_of(hidden, dtype):
         chosen = planning.plan_for(hidden, hidden, 16, dtype, max_programs=132, gluon=True)
         return chosen.kind, chosen.config.units if chosen.kind == "split" else None
@@ -280,7 +280,10 @@ def test_plan_narrows_fp32_split_programs_past_their_register_budget():
     assert split_of(129, torch.float32) == ("split", 4)
     assert split_of(256, torch.float32) == ("split", 4)
     assert planning.plan_for(256, 256, 16, torch.float32, max_programs=132).config.unit_groups == 64
-    assert split_of(257, torch.float32) == ("streaming", None)
+    assert split_of(257, torch.float32) == ("streaming", None)  # unaligned
+    assert split_of(512, torch.float32) == ("split", 4)
+    assert planning.plan_for(512, 512, 16, torch.float32, max_programs=None).kind == "streaming"  # host-stepped
+    assert split_of(513, torch.float32) == ("streaming", None)
     assert split_of(256, torch.bfloat16) == ("split", 8)
     # TF32 dots take fewer registers: fp32 layers up to a 512 pad split where TF32 is allowed.
     tf32 = planning.plan_for(512, 512, 16, torch.float32, max_programs=132, precision="tf32")
