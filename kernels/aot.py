@@ -151,6 +151,8 @@ def variants(quick: bool = False) -> list[Variant]:
     configurations with every switch on and every switch off, the two ends of their register budget; restarts for
     the subset RESTART_SWITCH's comment names. `quick` keeps each family's largest aligned configuration with every
     switch on (restarts too, where the family takes them)."""
+    from . import planning
+
     result = []
     for family, stage, (dtype, precision) in itertools.product(FAMILY_SWITCHES, ("forward", "backward"), PRECISIONS):
         names = FAMILY_SWITCHES[family]
@@ -165,7 +167,7 @@ def variants(quick: bool = False) -> list[Variant]:
             host_steppable = _launchable(family, dtype, precision, frozenset(), config, is_aligned)
             largest = index == 0 or (host_steppable and not host_stepped_seen)
             host_stepped_seen = host_stepped_seen or host_steppable
-            if largest and takes and _restart_combos(family, True, everything):
+            if largest and takes and family in planning.RESTART_FAMILIES:
                 restart_combos.append(frozenset({RESTART_SWITCH}))
             if takes:
                 seen_alignments.add(is_aligned)
