@@ -187,7 +187,7 @@ class LSTM(nn.RNNBase):
                 "fastlstm.LSTM; call fastlstm.revert(model) first, or use torch.export (docs/deploy.md)"
             )
         else:
-            raise TypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
+            raise InputTypeError(f"LSTM: expected a Tensor or PackedSequence as input, got {type(input).__name__}")
         return choose(
             self.backend,
             data.device,
@@ -237,13 +237,7 @@ class LSTM(nn.RNNBase):
         if hx is None:
             state = self._zero_state(input, input.size(batch_dim))
         else:
-            expected = 3 if batched else 2
-            if hx[0].dim() != expected or hx[1].dim() != expected:
-                kind = "batched 3-D" if batched else "unbatched 2-D"
-                raise RuntimeError(
-                    f"For {kind} input, hx and cx should also be {expected}-D but got "
-                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                )
+            _check_hx_rank(hx[0], hx[1], batched)
             state = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, state, None)
         out, h_n, c_n = native.lstm(
@@ -265,11 +259,14 @@ class LSTM(nn.RNNBase):
         self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
         data, batch_sizes, sorted_indices, unsorted_indices = input
-        if hx is None:
-            state = self._zero_state(data, int(batch_sizes[0]))
-        else:
-            state = self.permute_hidden(hx, sorted_indices)
+        if hx is not None:
+            _check_hx_rank(hx[0], hx[1], True)
+        state = self._zero_state(data, int(batch_sizes[0])) if hx is None else hx
+        # Checked before the permutation (nn.LSTM checks after it), which would drop the surplus rows of an hx batch
+        # too large without a word, or fail on one too small with an index error.
         self.check_forward_args(data, state, batch_sizes)
+        if hx is not None:
+            state = self.permute_hidden(hx, sorted_indices)
         out, h_n, c_n = native.lstm_packed(
             data,
             batch_sizes,
@@ -406,15 +403,18 @@ class LSTM(nn.RNNBase):
             return hx
         _check_hx_form(hx)
         h0, c0 = hx
-        expected = 3 if batched else 2
-        if h0.dim() != expected or c0.dim() != expected:
-            kind = "batched 3-D" if batched else "unbatched 2-D"
-            raise RuntimeError(
-                f"For {kind} input, hx and cx should also be {expected}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
-            )
+        _check_hx_rank(h0, c0, batched)
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         self.check_forward_args(input, (h0, c0), batch_sizes)
+        if (
+            c0.dtype != input.dtype
+            and c0.is_floating_point()
+            and torch.promote_types(c0.dtype, input.dtype) == input.dtype
+        ):
+            # nn.LSTM's arithmetic promotes a c0 of a narrower float dtype than the input's (f·c0 + i·g), which is
+            # the same as widening it first, exactly.
+            c0 = c0.to(input.dtype)
         for name, state in (("hx", h0), ("cx", c0)):
             if state.dtype != input.dtype and _autocast_dtype(input.device) is None:
                 raise RuntimeError(f"{name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
@@ -444,11 +444,45 @@ class _ScriptableLSTM(LSTM):
         return self._native_padded(input, hx)
 
 
+class InputTypeError(TypeError, AttributeError):
+    """The input is neither a Tensor nor a PackedSequence. nn.LSTM raises AttributeError there (its first use of
+    the input), so this is both: code written to catch nn.LSTM's error still catches it."""
+
+
+class HiddenStateFormError(RuntimeError, TypeError, IndexError, AttributeError):
+    """hx is not a pair (h_0, c_0) of tensors. nn.LSTM does not check that: a malformed hx fails at its first use
+    of hx[0] and hx[1], with an IndexError, AttributeError, TypeError or RuntimeError depending on the form and on
+    the input's kind. This error is each of them, so code written to catch nn.LSTM's still catches it."""
+
+
 def _check_hx_form(hx) -> None:
     if hx is None:
         return
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
-        raise RuntimeError("lstm expects hx to be a tuple (h_0, c_0) of two tensors")
+        raise HiddenStateFormError(f"lstm expects hx to be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+
+
+def _check_hx_rank(h0: Tensor, c0: Tensor, batched: bool) -> None:
+    """nn.LSTM's rank check of (h_0, c_0), which it makes for padded input only (a packed input's hx of the wrong
+    rank fails later there, with an IndexError: HiddenStateFormError is both)."""
+    expected = 3 if batched else 2
+    if h0.dim() != expected or c0.dim() != expected:
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        raise HiddenStateFormError(
+            f"For {kind} input, hx and cx should also be {expected}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+        )
+
+
+def _describe(hx) -> str:
+    if isinstance(hx, torch.Tensor):
+        return f"one tensor of shape {tuple(hx.shape)}"
+    if isinstance(hx, (tuple, list)):
+        return f"a {type(hx).__name__} of {', '.join(_describe_item(t) for t in hx) or 'nothing'}"
+    return f"a {type(hx).__name__}"
+
+
+def _describe_item(item) -> str:
+    return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
 
 
 def _autocast_dtype(device: torch.device):

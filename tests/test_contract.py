@@ -384,30 +384,104 @@ def test_input_errors_match_nn_lstm(case, batch_first):
     assert str(got.value) == str(expected.value)
 
 
-def test_hx_not_a_pair_is_a_clear_error():
-    _, fast = make_pair(I, H)
-    x = _randn(T, B, I)
-    for bad in (_randn(1, B, H), (_randn(1, B, H),), (_randn(1, B, H), _randn(1, B, H), _randn(1, B, H))):
-        with pytest.raises(RuntimeError, match="hx"):
-            fast(x, bad)
+# Every way a forward can run on the CPU: backend "auto" recording (native-recorded) and not (PyTorch's op, as under
+# no_grad, where nothing records), and the reference backend.
+ROUTES = {
+    "auto": lambda ref: fast_like(ref, backend="auto"),
+    "auto-no-grad": lambda ref: fast_like(ref, backend="auto"),
+    "reference": lambda ref: fast_like(ref),
+}
 
 
-def test_packed_wrong_hx_batch_and_feature_size():
-    _, fast = make_pair(I, H, 2)
+def _run_route(route, module, *args):
+    with torch.set_grad_enabled(route != "auto-no-grad"):
+        return module(*args)
+
+
+HX_FORMS = {
+    "one-tensor": lambda h: h,
+    "stacked": lambda h: torch.stack([h, h]),
+    "one-item": lambda h: (h,),
+    "empty": lambda h: (),
+    "three-items": lambda h: (h, h, h),
+    "none-cell": lambda h: (h, None),
+    "nones": lambda h: (None, None),
+    "numbers": lambda h: (1.0, 2.0),
+}
+HX_INPUTS = {
+    "batched": lambda: (_randn(T, B, I), _randn(1, B, H)),
+    "unbatched": lambda: (_randn(T, I), _randn(1, H)),
+    "packed": lambda: (pack(_randn(T, B, I), [5, 3, 2], False, True), _randn(1, B, H)),
+    "unsorted": lambda: (pack(_randn(T, B, I), [2, 5, 3], False, False), _randn(1, B, H)),
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("kind", list(HX_INPUTS))
+@pytest.mark.parametrize("form", list(HX_FORMS))
+def test_hx_not_a_pair_fails_as_nn_lstm_fails_or_says_so(route, kind, form):
+    # nn.LSTM does not check hx's form: a malformed one fails where it is first used, with an IndexError,
+    # AttributeError, TypeError or RuntimeError by form and input kind, or happens to run. fastlstm says what is wrong
+    # with an error of nn.LSTM's type wherever nn.LSTM fails, and refuses the forms that happen to run.
+    ref = nn.LSTM(I, H, dtype=F64)
+    fast = ROUTES[route](ref)
+    x, h = HX_INPUTS[kind]()
+    hx = HX_FORMS[form](h)
+    try:
+        ref(x, hx)
+        expected = fastlstm.module.HiddenStateFormError
+    except Exception as error:  # noqa: BLE001 - whatever nn.LSTM raises is the type to match
+        expected = type(error)
+    with pytest.raises(expected, match="hx") as got:
+        _run_route(route, fast, x, hx)
+    assert isinstance(got.value, fastlstm.module.HiddenStateFormError)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_input_not_a_tensor_fails_as_nn_lstm_fails(route):
+    ref = nn.LSTM(I, H, dtype=F64)
+    fast = ROUTES[route](ref)
+    for bad in ([[[1.0] * I]], None, 3.0):
+        with pytest.raises(Exception) as expected:
+            ref(bad)
+        with pytest.raises(expected.type, match="expected a Tensor or PackedSequence"):
+            _run_route(route, fast, bad)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_packed_wrong_hx_batch_and_feature_size(route):
+    # Where nn.LSTM permutes an unsorted PackedSequence's hx before checking it (dropping the surplus rows of too
+    # large a batch without a word), every route checks it first.
+    ref = nn.LSTM(I, H, 2, dtype=F64)
+    fast = ROUTES[route](ref)
     lengths = [5, 3, 2]
     packed = pack(_randn(5, 3, I), lengths, False, True)
-    for batch in (2, 4):
-        with pytest.raises(RuntimeError, match=rf"Expected hidden\[0\] size \(2, 3, 6\), got \[2, {batch}, 6\]"):
-            fast(packed, (_randn(2, batch, H), _randn(2, batch, H)))
-    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(2, 3, 6\), got \[2, 4, 6\]"):
-        fast(packed, (_randn(2, 3, H), _randn(2, 4, H)))
     unsorted = pack(_randn(5, 3, I), [2, 5, 3], False, False)
-    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size"):
-        fast(unsorted, (_randn(2, 2, H), _randn(2, 2, H)))
+    for x in (packed, unsorted):
+        for batch in (2, 4):
+            with pytest.raises(RuntimeError, match=rf"Expected hidden\[0\] size \(2, 3, 6\), got \[2, {batch}, 6\]"):
+                _run_route(route, fast, x, (_randn(2, batch, H), _randn(2, batch, H)))
+        with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(2, 3, 6\), got \[2, 4, 6\]"):
+            _run_route(route, fast, x, (_randn(2, 3, H), _randn(2, 4, H)))
+    with pytest.raises(RuntimeError, match="hx and cx should also be 3-D"):
+        _run_route(route, fast, packed, (_randn(3, H), _randn(3, H)))
     for features in (I - 1, I + 1):
         bad = pack(_randn(5, 3, features), lengths, False, True)
         with pytest.raises(RuntimeError, match=f"input_size. Expected {I}, got {features}"):
-            fast(bad)
+            _run_route(route, fast, bad)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_narrower_c0_is_widened_as_nn_lstm_does(route):
+    # nn.LSTM runs a float64 layer from a float32 c0 (its arithmetic promotes it): so does every route, to its results.
+    ref = nn.LSTM(I, H, dtype=F64)
+    fast = ROUTES[route](ref)
+    x, h0, c0 = _randn(T, B, I), _randn(1, B, H), torch.randn(1, B, H)
+    expected = ref(x, (h0, c0))
+    got = _run_route(route, fast, x, (h0, c0))
+    for a, b in zip((got[0], *got[1]), (expected[0], *expected[1])):
+        assert a.dtype == b.dtype == F64
+        assert_rel(a, b, tolerance(F64))
 
 
 # ---- conversion ----
