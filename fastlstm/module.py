@@ -259,6 +259,7 @@ class LSTM(nn.RNNBase):
         self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
         data, batch_sizes, sorted_indices, unsorted_indices = input
+        _check_batch_sizes(batch_sizes)
         if hx is not None:
             _check_hx_rank(hx[0], hx[1], True)
         state = self._zero_state(data, int(batch_sizes[0])) if hx is None else hx
@@ -294,6 +295,7 @@ class LSTM(nn.RNNBase):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_batch_sizes(batch_sizes)
             self.check_input(data, batch_sizes)
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             batched, reference_input = True, data
@@ -305,7 +307,7 @@ class LSTM(nn.RNNBase):
             reference_input = input if batched else input.unsqueeze(0 if self.batch_first else 1)
             x = reference_input.transpose(0, 1) if self.batch_first else reference_input
         h0, c0 = self._initial_state(hx, reference_input, batch_sizes, batched)
-        if packed:
+        if packed and hx is not None:  # a zero state is the same in any order
             h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -460,6 +462,12 @@ def _check_hx_form(hx) -> None:
         return
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
         raise HiddenStateFormError(f"lstm expects hx to be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+
+
+def _check_batch_sizes(batch_sizes: Tensor) -> None:
+    """A PackedSequence without a step, which nn.LSTM fails on with an IndexError (reading its first batch size)."""
+    if batch_sizes.numel() == 0:
+        raise IndexError("LSTM: the PackedSequence has no steps (its batch_sizes is empty)")
 
 
 def _check_hx_rank(h0: Tensor, c0: Tensor, batched: bool) -> None:

@@ -472,6 +472,16 @@ def test_packed_wrong_hx_batch_and_feature_size(route):
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
+def test_a_packed_sequence_without_steps_fails_as_nn_lstm_fails(route):
+    ref = nn.LSTM(I, H, dtype=F64)
+    empty = nn.utils.rnn.PackedSequence(_randn(0, I), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(IndexError):
+        ref(empty)
+    with pytest.raises(IndexError, match="no steps"):
+        _run_route(route, ROUTES[route](ref), empty)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 def test_a_narrower_c0_is_widened_as_nn_lstm_does(route):
     # nn.LSTM runs a float64 layer from a float32 c0 (its arithmetic promotes it): so does every route, to its results.
     ref = nn.LSTM(I, H, dtype=F64)
