@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import native, native_recorded
 from .function import lstm_layer
+from .input_checks import InputTypeError, check_batch_sizes, check_hx_form, check_hx_rank
 from .resets import direction_restarts, time_major_resets
 from .routing import NATIVE_RECORDED, PassShape, check_backend_name, choose
 from .telemetry import Telemetry
@@ -170,7 +171,7 @@ class LSTM(nn.RNNBase):
             implementation = self._implementation(input, records, resets is not None)
             if implementation != "native":
                 return self._fused_forward(input, hx, implementation, records, resets)
-            _check_hx_form(hx)
+            check_hx_form(hx)
             self._update_flat_weights()  # functional_call, parametrizations and reassigned weights
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
@@ -237,7 +238,7 @@ class LSTM(nn.RNNBase):
         if hx is None:
             state = self._zero_state(input, input.size(batch_dim))
         else:
-            _check_hx_rank(hx[0], hx[1], batched)
+            check_hx_rank(hx[0], hx[1], batched)
             state = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, state, None)
         out, h_n, c_n = native.lstm(
@@ -259,9 +260,9 @@ class LSTM(nn.RNNBase):
         self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
         data, batch_sizes, sorted_indices, unsorted_indices = input
-        _check_batch_sizes(batch_sizes)
+        check_batch_sizes(batch_sizes)
         if hx is not None:
-            _check_hx_rank(hx[0], hx[1], True)
+            check_hx_rank(hx[0], hx[1], True)
         state = self._zero_state(data, int(batch_sizes[0])) if hx is None else hx
         # Checked before the permutation (nn.LSTM checks after it), which would drop the surplus rows of an hx batch
         # too large without a word, or fail on one too small with an index error.
@@ -295,7 +296,7 @@ class LSTM(nn.RNNBase):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            _check_batch_sizes(batch_sizes)
+            check_batch_sizes(batch_sizes)
             self.check_input(data, batch_sizes)
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             batched, reference_input = True, data
@@ -403,9 +404,9 @@ class LSTM(nn.RNNBase):
             hx = self._zero_state(input, batch)
             self.check_forward_args(input, hx, batch_sizes)
             return hx
-        _check_hx_form(hx)
+        check_hx_form(hx)
         h0, c0 = hx
-        _check_hx_rank(h0, c0, batched)
+        check_hx_rank(h0, c0, batched)
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         self.check_forward_args(input, (h0, c0), batch_sizes)
@@ -444,53 +445,6 @@ class _ScriptableLSTM(LSTM):
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
-
-
-class InputTypeError(TypeError, AttributeError):
-    """The input is neither a Tensor nor a PackedSequence. nn.LSTM raises AttributeError there (its first use of
-    the input), so this is both: code written to catch nn.LSTM's error still catches it."""
-
-
-class HiddenStateFormError(RuntimeError, TypeError, IndexError, AttributeError):
-    """hx is not a pair (h_0, c_0) of tensors. nn.LSTM does not check that: a malformed hx fails at its first use
-    of hx[0] and hx[1], with an IndexError, AttributeError, TypeError or RuntimeError depending on the form and on
-    the input's kind. This error is each of them, so code written to catch nn.LSTM's still catches it."""
-
-
-def _check_hx_form(hx) -> None:
-    if hx is None:
-        return
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
-        raise HiddenStateFormError(f"lstm expects hx to be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
-
-
-def _check_batch_sizes(batch_sizes: Tensor) -> None:
-    """A PackedSequence without a step, which nn.LSTM fails on with an IndexError (reading its first batch size)."""
-    if batch_sizes.numel() == 0:
-        raise IndexError("LSTM: the PackedSequence has no steps (its batch_sizes is empty)")
-
-
-def _check_hx_rank(h0: Tensor, c0: Tensor, batched: bool) -> None:
-    """nn.LSTM's rank check of (h_0, c_0), which it makes for padded input only (a packed input's hx of the wrong
-    rank fails later there, with an IndexError: HiddenStateFormError is both)."""
-    expected = 3 if batched else 2
-    if h0.dim() != expected or c0.dim() != expected:
-        kind = "batched 3-D" if batched else "unbatched 2-D"
-        raise HiddenStateFormError(
-            f"For {kind} input, hx and cx should also be {expected}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
-        )
-
-
-def _describe(hx) -> str:
-    if isinstance(hx, torch.Tensor):
-        return f"one tensor of shape {tuple(hx.shape)}"
-    if isinstance(hx, (tuple, list)):
-        return f"a {type(hx).__name__} of {', '.join(_describe_item(t) for t in hx) or 'nothing'}"
-    return f"a {type(hx).__name__}"
-
-
-def _describe_item(item) -> str:
-    return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
 
 
 def _autocast_dtype(device: torch.device):

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal, weight_norm
 
 import fastlstm
+from fastlstm.input_checks import HiddenStateFormError
 
 try:
     from support import assert_module_parity, assert_rel, fast_like, leaf, make_pair, pack, tolerance
@@ -429,12 +430,12 @@ def test_hx_not_a_pair_fails_as_nn_lstm_fails_or_says_so(route, kind, form):
     hx = HX_FORMS[form](h)
     try:
         ref(x, hx)
-        expected = fastlstm.module.HiddenStateFormError
+        expected = HiddenStateFormError
     except Exception as error:  # noqa: BLE001 - whatever nn.LSTM raises is the type to match
         expected = type(error)
     with pytest.raises(expected, match="hx") as got:
         _run_route(route, fast, x, hx)
-    assert isinstance(got.value, fastlstm.module.HiddenStateFormError)
+    assert isinstance(got.value, HiddenStateFormError)
 
 
 @pytest.mark.parametrize("route", list(ROUTES))

@@ -1,0 +1,58 @@
+"""The checks of a forward's arguments that fastlstm.LSTM makes beyond nn.LSTM's own (check_forward_args), with
+nn.LSTM's exception types: where nn.LSTM has no check and fails on the first use of a malformed argument, the
+exception types of that failure, so that code written to catch nn.LSTM's errors still catches fastlstm's.
+
+TorchScript compiles the checks the native forward calls (module.LSTM._native_padded, _native_packed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class InputTypeError(TypeError, AttributeError):
+    """The input is neither a Tensor nor a PackedSequence. nn.LSTM raises AttributeError there (its first use of
+    the input), so this is both: code written to catch nn.LSTM's error still catches it."""
+
+
+class HiddenStateFormError(RuntimeError, TypeError, IndexError, AttributeError):
+    """hx is not a pair (h_0, c_0) of tensors. nn.LSTM does not check that: a malformed hx fails at its first use
+    of hx[0] and hx[1], with an IndexError, AttributeError, TypeError or RuntimeError depending on the form and on
+    the input's kind. This error is each of them, so code written to catch nn.LSTM's still catches it."""
+
+
+def check_hx_form(hx) -> None:
+    if hx is None:
+        return
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
+        raise HiddenStateFormError(f"lstm expects hx to be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+
+
+def check_batch_sizes(batch_sizes: Tensor) -> None:
+    """A PackedSequence without a step, which nn.LSTM fails on with an IndexError (reading its first batch size)."""
+    if batch_sizes.numel() == 0:
+        raise IndexError("LSTM: the PackedSequence has no steps (its batch_sizes is empty)")
+
+
+def check_hx_rank(h0: Tensor, c0: Tensor, batched: bool) -> None:
+    """nn.LSTM's rank check of (h_0, c_0), which it makes for padded input only (a packed input's hx of the wrong
+    rank fails later there, with an IndexError: HiddenStateFormError is both)."""
+    expected = 3 if batched else 2
+    if h0.dim() != expected or c0.dim() != expected:
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        raise HiddenStateFormError(
+            f"For {kind} input, hx and cx should also be {expected}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+        )
+
+
+def _describe(hx) -> str:
+    if isinstance(hx, torch.Tensor):
+        return f"one tensor of shape {tuple(hx.shape)}"
+    if isinstance(hx, (tuple, list)):
+        return f"a {type(hx).__name__} of {', '.join(_describe_item(t) for t in hx) or 'nothing'}"
+    return f"a {type(hx).__name__}"
+
+
+def _describe_item(item) -> str:
+    return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
