@@ -219,12 +219,12 @@ class LSTM(nn.RNNBase):
         )
 
     def __prepare_scriptable__(self):
-        """What torch.jit.script compiles: this module under a class whose forward has nn.LSTM's signature.
-        TorchScript rejects keyword-only arguments (resets), and a scripted module runs the native path, which
-        cannot take them anyway; the twin shares this module's parameters and state."""
-        twin = object.__new__(_ScriptableLSTM)
-        twin.__dict__.update(self.__dict__)
-        return twin
+        """What torch.jit.script compiles: this module under _ScriptableLSTM, whose forward has nn.LSTM's signature
+        (TorchScript rejects keyword-only arguments, resets; a scripted module runs the native path, which cannot
+        take them anyway). torch.jit.script puts what this returns in the parent module's place, so it is this
+        module itself with its class changed for the compiler; its next use from Python changes it back."""
+        self.__class__ = _ScriptableLSTM
+        return self
 
     # ---- native: nn.LSTM's own forward, TorchScript-compatible ----
 
@@ -427,7 +427,17 @@ class LSTM(nn.RNNBase):
 
 
 class _ScriptableLSTM(LSTM):
-    """LSTM as torch.jit.script sees it (LSTM.__prepare_scriptable__): the native forward, without resets."""
+    """LSTM as torch.jit.script sees it (LSTM.__prepare_scriptable__): the native forward, without resets. From
+    Python, a call, a forward or a pickle (torch.save, deepcopy) turns the module back into an LSTM first, so that
+    scripting a model leaves the model as it was."""
+
+    def __call__(self, *args, **kwargs):
+        self.__class__ = LSTM
+        return self(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        self.__class__ = LSTM
+        return self.__reduce_ex__(protocol)
 
     @overload
     @torch._jit_internal._overload_method
@@ -442,6 +452,9 @@ class _ScriptableLSTM(LSTM):
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
 
     def forward(self, input, hx=None):
+        if not torch.jit.is_scripting():  # TorchScript compiles only what follows (LSTM.forward says why)
+            self.__class__ = LSTM
+            return LSTM.forward(self, input, hx)
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)

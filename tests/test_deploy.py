@@ -142,6 +142,37 @@ def test_exported_traced_and_scripted_programs_hold_aten_lstm_and_run_without_fa
         assert_rel(got, expected, 1e-6, f"{name} at {tuple(inputs[0].shape)} against nn.LSTM")
 
 
+def test_scripting_leaves_the_python_model_as_it_was():
+    # torch.jit.script puts what __prepare_scriptable__ returns in the parent's place: the module itself under a
+    # scriptable class, which its next use from Python turns back into an LSTM.
+    ref, model = _converted(_Tagger())
+    model.train()
+    ref.train()
+    lstm = model.lstm
+    x = torch.randn(2, 5, 3)
+    scripted = torch.jit.script(model)
+    assert model.lstm is lstm
+    with torch.no_grad():
+        assert_rel(scripted(x), ref(x), 1e-6, "scripted")
+    model(x).square().sum().backward()
+    assert type(model.lstm) is fastlstm.LSTM
+    assert lstm.telemetry.snapshot().launches == 4  # the eager pass recorded: each layer's forward and backward
+    ref(x).square().sum().backward()
+    for (name, got), expected in zip(model.named_parameters(), ref.parameters()):
+        assert_rel(got.grad, expected.grad, 1e-5, name)
+    torch.jit.script(model)
+    lstm(torch.randn(5, 2, 4), resets=torch.zeros(5, 2, dtype=torch.bool))  # resets reach the Python forward again
+    torch.jit.script(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with fastlstm.safe_globals([_Tagger, nn.Linear]):
+        loaded = torch.load(buffer, weights_only=True)
+    assert type(loaded.lstm) is fastlstm.LSTM and type(model.lstm) is fastlstm.LSTM
+    torch.jit.script(model)
+    assert type(copy.deepcopy(model).lstm) is fastlstm.LSTM
+
+
 def test_export_and_tracing_record_no_telemetry_and_leave_the_module_as_it_was():
     _, model = _converted(_Tagger())
     lstm = model.lstm

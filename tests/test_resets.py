@@ -222,9 +222,11 @@ def test_resets_are_keyword_only_and_scripting_still_compiles_the_native_path():
     x = torch.randn(STEPS, BATCH, INPUTS, dtype=torch.float64)
     with pytest.raises(TypeError):
         fast(x, None, torch.zeros(STEPS, BATCH, dtype=torch.bool))
-    scripted = torch.jit.script(_Wrapper(fast))  # TorchScript rejects keyword-only arguments: a twin is scripted
+    scripted = torch.jit.script(_Wrapper(fast))  # TorchScript rejects keyword-only arguments: a twin class is scripted
     assert torch.allclose(scripted(x), fast.to_torch()(x)[0], rtol=0, atol=1e-12)
-    assert isinstance(fast, fastlstm.LSTM) and type(fast) is fastlstm.LSTM
+    assert isinstance(fast, fastlstm.LSTM)
+    fast(x, resets=torch.zeros(STEPS, BATCH, dtype=torch.bool))  # the next call from Python is an LSTM's again
+    assert type(fast) is fastlstm.LSTM
 
 
 class _Wrapper(nn.Module):
