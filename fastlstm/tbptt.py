@@ -21,6 +21,7 @@ cross-rank reductions (distributed.py) and the checkpoint file (checkpoint.py). 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -63,6 +64,18 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, event: dict):
         super().__init__(message)
         self.event = event
+
+
+def _check_counts(minimum: int = 1, **counts) -> None:
+    """Each given count (None: not given) is an int >= minimum: a float or a string would be truncated or fail
+    later with a riddle, a zero or negative interval would silently mean something else."""
+    for name, value in counts.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class TBPTTTrainer:
@@ -127,8 +140,12 @@ class TBPTTTrainer:
         process_group=None,
         monitor: Monitor | None = None,
     ):
-        if k1 < 1:
-            raise ValueError("k1 must be >= 1")
+        _check_counts(k1=k1, k2=k2, k_min=k_min, k_max=k_max, k_init=k_init, telemetry_every=telemetry_every)
+        _check_counts(read_every=read_every, instrument_every=instrument_every, validate_every=validate_every)
+        _check_counts(val_chunk=val_chunk, checkpoint_every=checkpoint_every)
+        _check_counts(dependency_lags=dependency_lags, minimum=0)
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError("on_nonfinite must be 'skip' or 'stop'")
         if scheduler_interval not in ("chunk", "epoch"):
@@ -164,8 +181,15 @@ class TBPTTTrainer:
             batch_first = next(iter(self.lstms.values())).batch_first if self.lstms else False
         self.batch_first = bool(batch_first)
         self.layout = Layout(self.batch_first)
+        # The trainer passes each step's norm before clipping itself; the Monitor's optimizer hooks add the norm
+        # the step used and the update ratios, which the doctor's clipping and learning-rate rules read.
         self.monitor = monitor or Monitor(
-            model, every=telemetry_every, read_every=read_every, instrument_every=instrument_every, grad_norm=False
+            model,
+            optimizer=optimizer,
+            every=telemetry_every,
+            read_every=read_every,
+            instrument_every=instrument_every,
+            grad_hooks=False,
         )
         if dependency_lags is None:
             longest = self.k1 + (self.adaptive.k_max if self.adaptive else lag)

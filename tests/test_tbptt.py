@@ -139,6 +139,53 @@ def test_gradients_equal_hand_written_truncation(k1, k2, ragged, clip, bidir):
     assert [s for s, _ in losses] == list(range(chunks)) and all(np.isfinite(v) for _, v in losses)
 
 
+def test_history_holds_the_norm_each_step_used_and_the_update_ratios():
+    # What the doctor's clipping and learning-rate rules read: the norm before clipping, the one the step used
+    # (the clipped one here) and, every telemetry window, ‖Δθ‖/‖θ‖ of the step.
+    torch.manual_seed(0)
+    net = Net()
+    x, y = streams(4, 24, 3, 2)
+    clip = 0.05
+    trainer = TBPTTTrainer(
+        net, torch.optim.SGD(net.parameters(), lr=0.3), nn.MSELoss(), k1=4, clip_grad_norm=clip, telemetry_every=2
+    )
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer.fit((x, y), max_chunks=1)
+    delta = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(net.parameters(), before)])
+    trainer.fit((x, y))
+    steps = trainer.history.steps
+    assert len(steps) == 6
+    for entry in steps:  # clip_grads_with_norm_ scales by clip / (norm + 1e-6) where that is below 1
+        norm = entry["grad_norm"]
+        assert entry["grad_norm_applied"] == pytest.approx(norm * min(1.0, clip / (norm + 1e-6)), rel=1e-9)
+    assert any(e["grad_norm"] > clip for e in steps)
+    assert [e["step"] for e in steps if "update_ratio" in e] == [0, 2, 4]
+    assert steps[0]["update_ratio"] == pytest.approx(float(delta / torch.nn.utils.get_total_norm(before)), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        ({"clip_grad_norm": -1.0}, ValueError),
+        ({"clip_grad_norm": 0}, ValueError),
+        ({"k1": 2.5}, TypeError),
+        ({"k1": "8"}, TypeError),
+        ({"k2": 8.7}, TypeError),
+        ({"validate_every": 0}, ValueError),
+        ({"checkpoint_every": -1}, ValueError),
+        ({"val_chunk": 0}, ValueError),
+        ({"telemetry_every": 0}, ValueError),
+        ({"instrument_every": 0}, ValueError),
+        ({"dependency_lags": -1}, ValueError),
+    ],
+)
+def test_bad_trainer_arguments_are_refused(options, error):
+    net = Net()
+    arguments = {"k1": 4} | options
+    with pytest.raises(error, match=next(iter(options))):
+        TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), **arguments)
+
+
 def test_time_major_data_matches_batch_first():
     torch.manual_seed(1)
     a = Net(batch_first=True)
