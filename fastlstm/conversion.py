@@ -3,29 +3,45 @@ and back. The per-module conversions are LSTM.from_torch and LSTM.to_torch (modu
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from .module import LSTM
+from .module import LSTM, _ScriptableLSTM
 from .routing import check_backend_name
 
 
-def _swap_all(model: nn.Module, convert_one, kind: type) -> nn.Module:
-    """`model` with every `kind` inside it (or itself) replaced by convert_one(module); shared modules stay shared."""
+def _swap_all(model: nn.Module, convert_one, kind: type, forwards: tuple) -> nn.Module:
+    """`model` with every `kind` inside it (or itself) replaced by convert_one(module); a module held under two
+    names (or by two parents) is converted once and stays shared. A subclass of `kind` whose forward is not one of
+    `forwards` (kind's own) is left as it is, with a warning: converting it would drop its forward."""
     converted: dict = {}
+    kept: list = []
 
     def swap(module: nn.Module) -> nn.Module:
         if id(module) in converted:
             return converted[id(module)]
-        if isinstance(module, kind):
+        if isinstance(module, kind) and type(module).forward in forwards:
             result = convert_one(module)
         else:
-            for name, child in list(module.named_children()):
-                setattr(module, name, swap(child))
+            if isinstance(module, kind):
+                kept.append(type(module).__qualname__)
+            # _modules, not named_children(): that yields a module held under two names once only.
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    setattr(module, name, swap(child))
             result = module
         converted[id(module)] = result
         return result
 
-    return swap(model)
+    result = swap(model)
+    if kept:
+        warnings.warn(
+            f"left as they are, since converting them would drop their own forward: {', '.join(sorted(set(kept)))} "
+            f"(subclasses of {kind.__module__}.{kind.__qualname__})",
+            stacklevel=3,
+        )
+    return result
 
 
 def convert(model: nn.Module, *, backend: str = "auto", telemetry: bool = True) -> nn.Module:
@@ -38,7 +54,7 @@ def convert(model: nn.Module, *, backend: str = "auto", telemetry: bool = True) 
     def one(module):
         return LSTM.from_torch(module, backend=backend, telemetry=telemetry)
 
-    return _swap_all(model, one, nn.LSTM)
+    return _swap_all(model, one, nn.LSTM, (nn.LSTM.forward,))
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -46,4 +62,4 @@ def revert(model: nn.Module) -> nn.Module:
 
     Returns the reverted model: `model` itself, modified in place, unless `model` is a fastlstm.LSTM.
     """
-    return _swap_all(model, LSTM.to_torch, LSTM)
+    return _swap_all(model, LSTM.to_torch, LSTM, (LSTM.forward, _ScriptableLSTM.forward))

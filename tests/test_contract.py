@@ -532,6 +532,29 @@ class _Net(nn.Module):
         return self.head(y + h[-1].unsqueeze(1))
 
 
+def test_convert_keeps_a_module_held_under_two_names_shared_and_leaves_subclasses_with_their_forward():
+    model = nn.Module()
+    model.a = nn.LSTM(I, H, dtype=F64)
+    model.b = model.a  # named_children() yields it once: conversion must reach both names
+    fastlstm.convert(model)
+    assert type(model.a) is fastlstm.LSTM and model.b is model.a
+    fastlstm.revert(model)
+    assert type(model.a) is nn.LSTM and model.b is model.a
+
+    class Doubled(nn.LSTM):
+        def forward(self, input, hx=None):
+            out, state = super().forward(input, hx)
+            return 2 * out, state
+
+    model.c = Doubled(I, H, dtype=F64)
+    x = _randn(T, B, I)
+    expected = model.c(x)[0]
+    with pytest.warns(UserWarning, match="Doubled"):
+        fastlstm.convert(model)
+    assert type(model.c) is Doubled and type(model.a) is fastlstm.LSTM
+    assert torch.equal(model.c(x)[0], expected)
+
+
 def test_convert_nested_model():
     model = _Net().double()
     model.inner.eval()  # mixed training modes are kept per module
