@@ -20,6 +20,7 @@ what has been read so far without waiting for the device.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -142,6 +143,9 @@ class Monitor:
     ) -> int:
         """Record one optimizer step; returns its index. Tensors (loss, grad_norm, skipped, val_loss, subset
         losses) are kept on the device and read later in a batch."""
+        _check_scalars(loss=loss, val_loss=val_loss, lr=lr, grad_norm=grad_norm, skipped=skipped)
+        for name, value in (subset_losses or {}).items():
+            _check_scalars(**{f"subset_losses[{name!r}]": value})
         n = self._step
         if lr is None and self.optimizer is not None:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -460,3 +464,20 @@ class Monitor:
         if hunt_end is not None:
             return {name: None for name in self.lstms}, None
         return {}, None
+
+
+def _check_scalars(**values) -> None:
+    """Each given value is one number: a host number or a one-element tensor (checked from its shape, no read).
+    Caught here, before the step is recorded, not when a later batched read finds a vector or a string."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"Monitor.step: {name} must be a single value, got a tensor of shape {tuple(value.shape)}"
+                )
+        elif isinstance(value, str) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"Monitor.step: {name} must be a number or a one-element tensor, got {type(value).__name__}"
+            )

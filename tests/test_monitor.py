@@ -239,6 +239,26 @@ def test_skipped_step_event_names_where_the_nan_arose():
     assert not math.isnan(enc_inputs[3]["mean"][1])
 
 
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ({"loss": torch.tensor([1.0, 2.0])}, ValueError),
+        ({"loss": "abc"}, TypeError),
+        ({"grad_norm": torch.ones(3)}, ValueError),
+        ({"skipped": torch.zeros(2, dtype=torch.bool)}, ValueError),
+        ({"val_loss": [0.5]}, TypeError),
+        ({"subset_losses": {"rare": torch.ones(2)}}, ValueError),
+    ],
+)
+def test_a_step_given_something_other_than_one_number_is_refused_and_not_recorded(bad, error):
+    monitor = Monitor(fastlstm.LSTM(2, 3))
+    monitor.step(loss=1.0)
+    with pytest.raises(error, match=next(iter(bad))):
+        monitor.step(**bad)
+    monitor.step(loss=torch.tensor(3.0))
+    assert monitor.history.losses() == [(0, 1.0), (1, 3.0)]
+
+
 def test_monitor_step_reads_nothing_back():
     model = fastlstm.LSTM(3, 4, backend="reference")
     monitor = Monitor(model, every=50, read_every=50)
