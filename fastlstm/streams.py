@@ -55,6 +55,9 @@ def as_batches(data, batch_first: bool) -> list:
         if inputs.dim() < 2 or targets.dim() < 2:
             raise ValueError("inputs and targets need a batch and a time dimension")
         rows, steps = (inputs.shape[0], inputs.shape[1]) if batch_first else (inputs.shape[1], inputs.shape[0])
+        if rows == 0 or steps == 0:
+            layout = "[batch, time, ...]" if batch_first else "[time, batch, ...]"
+            raise ValueError(f"no streams or no steps to train on: inputs {tuple(inputs.shape)}, laid out {layout}")
         if tuple(targets.shape[:2]) != tuple(inputs.shape[:2]):
             raise ValueError(f"targets {tuple(targets.shape)} do not match inputs {tuple(inputs.shape)} in batch/time")
         if lengths is None:

@@ -428,7 +428,12 @@ class TBPTTTrainer:
         self.monitor.flush()  # first: reading closes windows, which feeds the truncation estimates saved below
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": {"k1": self.k1, "adaptive": self.adaptive is not None, "batch_first": self.batch_first},
+            "config": {
+                "k1": self.k1,
+                "k2": None if self.adaptive is not None else self.k2,
+                "adaptive": self.adaptive is not None,
+                "batch_first": self.batch_first,
+            },
             "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -444,8 +449,16 @@ class TBPTTTrainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a TBPTTTrainer checkpoint (format {state.get('format')!r})")
         config = state["config"]
-        if config["k1"] != self.k1 or config["adaptive"] != (self.adaptive is not None):
-            raise ValueError(f"checkpoint was written with k1={config['k1']}, adaptive={config['adaptive']}")
+        fixed_k2 = None if self.adaptive is not None else self.k2
+        if (
+            config["k1"] != self.k1
+            or config["adaptive"] != (self.adaptive is not None)
+            or config.get("k2", fixed_k2) != fixed_k2  # checkpoints written before k2 was kept have none
+        ):
+            raise ValueError(
+                f"checkpoint was written with k1={config['k1']}, k2={config.get('k2')}, adaptive={config['adaptive']}; "
+                f"this trainer has k1={self.k1}, k2={fixed_k2}, adaptive={self.adaptive is not None}"
+            )
         self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

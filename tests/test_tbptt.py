@@ -439,6 +439,30 @@ def _make_trainer(net, opt, sched, path):
     )
 
 
+def test_a_checkpoint_resumes_only_a_trainer_with_its_truncation():
+    net = Net()
+    x, y = streams(2, 12, 3, 2)
+
+    def trainer(**truncation):
+        return TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), **truncation)
+
+    written = trainer(k1=4, k2=8)
+    written.fit((x, y), max_chunks=1)
+    state = written.state_dict()
+    trainer(k1=4, k2=8).load_state_dict(state)
+    for other in ({"k1": 4, "k2": 6}, {"k1": 3, "k2": 8}, {"k1": 4, "adaptive": True}):
+        with pytest.raises(ValueError, match="checkpoint was written with k1=4, k2=8"):
+            trainer(**other).load_state_dict(state)
+
+
+def test_data_without_streams_or_steps_is_refused():
+    net = Net()
+    trainer = TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4)
+    for rows, steps in ((0, 10), (3, 0)):
+        with pytest.raises(ValueError, match="no streams or no steps"):
+            trainer.fit(streams(rows, steps, 3, 2))
+
+
 @pytest.mark.parametrize("kill_after", [4, 13, 21])
 def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
     data, val = _resume_data()
