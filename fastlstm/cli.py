@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a forecaster on the embedded dataset, unscaled then scaled, and diagnose")
     demo.add_argument("--out", default="fastlstm-demo", help="folder for histories, findings and plots")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default 50)")
+    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run (default 50)")
     demo.add_argument("--no-plots", action="store_true", help="skip the plots (they need matplotlib)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_run_demo)
@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _run_demo(args) -> int:
     import dataclasses
 
@@ -73,15 +80,20 @@ def _run_doctor(args) -> int:
     import json
 
     from . import doctor
+    from .history_view import as_history_dict
     from .jsonio import read_json
 
     try:
-        history = read_json(args.path)
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"fastlstm doctor: cannot read {args.path}: {exc}", file=sys.stderr)
+        history = as_history_dict(read_json(args.path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        print(f"fastlstm doctor: cannot read {args.path} as a fastlstm history: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     findings = doctor.diagnose(history)
-    print(doctor.dumps(findings, source=args.path) if args.json else doctor.format_report(findings))
+    try:
+        print(doctor.dumps(findings, source=args.path) if args.json else doctor.format_report(findings))
+    except BrokenPipeError:  # `fastlstm doctor H | head`: the reader left, which is not an error of ours
+        sys.stderr.close()
+        return 0
     if args.fail_on is not None:
         floor = doctor.SEVERITIES.index(args.fail_on)
         if any(doctor.SEVERITIES.index(f.severity) >= floor for f in findings):

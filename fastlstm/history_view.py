@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .jsonio import read_json, to_float
+from .jsonio import HISTORY_FORMAT, read_json, to_float
 
 
 def float_array(values) -> np.ndarray:
@@ -30,6 +30,9 @@ def as_history_dict(history) -> dict:
         history = read_json(history)
     if not isinstance(history, dict):
         raise TypeError(f"expected a History, a dict in docs/history.md's format or a path, got {type(history)!r}")
+    fmt = history.get("format", HISTORY_FORMAT)  # a hand-built dict may omit it, as History.from_dict allows
+    if fmt != HISTORY_FORMAT:
+        raise ValueError(f"not a fastlstm history (format {fmt!r}, expected {HISTORY_FORMAT!r})")
     return history
 
 

@@ -120,9 +120,24 @@ def test_doctor_fail_on(unscaled_history, capsys):
     capsys.readouterr()
 
 
-def test_doctor_unreadable_file(tmp_path, capsys):
-    assert cli.main(["doctor", str(tmp_path / "missing.json")]) == cli.EXIT_UNAVAILABLE
+@pytest.mark.parametrize(
+    "content",
+    [None, b"{not json", b"[1, 2]", b"null", b"\xff\xfe", b'{"format": "fastlstm.findings/1", "findings": []}'],
+)
+def test_doctor_unreadable_file(tmp_path, capsys, content):
+    # Anything that is not a saved history exits EXIT_UNAVAILABLE with a message, never EXIT_FINDINGS (what
+    # --fail-on returns for a finding) or a traceback: the doctor's own --json output included.
+    path = tmp_path / "history.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert cli.main(["doctor", str(path)]) == cli.EXIT_UNAVAILABLE
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_run_of_no_epochs(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["demo", "--epochs", "0"])
+    assert exited.value.code == 2 and "must be >= 1" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs(unscaled_history):
