@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 EXIT_FINDINGS = 1  # `doctor --fail-on`: a finding at or above the given severity
-EXIT_UNAVAILABLE = 2  # a subcommand whose module is not installed, or an unreadable history
+EXIT_UNAVAILABLE = 2  # a subcommand whose module is not installed, an unreadable history, an unusable --out
 
 
 def main(argv=None) -> int:
@@ -69,6 +70,9 @@ def _run_demo(args) -> int:
 
     from .demo import DemoConfig, run_demo
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"fastlstm demo: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     config = DemoConfig(out=args.out, plots=not args.no_plots, seed=args.seed)
     if args.epochs is not None:
         config = dataclasses.replace(config, epochs=args.epochs)

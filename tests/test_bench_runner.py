@@ -506,3 +506,35 @@ def test_gpu_check_is_reached_through_fastlstm_bench(capsys):
         bench.main(["--gpu-check", "--help"])
     assert exit_info.value.code == 0
     assert "--budget-s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "cpu", "-k", "h16-b1-t8-fp32", "--out", "FILE"],
+        ["--device", "cpu", "--out", "FILE/below"],
+        ["--gpu-check", "--device", "cpu", "--out", "FILE"],
+    ],
+    ids=["bench-out-a-file", "bench-out-below-a-file", "gpu-check-out-a-file"],
+)
+def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, argv):
+    path = tmp_path / "results"
+    path.write_text("")
+    argv = [a.replace("FILE", str(path)) for a in argv]
+    assert bench.main(argv) == bench.EXIT_USAGE
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--repeats", "0"], ["--gpu-check", "--budget-s", "-5"], ["--gpu-check", "--case-timeout-s", "0"]]
+)
+def test_counts_and_time_limits_that_are_not_positive_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA device")
+def test_gpu_check_without_a_gpu_says_so_instead_of_passing_on_the_cpu(tmp_path, capsys):
+    assert bench.main(["--gpu-check", "--out", str(tmp_path / "out")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ import sys
 import time
 
 from .. import jsonio
+from .arguments import output_folder_usable, positive_float
 from .cases import Problem
 from .gpu_plan import (
     MODES,
@@ -132,10 +133,16 @@ def main(argv=None) -> int:
         return gpu_worker.main(argv[1:])
     parser = argparse.ArgumentParser(prog="fastlstm bench --gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="fastlstm-gpu-check", help="output folder")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole command's time limit")
-    parser.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="one problem's time limit")
-    parser.add_argument("--tests-timeout-s", type=float, default=TESTS_TIMEOUT_S, help="the GPU tests' time limit")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default); cpu runs the same code at tiny sizes"
+    )
+    parser.add_argument("--budget-s", type=positive_float, default=BUDGET_S, help="the whole command's time limit")
+    parser.add_argument(
+        "--case-timeout-s", type=positive_float, default=CASE_TIMEOUT_S, help="one problem's time limit"
+    )
+    parser.add_argument(
+        "--tests-timeout-s", type=positive_float, default=TESTS_TIMEOUT_S, help="the GPU tests' time limit"
+    )
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
     parser.add_argument(
         "--providers",
@@ -146,9 +153,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        print("fastlstm bench --gpu-check: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        # A check for a GPU that quietly ran on the CPU would report its skipped GPU tests as passed.
+        print(
+            "fastlstm bench --gpu-check: torch sees no CUDA device; --device cpu runs the check's code path at tiny "
+            "sizes (a smoke run, not a GPU check)",
+            file=sys.stderr,
+        )
+        return 2
+    if not output_folder_usable(args.out):
+        print(f"fastlstm bench --gpu-check: --out {args.out} is a file, not a folder", file=sys.stderr)
         return 2
     from .providers import PROVIDERS as ALL
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 import torch
 
 from . import report
+from .arguments import output_folder_usable, positive_int
 from .cases import (
     DTYPES,
     KERNEL_TARGETS,
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
         return gpu_check.main([a for a in argv if a != "--gpu-check"])
     args = _parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not args.list and not output_folder_usable(args.out):
+        print(f"fastlstm bench: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return EXIT_USAGE
     try:
         providers = _providers(args.providers)
         cases = _cases(args, device.type)
@@ -136,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--providers", default=None, help=f"comma-separated, from {','.join(PROVIDERS)} (default: installed defaults)"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="separate timed runs per case (default 5; 3 quick)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="separate timed runs per case (default 5; 3 quick)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--list", action="store_true", help="print the selected cases and the time estimate, then exit")

@@ -1,0 +1,34 @@
+"""Argument types and checks the benchmark commands share (runner.py, gpu_check.py): a bad command line exits 2
+with a message before any case runs, not with a traceback after them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def output_folder_usable(path: str) -> bool:
+    """Whether `path` can be an output folder: a folder, or not there yet under folders (not a file)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+    return os.path.isdir(path)
