@@ -4,6 +4,8 @@ The Triton kernels import this module (and nothing else from fastlstm), so it mu
 docs/telemetry.md defines what each quantity means.
 """
 
+import os
+
 GATES = ("i", "f", "g", "o")  # nn.LSTM's order of the four gate blocks in W_ih, W_hh and the biases
 
 # A sigmoid gate is saturated outside [SIGMOID_LOW, 1 - SIGMOID_LOW]; the tanh candidate g when |g| > TANH_HIGH.
@@ -49,3 +51,12 @@ STAGES = ("forward", "backward")
 # Tensors in the order a step computes them (docs/telemetry.md).
 FORWARD_TENSORS = ("input", "gates", "cell", "hidden")
 BACKWARD_TENSORS = ("grad_output", "grad_hidden", "grad_cell", "grad_gates")
+
+
+# TRITON_INTERPRET as triton 3.6 reads it (a boolean: these values in any case; anything else, "2" or "false"
+# included, leaves its interpreter off), so that fastlstm and triton never disagree on whether kernels interpret.
+_TRUE = ("1", "true", "yes", "on")
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE

@@ -31,12 +31,12 @@ directly (module.py). torch.compile is not such a transform: it traces fastlstm'
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from . import constants as C
 from . import reference
 
 BACKENDS = ("auto", "native", "reference", "triton")
@@ -50,10 +50,6 @@ def check_backend_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def program_transform() -> str | None:
@@ -148,7 +144,7 @@ def choose(
             return "triton"
         return "native"
     if backend == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+        if device.type != "cuda" and not (device.type == "cpu" and C.triton_interpreter_on()):
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
             )

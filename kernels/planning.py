@@ -23,9 +23,11 @@ from typing import NamedTuple
 import torch
 import triton
 
+from fastlstm import constants as C
+
 
 def _option(name: str, default: str, choices: tuple) -> str:
-    value = os.environ.get(name, default)
+    value = os.environ.get(name) or default  # set but empty: the default, as unset
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
@@ -386,7 +388,7 @@ def kernels(choice: str):
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return C.triton_interpreter_on()
 
 
 def host_stepped() -> bool:

@@ -6,6 +6,7 @@ from support import assert_rel, tolerance
 from torch import nn
 
 import fastlstm
+from fastlstm import constants as C
 from fastlstm import reference, routing
 
 
@@ -61,3 +62,23 @@ def test_every_backend_runs_natively_under_a_program_transform(backend):
     chosen = []
     torch.func.grad(lambda x: chosen.append(routing.choose(backend, x.device, x.dtype)) or x.sum())(torch.randn(2))
     assert chosen == ["native"]
+
+
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("", False),
+        ("0", False),
+        ("2", False),
+        ("false", False),
+    ],
+)
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    # triton 3.6 reads TRITON_INTERPRET as a boolean; where fastlstm read "2" or "false" as on, its CPU tensors
+    # reached a triton that was not interpreting and failed there with a message about drivers.
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert C.triton_interpreter_on() is on

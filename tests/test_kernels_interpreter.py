@@ -688,6 +688,14 @@ def test_the_launchers_plan_reads_the_devices_shared_memory(monkeypatch, capabil
     assert (chosen.implementation, chosen.config.copy_slots) == expected
 
 
+def test_a_kernel_option_set_but_empty_means_its_default(monkeypatch):
+    monkeypatch.setenv("FASTLSTM_KERNELS", "")
+    assert planning._option("FASTLSTM_KERNELS", "auto", ("auto", "streaming")) == "auto"
+    monkeypatch.setenv("FASTLSTM_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="FASTLSTM_KERNELS must be one of"):
+        planning._option("FASTLSTM_KERNELS", "auto", ("auto", "streaming"))
+
+
 def test_plan_takes_gluon_only_on_a_gpu_for_16_bit_storage(monkeypatch):
     on_gpu = {
         dtype: planning.plan_for(512, 512, 16, dtype, max_programs=132, gluon=True).implementation
