@@ -6,14 +6,29 @@ import warnings
 
 import torch
 
+# Optimizers whose state, created at their first step, starts as zeros (moments, squared averages, the step
+# count), so that resetting what a skipped first step created to zeros is exact (checked against an unskipped
+# twin with torch 2.13; SGD only without dampening, whose first momentum is the undampened gradient).
+ZERO_STARTED = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+    torch.optim.Adagrad,
+    torch.optim.SGD,
+)
+
 
 class StepGuard:
     """`optimizer.step()` that becomes a no-op when a device flag is set, without reading the flag on the host.
 
     Fused Adam/AdamW take the flag natively (`found_inf`, as under GradScaler). Any other optimizer steps as usual
     and then every parameter and state tensor is put back with `torch.where(skip, before, after)`, which restores
-    the exact bits. State created by a skipped first step is reset to zeros (the initial state of Adam, AdamW,
-    RMSprop and momentum SGD without dampening).
+    the exact bits. State created by a skipped first step is reset to zeros, the state the ZERO_STARTED
+    optimizers start from; any other optimizer gets a warning the first time that can happen, since its next real
+    step would start from wrong state (NAdam's mu_product, ASGD's eta and mu, a dampened SGD momentum).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
@@ -22,6 +37,10 @@ class StepGuard:
             g.get("fused") for g in optimizer.param_groups
         )
         self._warned = False
+        self._zero_started = isinstance(optimizer, ZERO_STARTED) and not (
+            isinstance(optimizer, torch.optim.SGD) and any(g.get("dampening", 0) for g in optimizer.param_groups)
+        )
+        self._warned_fresh = False
 
     def step(self, skip: torch.Tensor) -> None:
         if self.native:
@@ -40,7 +59,16 @@ class StepGuard:
             for p, old in zip(params, before):
                 p.copy_(torch.where(skip, old, p))
             for p, old_state in zip(params, state_before):
-                for key, value in (self.optimizer.state.get(p) or {}).items():
+                state = self.optimizer.state.get(p) or {}
+                if state and not old_state and not self._zero_started and not self._warned_fresh:
+                    warnings.warn(
+                        f"{type(self.optimizer).__name__} creates its state at its first step: if that step is "
+                        "skipped, the state is reset to zeros, which is not the state it starts from (exact for "
+                        f"{', '.join(t.__name__ for t in ZERO_STARTED)}, SGD without dampening)",
+                        stacklevel=3,
+                    )
+                    self._warned_fresh = True
+                for key, value in state.items():
                     self._restore(skip, key, value, old_state.get(key))
 
     def _restore(self, skip, key, value, old) -> None:

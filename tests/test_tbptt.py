@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -330,6 +331,47 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
     "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
 }
+
+
+ZERO_STARTED = {
+    "adam": (torch.optim.Adam, {}),
+    "adamax": (torch.optim.Adamax, {}),
+    "radam": (torch.optim.RAdam, {}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adadelta": (torch.optim.Adadelta, {}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "sgd-momentum": (torch.optim.SGD, {"momentum": 0.9}),
+}
+NOT_ZERO_STARTED = {
+    "nadam": (torch.optim.NAdam, {}),
+    "sgd-dampened": (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_STARTED) + sorted(NOT_ZERO_STARTED))
+def test_a_skipped_first_step_leaves_the_optimizer_as_never_stepped_or_warns(name):
+    # What a skipped first step created is reset to zeros: exact where the optimizer's state starts as zeros (the
+    # later steps then equal those of a twin that never saw the skipped step), warned about elsewhere.
+    from fastlstm.step_guard import StepGuard
+
+    kind, options = {**ZERO_STARTED, **NOT_ZERO_STARTED}[name]
+    torch.manual_seed(0)
+    guarded, twin = nn.Parameter(torch.randn(6)), nn.Parameter(torch.zeros(6))
+    twin.data.copy_(guarded.data)
+    guard, plain = StepGuard(kind([guarded], lr=0.1, **options)), kind([twin], lr=0.1, **options)
+    guarded.grad = torch.randn(6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard.step(torch.tensor(True))
+    warned = any("creates its state at its first step" in str(w.message) for w in caught)
+    assert warned == (name in NOT_ZERO_STARTED)
+    if name in ZERO_STARTED:
+        for _ in range(3):
+            gradient = torch.randn(6)
+            guarded.grad, twin.grad = gradient.clone(), gradient.clone()
+            guard.step(torch.tensor(False))
+            plain.step()
+        assert torch.equal(guarded.data, twin.data)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
