@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -89,6 +90,19 @@ class Monitor:
         self.read_every = int(read_every or every)
         self.track_grad_norm = grad_norm
         self.lstms = named_lstms(model)
+        if not self.lstms:
+            torch_lstms = [n for n, m in model.named_modules() if isinstance(m, nn.LSTM)]
+            hint = (
+                f"; its torch.nn.LSTM ({', '.join(torch_lstms) or 'the model itself'}) can be converted with "
+                "fastlstm.convert(model)"
+                if torch_lstms
+                else ""
+            )
+            warnings.warn(
+                f"no fastlstm.LSTM inside the monitored model: its history gets losses and norms, but no telemetry "
+                f"or input statistics{hint}",
+                stacklevel=2,
+            )
         self.sampler = Sampler(instrument_every, self.every)
         self._history = History()
         self._history.lstms = {name: describe_lstm(m) for name, m in self.lstms.items()}

@@ -278,3 +278,10 @@ def test_monitor_step_reads_nothing_back():
     history = monitor.history
     assert [e["loss"] for e in history.steps] == [float(v) for v in losses]
     assert history.inputs[0]["count"] == 6 * 5 * 2 and len(history.evals) == 6
+
+
+def test_a_model_without_a_fastlstm_layer_gets_a_warning_that_says_what_to_do():
+    with pytest.warns(UserWarning, match=r"no fastlstm.LSTM .*fastlstm.convert"):
+        Monitor(nn.Sequential(nn.LSTM(2, 3)))
+    with pytest.warns(UserWarning, match="no telemetry"):
+        Monitor(nn.Linear(2, 3))
