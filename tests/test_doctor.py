@@ -544,3 +544,20 @@ def _docs_path():
     import os
 
     return os.path.join(os.path.dirname(__file__), "..", "docs", "doctor.md")
+
+
+@pytest.mark.parametrize(
+    "x, digits, text",
+    [
+        (99.5, 3, "99.5"),
+        (99.5, 2, "100"),
+        (5.0, 3, "5"),
+        (0.0123, 3, "0.0123"),
+        (2e7, 3, "2e+07"),
+        (float("nan"), 3, "nan"),
+    ],
+)
+def test_numbers_in_findings_are_written_without_exponents_where_prose_needs_none(x, digits, text):
+    from fastlstm.doctor.findings import format_number
+
+    assert format_number(x, digits) == text

@@ -169,4 +169,8 @@ def format_number(x, digits: int = 3) -> str:
     x = float(x)
     if not math.isfinite(x):
         return str(x)
+    if 1 <= abs(x) < 1e6:  # positional: "%g" writes 99.5 to 2 digits as "1e+02"
+        decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+        text = f"{x:.{decimals}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
     return f"{x:.{digits}g}"

@@ -59,9 +59,10 @@ def rule_loss_stagnant(s: Signals) -> list:
         evidence["update_ratio_median"] = float(np.median(ratios))
     if s.chunked_lstms:
         evidence["truncated_by_loop_at"] = {name: c["timesteps"] for name, c in s.chunked_lstms.items()}
+    change = f"{num(100 * abs(relative), 2)}% {'lower' if relative >= 0 else 'higher'}"
     message = (
         f"The training loss does not move: {num(s.initial_loss)} at the start, {num(s.final_loss)} over the last "
-        f"{last.size} steps ({num(100 * relative, 2)}% lower; needs ≥{num(100 * th.stagnant_improvement)}% and "
+        f"{last.size} steps ({change}; needs ≥{num(100 * th.stagnant_improvement)}% lower and "
         f"{num(th.stagnant_sigmas)} standard errors)."
     )
     if math.isfinite(s.constant_predictor_mse) and s.final_loss >= 0.9 * s.constant_predictor_mse:
@@ -94,7 +95,7 @@ def _stagnant_remedy(s: Signals, evidence: dict) -> str:
         if big_steps:
             how.append(f"each step changes the weights by {num(100 * float(np.median(ratios)), 2)}% of their norm")
         if s.clip_share >= s.th.clip_active_share:
-            how.append(f"clipping scales {num(100 * s.clip_share, 2)}% of the steps down")
+            how.append(f"clipping scales {num(100 * s.clip_share)}% of the steps down")
         return (
             f"The steps are large, not small ({' and '.join(how)}): the loss bounces instead of descending. Lower "
             f"the learning rate{lr_text} 3-10× rather than raising it, and check the gate saturation findings."
