@@ -236,7 +236,8 @@ class TBPTTTrainer:
                         return self.monitor.live_history
                     self._train_chunk(streams)
                     trained += 1
-                    self._after_chunk(val_data)
+                    ends_epoch = cursor.step >= streams.longest and cursor.batch == len(batches) - 1
+                    self._after_chunk(val_data, ends_epoch)
                 cursor.next_batch()
             self._end_epoch(val_data)
         if self.checkpoint_path is not None:
@@ -248,6 +249,8 @@ class TBPTTTrainer:
         streams, run in eval mode by chunks without gradients. `val_data` is streams data, or a dict of named
         subsets of it (whose losses become `subset_losses`)."""
         subsets = val_data if isinstance(val_data, dict) else {None: val_data}
+        if not subsets:
+            raise ValueError("val_data is an empty dict: give streams data, or named subsets of it")
         was_training = self.model.training
         self.model.eval()
         totals = {}
@@ -347,13 +350,15 @@ class TBPTTTrainer:
             self.scheduler.step()
         return mean_loss, norm, skip, lr
 
-    def _after_chunk(self, val_data) -> None:
+    def _after_chunk(self, val_data, ends_epoch: bool = False) -> None:
         monitor = self.monitor
         if monitor.step_count % monitor.every == 0:
             self.truncation.at_boundary(self._device())
         if self.on_nonfinite == "stop" and monitor.skipped_steps:
             self._stop()
-        if val_data is not None and self.validate_every and self._chunks % self.validate_every == 0:
+        # A validation due at the epoch's last chunk is the epoch's own (_end_epoch): one evaluation, one plateau step.
+        due = val_data is not None and self.validate_every and self._chunks % self.validate_every == 0
+        if due and not ends_epoch:
             self._record_validation(val_data)
         if self.checkpoint_path is not None and self.checkpoint_every and self._chunks % self.checkpoint_every == 0:
             self.save_checkpoint()

@@ -497,6 +497,21 @@ def test_a_checkpoint_resumes_only_a_trainer_with_its_truncation():
             trainer(**other).load_state_dict(state)
 
 
+def test_a_validation_due_at_an_epoch_end_is_the_epochs_own():
+    # validate_every=3 over 6 chunks an epoch: chunk 3 validates, and chunk 6 once, as the epoch's validation
+    # (counted twice, the doctor saw two evaluations at one step, and ReduceLROnPlateau stepped twice).
+    net = Net()
+    x, y = streams(2, 24, 3, 2)
+    plateau = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(plateau)
+    trainer = TBPTTTrainer(net, plateau, nn.MSELoss(), k1=4, validate_every=3, scheduler=scheduler)
+    history = trainer.fit((x, y), epochs=2, val_data=(x, y))
+    assert [(e["step"], e.get("epoch")) for e in history.evals] == [(2, None), (5, 1), (8, None), (11, 2)]
+    assert scheduler.last_epoch == 4
+    with pytest.raises(ValueError, match="empty dict"):
+        trainer.validate({})
+
+
 def test_data_without_streams_or_steps_is_refused():
     net = Net()
     trainer = TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4)
