@@ -66,6 +66,17 @@ class NonFiniteError(FloatingPointError):
         self.event = event
 
 
+def _outputs_and_state(result) -> tuple:
+    """What the model returned, checked to be (outputs, state): a bare tensor would unpack along its first
+    dimension, silently so when that has two rows."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        got = f"a tensor of shape {tuple(result.shape)}" if isinstance(result, torch.Tensor) else type(result).__name__
+        raise TypeError(
+            f"the trained model must return (outputs, state), as an nn.LSTM does; it returned {got} (docs/training.md)"
+        )
+    return result
+
+
 def _check_counts(minimum: int = 1, **counts) -> None:
     """Each given count (None: not given) is an int >= minimum: a float or a string would be truncated or fail
     later with a riddle, a zero or negative interval would silently mean something else."""
@@ -318,7 +329,7 @@ class TBPTTTrainer:
     def _window_loss(self, streams: Streams, chunk: Chunk) -> tuple:
         """Forward over the window from the carried state; the loss on the chunk's valid positions."""
         with self._lengths(chunk.valid(chunk.start, chunk.end), chunk.end - chunk.start):
-            out, state = self.model(chunk.inputs, self.cursor.start_state)
+            out, state = _outputs_and_state(self.model(chunk.inputs, self.cursor.start_state))
         offset, layout = chunk.first - chunk.start, self.layout
         pred = layout.flatten(layout.time(out, offset, offset + chunk.end - chunk.first))
         target = layout.flatten(chunk.targets)
@@ -374,7 +385,7 @@ class TBPTTTrainer:
         """Forward over the first steps of the window, for the next window's start state: no gradient, no
         telemetry, no input statistics (the window's own forward records them)."""
         with torch.no_grad(), self.monitor.quiet():
-            _, carry = self.core(x, state)
+            _, carry = _outputs_and_state(self.core(x, state))
         return detach_state(carry)
 
     # ---- non-finite ----
@@ -415,7 +426,7 @@ class TBPTTTrainer:
                 valid = [min(streams.lengths[b] - s, n) for b in rows]
                 x = without_padding(layout.slice(streams.inputs, index, s, s + n), valid, self.batch_first)
                 with self._lengths(valid, n):
-                    out, state = self.core(x, state)
+                    out, state = _outputs_and_state(self.core(x, state))
                 pred, target = layout.flatten(out), layout.flatten(layout.slice(streams.targets, index, s, s + n))
                 if min(valid) < n:
                     flat = layout.flat_index(valid, n, device)

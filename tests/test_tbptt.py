@@ -512,6 +512,21 @@ def test_a_validation_due_at_an_epoch_end_is_the_epochs_own():
         trainer.validate({})
 
 
+def test_a_model_that_returns_no_state_is_refused():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x, state):
+            return self.net(x, state)[0]
+
+    model = Bare()
+    trainer = TBPTTTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), k1=4)
+    with pytest.raises(TypeError, match=r"must return \(outputs, state\).*a tensor of shape \(2, 4, 2\)"):
+        trainer.fit(streams(2, 12, 3, 2))
+
+
 def test_data_without_streams_or_steps_is_refused():
     net = Net()
     trainer = TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4)
