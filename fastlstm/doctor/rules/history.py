@@ -32,6 +32,6 @@ def rule_history_incomplete(s: Signals) -> list:
     message = "The history has no " + ", no ".join(missing) + ": the rules that need them were skipped."
     remedy = (
         "Record with fastlstm.Monitor (telemetry, inputs and targets come with it) and pass val_loss to "
-        "`monitor.step` to enable every rule."
+        "`monitor.step` (with TBPTTTrainer: `fit(..., val_data=...)`) to enable every rule."
     )
     return [Finding("history_incomplete", "info", message, {"skipped": missing}, remedy)]
