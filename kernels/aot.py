@@ -261,7 +261,7 @@ def _cell(value) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastlstm aot", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true", help="each family's largest configuration, every switch on")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
     parser.add_argument(

@@ -359,7 +359,9 @@ def write(doc: dict, folder: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastlstm.kernels.model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastlstm.kernels.model", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="bf16, B=16, H in {256, 1024} only")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")

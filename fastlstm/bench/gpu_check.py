@@ -131,7 +131,9 @@ def main(argv=None) -> int:
         from . import gpu_worker
 
         return gpu_worker.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="fastlstm bench --gpu-check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fastlstm bench --gpu-check", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--out", default="fastlstm-gpu-check", help="output folder")
     parser.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default); cpu runs the same code at tiny sizes"
