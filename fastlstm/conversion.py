@@ -15,6 +15,8 @@ def _swap_all(model: nn.Module, convert_one, kind: type, forwards: tuple) -> nn.
     """`model` with every `kind` inside it (or itself) replaced by convert_one(module); a module held under two
     names (or by two parents) is converted once and stays shared. A subclass of `kind` whose forward is not one of
     `forwards` (kind's own) is left as it is, with a warning: converting it would drop its forward."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     converted: dict = {}
     kept: list = []
 

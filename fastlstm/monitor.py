@@ -82,6 +82,8 @@ class Monitor:
         grad_norm: bool = True,
         grad_hooks: bool = True,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
         if every < 1 or (read_every is not None and read_every < 1):
             raise ValueError("every and read_every must be >= 1")
         self.model = model

@@ -555,6 +555,12 @@ def test_convert_keeps_a_module_held_under_two_names_shared_and_leaves_subclasse
     assert torch.equal(model.c(x)[0], expected)
 
 
+def test_convert_and_revert_refuse_what_is_not_a_module():
+    for fn in (fastlstm.convert, fastlstm.revert):
+        with pytest.raises(TypeError, match="expected an nn.Module, got NoneType"):
+            fn(None)
+
+
 def test_convert_nested_model():
     model = _Net().double()
     model.inner.eval()  # mixed training modes are kept per module

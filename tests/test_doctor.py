@@ -561,3 +561,8 @@ def test_numbers_in_findings_are_written_without_exponents_where_prose_needs_non
     from fastlstm.doctor.findings import format_number
 
     assert format_number(x, digits) == text
+
+
+def test_thresholds_given_as_a_dict_are_refused_with_how_to_give_them():
+    with pytest.raises(TypeError, match=r"dataclasses.replace\(DEFAULT_THRESHOLDS"):
+        fastlstm.diagnose({"steps": []}, {"min_steps": 3})

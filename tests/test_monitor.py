@@ -285,3 +285,8 @@ def test_a_model_without_a_fastlstm_layer_gets_a_warning_that_says_what_to_do():
         Monitor(nn.Sequential(nn.LSTM(2, 3)))
     with pytest.warns(UserWarning, match="no telemetry"):
         Monitor(nn.Linear(2, 3))
+
+
+def test_a_monitor_of_something_that_is_not_a_module_is_refused():
+    with pytest.raises(TypeError, match="must be an nn.Module, got str"):
+        Monitor("model")

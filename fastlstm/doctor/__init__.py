@@ -31,6 +31,11 @@ CONSEQUENCES = {code: consequences_of(code) for code in CODES if consequences_of
 def diagnose(history, thresholds: Thresholds | None = None) -> list:
     """Findings for `history` (a History, a docs/history.md dict or a path to its JSON): each root cause, worst
     group first, followed by the findings it explains (their `caused_by` names it)."""
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"thresholds must be a Thresholds (dataclasses.replace(DEFAULT_THRESHOLDS, min_steps=...)), got "
+            f"{type(thresholds).__name__}"
+        )
     signals = Signals(HistoryView(history), thresholds or DEFAULT_THRESHOLDS)
     findings = []
     for spec in specs():
