@@ -288,7 +288,9 @@ class Telemetry:
         self.grad.zero_()
         self.first_forward.fill_(C.NO_NONFINITE)
         self.first_backward.fill_(C.NO_NONFINITE)
-        self.passes.zero_()
+        # The pass count carries on: a pass whose forward ran before the reset and whose backward runs after it
+        # must still sort before every later pass (restarting it gave two passes one number, and the later forward
+        # came out as the first event). It saturates at SEQ_MAX (2**27 passes), past which passes tie.
 
     def snapshot(self, reset: bool = False) -> Snapshot:
         """The current window, read with one host synchronisation."""

@@ -521,6 +521,24 @@ def test_first_nonfinite_earliest_pass_wins_and_reset_clears():
     assert fast.telemetry.snapshot().first_nonfinite.timestep == 1
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_backward_after_a_reset_stays_earlier_than_the_next_pass(backend):
+    # Pass A's forward ran before the reset, its backward after it; pass B follows. A's backward NaN is the window's
+    # first event (with the pass count restarted by the reset, A and B shared a number and B's forward won).
+    _, fast = make_pair(I, H)
+    fast.backend = backend
+    out, _ = fast(torch.randn(T, 2, I, dtype=F64))
+    fast.telemetry.reset()
+    weights = torch.ones_like(out)
+    weights[2, 0, 0] = float("nan")
+    (out * weights).sum().backward()
+    x = torch.randn(T, 2, I, dtype=F64)
+    x[T - 1, 0, 0] = float("nan")
+    fast(x)
+    first = fast.telemetry.snapshot().first_nonfinite
+    assert (first.stage, first.tensor, first.timestep) == ("backward", "grad_output", 2)
+
+
 # ---- switching telemetry off ----
 
 
