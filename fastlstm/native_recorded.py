@@ -150,8 +150,8 @@ def rebuild(x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse: bool
     cells = _cell_states(cell_input, f, c0, active, reverse, (steps, batch, hidden))
     if probe is not None:
 
-        def input_at(step):
-            return F.linear(x.index_select(0, step), w_ih_s, bias_s)
+        def input_at(step):  # unscaled, as the reference checks it: the doubled candidate rows could overflow
+            return F.linear(x.index_select(0, step), w_ih, None if b_ih is None else b_ih + b_hh)
 
         pre, gates = pre.view(steps, batch, four_h), gates.view(steps, batch, four_h)
         record_forward(probe, input_at, pre, gates, cells, out if w_hr is not None else None, active, reverse)

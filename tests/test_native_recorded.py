@@ -263,6 +263,24 @@ def test_telemetry_fields_match_recomputation(cfg, packed):
     assert snapshot.first_nonfinite is None and snapshot.launches == 2 * len(snapshot.layers)
 
 
+def test_an_input_projection_that_is_finite_is_not_reported_as_the_nonfinite_value():
+    # x = 2e38 times a candidate weight of 1: finite input projection, whose doubled candidate row (how both the
+    # route and the reference compute tanh from the one sigmoid) overflows: the gates are the first non-finite
+    # value on both, not the input.
+    located = []
+    for backend in ("auto", "reference"):
+        lstm = fastlstm.LSTM(1, 1, backend=backend)
+        with torch.no_grad():
+            for p in lstm.parameters():
+                p.zero_()
+            lstm.weight_ih_l0[2, 0] = 1.0
+        out, _ = lstm(torch.tensor([[[0.5]], [[2e38]], [[0.5]]]))
+        out.sum().backward()
+        located.append(lstm.telemetry.snapshot().first_nonfinite)
+    assert located[0] == located[1]
+    assert (located[0].timestep, located[0].stage, located[0].tensor) == (1, "forward", "gates")
+
+
 def test_float32_telemetry_is_the_reference_backends():
     ref = nn.LSTM(8, 16, 2, bidirectional=True)
     auto, spec = _auto(ref), fast_like(ref)
