@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from .arguments import output_folder_usable, positive_int
 
 EXIT_FINDINGS = 1  # `doctor --fail-on`: a finding at or above the given severity
 EXIT_UNAVAILABLE = 2  # a subcommand whose module is not installed, an unreadable history, an unusable --out
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a forecaster on the embedded dataset, unscaled then scaled, and diagnose")
     demo.add_argument("--out", default="fastlstm-demo", help="folder for histories, findings and plots")
-    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run (default 50)")
+    demo.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default 50)")
     demo.add_argument("--no-plots", action="store_true", help="skip the plots (they need matplotlib)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_run_demo)
@@ -58,19 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _run_demo(args) -> int:
     import dataclasses
 
     from .demo import DemoConfig, run_demo
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    if not output_folder_usable(args.out):
         print(f"fastlstm demo: --out {args.out} is a file, not a folder", file=sys.stderr)
         return EXIT_UNAVAILABLE
     config = DemoConfig(out=args.out, plots=not args.no_plots, seed=args.seed)

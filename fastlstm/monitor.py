@@ -493,7 +493,7 @@ def _check_scalars(**values) -> None:
                 raise ValueError(
                     f"Monitor.step: {name} must be a single value, got a tensor of shape {tuple(value.shape)}"
                 )
-        elif isinstance(value, str) or not isinstance(value, numbers.Real):
+        elif not isinstance(value, numbers.Real):
             raise TypeError(
                 f"Monitor.step: {name} must be a number or a one-element tensor, got {type(value).__name__}"
             )

@@ -30,7 +30,7 @@ import sys
 import time
 
 from .. import jsonio
-from .arguments import output_folder_usable, positive_float
+from ..arguments import output_folder_usable, positive_float
 from .cases import Problem
 from .gpu_plan import (
     MODES,

@@ -24,8 +24,8 @@ from dataclasses import asdict, replace
 
 import torch
 
+from ..arguments import output_folder_usable, positive_int
 from . import report
-from .arguments import output_folder_usable, positive_int
 from .cases import (
     DTYPES,
     KERNEL_TARGETS,

@@ -1,5 +1,5 @@
-"""Argument types and checks the benchmark commands share (runner.py, gpu_check.py): a bad command line exits 2
-with a message before any case runs, not with a traceback after them."""
+"""Argument types and checks the `fastlstm` commands share (cli.py's demo, bench/runner.py, bench/gpu_check.py): a
+bad command line exits 2 with a message before any work runs, not with a traceback after it."""
 
 from __future__ import annotations
 
