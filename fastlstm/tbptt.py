@@ -34,7 +34,7 @@ from .monitor import Monitor
 from .padding import RecurrentLengths, without_padding
 from .recording import named_lstms, unwrap_model
 from .step_guard import StepGuard
-from .streams import Chunk, Layout, StreamCursor, Streams, as_batches, detach_state, reset_nonfinite_rows, select_rows
+from .streams import Chunk, Layout, StreamCursor, Streams, as_batches, detach_state, reset_nonfinite_rows
 from .truncation import (
     USED_GRADIENT,
     AdaptiveTruncation,
@@ -44,6 +44,7 @@ from .truncation import (
     truncation_evidence,
 )
 from .truncation_state import TruncationTracker
+from .validation import loss_sums
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -155,7 +156,8 @@ class TBPTTTrainer:
         _check_counts(read_every=read_every, instrument_every=instrument_every, validate_every=validate_every)
         _check_counts(val_chunk=val_chunk, checkpoint_every=checkpoint_every)
         _check_counts(dependency_lags=dependency_lags, minimum=0)
-        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+        real = isinstance(clip_grad_norm, numbers.Real) and not isinstance(clip_grad_norm, bool)
+        if clip_grad_norm is not None and not (real and clip_grad_norm > 0):
             raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError("on_nonfinite must be 'skip' or 'stop'")
@@ -268,7 +270,11 @@ class TBPTTTrainer:
         try:
             with torch.no_grad(), self.monitor.quiet():
                 for name, data in subsets.items():
-                    totals[name] = self._validation_sums(as_batches(data, self.batch_first))
+                    batches = as_batches(data, self.batch_first)
+                    chunk = self.val_chunk or self.k1
+                    totals[name] = loss_sums(
+                        self.core, batches, chunk, self.layout, self._lengths, self.loss_fn, _outputs_and_state
+                    )
         finally:
             self.model.train(was_training)
         totals = all_reduce_sums(totals, self.process_group)
@@ -407,35 +413,6 @@ class TBPTTTrainer:
         self.monitor.evaluate(loss, subset_losses=subsets or None, epoch=epoch)
         if self.scheduler is not None and _is_plateau(self.scheduler):
             self.scheduler.step(float(loss))  # ReduceLROnPlateau needs the number: one read per validation
-
-    def _validation_sums(self, batches: list) -> tuple:
-        chunk = self.val_chunk or self.k1
-        total, count = None, 0
-        for streams in batches:
-            state, alive = None, None
-            device = streams.inputs.device
-            layout = self.layout
-            for s in range(0, streams.longest, chunk):
-                # As in training: streams that ended leave the batch, padding is zeroed and packed away.
-                rows = [b for b, length in enumerate(streams.lengths) if length > s]
-                if state is not None and rows != alive:
-                    state = select_rows(state, layout.row_index([alive.index(b) for b in rows], device))
-                alive = rows
-                index = None if len(rows) == len(streams.lengths) else layout.row_index(rows, device)
-                n = min(chunk, max(streams.lengths[b] for b in rows) - s)
-                valid = [min(streams.lengths[b] - s, n) for b in rows]
-                x = without_padding(layout.slice(streams.inputs, index, s, s + n), valid, self.batch_first)
-                with self._lengths(valid, n):
-                    out, state = _outputs_and_state(self.core(x, state))
-                pred, target = layout.flatten(out), layout.flatten(layout.slice(streams.targets, index, s, s + n))
-                if min(valid) < n:
-                    flat = layout.flat_index(valid, n, device)
-                    pred, target = pred.index_select(0, flat), target.index_select(0, flat)
-                positions = sum(valid)
-                part = self.loss_fn(pred, target).detach().to(torch.float64) * positions
-                total = part if total is None else total + part
-                count += positions
-        return total, count
 
     # ---- checkpoints ----
 

@@ -169,6 +169,8 @@ def test_history_holds_the_norm_each_step_used_and_the_update_ratios():
     [
         ({"clip_grad_norm": -1.0}, ValueError),
         ({"clip_grad_norm": 0}, ValueError),
+        ({"clip_grad_norm": True}, ValueError),
+        ({"clip_grad_norm": "1.0"}, ValueError),
         ({"k1": 2.5}, TypeError),
         ({"k1": "8"}, TypeError),
         ({"k2": 8.7}, TypeError),
@@ -185,6 +187,14 @@ def test_bad_trainer_arguments_are_refused(options, error):
     arguments = {"k1": 4} | options
     with pytest.raises(error, match=next(iter(options))):
         TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), **arguments)
+
+
+def test_clip_value_of_any_real_type_is_taken():
+    net = Net()
+    trainer = TBPTTTrainer(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4, clip_grad_norm=np.float32(0.5)
+    )
+    assert trainer.clip_grad_norm == 0.5
 
 
 def test_time_major_data_matches_batch_first():
