@@ -14,13 +14,13 @@ from contextlib import nullcontext
 from typing import overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import native, native_recorded
 from .function import lstm_layer
 from .input_checks import InputTypeError, check_batch_sizes, check_hx_form, check_hx_rank
+from .padding import dropout_between_layers
 from .resets import direction_restarts, time_major_resets
 from .routing import NATIVE_RECORDED, PassShape, check_backend_name, choose
 from .telemetry import Telemetry
@@ -322,7 +322,9 @@ class LSTM(nn.RNNBase):
             weights = [tuple(None if w is None else w.to(autocast_dtype) for w in ws) for ws in weights]
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
-            out, h_n, c_n = self._run_layers(x, h0, c0, weights, device_lengths, implementation, records, resets)
+            out, h_n, c_n = self._run_layers(
+                x, h0, c0, weights, (lengths, device_lengths), implementation, records, resets
+            )
 
         if packed:
             out_data = pack_padded_sequence(out, lengths).data
@@ -336,7 +338,9 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
 
-    def _run_layers(self, x, h0, c0, weights, lengths, implementation: str, records: bool, resets=None):
+    def _run_layers(self, x, h0, c0, weights, lengths: tuple, implementation: str, records: bool, resets=None):
+        """lengths: (on the host, on x's device), both None for a padded input."""
+        host_lengths, lengths = lengths
         num_directions = 2 if self.bidirectional else 1
         restarts = direction_restarts(resets, num_directions)
         # docs/telemetry.md: nothing is recorded when the pass does not record (Telemetry.records) or the batch is
@@ -385,7 +389,7 @@ class LSTM(nn.RNNBase):
                 c_n.append(c)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = dropout_between_layers(layer_input, self.dropout, host_lengths)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
     def _weights(self) -> list:

@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import reference
 from .function import _previous_hidden, differentiable_layer
+from .padding import dropout_between_layers
 from .reference import _candidate_scale, active_mask, gate_blocks, time_order
 from .reference_telemetry import record_forward
 from .scratch import scratch
@@ -68,7 +69,7 @@ def run_layers(
         c_n.append(c)
         layer_input = out
         if dropout > 0 and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, dropout, training=True)  # where and how nn.LSTM drops
+            layer_input = dropout_between_layers(layer_input, dropout, lengths)  # where and as nn.LSTM drops
     return layer_input, torch.cat(h_n), torch.cat(c_n)
 
 

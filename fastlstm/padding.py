@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -118,3 +119,15 @@ class RecurrentLengths:
 
 def _index(values: list, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def dropout_between_layers(layer_output: torch.Tensor, p: float, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Dropout on a layer's output [T, B, F] before the next layer, with the masks nn.LSTM draws from the same
+    generator. nn.LSTM's op drops a padded input's whole tensor but a PackedSequence's data only (the steps each
+    sequence has), so with `lengths` (host int64, sorted longest first, as the module passes them) the draw is made
+    on the packed rows and the result padded again: zeros past each end, as the output had."""
+    if lengths is None:
+        return F.dropout(layer_output, p, training=True)
+    packed = pack_padded_sequence(layer_output, lengths)
+    dropped = F.dropout(packed.data, p, training=True)
+    return pad_packed_sequence(PackedSequence(dropped, packed.batch_sizes), total_length=layer_output.shape[0])[0]

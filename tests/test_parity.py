@@ -202,12 +202,14 @@ def test_dropout_mask_statistics():
     assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5, rate
 
 
-def test_dropout_train_same_rng_as_nn_lstm():
-    """On the CPU nn.LSTM draws one dropout mask per layer boundary from the global generator on the time-major
-    layer output; fastlstm does the same, so with equal seeds the training-mode results and gradients agree."""
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_dropout_train_same_rng_as_nn_lstm(kind):
+    """On the CPU nn.LSTM draws one dropout mask per layer boundary from the global generator, on the time-major
+    layer output (a PackedSequence's data only: the steps each sequence has); fastlstm does the same, so with equal
+    seeds the training-mode results and gradients agree."""
     ref, fast = make_pair(INPUT, HIDDEN, 3, dropout=0.5, batch_first=True, bidirectional=True)
     ref.train(), fast.train()
-    x, to_input, _, batch = _make_input("padded", True, torch.float64)
+    x, to_input, _, batch = _make_input(kind, True, torch.float64)
     hx = _make_hx(ref, batch, torch.float64)
     seed = int(torch.randint(0, 2**31, ()).item())
     assert_module_parity(fast, ref, x, hx, tolerance(torch.float64), to_input=to_input, seed=seed)
