@@ -22,6 +22,21 @@ class HiddenStateFormError(RuntimeError, TypeError, IndexError, AttributeError):
     the input's kind. This error is each of them, so code written to catch nn.LSTM's still catches it."""
 
 
+class PackedInputDtypeError(ValueError, RuntimeError):
+    """A PackedSequence whose data is not of the weights' dtype. nn.LSTM checks that only when hx is given (a
+    ValueError); without hx it fails in its first product, with a RuntimeError. This error is both, so code written
+    to catch nn.LSTM's error in either case still catches it."""
+
+
+def check_packed_dtype(data: Tensor, weight_dtype: torch.dtype) -> None:
+    """nn.LSTM's dtype check of its input (RNNBase.check_input, its message), made for a packed input whatever hx."""
+    if data.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+        raise PackedInputDtypeError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight_dtype}). "
+            f"Convert input: input.to({weight_dtype}), or convert model: model.to({data.dtype})"
+        )
+
+
 def check_hx_form(hx) -> None:
     if hx is None:
         return

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import native, native_recorded
 from .function import lstm_layer
-from .input_checks import InputTypeError, check_batch_sizes, check_hx_form, check_hx_rank
+from .input_checks import InputTypeError, check_batch_sizes, check_hx_form, check_hx_rank, check_packed_dtype
 from .padding import dropout_between_layers
 from .resets import direction_restarts, time_major_resets
 from .routing import NATIVE_RECORDED, PassShape, check_backend_name, choose
@@ -169,10 +169,10 @@ class LSTM(nn.RNNBase):
         if not torch.jit.is_scripting():
             records = self.telemetry.records()
             implementation = self._implementation(input, records, resets is not None)
+            self._update_flat_weights()  # functional_call, parametrizations and reassigned weights: checks read them
             if implementation != "native":
                 return self._fused_forward(input, hx, implementation, records, resets)
             check_hx_form(hx)
-            self._update_flat_weights()  # functional_call, parametrizations and reassigned weights
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
@@ -261,6 +261,8 @@ class LSTM(nn.RNNBase):
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
         data, batch_sizes, sorted_indices, unsorted_indices = input
         check_batch_sizes(batch_sizes)
+        if not torch.jit.is_scripting():
+            check_packed_dtype(data, self._flat_weights[0].dtype)
         if hx is not None:
             check_hx_rank(hx[0], hx[1], True)
         state = self._zero_state(data, int(batch_sizes[0])) if hx is None else hx
@@ -297,6 +299,7 @@ class LSTM(nn.RNNBase):
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             check_batch_sizes(batch_sizes)
+            check_packed_dtype(data, self._flat_weights[0].dtype)
             self.check_input(data, batch_sizes)
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             batched, reference_input = True, data

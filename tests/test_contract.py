@@ -240,6 +240,20 @@ def test_functional_call_matches_nn_lstm():
     assert not torch.allclose(fast(x)[0], fo)  # and the module's own weights are back afterwards
 
 
+@pytest.mark.parametrize("route", ["auto", "auto-no-grad", "reference"])
+def test_functional_call_with_parameters_of_another_dtype_matches_nn_lstm(route):
+    """float32 parameters through functional_call on a float64 module, float32 input: nn.LSTM runs in float32, so
+    every route's checks must read the parameters of the call, not the module's own."""
+    ref = nn.LSTM(I, H, 2, dtype=F64)
+    fast = fast_like(ref, backend="reference" if route == "reference" else "auto")
+    subs = {n: p.detach().float() for n, p in ref.named_parameters()}
+    x = _randn(T, B, I).float()
+    want, got = (_run_route(route, torch.func.functional_call, m, subs, (x,)) for m in (ref, fast))
+    for a, b, what in zip((got[0], *got[1]), (want[0], *want[1]), ("output", "h_n", "c_n")):
+        assert a.dtype == torch.float32, what
+        assert_rel(a, b, tolerance(torch.float32), what)
+
+
 class _Symmetric(nn.Module):
     """A simple custom parametrization: W -> (W + flip(W)) / 2 · scale."""
 
@@ -383,6 +397,22 @@ def test_input_errors_match_nn_lstm(case, batch_first):
     with pytest.raises(expected.type) as got:
         fast(x, hx)
     assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_packed_input_of_another_dtype_raises_what_nn_lstm_raises(with_hx, grad):
+    """nn.LSTM checks a packed input's dtype only when hx is given (ValueError); without hx its first product fails
+    (RuntimeError). fastlstm checks it always, with an error of nn.LSTM's type in both cases, naming both dtypes."""
+    ref, fast = make_pair(I, H, 2)
+    x = pack(torch.randn(T, B, I), [5, 3, 2], False, True)
+    hx = (_randn(2, B, H), _randn(2, B, H)) if with_hx else None
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(Exception) as expected:
+            ref(x, hx)
+        for module in (fast, fast_like(ref, backend="auto")):
+            with pytest.raises(expected.type, match=r"input dtype \(torch.float32\) does not match weight dtype"):
+                module(x, hx)
 
 
 # Every way a forward can run on the CPU: backend "auto" recording (native-recorded) and not (PyTorch's op, as under
