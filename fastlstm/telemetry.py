@@ -188,7 +188,12 @@ class Telemetry:
 
     def __init__(self, num_layers: int, num_directions: int, enabled: bool = True, record_inference: bool = False):
         if num_layers * num_directions > C.MAX_SLOTS:
-            raise ValueError(f"telemetry supports at most {C.MAX_SLOTS} layer-directions")
+            # The first non-finite value's location packs the layer-direction into ORDER_BITS of one key.
+            raise ValueError(
+                f"fastlstm.LSTM takes at most {C.MAX_SLOTS} layer-directions (num_layers x directions), got "
+                f"{num_layers * num_directions}: its telemetry locates a non-finite value in that many; use "
+                "torch.nn.LSTM for a deeper stack"
+            )
         self.num_layers = num_layers
         self.num_directions = num_directions
         self.enabled = enabled  # the user's switch

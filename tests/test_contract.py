@@ -330,6 +330,19 @@ def test_meta_construction_and_to_empty():
     assert all(p.abs().max() <= 1 / math.sqrt(H) for p in m.parameters())
 
 
+def test_more_layer_directions_than_telemetry_locates_are_refused_at_construction():
+    """The one size nn.LSTM takes and fastlstm does not: past 256 layer-directions, a ValueError at once (with
+    telemetry off too: it can be switched on later), never a failure inside a pass."""
+    ref = nn.LSTM(1, 1, 128, bidirectional=True, dtype=F64)
+    assert_module_parity(fast_like(ref), ref, _randn(2, 1, 1))  # 256: the most it takes
+    for build in (
+        lambda: fastlstm.LSTM(1, 1, 129, bidirectional=True, telemetry=False),
+        lambda: fastlstm.LSTM.from_torch(nn.LSTM(1, 1, 257)),
+    ):
+        with pytest.raises(ValueError, match="at most 256 layer-directions"):
+            build()
+
+
 # ---- copying and pickling ----
 
 
