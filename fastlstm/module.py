@@ -417,13 +417,9 @@ class LSTM(nn.RNNBase):
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         self.check_forward_args(input, (h0, c0), batch_sizes)
-        if (
-            c0.dtype != input.dtype
-            and c0.is_floating_point()
-            and torch.promote_types(c0.dtype, input.dtype) == input.dtype
-        ):
-            # nn.LSTM's arithmetic promotes a c0 of a narrower float dtype than the input's (f·c0 + i·g), which is
-            # the same as widening it first, exactly.
+        if c0.dtype != input.dtype and torch.promote_types(c0.dtype, input.dtype) == input.dtype:
+            # nn.LSTM's arithmetic promotes a c0 of a narrower float, an integer or a bool dtype to the input's
+            # (f·c0 + i·g), which is the same as converting it first.
             c0 = c0.to(input.dtype)
         for name, state in (("hx", h0), ("cx", c0)):
             if state.dtype != input.dtype and _autocast_dtype(input.device) is None:

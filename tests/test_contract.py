@@ -525,12 +525,14 @@ def test_a_packed_sequence_without_steps_fails_as_nn_lstm_fails(route):
         _run_route(route, ROUTES[route](ref), empty)
 
 
+@pytest.mark.parametrize("c0_dtype", [torch.float32, torch.int64, torch.bool])
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_a_narrower_c0_is_widened_as_nn_lstm_does(route):
-    # nn.LSTM runs a float64 layer from a float32 c0 (its arithmetic promotes it): so does every route, to its results.
+def test_a_narrower_c0_is_widened_as_nn_lstm_does(route, c0_dtype):
+    # nn.LSTM runs a float64 layer from a float32, integer or bool c0 (its arithmetic promotes it): so does every
+    # route, to its results.
     ref = nn.LSTM(I, H, dtype=F64)
     fast = ROUTES[route](ref)
-    x, h0, c0 = _randn(T, B, I), _randn(1, B, H), torch.randn(1, B, H)
+    x, h0, c0 = _randn(T, B, I), _randn(1, B, H), (torch.randn(1, B, H) * 3).to(c0_dtype)
     expected = ref(x, (h0, c0))
     got = _run_route(route, fast, x, (h0, c0))
     for a, b in zip((got[0], *got[1]), (expected[0], *expected[1])):
