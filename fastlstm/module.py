@@ -321,8 +321,9 @@ class LSTM(nn.RNNBase):
         weights = self._weights()
         autocast_dtype = _autocast_dtype(x.device)
         if autocast_dtype is not None:
-            x, h0, c0 = (t.to(autocast_dtype) for t in (x, h0, c0))
-            weights = [tuple(None if w is None else w.to(autocast_dtype) for w in ws) for ws in weights]
+            x, h0, c0 = (_autocast(t, autocast_dtype) for t in (x, h0, c0))
+            weights = [tuple(None if w is None else _autocast(w, autocast_dtype) for w in ws) for ws in weights]
+            _check_autocast_dtypes(x, h0, c0, weights[0][0])
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
             out, h_n, c_n = self._run_layers(
@@ -467,6 +468,22 @@ def _autocast_dtype(device: torch.device):
     if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _autocast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """What autocast makes of an operand of its lower-precision ops: float64 tensors are left as they are."""
+    return t if t.dtype == torch.float64 else t.to(dtype)
+
+
+def _check_autocast_dtypes(x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor) -> None:
+    """Under autocast nn.LSTM fails in its first product when a float64 operand meets a cast one (RuntimeError):
+    fastlstm refuses the same mix, naming it, rather than run it in another precision."""
+    for name, t in (("input", x), ("hx", h0), ("cx", c0)):
+        if t.dtype != weight.dtype:
+            raise RuntimeError(
+                f"LSTM under autocast: {name} is {t.dtype} but the weights run in {weight.dtype} (autocast leaves "
+                "float64 tensors as they are); give input, hx and weights one dtype, or run outside autocast"
+            )
 
 
 def _configuration(module: nn.RNNBase) -> tuple:

@@ -42,6 +42,23 @@ def test_autocast_runs_in_the_autocast_dtype_and_stays_close_to_float32():
     assert fast.weight_hh_l0.grad.dtype == torch.float32  # master weights keep their dtype
 
 
+@pytest.mark.parametrize("operand", ["input", "hx", "cx"])
+def test_autocast_refuses_a_float64_operand_as_nn_lstm_does(operand):
+    """Autocast leaves float64 tensors alone, so nn.LSTM fails when one meets the cast weights: fastlstm refuses
+    the same mix with nn.LSTM's exception type instead of running it in bfloat16."""
+    ref = nn.LSTM(4, 8)
+    fast = fastlstm.LSTM(4, 8)
+    fast.load_state_dict(ref.state_dict())
+    x, h0, c0 = torch.randn(6, 3, 4), torch.zeros(1, 3, 8), torch.zeros(1, 3, 8)
+    args = {"input": x, "hx": h0, "cx": c0}
+    args[operand] = args[operand].double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            ref(args["input"], (args["hx"], args["cx"]))
+        with pytest.raises(RuntimeError, match=f"{operand} is torch.float64"):
+            fast(args["input"], (args["hx"], args["cx"]))
+
+
 def test_program_transforms_are_recognised_and_eager_passes_are_not():
     seen = []
 
