@@ -14,12 +14,13 @@ def world_size(group=None) -> int:
     return 1
 
 
-def rank_path(path: str | None, group=None) -> str:
-    """One checkpoint file per rank under DDP."""
+def rank_path(path: str | None) -> str:
+    """One checkpoint file per process of the default group: named by its global rank, since ranks within a
+    trainer's process group repeat from one group to the next."""
     if path is None:
         raise ValueError("no checkpoint path given")
-    if world_size(group) > 1:
-        return f"{path}.rank{dist.get_rank(group)}"
+    if world_size() > 1:
+        return f"{path}.rank{dist.get_rank()}"
     return str(path)
 
 

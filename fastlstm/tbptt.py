@@ -466,7 +466,7 @@ class TBPTTTrainer:
 
     def save_checkpoint(self, path: str | None = None) -> str:
         """Write the checkpoint atomically (temporary file, fsync, rename); one file per rank under DDP."""
-        path = rank_path(path or self.checkpoint_path, self.process_group)
+        path = rank_path(path or self.checkpoint_path)
         self.monitor.event(
             "checkpoint", {"path": path, "chunks": self._chunks}, step=max(self.monitor.step_count - 1, 0)
         )
@@ -476,7 +476,7 @@ class TBPTTTrainer:
     def load_checkpoint(self, path: str | None = None, *, weights_only: bool = True) -> None:
         """Restore a checkpoint into this trainer (built with the same configuration, model and optimizer
         types); the next `fit` continues exactly where the checkpointed run stood."""
-        path = rank_path(path or self.checkpoint_path, self.process_group)
+        path = rank_path(path or self.checkpoint_path)
         device = self._device()
         state = torch.load(path, map_location=device, weights_only=weights_only)
         self.load_state_dict(state)

@@ -112,3 +112,21 @@ def test_ddp_ranks_agree_on_adaptive_truncation(ranks):
         assert torch.equal(p, q)
     assert a["skipped"] == b["skipped"]
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt")) == ["ckpt.pt.rank0", "ckpt.pt.rank1"]
+
+
+def test_checkpoint_files_are_named_by_global_rank_under_process_subgroups(monkeypatch, tmp_path):
+    """Two trainers on subgroups [0, 1] and [2, 3] of a world of 4: ranks within each group repeat, so the files
+    take the global rank, or global ranks 0 and 2 would write the same file."""
+    subgroup = object()  # what the trainer hands to torch.distributed as its process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4 if group is None else 2)
+    written = set()
+    for global_rank in range(4):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=global_rank: r if group is None else r % 2)
+        net = _model()
+        trainer = TBPTTTrainer(
+            net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4, process_group=subgroup
+        )
+        written.add(trainer.save_checkpoint(str(tmp_path / "ckpt.pt")))
+    assert written == {str(tmp_path / f"ckpt.pt.rank{r}") for r in range(4)}
+    assert sorted(os.listdir(tmp_path)) == [f"ckpt.pt.rank{r}" for r in range(4)]
