@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: TorchScript reads the annotations 
 """
 
 import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 from typing import overload
 
@@ -98,10 +99,17 @@ class LSTM(nn.RNNBase):
         self.telemetry.allocate(self.weight_ih_l0.device)  # load_state_dict(assign=True) may have moved them
 
     # Pickles (torch.save of a whole model, deepcopy) carry the telemetry as plain tensors and numbers, so that
-    # torch.load(weights_only=True) needs only this class allow-listed (fastlstm.safe_globals).
+    # torch.load(weights_only=True) needs only this class allow-listed (fastlstm.safe_globals). A hook that marks
+    # itself `belongs_to_a_run` (the Monitor's) is left out: a Monitor does not travel with the model.
     def __getstate__(self):
         state = super().__getstate__()
         state["telemetry"] = self.telemetry.__getstate__()
+        hooks = state["_forward_pre_hooks"]
+        kept = OrderedDict((k, h) for k, h in hooks.items() if not getattr(h, "belongs_to_a_run", False))
+        if len(kept) != len(hooks):
+            with_kwargs = state["_forward_pre_hooks_with_kwargs"]
+            state["_forward_pre_hooks"] = kept
+            state["_forward_pre_hooks_with_kwargs"] = OrderedDict((k, v) for k, v in with_kwargs.items() if k in kept)
         return state
 
     def __setstate__(self, state):

@@ -122,7 +122,7 @@ class Monitor:
         self._unresolved: list = []  # skipped-step events still waiting for their telemetry window
         self._states = {name: StateCarry() for name in self.lstms}
         self._hooks = [
-            m.register_forward_pre_hook(self._make_input_hook(name), with_kwargs=True) for name, m in self.lstms.items()
+            m.register_forward_pre_hook(_InputHook(self, name), with_kwargs=True) for name, m in self.lstms.items()
         ]
         self._params = trained_parameters(model, optimizer)
         self._grad_norms: dict = {}  # id(parameter) -> ‖grad‖ (device) at its last accumulation, this step
@@ -343,20 +343,18 @@ class Monitor:
         for lstm in self.lstms.values():
             lstm.telemetry.suspended = suspended
 
-    def _make_input_hook(self, name: str):
-        def hook(module, args, kwargs):
-            if self._paused:
-                return
-            x = args[0] if args else kwargs.get("input")
-            if module.training and torch.is_grad_enabled():
-                hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                self._states[name].add(hx, timesteps(x, module.batch_first))
-            if isinstance(x, PackedSequence):
-                x = x.data
-            if isinstance(x, torch.Tensor) and name in self._input_stats:
-                self._input_stats[name].add(x)
-
-        return hook
+    def _record_input(self, name: str, module, args, kwargs) -> None:
+        """Before the LSTM `name` runs: its input's statistics and the state it was handed (device, no sync)."""
+        if self._paused:
+            return
+        x = args[0] if args else kwargs.get("input")
+        if module.training and torch.is_grad_enabled():
+            hx = args[1] if len(args) > 1 else kwargs.get("hx")
+            self._states[name].add(hx, timesteps(x, module.batch_first))
+        if isinstance(x, PackedSequence):
+            x = x.data
+        if isinstance(x, torch.Tensor) and name in self._input_stats:
+            self._input_stats[name].add(x)
 
     def _grad_hook(self, p: torch.Tensor) -> None:
         """After p's gradient is accumulated in backward: its norm before any clipping (device, no sync). With
@@ -497,3 +495,16 @@ def _check_scalars(**values) -> None:
             raise TypeError(
                 f"Monitor.step: {name} must be a number or a one-element tensor, got {type(value).__name__}"
             )
+
+
+class _InputHook:
+    """The Monitor's forward pre-hook on one LSTM. It belongs to the run, not to the model: fastlstm.LSTM leaves it
+    out of a pickle or deepcopy of the model (LSTM.__getstate__), so no Monitor travels with the model."""
+
+    belongs_to_a_run = True
+
+    def __init__(self, monitor: Monitor, name: str):
+        self.monitor, self.name = monitor, name
+
+    def __call__(self, module, args, kwargs):
+        self.monitor._record_input(self.name, module, args, kwargs)

@@ -280,6 +280,44 @@ def test_monitor_step_reads_nothing_back():
     assert history.inputs[0]["count"] == 6 * 5 * 2 and len(history.evals) == 6
 
 
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_model_being_monitored_can_be_saved_and_copied_without_its_monitor(how, tmp_path):
+    """torch.save of the whole model (loaded with weights_only=True) and deepcopy work while a Monitor records it:
+    the copy computes what the model computes and carries no Monitor hook, and the Monitor keeps recording the
+    original only."""
+    torch.manual_seed(0)
+    model = EncoderDecoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, optimizer=opt, read_every=1)
+    (x, lengths, y), (x2, lengths2, y2) = _batches(2)
+
+    def train_step(net, x, lengths, y):
+        out, _ = net(x, lengths)
+        loss = (out - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    monitor.step(loss=train_step(model, x, lengths, y))
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        with fastlstm.safe_globals([EncoderDecoder, nn.Module, nn.Linear]):
+            clone = torch.load(tmp_path / "model.pt")
+    for lstm in (clone.enc, clone.dec.lstm):
+        assert not lstm._forward_pre_hooks
+    with torch.no_grad():
+        for got, want in zip(clone(x2, lengths2), model(x2, lengths2)):
+            assert torch.equal(got, want)
+    clone(x2, lengths2)[0].sum().backward()  # the copy's passes are not the monitored model's
+    monitor.step(loss=train_step(model, x2, lengths2, y2))
+    monitor.flush()
+    enc = [e["count"] for e in monitor.history.inputs if e["lstm"] == "enc"]
+    assert sum(enc) == 3 * 4 * 6  # the original's passes of 4 x 6 steps (two trained, one compared), no copy's
+
+
 def test_a_model_without_a_fastlstm_layer_gets_a_warning_that_says_what_to_do():
     with pytest.warns(UserWarning, match=r"no fastlstm.LSTM .*fastlstm.convert"):
         Monitor(nn.Sequential(nn.LSTM(2, 3)))
