@@ -576,7 +576,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
     assert [e["val_loss"] for e in resumed_history.evals] == [e["val_loss"] for e in history.evals]
     assert set(history.evals[0]["subset_losses"]) == {"long", "short"}
     k2_path = [e["detail"]["k2"] for e in history.events_of("truncation")]
-    assert len(k2_path) >= 3 and min(k2_path) < k2_path[-1]  # the adaptive state mattered: down, then up again
+    # The adaptive state mattered: the truncation went down, then up again.
+    first_drop = next(i for i in range(1, len(k2_path)) if k2_path[i] < k2_path[i - 1])
+    assert any(k2_path[i] > k2_path[i - 1] for i in range(first_drop + 1, len(k2_path))), k2_path
     assert resumed_history.events_of("resume")
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
