@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: TorchScript reads the annotations 
 """
 
 import warnings
+import weakref
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import overload
@@ -230,7 +231,19 @@ class LSTM(nn.RNNBase):
         """What torch.jit.script compiles: this module under _ScriptableLSTM, whose forward has nn.LSTM's signature
         (TorchScript rejects keyword-only arguments, resets; a scripted module runs the native path, which cannot
         take them anyway). torch.jit.script puts what this returns in the parent module's place, so it is this
-        module itself with its class changed for the compiler; its next use from Python changes it back."""
+        module itself with its class changed for the compiler; its next use from Python changes it back, to the
+        class it had (a subclass stays one). A subclass with its own forward is refused: compiling the native
+        path in its place would drop that forward."""
+        cls = type(self)
+        if cls is _ScriptableLSTM:
+            return self
+        if cls.forward is not LSTM.forward:
+            raise RuntimeError(
+                f"torch.jit.script cannot compile {cls.__name__}, a subclass of fastlstm.LSTM with its own forward: "
+                "a scripted fastlstm.LSTM runs nn.LSTM's forward, which would drop it. Use torch.jit.trace or "
+                "torch.export, or subclass torch.nn.LSTM (fastlstm.revert) to script it"
+            )
+        _CLASS_BEFORE_SCRIPT[self] = cls
         self.__class__ = _ScriptableLSTM
         return self
 
@@ -444,11 +457,11 @@ class _ScriptableLSTM(LSTM):
     scripting a model leaves the model as it was."""
 
     def __call__(self, *args, **kwargs):
-        self.__class__ = LSTM
+        _restore_class(self)
         return self(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
-        self.__class__ = LSTM
+        _restore_class(self)
         return self.__reduce_ex__(protocol)
 
     @overload
@@ -465,11 +478,19 @@ class _ScriptableLSTM(LSTM):
 
     def forward(self, input, hx=None):
         if not torch.jit.is_scripting():  # TorchScript compiles only what follows (LSTM.forward says why)
-            self.__class__ = LSTM
+            _restore_class(self)
             return LSTM.forward(self, input, hx)
         if isinstance(input, PackedSequence):
             return self._native_packed(input, hx)
         return self._native_padded(input, hx)
+
+
+# The class each module had when torch.jit.script swapped it (LSTM.__prepare_scriptable__), until it is restored.
+_CLASS_BEFORE_SCRIPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _restore_class(module: LSTM) -> None:
+    module.__class__ = _CLASS_BEFORE_SCRIPT.pop(module, LSTM)
 
 
 def _autocast_dtype(device: torch.device):

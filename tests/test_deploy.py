@@ -173,6 +173,49 @@ def test_scripting_leaves_the_python_model_as_it_was():
     assert type(copy.deepcopy(model).lstm) is fastlstm.LSTM
 
 
+class _NamedLSTM(fastlstm.LSTM):
+    """A subclass that adds a method and keeps LSTM's forward."""
+
+    def describe(self) -> str:
+        return f"{self.num_layers} layers"
+
+
+class _DoubledLSTM(fastlstm.LSTM):
+    """A subclass with its own forward, which a scripted fastlstm.LSTM (nn.LSTM's forward) would drop."""
+
+    def forward(self, input, hx=None):
+        out, state = super().forward(input, hx)
+        return out * 2.0, state
+
+
+class _Holder(nn.Module):
+    def __init__(self, lstm: nn.Module):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def test_scripting_keeps_a_subclass_and_refuses_one_with_its_own_forward():
+    ref = nn.LSTM(3, 4, 2)
+    x = torch.randn(5, 2, 3)
+    named = _Holder(_NamedLSTM(3, 4, 2))
+    named.lstm.load_state_dict(ref.state_dict())
+    scripted = torch.jit.script(named)
+    with torch.no_grad():
+        assert_rel(scripted(x), ref(x)[0], 1e-6, "scripted subclass")
+        named(x)
+    assert type(named.lstm) is _NamedLSTM and named.lstm.describe() == "2 layers"
+    doubled = _Holder(_DoubledLSTM(3, 4, 2))
+    doubled.lstm.load_state_dict(ref.state_dict())
+    with pytest.raises(RuntimeError, match="_DoubledLSTM, a subclass of fastlstm.LSTM with its own forward"):
+        torch.jit.script(doubled)
+    assert type(doubled.lstm) is _DoubledLSTM
+    with torch.no_grad():
+        assert_rel(doubled(x), 2.0 * ref(x)[0], 1e-6, "the subclass's own forward")
+
+
 def test_export_and_tracing_record_no_telemetry_and_leave_the_module_as_it_was():
     _, model = _converted(_Tagger())
     lstm = model.lstm
