@@ -8,6 +8,7 @@ nn.LSTM's layout (batch on dimension 1). Nothing here knows the model, the optim
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,12 +45,35 @@ class Chunk(NamedTuple):
         return [max(0, min(length, b) - a) for length in self.lengths]
 
 
+_DATA_FORM = "data must be one (inputs, targets[, lengths]) tuple of tensors or a sequence of such tuples"
+
+
+def _is_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor)
+
+
+def _whole_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer()
+
+
+def _describe(item) -> str:
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of {len(item)} ({', '.join(type(t).__name__ for t in item)})"
+    return f"a {type(item).__name__}"
+
+
 def as_batches(data, batch_first: bool) -> list:
     """Normalise `(inputs, targets[, lengths])` or a sequence of such tuples into a list of `Streams`."""
-    if isinstance(data, (tuple, list)) and 2 <= len(data) <= 3 and isinstance(data[0], torch.Tensor):
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):  # one batch
+        if not 2 <= len(data) <= 3:
+            raise TypeError(f"{_DATA_FORM}, got {_describe(data)}")
         data = [data]
+    if isinstance(data, torch.Tensor):
+        raise TypeError(_DATA_FORM + ", got one tensor")
     batches = []
     for item in data:
+        if not (isinstance(item, (tuple, list)) and 2 <= len(item) <= 3 and all(_is_tensor(t) for t in item[:2])):
+            raise TypeError(f"{_DATA_FORM}, got {_describe(item)}")
         inputs, targets, *rest = item
         lengths = rest[0] if rest else None
         if inputs.dim() < 2 or targets.dim() < 2:
@@ -63,7 +87,10 @@ def as_batches(data, batch_first: bool) -> list:
         if lengths is None:
             lengths = [steps] * rows
         else:  # read once, before training: lengths belong on the host
-            lengths = [int(v) for v in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+            values = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+            if not all(_whole_number(v) for v in values):
+                raise ValueError(f"lengths must be whole numbers of steps, got {values}")
+            lengths = [int(v) for v in values]
             if len(lengths) != rows or min(lengths) < 1 or max(lengths) > steps:
                 raise ValueError(f"lengths must be {rows} values in [1, {steps}]")
         batches.append(Streams(inputs, targets, lengths))

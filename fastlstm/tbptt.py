@@ -238,6 +238,7 @@ class TBPTTTrainer:
         """Train until `epochs` epochs are complete, continuing from where the trainer stands (after a resume,
         or a previous call stopped by `max_chunks`). Pass the same data every time. Returns the history; with
         max_chunks, the live one (values still in flight are read by `trainer.history`)."""
+        _check_counts(0, epochs=epochs, max_chunks=max_chunks)
         batches = as_batches(data, self.batch_first)
         trained, cursor = 0, self.cursor
         while cursor.epoch < epochs:

@@ -545,6 +545,33 @@ def test_data_without_streams_or_steps_is_refused():
             trainer.fit(streams(rows, steps, 3, 2))
 
 
+def _bad_fit_calls(x, y):
+    """(fit's data, fit's keywords, error, match) that must be refused before any chunk is trained."""
+    return [
+        ((x, y), {"epochs": 1.5}, TypeError, "epochs must be an int"),  # was two epochs (cursor.epoch < 1.5)
+        ((x, y), {"epochs": -1}, ValueError, "epochs must be >= 0"),
+        ((x, y), {"max_chunks": -3}, ValueError, "max_chunks must be >= 0"),
+        ((x, y, [12, 7.5]), {}, ValueError, "whole numbers of steps"),  # was cut to 7
+        ((x, y, [12, 7], 1), {}, TypeError, r"got a tuple of 4 \(Tensor, Tensor, list, int\)"),
+        (x, {}, TypeError, "got one tensor"),
+        ([(x, y), x], {}, TypeError, "got a Tensor"),
+    ]
+
+
+def test_bad_fit_arguments_are_refused_before_training():
+    net = Net()
+    trainer = TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=4)
+    x, y = streams(2, 12, 3, 2)
+    before = copy.deepcopy(net.state_dict())
+    for data, keywords, error, match in _bad_fit_calls(x, y):
+        with pytest.raises(error, match=match):
+            trainer.fit(data, **keywords)
+    assert trainer.chunks == 0
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), before.values()))
+    trainer.fit((x, y, torch.tensor([12.0, 7.0])), max_chunks=1)  # whole numbers in a float tensor are steps
+    assert trainer.chunks == 1
+
+
 @pytest.mark.parametrize("kill_after", [4, 13, 21])
 def test_kill_and_resume_is_bit_identical(tmp_path, kill_after):
     data, val = _resume_data()
