@@ -58,6 +58,10 @@ def chronological_split(length: int, val_fraction: float) -> tuple:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     cut = round(length * (1.0 - val_fraction))
+    if not 0 < cut < length:
+        raise ValueError(
+            f"val_fraction {val_fraction} of {length} rows leaves no {'training' if cut <= 0 else 'validation'} rows"
+        )
     return slice(0, cut), slice(cut, length)
 
 

@@ -16,6 +16,7 @@ at the boundary where one ended, belong to that hunt and start no other.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 
 import torch
@@ -25,6 +26,8 @@ class Sampler:
     """The instrumentation schedule of one Monitor, and the lazily read non-finite flag that extends it."""
 
     def __init__(self, instrument_every: int, window: int):
+        if isinstance(instrument_every, bool) or not isinstance(instrument_every, numbers.Integral):
+            raise TypeError(f"instrument_every must be an int, got {type(instrument_every).__name__}")
         if instrument_every < 1:
             raise ValueError("instrument_every must be >= 1")
         self.instrument_every = int(instrument_every)

@@ -153,7 +153,7 @@ def loss_rose(before: tuple, after: tuple, z: float = LOSS_RISE_Z, minimum: floa
     """Whether the mean loss `after` (mean, variance, count) is significantly above `before`."""
     (m0, v0, n0), (m1, v1, n1) = before, after
     spread = math.sqrt(v0 / max(n0, 1) + v1 / max(n1, 1))
-    return m1 > m0 + z * spread and m1 > m0 * (1.0 + minimum)
+    return m1 > m0 + z * spread and m1 - m0 > minimum * abs(m0)  # relative to the loss's size: losses may be < 0
 
 
 class AdaptiveTruncation:

@@ -16,7 +16,7 @@ import torch
 
 import fastlstm
 from fastlstm import cli, doctor
-from fastlstm.data import load_macrodata
+from fastlstm.data import chronological_split, load_macrodata
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +179,13 @@ def test_embedded_dataset():
     assert data.index[0] == "1959Q1" and data.index[-1] == "2009Q3"
     assert {"realgdp", "unemp", "infl"} <= set(data.columns)
     assert torch.isfinite(torch.as_tensor(data.values)).all()
+
+
+def test_chronological_split_never_leaves_a_side_empty():
+    """The validation rows are the last share of time; a split that would leave no training or no validation row
+    is refused (fitting the standardiser on no rows gave NaN everywhere)."""
+    train, val = chronological_split(10, 0.2)
+    assert (train, val) == (slice(0, 8), slice(8, 10))
+    for length, fraction, side in ((3, 0.1, "validation"), (1, 0.5, "training")):
+        with pytest.raises(ValueError, match=f"no {side} rows"):
+            chronological_split(length, fraction)

@@ -18,6 +18,7 @@ from fastlstm.truncation import (
     AdaptiveTruncation,
     estimate_dependency,
     estimate_state_dependency,
+    loss_rose,
 )
 
 try:
@@ -239,3 +240,12 @@ def test_marker_recall_asks_for_the_marked_value_lag_steps_later():
     asked = flat[:, suite.IS_QUERY] > 0
     want = nn.functional.mse_loss(pred[asked, 0], flat[asked, suite.ANSWER])
     assert float(suite.query_mse(pred, flat)) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_loss_guard_needs_a_rise_of_its_minimum_share_whatever_the_losses_sign(sign):
+    """A 1% rise with no noise is significant but under the 5% minimum, for a loss of -10 as for one of 10 (a
+    Gaussian negative log-likelihood is often below zero); a 10% rise is one."""
+    before = (10.0 * sign, 0.0, 50)
+    assert not loss_rose(before, (10.0 * sign + 0.1, 0.0, 50))
+    assert loss_rose(before, (10.0 * sign + 1.0, 0.0, 50))
