@@ -315,6 +315,11 @@ class ResidualProbe:
         input_energy = F.conv1d(inputs * inputs, mask.unsqueeze(0)).flip(-1)[:, 0]
         residual_energy = (e * e).sum(dim=(0, 1))
         current = [cross.double(), residual_energy.double(), input_energy.double()]
+        # A chunk whose residuals or inputs hold a NaN or inf (the trainer skips its step) adds nothing: one such
+        # value would turn every correlation of the period into NaN. Decided on the device, with no sync; its rows
+        # still count in `count`, which only sets the noise level of the period's correlations.
+        finite = torch.stack([t.isfinite().all() for t in current]).all()
+        current = [torch.where(finite, t, torch.zeros_like(t)) for t in current]
         self.sums = current if self.sums is None else [a + b for a, b in zip(self.sums, current)]
 
     def _project(self, kind: str, t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from fastlstm.truncation import (
     GUARD_CHUNKS,
     USED_GRADIENT,
     AdaptiveTruncation,
+    ResidualProbe,
     estimate_dependency,
     estimate_state_dependency,
     loss_rose,
@@ -249,3 +250,37 @@ def test_the_loss_guard_needs_a_rise_of_its_minimum_share_whatever_the_losses_si
     before = (10.0 * sign, 0.0, 50)
     assert not loss_rose(before, (10.0 * sign + 0.1, 0.0, 50))
     assert loss_rose(before, (10.0 * sign + 1.0, 0.0, 50))
+
+
+def test_a_chunk_with_a_nonfinite_residual_or_input_adds_nothing_to_the_residual_probe():
+    """The trainer skips such a chunk's step; in the probe's sums one NaN made every correlation of the period 0."""
+    rows, steps, lags, features = 2, 5, 3, 2
+    g = torch.Generator().manual_seed(0)
+
+    def chunk(poison: str | None):
+        x = torch.randn(rows, lags + steps, features, generator=g)
+        pred = torch.randn(rows * steps, 1, generator=g, requires_grad=True)
+        target = torch.randn(rows * steps, 1, generator=g)
+        if poison == "input":
+            x[1, lags + 2, 0] = float("nan")
+        if poison == "target":
+            target[3, 0] = float("inf")
+        return x, pred, target
+
+    def run(poisons):
+        probe = ResidualProbe(lags)
+        for poison in poisons:
+            x, pred, target = chunk(poison)
+            probe.watch(pred, x, steps, None, True)
+            ((pred - target) ** 2).sum().backward()
+        return probe.take()[1]
+
+    clean = run([None, None])
+    for poison in ("input", "target"):
+        g.manual_seed(0)
+        poisoned = run([None, poison])
+        g.manual_seed(0)
+        first_only = run([None])
+        for a, b in zip(poisoned, first_only):
+            assert torch.isfinite(a).all() and torch.equal(a, b), poison
+    assert not torch.equal(clean[0], first_only[0])  # the second clean chunk does add
