@@ -2,6 +2,8 @@
 nn.LSTM's exception types: where nn.LSTM has no check and fails on the first use of a malformed argument, the
 exception types of that failure, so that code written to catch nn.LSTM's errors still catches fastlstm's.
 
+Also autocast's rule for the operands of its lower-precision ops, which the dtype checks under autocast follow.
+
 TorchScript compiles the checks the native forward calls (module.LSTM._native_padded, _native_packed).
 """
 
@@ -71,3 +73,26 @@ def _describe(hx) -> str:
 
 def _describe_item(item) -> str:
     return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
+
+
+def autocast_dtype_of(device: torch.device):
+    """The dtype autocast runs its lower-precision ops in on this device, or None outside autocast."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def autocast_operand(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """What autocast makes of an operand of its lower-precision ops: float64 tensors are left as they are."""
+    return t if t.dtype == torch.float64 else t.to(dtype)
+
+
+def check_autocast_dtypes(x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor) -> None:
+    """Under autocast nn.LSTM fails in its first product when a float64 operand meets a cast one (RuntimeError):
+    fastlstm refuses the same mix, naming it, rather than run it in another precision."""
+    for name, t in (("input", x), ("hx", h0), ("cx", c0)):
+        if t.dtype != weight.dtype:
+            raise RuntimeError(
+                f"LSTM under autocast: {name} is {t.dtype} but the weights run in {weight.dtype} (autocast leaves "
+                "float64 tensors as they are); give input, hx and weights one dtype, or run outside autocast"
+            )

@@ -21,7 +21,16 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import native, native_recorded
 from .function import lstm_layer
-from .input_checks import InputTypeError, check_batch_sizes, check_hx_form, check_hx_rank, check_packed_dtype
+from .input_checks import (
+    InputTypeError,
+    autocast_dtype_of,
+    autocast_operand,
+    check_autocast_dtypes,
+    check_batch_sizes,
+    check_hx_form,
+    check_hx_rank,
+    check_packed_dtype,
+)
 from .padding import dropout_between_layers
 from .resets import direction_restarts, time_major_resets
 from .routing import NATIVE_RECORDED, PassShape, check_backend_name, choose
@@ -340,11 +349,11 @@ class LSTM(nn.RNNBase):
             resets = time_major_resets(resets, x, batched, self.batch_first, sorted_indices if packed else None)
 
         weights = self._weights()
-        autocast_dtype = _autocast_dtype(x.device)
+        autocast_dtype = autocast_dtype_of(x.device)
         if autocast_dtype is not None:
-            x, h0, c0 = (_autocast(t, autocast_dtype) for t in (x, h0, c0))
-            weights = [tuple(None if w is None else _autocast(w, autocast_dtype) for w in ws) for ws in weights]
-            _check_autocast_dtypes(x, h0, c0, weights[0][0])
+            x, h0, c0 = (autocast_operand(t, autocast_dtype) for t in (x, h0, c0))
+            weights = [tuple(None if w is None else autocast_operand(w, autocast_dtype) for w in ws) for ws in weights]
+            check_autocast_dtypes(x, h0, c0, weights[0][0])
         device_lengths = None if lengths is None else lengths.to(x.device, non_blocking=True)
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
             out, h_n, c_n = self._run_layers(
@@ -444,7 +453,7 @@ class LSTM(nn.RNNBase):
             # (f·c0 + i·g), which is the same as converting it first.
             c0 = c0.to(input.dtype)
         for name, state in (("hx", h0), ("cx", c0)):
-            if state.dtype != input.dtype and _autocast_dtype(input.device) is None:
+            if state.dtype != input.dtype and autocast_dtype_of(input.device) is None:
                 raise RuntimeError(f"{name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
             if state.device != input.device:
                 raise RuntimeError(f"{name} is on {state.device} but input is on {input.device}")
@@ -491,28 +500,6 @@ _CLASS_BEFORE_SCRIPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _restore_class(module: LSTM) -> None:
     module.__class__ = _CLASS_BEFORE_SCRIPT.pop(module, LSTM)
-
-
-def _autocast_dtype(device: torch.device):
-    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _autocast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """What autocast makes of an operand of its lower-precision ops: float64 tensors are left as they are."""
-    return t if t.dtype == torch.float64 else t.to(dtype)
-
-
-def _check_autocast_dtypes(x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor) -> None:
-    """Under autocast nn.LSTM fails in its first product when a float64 operand meets a cast one (RuntimeError):
-    fastlstm refuses the same mix, naming it, rather than run it in another precision."""
-    for name, t in (("input", x), ("hx", h0), ("cx", c0)):
-        if t.dtype != weight.dtype:
-            raise RuntimeError(
-                f"LSTM under autocast: {name} is {t.dtype} but the weights run in {weight.dtype} (autocast leaves "
-                "float64 tensors as they are); give input, hx and weights one dtype, or run outside autocast"
-            )
 
 
 def _configuration(module: nn.RNNBase) -> tuple:
