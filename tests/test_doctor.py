@@ -186,6 +186,33 @@ def test_subset_disparity_names_the_neglected_subset():
     assert f.evidence["worst_over_median_of_others"] >= doctor.DEFAULT_THRESHOLDS.subset_ratio
 
 
+def _subset_history(subset_losses_per_eval: list) -> dict:
+    evals = [
+        {"step": 10 * i, "epoch": i, "val_loss": float(np.mean(list(s.values()))), "subset_losses": s}
+        for i, s in enumerate(subset_losses_per_eval)
+    ]
+    return {"format": "fastlstm.history/1", "evals": evals}
+
+
+@pytest.mark.parametrize(
+    "subsets",
+    [{"calm": -1.10, "stormy": -1.00}, {"calm": -0.5, "stormy": 3.0}, {"a": 0.0, "b": 0.0}],
+    ids=["negative-nll", "one-negative", "all-zero"],
+)
+def test_subset_disparity_needs_losses_with_a_zero(subsets):
+    # A ratio of losses means nothing for a loss that can go negative, and two perfect subsets differ by nothing.
+    history = _subset_history([subsets] * 3)
+    assert not [f for f in doctor.diagnose(history) if f.code == "subset_disparity"]
+
+
+def test_subset_disparity_with_a_perfect_subset_at_the_first_evaluation():
+    history = _subset_history([{"a": 0.0, "b": 0.5}, {"a": 0.1, "b": 0.5}])
+    (f,) = [f for f in doctor.diagnose(history) if f.code == "subset_disparity"]
+    assert f.evidence["worst_subset"] == "b"
+    assert f.evidence["worst_over_median_of_others"] == pytest.approx(0.5 / 0.1)
+    assert f.evidence["ratio_at_first_eval"] == math.inf  # a perfect reference: any loss is infinitely worse
+
+
 def test_symptoms_point_at_their_cause():
     f = _finding("unscaled_inputs", "gate_saturation")
     assert f.caused_by[0] == "unscaled_inputs" and f.evidence["likely_caused_by"][0] == "unscaled_inputs"

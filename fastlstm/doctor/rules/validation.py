@@ -160,6 +160,13 @@ def rule_val_oscillation(s: Signals) -> list:
     return [Finding("val_oscillation", "warning", message, evidence, remedy)]
 
 
+def _loss_ratio(loss: float, reference: float) -> float:
+    """loss / reference for losses ≥ 0: infinite when only the reference is zero, 1 when both are."""
+    if reference > 0:
+        return loss / reference
+    return math.inf if loss > 0 else 1.0
+
+
 @rule(
     "subset_disparity",
     family="validation",
@@ -174,15 +181,18 @@ def rule_subset_disparity(s: Signals) -> list:
         return []
     last = with_subsets[-1]
     losses = {k: v for k, v in last["subset_losses"].items() if math.isfinite(v)}
+    if min(losses.values()) < 0:
+        return []  # a loss that can be negative (a Gaussian NLL) has no zero to measure a ratio from
     worst = max(losses, key=losses.get)
-    others = np.array([v for k, v in losses.items() if k != worst])
-    reference = float(np.median(others))
-    ratio = losses[worst] / reference if reference > 0 else math.inf
+    reference = float(np.median([v for k, v in losses.items() if k != worst]))
+    ratio = _loss_ratio(losses[worst], reference)
     if ratio < th.subset_ratio:
         return []
     first = with_subsets[0]["subset_losses"]
     first_others = [v for k, v in first.items() if k != worst and math.isfinite(v)]
-    first_ratio = first.get(worst, math.nan) / float(np.median(first_others)) if first_others else math.nan
+    first_ratio = math.nan
+    if first_others and math.isfinite(first.get(worst, math.nan)) and min(first_others + [first[worst]]) >= 0:
+        first_ratio = _loss_ratio(first[worst], float(np.median(first_others)))
     evidence = {
         "step": last["step"],
         "subset_losses": losses,
