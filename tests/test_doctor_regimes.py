@@ -149,6 +149,15 @@ def test_a_lone_spike_is_info_and_repeated_spikes_are_a_warning():
     assert f2.evidence["spike_ratio"] == pytest.approx(500.0 / np.median(base[30:50]), rel=0.05)
 
 
+def test_a_spike_over_the_baseline_floor_is_described_against_the_floor():
+    # Early norms of 100, then 1e-4: the median of the steps before the spikes is 1e-4, the floor 100 / 100 = 1.
+    norm = np.r_[np.full(20, 100.0), np.full(60, 1e-4), [200.0, 1e-4, 1e-4, 300.0], np.full(16, 1e-4)]
+    f = _get(doctor.diagnose(_history(np.geomspace(1.0, 1e-3, norm.size), grad_norm=norm)), "exploding_gradients")
+    floor = np.median(norm[: TH.spike_baseline_steps]) / TH.explode_spike
+    assert f.evidence["baseline_at_max"] == pytest.approx(floor)
+    assert "floor" in f.message and "the median of the 20 steps before it" not in f.message
+
+
 def test_spikes_that_clipping_contains_are_info():
     rng = np.random.default_rng(4)
     norm = 1.0 + 0.1 * rng.standard_normal(100)

@@ -96,10 +96,17 @@ def _spikes(s: Signals, steps: np.ndarray, norms: np.ndarray) -> Finding | None:
     lone = spiking.size < th.spike_min_steps
     held = contained >= th.clip_contains and s.rising is None
     severity = "info" if lone or held else ("error" if ratio[peak] > th.explode_error else "warning")
+    floored = baseline[peak] > float(np.median(norms[max(0, peak - th.spike_baseline_steps) : peak]))
+    against = (
+        f"the floor of its baseline ({num(baseline[peak])}: the median of the first {th.spike_baseline_steps} steps "
+        f"÷ {num(th.explode_spike)}, above the median of the steps before it)"
+        if floored
+        else f"the median of the {th.spike_baseline_steps} steps before it ({num(baseline[peak])})"
+    )
     message = (
         f"The gradient norm (before clipping) spikes to {num(norms[peak])} at step {int(steps[peak])}, "
-        f"{num(ratio[peak])}× the median of the {th.spike_baseline_steps} steps before it ({num(baseline[peak])}; "
-        f"threshold {num(th.explode_spike)}×); {spiking.size} step{'s' if spiking.size != 1 else ''} spiked."
+        f"{num(ratio[peak])}× {against}; threshold {num(th.explode_spike)}×; "
+        f"{spiking.size} step{'s' if spiking.size != 1 else ''} spiked."
     )
     if lone:
         message += " A single spike is not a pattern; it becomes one if it repeats."
