@@ -169,6 +169,26 @@ def test_spikes_that_clipping_contains_are_info():
     assert f.severity == "info" and f.evidence["clipped_share_of_spikes"] == 1.0
 
 
+# ---- gate saturation in several layers ----
+
+
+def test_saturated_layers_are_one_finding_with_each_layers_evidence():
+    def layer(k, saturated):
+        gates = {"i": saturated, "f": 0.1, "g": saturated, "o": 0.1}
+        return {"layer": k, "direction": 0, "elements": 1000, "forget_gate_mean": 0.5, "gate_saturation": gates}
+
+    snapshot = {"layers": [layer(0, 0.9), layer(1, 0.8)]}
+    history = {
+        "format": "fastlstm.history/1",
+        "telemetry": [{"step": s, "lstm": "lstm", "snapshot": snapshot} for s in range(0, 40, 5)],
+    }
+    (f,) = [f for f in doctor.diagnose(history) if f.code == "gate_saturation"]
+    assert f.severity == "warning"
+    recent = [signal["gates"]["i"]["saturated_fraction_recent"] for signal in f.evidence["signals"]]
+    assert recent == pytest.approx([0.9, 0.8])  # layer 0's evidence, then layer 1's
+    assert "layer 0" in f.message and "layer 1" in f.message
+
+
 # ---- truncation by the user's own loop ----
 
 
