@@ -81,12 +81,24 @@ def _run_doctor(args) -> int:
     from .history_view import as_history_dict
     from .jsonio import read_json
 
-    try:
-        history = as_history_dict(read_json(args.path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
-        print(f"fastlstm doctor: cannot read {args.path} as a fastlstm history: {exc}", file=sys.stderr)
+    def unreadable(why) -> int:
+        print(f"fastlstm doctor: cannot read {args.path} as a fastlstm history: {why}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    findings = doctor.diagnose(history)
+
+    try:
+        content = read_json(args.path)
+        if not isinstance(content, dict):  # as_history_dict would take a JSON string for the path of another file
+            return unreadable(f"its JSON is a {type(content).__name__}, not an object")
+        history = as_history_dict(content)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        return unreadable(exc)
+    try:
+        findings = doctor.diagnose(history)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        # The doctor reads fields as docs/history.md defines them; a file of another shape fails on one of them
+        # (a step that is not an object, a loss that is not a number), and a --fail-on run must not take that
+        # for a finding.
+        return unreadable(f"a field does not have docs/history.md's form ({type(exc).__name__}: {exc})")
     try:
         print(doctor.dumps(findings, source=args.path) if args.json else doctor.format_report(findings))
     except BrokenPipeError:  # `fastlstm doctor H | head`: the reader left, which is not an error of ours

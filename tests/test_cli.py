@@ -122,7 +122,17 @@ def test_doctor_fail_on(unscaled_history, capsys):
 
 @pytest.mark.parametrize(
     "content",
-    [None, b"{not json", b"[1, 2]", b"null", b"\xff\xfe", b'{"format": "fastlstm.findings/1", "findings": []}'],
+    [
+        None,
+        b"{not json",
+        b"[1, 2]",
+        b"null",
+        b"\xff\xfe",
+        b'{"format": "fastlstm.findings/1", "findings": []}',
+        b'{"steps": [1, 2]}',
+        b'{"steps": [{"loss": "x"}]}',
+        b'{"inputs": [{"lstm": "a", "count": 5, "mean": [1, 2], "std": [1]}]}',
+    ],
 )
 def test_doctor_unreadable_file(tmp_path, capsys, content):
     # Anything that is not a saved history exits EXIT_UNAVAILABLE with a message, never EXIT_FINDINGS (what
@@ -132,6 +142,13 @@ def test_doctor_unreadable_file(tmp_path, capsys, content):
         path.write_bytes(content)
     assert cli.main(["doctor", str(path)]) == cli.EXIT_UNAVAILABLE
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_doctor_does_not_follow_a_json_string_as_a_path(tmp_path, unscaled_history, capsys):
+    pointer = tmp_path / "pointer.json"
+    pointer.write_text(json.dumps(unscaled_history))  # a file whose JSON names another, real history
+    assert cli.main(["doctor", str(pointer)]) == cli.EXIT_UNAVAILABLE
+    assert f"cannot read {pointer}" in capsys.readouterr().err
 
 
 def test_demo_refuses_a_run_of_no_epochs(capsys):
