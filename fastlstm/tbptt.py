@@ -40,6 +40,7 @@ from .truncation import (
     AdaptiveTruncation,
     DependencyEstimate,
     ResidualProbe,
+    check_estimation,
     estimate_dependency,
     truncation_evidence,
 )
@@ -114,7 +115,7 @@ class TBPTTTrainer:
       dependency_lags: lags of the residual probe (None: automatic, 0: off).
       validate_every: validate every this many chunks (and at each epoch end) when fit gets val_data.
       checkpoint_path, checkpoint_every: save a checkpoint every this many chunks (and at the end of fit).
-      batch_first: layout of the data; default: that of the first fastlstm.LSTM in the model.
+      batch_first: layout of the data; default: that of the first LSTM (fastlstm's or torch's), GRU or RNN.
       shuffle, seed: visit the batches of streams in a per-epoch permutation drawn from (seed, epoch).
       process_group: for the cross-rank reductions under DDP (default: the world).
     """
@@ -163,6 +164,7 @@ class TBPTTTrainer:
             raise ValueError("on_nonfinite must be 'skip' or 'stop'")
         if scheduler_interval not in ("chunk", "epoch"):
             raise ValueError("scheduler_interval must be 'chunk' or 'epoch'")
+        check_estimation(target_bias, reach_fraction)  # a fixed k2 still estimates the dependency, for the history
         self.model = model
         self.core = unwrap_model(model)
         self.optimizer = optimizer
@@ -190,8 +192,9 @@ class TBPTTTrainer:
         self.process_group = process_group
         self.target_bias, self.reach_fraction = float(target_bias), float(reach_fraction)
         self.lstms = named_lstms(model)
-        if batch_first is None:
-            batch_first = next(iter(self.lstms.values())).batch_first if self.lstms else False
+        if batch_first is None:  # the first recurrent module's layout: fastlstm's, or torch's own LSTM, GRU, RNN
+            first = next((m for m in self.core.modules() if isinstance(m, nn.RNNBase)), None)
+            batch_first = first.batch_first if first is not None else False
         self.batch_first = bool(batch_first)
         self.layout = Layout(self.batch_first)
         # The trainer passes each step's norm before clipping itself; the Monitor's optimizer hooks add the norm

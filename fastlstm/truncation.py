@@ -46,6 +46,14 @@ def _tail_rate(g: np.ndarray) -> float:
     return float(math.exp(np.polyfit(lags, np.log(g[lags]), 1)[0]))
 
 
+def check_estimation(target_bias: float, reach_fraction: float) -> None:
+    """The two fractions estimate_dependency takes logarithms of: both strictly between 0 and 1."""
+    if not 0 < target_bias < 1:
+        raise ValueError(f"target_bias must be in (0, 1), got {target_bias!r}")
+    if not 0 < reach_fraction < 1:
+        raise ValueError(f"reach_fraction must be in (0, 1), got {reach_fraction!r}")
+
+
 def estimate_dependency(lag_profile, target_bias: float, reach_fraction: float = USED_GRADIENT):
     """How far back gradients matter, from g[k] = ‖∂L/∂h‖ (or ‖∂L/∂c‖) at lag k = 0..m before the first loss of a
     window. Returns a DependencyEstimate, or None when the profile is too short (m < 2) or not usable
@@ -178,10 +186,9 @@ class AdaptiveTruncation:
     ):
         if not 2 <= k_min <= k_max:
             raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-        if not 0 < target_bias < 1 or not 0 <= smoothing < 1:
-            raise ValueError("target_bias must be in (0, 1) and smoothing in [0, 1)")
-        if not 0 < reach_fraction < 1:
-            raise ValueError("reach_fraction must be in (0, 1)")
+        check_estimation(target_bias, reach_fraction)
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
         self.k_min, self.k_max = int(k_min), int(k_max)
         self.target_bias = float(target_bias)
         self.smoothing = float(smoothing)

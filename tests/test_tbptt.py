@@ -180,12 +180,15 @@ def test_history_holds_the_norm_each_step_used_and_the_update_ratios():
         ({"telemetry_every": 0}, ValueError),
         ({"instrument_every": 0}, ValueError),
         ({"dependency_lags": -1}, ValueError),
+        ({"target_bias": 0.0}, ValueError),  # a fixed k2 still estimates the dependency with both fractions
+        ({"reach_fraction": 1.0}, ValueError),
+        ({"adaptive": True, "smoothing": 1.0}, ValueError),
     ],
 )
 def test_bad_trainer_arguments_are_refused(options, error):
     net = Net()
     arguments = {"k1": 4} | options
-    with pytest.raises(error, match=next(iter(options))):
+    with pytest.raises(error, match=list(options)[-1]):
         TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), **arguments)
 
 
@@ -207,6 +210,37 @@ def test_time_major_data_matches_batch_first():
         TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.2), nn.MSELoss(), k1=3, k2=5).fit(data)
     for p, q in zip(a.parameters(), b.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-12
+
+
+class _TorchLSTMNet(nn.Module):
+    """A model on torch's own nn.LSTM, batch-first: the trainer takes its layout from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, batch_first=True, dtype=torch.float64)
+        self.head = nn.Linear(5, 2, dtype=torch.float64)
+
+    def forward(self, x, state):
+        out, state = self.lstm(x, state)
+        return self.head(out), state
+
+
+def test_the_layout_defaults_to_a_torch_lstms():
+    torch.manual_seed(2)
+    nets = [_TorchLSTMNet(), _TorchLSTMNet()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = streams(4, 40, 3, 2)
+    with pytest.warns(UserWarning, match="no fastlstm.LSTM"):  # nor telemetry: said once per trainer
+        trainers = [
+            TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=8, **told)
+            for net, told in zip(nets, ({}, {"batch_first": True}))
+        ]
+    assert trainers[0].batch_first
+    for trainer in trainers:
+        trainer.fit((x, y))
+    assert trainers[0].chunks == trainers[1].chunks == 5
+    for p, q in zip(*(net.parameters() for net in nets)):
+        assert torch.equal(p, q)
 
 
 def test_estimate_dependency_is_exact_for_geometric_decay():
