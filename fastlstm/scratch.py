@@ -48,7 +48,10 @@ def scratch(role: str, shape, dtype: torch.dtype, device: torch.device) -> torch
     key = (_SHARED.get(role, role), dtype)
     buffer = _BUFFERS.by_role.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = _BUFFERS.by_role[key] = torch.empty(numel, dtype=dtype)
+        # Never an inference tensor: one allocated under torch.inference_mode would refuse every later write from
+        # a pass outside it, in every module of the thread.
+        with torch.inference_mode(False):
+            buffer = _BUFFERS.by_role[key] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 

@@ -378,6 +378,20 @@ def test_scratch_buffers_carry_nothing_from_one_pass_to_the_next():
             assert np.array_equal(getattr(got, field.name), getattr(want, field.name)), field.name
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_pass_under_inference_mode_leaves_later_training_passes_working(backend):
+    """A scratch buffer first allocated under torch.inference_mode must not be an inference tensor: every later
+    pass of the thread, outside that mode, writes into it."""
+    ref = nn.LSTM(INPUT, HIDDEN, dtype=torch.float64)
+    evaluator = fast_like(ref, backend=backend)
+    evaluator.telemetry.record_inference = True  # "auto" records, and so takes scratch, only when told to
+    scratch.release()
+    with torch.inference_mode():
+        evaluator(torch.randn(STEPS, 4, INPUT, dtype=torch.float64))  # larger: the buffers are not reallocated
+    x = leaf(torch.randn(STEPS, 3, INPUT, dtype=torch.float64))
+    assert_module_parity(_auto(ref), ref, x)
+
+
 def test_scratch_is_one_buffer_per_role_on_the_cpu_and_fresh_elsewhere():
     scratch.release()
     small = scratch.scratch("role", (2, 3), torch.float32, CPU)
