@@ -88,8 +88,10 @@ def _per_step(x: torch.Tensor | None) -> tuple | None:
 
 # tanh(x) = 2·σ(2x) − 1, and this CPU build's tanh costs about three sigmoids (torch 2.13, 64×64 float32: 18 µs
 # against 6 µs), so the forward computes both of its tanh through sigmoid. The candidate's pre-activation comes
-# doubled from doubled rows of the input projection and of W_hh, and the loop carries 2·c_t, halved once after the
-# loop: scaling by 2 is exact, so this changes only the rounding of the two tanh.
+# doubled from doubled rows of the input projection and of W_hh: scaling by 2 is exact, so this changes only the
+# rounding of the tanh (a doubled value that overflows is still right: σ(±inf) gives tanh = ±1). The cell state is
+# carried as it is and doubled into tanh's temporary each step: a carried 2·c_t would overflow, and c_n with it,
+# for a c0 beyond half the dtype's largest value, which nn.LSTM takes.
 TANH_VIA_SIGMOID = 2.0
 
 
@@ -124,12 +126,11 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
 
     out = pre.new_empty(steps, batch, h0.shape[-1])
     gates = pre.new_empty(steps, batch, four_h)
-    cells = pre.new_empty(steps, batch, hidden)  # 2·c_t during the loop
-    h_n, c2_n = _forward_loop(
-        pre, h0.to(dtype), c0.to(dtype) * 2.0, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out
+    cells = pre.new_empty(steps, batch, hidden)
+    h_n, c_n = _forward_loop(
+        pre, h0.to(dtype), c0.to(dtype), w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out
     )
-    c_n = c2_n * 0.5  # before halving `cells`, which c2_n may be a view of
-    cells.mul_(0.5)
+    c_n = c_n.clone()  # it may be a view of `cells`, which is saved for the backward
 
     if probe is not None:
         record_forward(probe, xw, pre, gates, cells, out if w_hr is not None else None, active, reverse)
@@ -137,39 +138,43 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     return ForwardResult(out.to(xw.dtype), h_n.to(xw.dtype, copy=True), c_n.to(xw.dtype), (gates, cells))
 
 
-def _forward_loop(pre, h, c2, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out):
-    """Fill gates, cells (with 2·c_t) and out step by step; returns the carried (h, 2·c) after the last step."""
+def _forward_loop(pre, h, c, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out):
+    """Fill gates, cells and out step by step; returns the carried (h, c) after the last step."""
     steps = pre.shape[0]
     pre_t, gates_t, cells_t, out_t = _per_step(pre), _per_step(gates), _per_step(cells), _per_step(out)
     i_t, f_t, g_t, o_t = (_per_step(block) for block in gate_blocks(gates))
     keep_t = _per_step(None if active is None else active.unsqueeze(-1))
     restart_t = _per_step(None if restarts is None else restarts.unsqueeze(-1))
-    h0, c2_0 = h, c2  # what a restart re-injects (two ops per step, only with restarts)
-    tanh_c = torch.empty_like(c2)
-    full = None if w_hr_t is None else torch.empty_like(c2)  # o * tanh(c) before the projection
-    zero, minus_one = c2.new_zeros(()), c2.new_full((), -1.0)  # where(..., out=) and add(..., out=) take tensors
+    h0, c0 = h, c  # what a restart re-injects (two ops per step, only with restarts)
+    tanh_c = torch.empty_like(c)
+    full = None if w_hr_t is None else torch.empty_like(c)  # o * tanh(c) before the projection
+    zero, minus_one = c.new_zeros(()), c.new_full((), -1.0)  # where(..., out=) and add(..., out=) take tensors
+
+    def tanh_of(cell):  # 2σ(2c) − 1 into tanh_c
+        return torch.add(minus_one, torch.sigmoid(torch.mul(cell, 2.0, out=tanh_c), out=tanh_c), alpha=2.0, out=tanh_c)
+
     for t in time_order(steps, reverse):
         if restart_t is not None:
-            h, c2 = torch.where(restart_t[t], h0, h), torch.where(restart_t[t], c2_0, c2)
+            h, c = torch.where(restart_t[t], h0, h), torch.where(restart_t[t], c0, c)
         torch.sigmoid(pre_t[t].addmm_(h, w_hh_t), out=gates_t[t])
         g = torch.add(minus_one, g_t[t], alpha=2.0, out=g_t[t])  # 2σ(2x) − 1 = tanh(x)
         if keep_t is None:
-            c2 = torch.mul(f_t[t], c2, out=cells_t[t]).addcmul_(i_t[t], g, value=2.0)
-            torch.add(minus_one, torch.sigmoid(c2, out=tanh_c), alpha=2.0, out=tanh_c)
+            c = torch.mul(f_t[t], c, out=cells_t[t]).addcmul_(i_t[t], g)
+            tanh_of(c)
             if w_hr_t is None:
                 h = torch.mul(o_t[t], tanh_c, out=out_t[t])
             else:
                 h = torch.mm(torch.mul(o_t[t], tanh_c, out=full), w_hr_t, out=out_t[t])
             continue
         keep = keep_t[t]
-        c2_new = torch.mul(f_t[t], c2).addcmul_(i_t[t], g, value=2.0)
-        c2 = torch.where(keep, c2_new, c2, out=cells_t[t])
-        h_new = torch.mul(o_t[t], torch.add(minus_one, torch.sigmoid(c2_new, out=tanh_c), alpha=2.0, out=tanh_c))
+        c_new = torch.mul(f_t[t], c).addcmul_(i_t[t], g)
+        c = torch.where(keep, c_new, c, out=cells_t[t])
+        h_new = torch.mul(o_t[t], tanh_of(c_new))
         if w_hr_t is not None:
             h_new = h_new @ w_hr_t
         torch.where(keep, h_new, zero, out=out_t[t])
         h = torch.where(keep, h_new, h)
-    return h, c2
+    return h, c
 
 
 # ---- backward ----

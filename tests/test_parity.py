@@ -82,6 +82,20 @@ def test_hx_none_is_zero_state(kind):
     assert_module_parity(fast, ref, x, None, tolerance(torch.float64), to_input=to_input)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("kind", ["padded", "packed_unsorted"])
+def test_a_cell_state_beyond_half_the_largest_float(backend, kind):
+    # nn.LSTM takes a finite c0 of any size; a loop that carried 2·c_t overflowed to an infinite c_n here.
+    ref, _ = make_pair(INPUT, HIDDEN, dtype=torch.float32)
+    fast = fastlstm.LSTM(INPUT, HIDDEN, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    x, to_input, _, batch = _make_input(kind, False, torch.float32)
+    h0, c0 = _make_hx(ref, batch, torch.float32)
+    with torch.no_grad():
+        c0[0, 0, :2] = torch.tensor([2e38, -3e38])  # float32's largest is 3.4e38
+    assert_module_parity(fast, ref, x, (h0, c0), tolerance(torch.float32), to_input=to_input)
+
+
 @pytest.mark.parametrize("form", [tuple, list])
 def test_hx_tuple_and_list(form):
     ref, fast = make_pair(INPUT, HIDDEN, 2, proj_size=PROJ)
