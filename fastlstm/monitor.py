@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .arguments import check_counts
 from .history import EVENT_KINDS, History, stats_entry
 from .recording import (
     DeviceMoments,
@@ -84,8 +85,7 @@ class Monitor:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
-        if every < 1 or (read_every is not None and read_every < 1):
-            raise ValueError("every and read_every must be >= 1")
+        check_counts(every=every, read_every=read_every)
         self.model = model
         self.optimizer = optimizer
         self.every = int(every)
@@ -165,6 +165,8 @@ class Monitor:
         n = self._step
         if lr is None and self.optimizer is not None:
             lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(lr, torch.Tensor):  # a scheduler fills a tensor lr in place before the batched read
+            lr = lr.detach().clone()
         applied = None
         if self.track_grad_norm:
             applied = self._applied if self.optimizer is not None else None

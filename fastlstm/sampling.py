@@ -16,20 +16,18 @@ at the boundary where one ended, belong to that hunt and start no other.
 from __future__ import annotations
 
 import math
-import numbers
 from collections import deque
 
 import torch
+
+from .arguments import check_counts
 
 
 class Sampler:
     """The instrumentation schedule of one Monitor, and the lazily read non-finite flag that extends it."""
 
     def __init__(self, instrument_every: int, window: int):
-        if isinstance(instrument_every, bool) or not isinstance(instrument_every, numbers.Integral):
-            raise TypeError(f"instrument_every must be an int, got {type(instrument_every).__name__}")
-        if instrument_every < 1:
-            raise ValueError("instrument_every must be >= 1")
+        check_counts(instrument_every=instrument_every)
         self.instrument_every = int(instrument_every)
         self.hunt_from: int | None = None  # first step of the hunt in progress
         self.hunts: list = []  # [first step, last step, located] of every finished hunt

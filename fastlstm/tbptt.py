@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .arguments import check_counts
 from .checkpoint import CHECKPOINT_FORMAT, rng_state, set_rng_state, write_checkpoint
 from .distributed import all_reduce_sums, rank_path, start_flag_reduction
 from .history import History
@@ -77,18 +78,6 @@ def _outputs_and_state(result) -> tuple:
             f"the trained model must return (outputs, state), as an nn.LSTM does; it returned {got} (docs/training.md)"
         )
     return result
-
-
-def _check_counts(minimum: int = 1, **counts) -> None:
-    """Each given count (None: not given) is an int >= minimum: a float or a string would be truncated or fail
-    later with a riddle, a zero or negative interval would silently mean something else."""
-    for name, value in counts.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class TBPTTTrainer:
@@ -153,10 +142,10 @@ class TBPTTTrainer:
         process_group=None,
         monitor: Monitor | None = None,
     ):
-        _check_counts(k1=k1, k2=k2, k_min=k_min, k_max=k_max, k_init=k_init, telemetry_every=telemetry_every)
-        _check_counts(read_every=read_every, instrument_every=instrument_every, validate_every=validate_every)
-        _check_counts(val_chunk=val_chunk, checkpoint_every=checkpoint_every)
-        _check_counts(dependency_lags=dependency_lags, minimum=0)
+        check_counts(k1=k1, k2=k2, k_min=k_min, k_max=k_max, k_init=k_init, telemetry_every=telemetry_every)
+        check_counts(read_every=read_every, instrument_every=instrument_every, validate_every=validate_every)
+        check_counts(val_chunk=val_chunk, checkpoint_every=checkpoint_every)
+        check_counts(dependency_lags=dependency_lags, minimum=0)
         real = isinstance(clip_grad_norm, numbers.Real) and not isinstance(clip_grad_norm, bool)
         if clip_grad_norm is not None and not (real and clip_grad_norm > 0):
             raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
@@ -241,7 +230,7 @@ class TBPTTTrainer:
         """Train until `epochs` epochs are complete, continuing from where the trainer stands (after a resume,
         or a previous call stopped by `max_chunks`). Pass the same data every time. Returns the history; with
         max_chunks, the live one (values still in flight are read by `trainer.history`)."""
-        _check_counts(0, epochs=epochs, max_chunks=max_chunks)
+        check_counts(0, epochs=epochs, max_chunks=max_chunks)
         batches = as_batches(data, self.batch_first)
         trained, cursor = 0, self.cursor
         while cursor.epoch < epochs:

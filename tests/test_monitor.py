@@ -259,6 +259,23 @@ def test_a_step_given_something_other_than_one_number_is_refused_and_not_recorde
     assert monitor.history.losses() == [(0, 1.0), (1, 3.0)]
 
 
+def test_a_tensor_learning_rate_is_recorded_as_each_step_used_it():
+    # Adam(lr=tensor) with a scheduler: the scheduler fills the tensor in place before the Monitor's batched read.
+    model = fastlstm.LSTM(2, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.1))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    monitor = Monitor(model, optimizer=opt, every=4)
+    used = []
+    for _ in range(8):
+        model(torch.randn(3, 2, 2))[0].square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        used.append(float(opt.param_groups[0]["lr"]))
+        monitor.step(loss=1.0)
+        scheduler.step()
+    assert [s["lr"] for s in monitor.history.steps] == used
+
+
 def test_monitor_step_reads_nothing_back():
     model = fastlstm.LSTM(3, 4, backend="reference")
     monitor = Monitor(model, every=50, read_every=50)

@@ -122,8 +122,10 @@ def test_a_plain_loop_with_a_sampling_monitor_records_every_loss_and_samples_tel
     assert not lstm.telemetry.suspended
 
 
-def test_instrument_every_must_be_a_positive_int():
-    with pytest.raises(ValueError, match="instrument_every"):
-        fastlstm.Monitor(fastlstm.LSTM(2, 3), instrument_every=0)
-    with pytest.raises(TypeError, match="instrument_every must be an int"):  # 2.5 was taken as 2
-        fastlstm.Monitor(fastlstm.LSTM(2, 3), instrument_every=2.5)
+@pytest.mark.parametrize("name", ["instrument_every", "every", "read_every"])
+def test_the_monitors_periods_must_be_positive_ints(name):
+    with pytest.raises(ValueError, match=name):
+        fastlstm.Monitor(fastlstm.LSTM(2, 3), **{name: 0})
+    for bad in (2.5, True):  # 2.5 was taken as 2, True as 1
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            fastlstm.Monitor(fastlstm.LSTM(2, 3), **{name: bad})
