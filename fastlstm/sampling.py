@@ -51,18 +51,21 @@ class Sampler:
         """The instrumented steps in [first, last] among the recent ones (telemetry windows still being read)."""
         return [step for step, on in self._recent if on and first <= step <= last]
 
-    def watch(self, *values) -> None:
-        """Fold the loss, gradient norm and skip flag of an uninstrumented step (tensors, numbers or None) into the
-        flag. Device operations only."""
-        for value in values:
+    def watch(self, loss, grad_norm, skipped) -> None:
+        """Fold an uninstrumented step into the flag: a loss or gradient norm that is not finite, or a skip flag
+        that is true (as the Monitor reads it: GradScaler's found_inf is a float 1.0). Tensors, numbers or None;
+        device operations only."""
+        for value, is_flag in ((loss, False), (grad_norm, False), (skipped, True)):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                value = torch.tensor(bool(value) if isinstance(value, bool) else not math.isfinite(float(value)))
-            elif value.is_floating_point():
+                value = torch.tensor(bool(value) if is_flag else not math.isfinite(float(value)))
+            elif is_flag:
+                value = value.detach().bool().any()
+            elif value.is_floating_point() or value.is_complex():
                 value = ~torch.isfinite(value.detach()).all()
             else:
-                value = value.detach().bool().any()
+                continue  # an integer loss is always finite
             if self._flag is not None and value.device != self._flag.device:
                 value = value.to(self._flag.device, non_blocking=True)
             self._flag = value if self._flag is None else self._flag | value

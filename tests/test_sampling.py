@@ -122,6 +122,37 @@ def test_a_plain_loop_with_a_sampling_monitor_records_every_loss_and_samples_tel
     assert not lstm.telemetry.suspended
 
 
+@pytest.mark.parametrize(
+    "flag, loss",
+    [
+        (True, 1.0),
+        (torch.tensor(True), 1.0),
+        (1, 1.0),
+        (torch.tensor(1.0), 1.0),  # GradScaler's found_inf: a float tensor that is 1.0 for a skipped step
+        (False, torch.tensor(float("inf"))),
+        (False, float("nan")),
+    ],
+    ids=["bool", "bool-tensor", "int", "float-tensor", "inf-loss", "nan-loss"],
+)
+def test_a_skip_or_a_non_finite_loss_on_an_uninstrumented_step_starts_a_hunt(flag, loss):
+    model = fastlstm.LSTM(2, 3)
+    monitor = fastlstm.Monitor(model, every=2, instrument_every=4)
+    for step in range(12):
+        model(torch.randn(3, 2, 2))[0].square().mean().backward()
+        monitor.step(loss=loss if step == 1 else 1.0, skipped=flag if step == 1 else False)
+    hunts = [e["step"] for e in monitor.history.events if e["kind"] == "telemetry_hunt"]
+    assert hunts == [4]  # the boundary after the one that captured step 1's flag
+
+
+def test_an_integer_loss_starts_no_hunt():
+    model = fastlstm.LSTM(2, 3)
+    monitor = fastlstm.Monitor(model, every=2, instrument_every=4)
+    for _ in range(12):
+        model(torch.randn(3, 2, 2))[0].square().mean().backward()
+        monitor.step(loss=torch.tensor(3))
+    assert not [e for e in monitor.history.events if e["kind"] == "telemetry_hunt"]
+
+
 @pytest.mark.parametrize("name", ["instrument_every", "every", "read_every"])
 def test_the_monitors_periods_must_be_positive_ints(name):
     with pytest.raises(ValueError, match=name):
