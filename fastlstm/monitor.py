@@ -188,7 +188,7 @@ class Monitor:
         if applied is not None:
             self._defer_scalars(entry, grad_norm_applied=applied)
         if self._update is not None:
-            self._defer_scalars(entry, update_ratio=self._update)
+            self._defer_scalars(entry, update_ratio=_zero_where_skipped(self._update, skipped))
         self._grad_norms, self._applied, self._update = {}, None, None
         if isinstance(skipped, torch.Tensor):
             self._reads.add([skipped], lambda v, n=n, e=entry: self._read_skipped(e, n, bool(v)))
@@ -510,3 +510,12 @@ class _InputHook:
 
     def __call__(self, module, args, kwargs):
         self.monitor._record_input(self.name, module, args, kwargs)
+
+
+def _zero_where_skipped(update_ratio: torch.Tensor, skipped) -> torch.Tensor:
+    """A skipped step changed nothing, though the optimizer's post-hook measured the update StepGuard (or the loop)
+    undid after it. On the device: the flag may be a tensor not read yet."""
+    if isinstance(skipped, torch.Tensor):
+        flag = skipped.detach().to(update_ratio.device).bool().any()
+        return torch.where(flag, torch.zeros_like(update_ratio), update_ratio)
+    return torch.zeros_like(update_ratio) if skipped else update_ratio

@@ -204,6 +204,30 @@ def test_monitor_records_a_plain_training_loop():
     monitor.close()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_step_has_an_update_ratio_of_zero(fused):
+    from fastlstm.step_guard import StepGuard
+
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(2, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
+    monitor, guard = Monitor(model, optimizer=opt, every=1), StepGuard(opt)  # a ratio on every step
+    for step in range(3):
+        x = torch.randn(5, 2, 2)
+        x[0, 0, 0] = float("nan") if step == 1 else x[0, 0, 0]
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = model(x)[0].square().mean()
+        opt.zero_grad()
+        loss.backward()
+        bad = ~torch.isfinite(loss)
+        guard.step(bad)
+        monitor.step(loss=loss.detach(), skipped=bad)
+        moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(model.parameters(), before)])
+        want = float(moved / torch.nn.utils.get_total_norm(before))
+        assert monitor.history.steps[step]["update_ratio"] == pytest.approx(want, rel=1e-6, abs=0)
+    assert monitor.history.steps[1]["skipped"] and monitor.history.steps[1]["update_ratio"] == 0
+
+
 def test_skipped_step_event_names_where_the_nan_arose():
     torch.manual_seed(1)
     model = EncoderDecoder()
