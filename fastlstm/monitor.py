@@ -285,7 +285,7 @@ class Monitor:
         closed = self._windows.drain(self._step)
         self._record_windows(closed)
         self._reads.finish()
-        self._resolve_skipped(final=True)
+        self._resolve_skipped()  # an event whose hunt is still open keeps waiting: a read does not end a hunt
         return self._history
 
     @property
@@ -333,6 +333,9 @@ class Monitor:
         self._history.lstms = {**self._history.lstms, **lstms}
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
+        self._unresolved = [
+            e for e in self._history.events if e["kind"] == "nonfinite_step_skipped" and "locations" not in e["detail"]
+        ]
         self._instrument(self._step)
 
     # ---- internals ----
@@ -438,9 +441,10 @@ class Monitor:
             event = self._history.event(step, "nonfinite_step_skipped", detail)
             self._unresolved.append(event)
 
-    def _resolve_skipped(self, final: bool = False) -> None:
+    def _resolve_skipped(self) -> None:
         """Attach to each skipped-step event the first non-finite value of the telemetry windows covering it; for a
-        step that was not instrumented, of the first window after it that located one (the hunt's)."""
+        step that was not instrumented, of the first window after it that located one (the hunt's). An event
+        without `locations` in its detail is still waiting (its first_nonfinite null until then)."""
         waiting = []
         for event in self._unresolved:
             step = event["step"]
@@ -453,7 +457,7 @@ class Monitor:
                 span = None
             else:
                 found, span = self._located_after(step)
-            if not found and not final:
+            if not found:
                 waiting.append(event)
                 continue
             located = [dict(where, lstm=name) for name, where in found.items() if where is not None]

@@ -122,6 +122,43 @@ def test_a_plain_loop_with_a_sampling_monitor_records_every_loss_and_samples_tel
     assert not lstm.telemetry.suspended
 
 
+@pytest.mark.parametrize("interruption", ["read", "resume"])
+def test_a_read_or_a_resume_while_a_hunt_is_open_keeps_the_skipped_steps_location(interruption):
+    """From step 13 on every input is NaN; step 13 is uninstrumented, so the hunt after it locates the NaN. A history
+    read (or a checkpoint, and a resumed Monitor) at step 14 must not close the step's event without it."""
+
+    def run(stop_at=None):
+        torch.manual_seed(0)
+        model = fastlstm.LSTM(2, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = fastlstm.tbptt.StepGuard(opt)
+        monitor = fastlstm.Monitor(model, optimizer=opt, every=4, instrument_every=4)
+        for step in range(32):
+            x = torch.randn(4, 2, 2)
+            if step >= 13:
+                x[1, 0, 0] = float("nan")
+            loss = model(x)[0].square().mean()
+            opt.zero_grad()
+            loss.backward()
+            bad = ~torch.isfinite(loss)
+            guard.step(bad)
+            monitor.step(loss=loss.detach(), skipped=bad)
+            if step == stop_at and interruption == "read":
+                monitor.flush()  # what reading monitor.history does
+            elif step == stop_at:
+                state = monitor.state_dict()
+                monitor.close()
+                monitor = fastlstm.Monitor(model, optimizer=opt, every=4, instrument_every=4)
+                monitor.load_state_dict(state)
+        events = monitor.history.events
+        return next(e for e in events if e["kind"] == "nonfinite_step_skipped" and e["step"] == 13)["detail"]
+
+    uninterrupted, interrupted = run(), run(stop_at=14)
+    assert uninterrupted["first_nonfinite"]["tensor"] == "input" and not uninterrupted["instrumented"]
+    assert interrupted["first_nonfinite"] == uninterrupted["first_nonfinite"]
+    assert "located_in_window" in interrupted
+
+
 @pytest.mark.parametrize(
     "flag, loss",
     [
