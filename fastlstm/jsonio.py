@@ -34,10 +34,14 @@ def to_json_safe(value):
     return value
 
 
+# Fields that hold names, never numbers: a module or a feature may be called "inf", and stays a string.
+TEXT_FIELDS = frozenset({"format", "lstm", "kind", "feature_names", "target_names", "stage", "tensor", "reason"})
+
+
 def from_json_safe(value):
-    """The inverse of `to_json_safe` for values (dict keys are left alone)."""
+    """The inverse of `to_json_safe` for values (dict keys, and the values of TEXT_FIELDS, are left alone)."""
     if isinstance(value, dict):
-        return {k: from_json_safe(v) for k, v in value.items()}
+        return {k: v if k in TEXT_FIELDS else from_json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
         return [from_json_safe(v) for v in value]
     if isinstance(value, str) and value in NONFINITE_STRINGS:

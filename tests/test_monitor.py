@@ -75,6 +75,29 @@ def test_history_json_roundtrip(tmp_path):
         History.from_dict({"format": "something/else"})
 
 
+def test_names_that_read_like_special_floats_stay_names(tmp_path):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inf = fastlstm.LSTM(2, 3)  # a module attribute that happens to be called "inf"
+
+        def forward(self, x):
+            return self.inf(x)[0]
+
+    model = Model()
+    monitor = Monitor(model, every=2)
+    for _ in range(2):
+        model(torch.randn(4, 2, 2)).square().mean().backward()
+        monitor.step(loss=float("nan"))
+    history = monitor.history
+    history.extra["feature_names"] = ["speed", "nan"]
+    history.save(tmp_path / "h.json")
+    loaded = History.load(tmp_path / "h.json")
+    assert loaded.extra["feature_names"] == ["speed", "nan"]
+    assert {entry["lstm"] for entry in loaded.telemetry} == {"inf"} == set(loaded.lstms)
+    assert all(math.isnan(step["loss"]) for step in loaded.steps)  # the floats still come back as floats
+
+
 def test_history_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "history.json"
     _sample_history().save(path)
