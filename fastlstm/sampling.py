@@ -67,7 +67,12 @@ class Sampler:
             else:
                 continue  # an integer loss is always finite
             if self._flag is not None and value.device != self._flag.device:
-                value = value.to(self._flag.device, non_blocking=True)
+                # Always towards the accelerator: a copy from the host is safe unwaited, while a non-blocking copy
+                # of a device value to the host would be read before it landed.
+                if value.device.type == "cpu":
+                    value = value.to(self._flag.device, non_blocking=True)
+                else:
+                    self._flag = self._flag.to(value.device, non_blocking=True)
             self._flag = value if self._flag is None else self._flag | value
 
     def boundary(self, next_step: int, windows: list) -> str | None:

@@ -181,6 +181,16 @@ def test_a_skip_or_a_non_finite_loss_on_an_uninstrumented_step_starts_a_hunt(fla
     assert hunts == [4]  # the boundary after the one that captured step 1's flag
 
 
+def test_the_flag_moves_to_the_device_never_back_to_the_host():
+    # A host loss first, a device norm after it: copying the device value to the host without waiting would read
+    # it before it landed. The meta device stands in for an accelerator: a copy from it fails.
+    sampler = fastlstm.sampling.Sampler(4, 2)
+    sampler.watch(1.0, None, None)
+    sampler.watch(None, torch.tensor(float("nan"), device="meta"), None)
+    sampler.watch(float("nan"), None, False)
+    assert sampler._flag.device.type == "meta"
+
+
 def test_an_integer_loss_starts_no_hunt():
     model = fastlstm.LSTM(2, 3)
     monitor = fastlstm.Monitor(model, every=2, instrument_every=4)
