@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from . import constants as C
 from . import reference
@@ -53,7 +54,8 @@ def check_backend_name(name: str) -> str:
 
 
 def program_transform() -> str | None:
-    """The PyTorch program transform tracing the current pass: "export", "tracing", "torch.func", or None.
+    """The PyTorch program transform tracing the current pass: "export", "tracing", "torch.func", "forward-mode
+    AD", or None.
 
     Ordered so that Dynamo, which evaluates this function while it compiles or exports, only meets calls it folds
     into constants."""
@@ -65,6 +67,8 @@ def program_transform() -> str | None:
         return "tracing"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "torch.func"
+    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): PyTorch's op has forward derivatives
+        return "forward-mode AD"
     return None
 
 

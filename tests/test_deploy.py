@@ -23,9 +23,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fastlstm
 
 try:
-    from support import assert_rel, leaf, make_pair, mixed_lengths, pack, tolerance
+    from support import assert_rel, fast_like, leaf, make_pair, mixed_lengths, pack, tolerance
 except ImportError:  # tests/ turned into a package
-    from tests.support import assert_rel, leaf, make_pair, mixed_lengths, pack, tolerance
+    from tests.support import assert_rel, fast_like, leaf, make_pair, mixed_lengths, pack, tolerance
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
@@ -289,6 +289,23 @@ def test_torch_func_transforms_match_nn_lstm_and_record_nothing():
     assert_rel(f_vjp, r_vjp, tolerance(torch.float64), "vjp")
     assert_rel(f_jac[1], r_jac[1], tolerance(torch.float64), "jacrev input")
     assert fast.telemetry.snapshot().launches == 0  # torch.func passes run PyTorch's op, which records nothing
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_forward_mode_ad_matches_nn_lstm(backend):
+    import torch.autograd.forward_ad as fwAD
+
+    ref, _ = make_pair(3, 4, 2, bidirectional=True)
+    fast = fast_like(ref, backend=backend)
+    x, tangent = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for module in (ref, fast):
+        with fwAD.dual_level():
+            out, (h_n, c_n) = module(fwAD.make_dual(x, tangent))
+            results.append([fwAD.unpack_dual(t) for t in (out, h_n, c_n)])
+    for (r_primal, r_tangent), (f_primal, f_tangent) in zip(*results):
+        assert_rel(f_primal, r_primal, tolerance(torch.float64), "primal")
+        assert_rel(f_tangent, r_tangent, tolerance(torch.float64), "tangent")
 
 
 def test_vmap_fails_exactly_as_for_nn_lstm():
