@@ -69,6 +69,51 @@ def _fit(tmp_path, module, callback, epochs):
     return trainer
 
 
+class _Scheduled(Forecaster):
+    """Halves the learning rate every optimizer step, and keeps what each training_step computed and used."""
+
+    def __init__(self):
+        super().__init__(lr=1e-2)
+        self.seen = []  # (loss, lr) per training_step call
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.seen.append((loss.item(), self.trainer.optimizers[0].param_groups[0]["lr"]))
+        return loss
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        step = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": step, "interval": "step"}}
+
+
+def test_each_step_records_the_lr_it_used_and_its_micro_batches_mean_loss(tmp_path):
+    # Lightning steps the scheduler, and hands over the loss divided by accumulate_grad_batches, before the
+    # callback records the step.
+    module, callback = _Scheduled(), DoctorCallback(stop_on=None, every=2)
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accumulate_grad_batches=2,
+        num_sanity_val_steps=0,
+    )
+    with one_cpu_thread():
+        trainer.fit(module, *_loaders())
+    steps = callback.monitor.history.steps
+    pairs = [module.seen[i : i + 2] for i in range(0, len(module.seen), 2)]  # 6 batches: 3 steps of 2
+    assert len(steps) == len(pairs) == 3
+    for step, pair in zip(steps, pairs):
+        assert step["loss"] == pytest.approx(sum(loss for loss, _ in pair) / 2, rel=1e-6)
+        assert step["lr"] == pytest.approx(pair[-1][1], rel=1e-12)  # the lr in use when the step ran
+    assert [s["lr"] for s in steps] == pytest.approx([1e-2, 5e-3, 2.5e-3])
+
+
 def _logged_columns(trainer) -> set:
     with open(os.path.join(trainer.logger.log_dir, "metrics.csv"), encoding="utf-8") as handle:
         return set(next(csv.reader(handle)))

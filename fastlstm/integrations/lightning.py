@@ -5,7 +5,8 @@
 
 What it does, without host synchronisation in the training step (every device value goes through the Monitor's
 batched, lazy reads):
-  * records each optimizer step: the loss `training_step` returned, the learning rate, the gradient norm before
+  * records each optimizer step: the loss `training_step` returned (the mean over the step's micro-batches under
+    gradient accumulation), the learning rate the step used, the gradient norm before
     clipping (taken in `on_before_optimizer_step`, which Lightning calls before it clips) and the norm the step
     used, the update-to-weight ratio every `every` steps, the LSTMs' telemetry windows and input statistics;
   * logs every closed telemetry window through `LightningModule.log_dict` (host numbers, so any logger gets them:
@@ -82,6 +83,8 @@ class DoctorCallback(Callback):
         self.reported: set = set()  # (code, severity) already printed
         self.stopped_by = None  # the finding that stopped training, if any
         self._grad_norm = None  # before clipping, for the step about to be recorded
+        self._lr = None  # the learning rate that step uses (a scheduler may change it before the step is recorded)
+        self._losses = []  # training_step's losses of the step's micro-batches (gradient accumulation)
         self._stepped = False
         self._to_log: dict = {}
         self._checked = 0  # steps entries already scanned for a non-finite loss
@@ -118,20 +121,29 @@ class DoctorCallback(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in self.monitor._params if p.grad is not None]
         self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        # Lightning steps its schedulers before on_train_batch_end: the lr this step uses is the one read now.
+        lr = optimizer.param_groups[0]["lr"]
+        self._lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            # Lightning hands over the loss divided by accumulate_grad_batches (what it backpropagates).
+            scale = getattr(trainer, "accumulate_grad_batches", 1) if pl_module.automatic_optimization else 1
+            self._losses.append(loss.detach() * scale if isinstance(loss, torch.Tensor) else float(loss) * scale)
         if not self._stepped:  # gradient accumulation: no optimizer step on this batch
             return
         self._stepped = False
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        losses, self._losses = self._losses, []
         targets = self.targets(batch) if self.targets is not None else None
         self.monitor.step(
-            loss=loss.detach() if isinstance(loss, torch.Tensor) else loss,
+            loss=_mean(losses),
+            lr=self._lr,
             grad_norm=self._grad_norm,
             targets=targets.detach() if isinstance(targets, torch.Tensor) else targets,
         )
-        self._grad_norm = None
+        self._grad_norm = self._lr = None
         if self._to_log and self.log_telemetry:
             logged, self._to_log = self._to_log, {}
             pl_module.log_dict(logged, on_step=True, on_epoch=False)
@@ -256,3 +268,15 @@ def _where(loc: dict) -> str:
 
 
 __all__ = ["DoctorCallback"]
+
+
+def _mean(losses: list):
+    """The step's loss: the mean of its micro-batches' losses, on the device when they are tensors (None: none)."""
+    if not losses:
+        return None
+    if len(losses) == 1:
+        return losses[0]
+    device = next((v.device for v in losses if isinstance(v, torch.Tensor)), None)
+    if device is not None:
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in losses]).mean()
+    return sum(losses) / len(losses)
