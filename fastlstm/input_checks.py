@@ -63,6 +63,14 @@ def check_hx_rank(h0: Tensor, c0: Tensor, batched: bool) -> None:
         )
 
 
+def widened_cell_state(c0: Tensor, dtype: torch.dtype) -> Tensor:
+    """c0 in the input's dtype where nn.LSTM's arithmetic promotes it (f·c0 + i·g): a narrower float, an integer or
+    a bool. Converting first gives the same values, and gives PyTorch's op one dtype where oneDNN refuses the mix."""
+    if c0.dtype != dtype and torch.promote_types(c0.dtype, dtype) == dtype:
+        return c0.to(dtype)
+    return c0
+
+
 def _describe(hx) -> str:
     if isinstance(hx, torch.Tensor):
         return f"one tensor of shape {tuple(hx.shape)}"

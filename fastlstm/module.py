@@ -30,6 +30,7 @@ from .input_checks import (
     check_hx_form,
     check_hx_rank,
     check_packed_dtype,
+    widened_cell_state,
 )
 from .padding import dropout_between_layers
 from .resets import direction_restarts, time_major_resets
@@ -271,6 +272,7 @@ class LSTM(nn.RNNBase):
             check_hx_rank(hx[0], hx[1], batched)
             state = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, state, None)
+        state = (state[0], widened_cell_state(state[1], input.dtype))
         out, h_n, c_n = native.lstm(
             input,
             state,
@@ -301,6 +303,7 @@ class LSTM(nn.RNNBase):
         self.check_forward_args(data, state, batch_sizes)
         if hx is not None:
             state = self.permute_hidden(hx, sorted_indices)
+        state = (state[0], widened_cell_state(state[1], data.dtype))
         out, h_n, c_n = native.lstm_packed(
             data,
             batch_sizes,
@@ -448,10 +451,7 @@ class LSTM(nn.RNNBase):
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         self.check_forward_args(input, (h0, c0), batch_sizes)
-        if c0.dtype != input.dtype and torch.promote_types(c0.dtype, input.dtype) == input.dtype:
-            # nn.LSTM's arithmetic promotes a c0 of a narrower float, an integer or a bool dtype to the input's
-            # (f·c0 + i·g), which is the same as converting it first.
-            c0 = c0.to(input.dtype)
+        c0 = widened_cell_state(c0, input.dtype)
         for name, state in (("hx", h0), ("cx", c0)):
             if state.dtype != input.dtype and autocast_dtype_of(input.device) is None:
                 raise RuntimeError(f"{name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")

@@ -540,6 +540,25 @@ def test_a_narrower_c0_is_widened_as_nn_lstm_does(route, c0_dtype):
         assert_rel(a, b, tolerance(F64))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("c0_dtype", [torch.float16, torch.int64, torch.bool])
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_narrower_c0_of_a_float32_layer_is_widened_on_every_route(route, c0_dtype, packed):
+    # With float32 weights nn.LSTM's CPU op (oneDNN) refuses the mix instead of promoting; fastlstm converts c0 on
+    # every route, to what nn.LSTM gives for the converted c0.
+    ref = nn.LSTM(I, H)
+    fast = ROUTES[route](ref)
+    x, h0 = torch.randn(T, B, I), torch.randn(1, B, H)
+    c0 = (torch.randn(1, B, H) * 3).to(c0_dtype)
+    x_in = pack(x, [T, T - 1, 2], False, True) if packed else x
+    expected = ref(x_in, (h0, c0.float()))
+    got = _run_route(route, fast, x_in, (h0, c0))
+    expected_out, got_out = (o.data if packed else o for o in (expected[0], got[0]))
+    for a, b in zip((got_out, *got[1]), (expected_out, *expected[1])):
+        assert a.dtype == b.dtype == torch.float32
+        assert_rel(a, b, tolerance(torch.float32))
+
+
 # ---- conversion ----
 
 
