@@ -13,9 +13,9 @@ import fastlstm
 from fastlstm import routing
 
 try:
-    from support import assert_resets_parity, fast_like, mixed_lengths, pack, random_resets, tolerance
+    from support import assert_rel, assert_resets_parity, fast_like, mixed_lengths, pack, random_resets, tolerance
 except ImportError:  # tests/ turned into a package
-    from tests.support import assert_resets_parity, fast_like, mixed_lengths, pack, random_resets, tolerance
+    from tests.support import assert_rel, assert_resets_parity, fast_like, mixed_lengths, pack, random_resets, tolerance
 
 pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
@@ -110,8 +110,21 @@ def test_unbatched_input_takes_a_time_mask():
     )
 
 
+def _close(a, b) -> bool:
+    """Equal up to float32 rounding, through nested telemetry dicts and lists."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-7, nan_ok=True)
+    return a == b
+
+
 @pytest.mark.parametrize("config", ["one-layer", "two-layers-bidirectional-proj"])
-def test_all_false_resets_give_the_bits_of_no_resets(config):
+def test_all_false_resets_give_the_results_of_no_resets(config):
+    # To rounding, not to the bit: a restart's state is a fresh tensor where the step without one reads a view of the
+    # output, and the CPU's BLAS may round a product of differently aligned operands differently (8e-8 seen).
     _, fast = pair(**CONFIGURATIONS[config])
     fast.float()
     x = torch.randn(STEPS, BATCH, INPUTS)
@@ -129,8 +142,9 @@ def test_all_false_resets_give_the_bits_of_no_resets(config):
             fast.telemetry.reset()
         *tensors_none, tel_none = results[0]
         *tensors_false, tel_false = results[1]
-        assert all(torch.equal(a, b) for a, b in zip(tensors_none, tensors_false))
-        assert tel_none == tel_false
+        for a, b in zip(tensors_none, tensors_false, strict=True):
+            assert_rel(a, b, 1e-6)
+        assert _close(tel_none, tel_false)
 
 
 def test_gradient_is_cut_at_a_reset():
