@@ -120,7 +120,7 @@ FAMILY_SWITCHES = {
 
 
 # Restarts (state resets, docs/resets.md) are compiled for a representative subset only, so that they add under a
-# tenth to the matrix (72 variants to 788) rather than doubling it: in each family that takes them
+# tenth to the matrix (72 variants to 824) rather than doubling it: in each family that takes them
 # (planning.RESTART_FAMILIES; not the Gluon split kernels), the largest aligned and the largest unaligned
 # configuration that takes restarts (planning.split_takes_restarts) with every switch on plus restarts (the most
 # registers a restarts launch can need), and the largest aligned one also with restarts alone. A launch without
