@@ -55,7 +55,7 @@ BACKWARD_TENSORS = ("grad_output", "grad_hidden", "grad_cell", "grad_gates")
 
 # TRITON_INTERPRET as triton 3.6 reads it (a boolean: these values in any case; anything else, "2" or "false"
 # included, leaves its interpreter off), so that fastlstm and triton never disagree on whether kernels interpret.
-_TRUE = ("1", "true", "yes", "on")
+_TRUE = ("1", "true", "yes", "y", "on")
 
 
 def triton_interpreter_on() -> bool:

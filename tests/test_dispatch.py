@@ -88,6 +88,9 @@ def test_every_backend_runs_natively_under_a_program_transform(backend):
         ("true", True),
         ("YES", True),
         ("on", True),
+        ("y", True),
+        ("Y", True),
+        ("t", False),
         ("", False),
         ("0", False),
         ("2", False),
@@ -99,3 +102,5 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
     # reached a triton that was not interpreting and failed there with a message about drivers.
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert C.triton_interpreter_on() is on
+    triton_knobs = pytest.importorskip("triton.knobs")
+    assert triton_knobs.runtime.interpret is on  # the list above is triton's reading, not ours
