@@ -310,6 +310,21 @@ class HostReadGuard:
         self._restore()
 
 
+# ---- a guarded training step ----
+
+
+def guarded_step(model, optimizer, guard, monitor, x) -> torch.Tensor:
+    """One plain training step of a bare LSTM on a squared-output loss: StepGuard skips it on the device when the
+    loss is not finite, and `monitor` records it. Returns the skip flag (a device bool)."""
+    loss = model(x)[0].square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    bad = ~torch.isfinite(loss)
+    guard.step(bad)
+    monitor.step(loss=loss.detach(), skipped=bad)
+    return bad
+
+
 # ---- one CPU thread ----
 
 

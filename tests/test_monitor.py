@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from support import HostReadGuard
+from support import HostReadGuard, guarded_step
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -239,12 +239,7 @@ def test_a_skipped_step_has_an_update_ratio_of_zero(fused):
         x = torch.randn(5, 2, 2)
         x[0, 0, 0] = float("nan") if step == 1 else x[0, 0, 0]
         before = [p.detach().clone() for p in model.parameters()]
-        loss = model(x)[0].square().mean()
-        opt.zero_grad()
-        loss.backward()
-        bad = ~torch.isfinite(loss)
-        guard.step(bad)
-        monitor.step(loss=loss.detach(), skipped=bad)
+        guarded_step(model, opt, guard, monitor, x)
         moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(model.parameters(), before)])
         want = float(moved / torch.nn.utils.get_total_norm(before))
         assert monitor.history.steps[step]["update_ratio"] == pytest.approx(want, rel=1e-6, abs=0)

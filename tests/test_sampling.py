@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from support import Forecaster
+from support import Forecaster, guarded_step
 from torch import nn
 
 import fastlstm
@@ -137,12 +137,7 @@ def test_a_read_or_a_resume_while_a_hunt_is_open_keeps_the_skipped_steps_locatio
             x = torch.randn(4, 2, 2)
             if step >= 13:
                 x[1, 0, 0] = float("nan")
-            loss = model(x)[0].square().mean()
-            opt.zero_grad()
-            loss.backward()
-            bad = ~torch.isfinite(loss)
-            guard.step(bad)
-            monitor.step(loss=loss.detach(), skipped=bad)
+            guarded_step(model, opt, guard, monitor, x)
             if step == stop_at and interruption == "read":
                 monitor.flush()  # what reading monitor.history does
             elif step == stop_at:
