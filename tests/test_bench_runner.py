@@ -454,6 +454,25 @@ def test_gpu_check_worker_reports_each_case_as_a_start_and_a_result_line(tmp_pat
         assert all(result["timing"][mode]["nn.LSTM"]["median_ms"] > 0 for mode in gpu_plan.MODES)
 
 
+def test_gpu_check_worker_exits_after_a_case_that_left_the_device_unusable(tmp_path, capsys, monkeypatch):
+    # On CUDA a device-side assert fails every later call of the process: the rest must run in a fresh worker.
+    from fastlstm.bench import gpu_check, gpu_worker
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(gpu_worker, "measure_problem", broken)
+    monkeypatch.setattr(gpu_worker, "device_usable", lambda device: False)
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([vars(p) for p in GPU_CHECK_TINY[:2]]))
+    code = gpu_check.main(["--worker", str(cases), "--device", "cpu", "--providers", "nn.LSTM"])
+    assert code == gpu_worker.EXIT_DEVICE_LOST
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    first = GPU_CHECK_TINY[0].name
+    assert [(e["event"], e["case"]) for e in events] == [("start", first), ("result", first)]
+    assert events[1]["result"]["status"] == "error" and "fresh" in events[1]["result"]["reason"]
+
+
 def test_gpu_check_kills_a_hung_case_and_carries_on_in_a_fresh_worker(tmp_path):
     from fastlstm.bench import gpu_check
 

@@ -146,6 +146,8 @@ def test_parity_of_each_kernel_family_with_nn_lstm_float64(launched, dtype, hidd
     from fastlstm.kernels import planning
 
     k_pad = 1 << (hidden - 1).bit_length()  # the split kernels' padded H (planning.split_config)
+    if kind == "single" and k_pad > planning.SINGLE_MAX_PAD[dtype]:
+        kind = "split"  # fp32 single programs hold at most 32 units
     limit = planning.split_max_pad(dtype, "ieee", planning.aligned(hidden), cooperative=not planning.host_stepped())
     if kind == "split" and k_pad > limit:
         kind = "streaming"  # fp32 split programs hold a share of at most split_max_pad units
@@ -254,18 +256,21 @@ def test_split_kernels_on_two_streams_do_not_deadlock(launched):
     assert {mode for _, _, mode in launched} == {"cooperative"}
 
 
-def test_host_stepped_exchange_matches_the_cooperative_one(monkeypatch):
+def test_host_stepped_exchange_matches_the_cooperative_one(monkeypatch, launched):
     from fastlstm.kernels import planning
 
     # The same step code compiled with and without its waits: equal up to the compiler's own choices of operation
-    # order, in fp32 with exact dots.
-    model = fastlstm.LSTM(64, 384, device="cuda", backend="triton")
+    # order, in fp32 with exact dots. 256 units: the largest exact fp32 split size outside a cooperative launch
+    # (planning.split_max_pad), so that both modes run the split kernels.
+    model = fastlstm.LSTM(64, 256, device="cuda", backend="triton")
     x = torch.randn(64, 8, 64, device="cuda", requires_grad=True)
     results = []
     for mode in ("cooperative", "host-stepped"):
         monkeypatch.setattr(planning, "EXCHANGE", mode)
+        launched.clear()
         out, (h_n, c_n) = model(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+        assert {(kind, launch_mode) for _, kind, launch_mode in launched} == {("split", mode)}
         results.append((out, h_n, c_n, *grads))
     for cooperative, stepped in zip(*results):
         assert rel_err(stepped, cooperative) <= 1e-6

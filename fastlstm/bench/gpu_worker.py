@@ -112,8 +112,30 @@ def worker(cases_path: str, device_name: str, seed: int, providers=PROVIDERS) ->
                 result = {"status": "ok", **measure_problem(problem, device, seed, providers)}
             except Exception as exc:  # noqa: BLE001 - recorded; the next case still runs
                 result = {"status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                if not device_usable(device):
+                    result["reason"] += "; the device is unusable in this process, the next case gets a fresh one"
+                    _emit({"event": "result", "case": problem.name, "result": jsonio.to_json_safe(result)})
+                    return EXIT_DEVICE_LOST
             _emit({"event": "result", "case": problem.name, "result": jsonio.to_json_safe(result)})
     return 0
+
+
+# A device-side assert (the launcher's guard against a stuck exchange) leaves the process's CUDA context failing every
+# later call: the worker exits after reporting the case, and the supervisor starts a new one for the cases left.
+EXIT_DEVICE_LOST = 3
+
+
+def device_usable(device) -> bool:
+    """Whether the device still runs work in this process (a CUDA error is sticky)."""
+    import torch
+
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - whatever the error, the context cannot be trusted
+        return False
+    return True
 
 
 def _emit(event: dict) -> None:
