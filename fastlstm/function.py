@@ -29,7 +29,7 @@ def lstm_layer(x, h0, c0, weights, lengths, reverse: bool, implementation: str, 
     """One layer-direction. x: [T, B, I]; weights: (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent ones;
     implementation: "reference" | "triton"; probe: where telemetry goes, or None; restarts: [T, B] bool, the steps
     whose entering state is (h0, c0) (reference.py), or None. Returns (out, h_n, c_n)."""
-    telemetry = (None, None, None, 0, 0, 0) if probe is None else tuple(probe)
+    telemetry = (None, None, None, 0, 0, None) if probe is None else tuple(probe)
     return _LSTMLayer.apply(x, h0, c0, *weights, lengths, restarts, *telemetry, reverse, implementation)
 
 
@@ -49,7 +49,7 @@ def recurrence_forward(
     restarts: Tensor | None,
     first: Tensor | None,
     seq: Tensor | None,
-    telemetry_key: int,
+    telemetry_key: Tensor | None,
     slot: int,
     reverse: bool,
     backend: str,
@@ -90,7 +90,7 @@ def recurrence_backward(
     restarts: Tensor | None,
     first: Tensor | None,
     seq: Tensor | None,
-    telemetry_key: int,
+    telemetry_key: Tensor | None,
     slot: int,
     order: int,
     reverse: bool,

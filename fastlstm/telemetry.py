@@ -13,7 +13,6 @@ program, because those run the native implementation, which records nothing (rou
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import weakref
 from typing import NamedTuple
 
@@ -55,22 +54,25 @@ class PassProbe(NamedTuple):
     seq: torch.Tensor  # int64 [1]: the pass number
     slot: int  # layer * num_directions + direction, also the forward launch order
     backward_order: int  # the launch's place in the backward (top-down)
-    key: int  # the Telemetry's registry key
+    key: torch.Tensor  # the Telemetry's registry key (Telemetry.key says why a tensor)
 
 
 # Every live Telemetry by key, so that an op (whose arguments can only be tensors and scalars) finds the counters
 # it writes. Weak: the registry never keeps a module's counters alive.
+#
+# The key is a host tensor, found by its storage, and never read: an integer argument of the ops would be a constant
+# of a compiled graph, so that every module instance compiled its own graph (the ninth failing under fullgraph=True
+# on Dynamo's recompile limit), while a tensor is a graph input, guarded on its dtype and shape only.
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_NEXT_KEY = itertools.count(1)
 
 
-def telemetry_of(key: int) -> Telemetry:
-    return _LIVE[key]
+def telemetry_of(key: torch.Tensor) -> Telemetry:
+    return _LIVE[key.untyped_storage().data_ptr()]
 
 
-def _register(telemetry: Telemetry) -> int:
-    key = next(_NEXT_KEY)
-    _LIVE[key] = telemetry
+def _register(telemetry: Telemetry) -> torch.Tensor:
+    key = torch.zeros(1, dtype=torch.int64)  # its own storage on the host; the value means nothing
+    _LIVE[key.untyped_storage().data_ptr()] = telemetry
     return key
 
 

@@ -97,3 +97,18 @@ def test_telemetry_shapes_never_cause_a_recompile():
     snapshot = model.telemetry.snapshot()
     assert snapshot.launches == 4 * 4 * 2  # 4 passes, 4 layer-directions, forward and backward
     assert len(snapshot.layers[0].grad_norm_per_step) == 1100
+
+
+def test_identical_modules_share_one_graph():
+    """An ensemble compiled in one process: every member records its own telemetry through one graph (a registry key
+    that reached the ops as an integer made each member a recompile, and the ninth a failure under fullgraph)."""
+    torch._dynamo.reset()
+    x = torch.randn(5, 2, 3)
+    members = [fastlstm.LSTM(3, 4, backend="reference") for _ in range(10)]
+    for index, member in enumerate(members):
+        compiled = torch.compile(member, fullgraph=True, dynamic=True, backend="aot_eager")
+        with torch.compiler.set_stance("fail_on_recompile") if index else nullcontext():
+            out, (_, c) = compiled(x)
+            (out.sum() + c.sum()).backward()
+    for member in members:  # each one's counters got its own pass, forward and backward
+        assert member.telemetry.snapshot().launches == 2
