@@ -25,7 +25,7 @@ SOURCES = {
     " partition), DRAM ~650 cycles",
     "rrze-l2-h200": (
         "te42kyfo gpu-benches, gpu-l2-cache/h200.txt (GitHub): all SMs reading a shared data set on an H200,"
-        " 13.5 TB/s at 1.5 MB, 9.7-10.5 TB/s from 4 to 40 MB, 3.89 TB/s once it spills to HBM"
+        " 13.5 TB/s at 1.5 MB, 9.5-10.6 TB/s from 4 to 40 MB, 3.89 TB/s once it spills to HBM"
     ),
     "cuda-guide-banks": (
         "CUDA C++ Programming Guide, shared memory: 32 banks of 4 bytes, each serving one access per clock"
@@ -65,6 +65,7 @@ class Hardware:
     mma_latency: Constant
     barrier_cycles: Constant
     cctl_cycles: Constant
+    poll_release_wait: Constant
     l1_bytes: Constant
     l2_bytes_per_clock_per_sm: Constant
     l2_bandwidth: Constant
@@ -136,6 +137,12 @@ H200 = Hardware(
         "cycles",
         "assumption: CCTL.IVALL invalidates L1 tags without a memory round trip; its"
         " cost is the later misses, which the model charges as L2 latency",
+    ),
+    poll_release_wait=Constant(
+        0.5,
+        "far-L2 trips",
+        "assumption: a strong load polling a flag that another SM releases waits, besides its own trip, for the"
+        " release to reach L2; the release was issued some time before the poll, so half a far-L2 trip on average",
     ),
     l1_bytes=Constant(256 * 1024, "bytes", "hopper-whitepaper"),
     l2_bytes_per_clock_per_sm=Constant(

@@ -163,7 +163,7 @@ class Replay:
                 done = self._port("l2", start, program_bytes / self.l2_rate) if level != "L1" else start
                 latency = done - start + self.latency[level]
                 if "STRONG" in ins.opcode and self.a.cross_program_sync and kind == "global_load":
-                    latency += hw.l2_far_latency.value / 2  # the last producer's release has to land first
+                    latency += hw.poll_release_wait.value * hw.l2_far_latency.value  # the release lands first
                 depth, origin = (self.depth + 1, op.label) if level != "L1" else (self.depth, None)
             if kind == "async_copy":
                 if self.open is None:

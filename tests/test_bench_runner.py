@@ -437,6 +437,22 @@ def test_gpu_check_on_the_cpu_gates_times_and_puts_the_model_beside_each_measure
     assert problem.name in (out / "gpu-check.md").read_text()
 
 
+@pytest.mark.parametrize("name, records", [("fastlstm", True), ("fastlstm-notelemetry", False)])
+def test_a_telemetry_provider_records_in_every_mode(name, records):
+    from fastlstm.bench.cases import MODES, Problem
+    from fastlstm.bench.providers import PROVIDERS, make_inputs, make_step, make_weights, problem_seed
+
+    problem = Problem(8, 2, 4, "fp32")
+    seed = problem_seed(problem, 0)
+    for mode in MODES:
+        module = PROVIDERS[name].build(problem, make_weights(problem, seed), torch.device("cpu"))
+        step = make_step(mode, module, make_inputs(problem, "cpu", 2, mode != "forward", seed + 1))
+        for call in range(2):
+            step(call)
+        recorded = module.telemetry.passes is not None and int(module.telemetry.passes) == 2
+        assert recorded == records, mode  # the forward mode runs under no_grad, and records all the same
+
+
 def test_gpu_check_worker_reports_each_case_as_a_start_and_a_result_line(tmp_path, capsys):
     """The worker's protocol, in this process, through the command line it had inside gpu_check (`--worker`)."""
     from fastlstm.bench import gpu_check, gpu_plan

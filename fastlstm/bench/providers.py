@@ -88,6 +88,9 @@ def _build_fastlstm(telemetry: bool):
             problem.inputs, problem.hidden, **_lstm_kwargs(problem, device), backend=backend, telemetry=telemetry
         )
         module.load_state_dict(weights)
+        # "Telemetry on" in every mode: the forward mode runs under no_grad, where a module records nothing unless
+        # told to (docs/telemetry.md, "Inference").
+        module.telemetry.record_inference = telemetry
         return module
 
     return build
@@ -366,6 +369,8 @@ def check_correctness(problem: Problem, provider: Provider, device, seed: int) -
         torch.randn(*state_shape, problem.hidden, generator=g).to(device),
     )
 
+    # The provider gets the state seeds in its dtype: the reference gets those same values, exactly.
+    grads = (grads[0], *(t.to(inputs.grad_outs[0].dtype) for t in grads[1:]))
     x64, leaf64 = _as_float64(inputs)
     expected = _run_with_grads(reference, x64, leaf64, [t.double() for t in grads], _named_grads)
     module = provider.build(problem, weights, device)
