@@ -54,7 +54,7 @@ class PassProbe(NamedTuple):
     seq: torch.Tensor  # int64 [1]: the pass number
     slot: int  # layer * num_directions + direction, also the forward launch order
     backward_order: int  # the launch's place in the backward (top-down)
-    key: torch.Tensor  # the Telemetry's registry key (Telemetry.key says why a tensor)
+    key: torch.Tensor  # the Telemetry's registry key (a host tensor: the registry below says why)
 
 
 # Every live Telemetry by key, so that an op (whose arguments can only be tensors and scalars) finds the counters
