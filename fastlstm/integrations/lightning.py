@@ -267,9 +267,6 @@ def _where(loc: dict) -> str:
     )
 
 
-__all__ = ["DoctorCallback"]
-
-
 def _mean(losses: list):
     """The step's loss: the mean of its micro-batches' losses, on the device when they are tensors (None: none)."""
     if not losses:
@@ -280,3 +277,6 @@ def _mean(losses: list):
     if device is not None:
         return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in losses]).mean()
     return sum(losses) / len(losses)
+
+
+__all__ = ["DoctorCallback"]
