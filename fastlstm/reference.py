@@ -20,7 +20,8 @@ turns the user's `resets` mask into each direction's `restarts` (fastlstm/resets
 It is also what `backend="auto"` runs on the CPU when a pass records telemetry, so it is written for speed the one
 way eager PyTorch allows. An operation costs a few microseconds whatever its size, so each step issues only what
 the recurrence needs, into buffers allocated once (forward: one GEMM and six pointwise ops; backward: one GEMM and
-four). Everything that does not depend on the previous step is computed for all steps at once: before the
+four; the GEMM through step_product.py, which picks the faster of two CPU libraries for it). Everything that does
+not depend on the previous step is computed for all steps at once: before the
 backward's loop its gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what
 the loop stored.
 """
@@ -33,6 +34,7 @@ import torch
 
 from .reference_telemetry import record_backward, record_forward
 from .scratch import scratch
+from .step_product import StepProduct
 
 
 class ForwardResult(NamedTuple):
@@ -140,7 +142,9 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
 
 def _forward_loop(pre, h, c, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out):
     """Fill gates, cells and out step by step; returns the carried (h, c) after the last step."""
-    steps = pre.shape[0]
+    steps, batch, _ = pre.shape
+    recurrent = StepProduct(w_hh_t, batch, steps)
+    projection = None if w_hr_t is None else StepProduct(w_hr_t, batch, steps)
     pre_t, gates_t, cells_t, out_t = _per_step(pre), _per_step(gates), _per_step(cells), _per_step(out)
     i_t, f_t, g_t, o_t = (_per_step(block) for block in gate_blocks(gates))
     keep_t = _per_step(None if active is None else active.unsqueeze(-1))
@@ -156,7 +160,7 @@ def _forward_loop(pre, h, c, w_hh_t, w_hr_t, active, restarts, reverse, gates, c
     for t in time_order(steps, reverse):
         if restart_t is not None:
             h, c = torch.where(restart_t[t], h0, h), torch.where(restart_t[t], c0, c)
-        torch.sigmoid(pre_t[t].addmm_(h, w_hh_t), out=gates_t[t])
+        torch.sigmoid(recurrent(h, pre_t[t], out=pre_t[t]), out=gates_t[t])
         g = torch.add(minus_one, g_t[t], alpha=2.0, out=g_t[t])  # 2σ(2x) − 1 = tanh(x)
         if keep_t is None:
             c = torch.mul(f_t[t], c, out=cells_t[t]).addcmul_(i_t[t], g)
@@ -164,14 +168,14 @@ def _forward_loop(pre, h, c, w_hh_t, w_hr_t, active, restarts, reverse, gates, c
             if w_hr_t is None:
                 h = torch.mul(o_t[t], tanh_c, out=out_t[t])
             else:
-                h = torch.mm(torch.mul(o_t[t], tanh_c, out=full), w_hr_t, out=out_t[t])
+                h = projection(torch.mul(o_t[t], tanh_c, out=full), out=out_t[t])
             continue
         keep = keep_t[t]
         c_new = torch.mul(f_t[t], c).addcmul_(i_t[t], g)
         c = torch.where(keep, c_new, c, out=cells_t[t])
         h_new = torch.mul(o_t[t], tanh_of(c_new))
-        if w_hr_t is not None:
-            h_new = h_new @ w_hr_t
+        if projection is not None:
+            h_new = projection(h_new)
         torch.where(keep, h_new, zero, out=out_t[t])
         h = torch.where(keep, h_new, h)
     return h, c
@@ -298,6 +302,8 @@ def _backward_loop(
     so multiplying by them is exact: a pass whose restarts are all false gives the bits of a pass without them."""
     steps, batch, four_h = grad_gates.shape
     hidden = four_h // 4
+    recurrent = StepProduct(w_hh, batch, steps)
+    projection = None if w_hr is None else StepProduct(w_hr, batch, steps)
     order = list(time_order(steps, not reverse))
     grad_out_t = _per_step(grad_out)
     gates_t = _per_step(grad_gates)
@@ -326,7 +332,7 @@ def _backward_loop(
         keep = None if keep_t is None else keep_t[t]
         if keep is not None:
             dh = torch.where(keep, grad_out_t[t] + grad_h, zero, out=None if dh_t is None else dh_t[t])
-        dh_full = dh if w_hr is None else torch.mm(dh, w_hr, out=full)
+        dh_full = dh if projection is None else projection(dh, out=full)
         dc = torch.addcmul(grad_c, dh_full, from_hidden_t[t], out=dc_scratch if dc_t is None else dc_t[t])
         torch.mul(dc.unsqueeze(1), from_cell_t[t], out=ifg_t[t])
         torch.mul(dh_full, output_gate_t[t], out=o_t[t])
@@ -334,7 +340,7 @@ def _backward_loop(
             gates_t[t].masked_fill_(~keep, 0.0)
         outgoing, carried_c = gates_t[t], torch.mul(dc, forget_t[t], out=carry_scratch if keep is None else None)
         if restart_t is not None:
-            grad_h0.addmm_(gates_t[t] * restart_t[t], w_hh)
+            recurrent(gates_t[t] * restart_t[t], grad_h0, out=grad_h0)
             grad_c0.addcmul_(carried_c, restart_t[t])
             outgoing = gates_t[t] * kept_t[t]
             carried_c.mul_(kept_t[t])
@@ -342,11 +348,11 @@ def _backward_loop(
             grad_c = carried_c
             if k + 1 < steps:
                 after = order[k + 1]
-                dh = torch.addmm(grad_out_t[after], outgoing, w_hh, out=None if dh_t is None else dh_t[after])
+                dh = recurrent(outgoing, grad_out_t[after], out=None if dh_t is None else dh_t[after])
             else:
-                grad_h = outgoing @ w_hh
+                grad_h = recurrent(outgoing)
             continue
-        grad_h = torch.where(keep, outgoing @ w_hh, grad_h)
+        grad_h = torch.where(keep, recurrent(outgoing), grad_h)
         grad_c = torch.where(keep, carried_c, grad_c)
     if restart_t is not None:
         return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
