@@ -62,3 +62,22 @@ def all_reduce_max(values: list, device, group=None) -> list:
     packed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     return packed.tolist()
+
+
+def check_same_on_every_rank(values: dict, device, group=None) -> None:
+    """Raise ValueError, on every rank at once, where the ranks' host integers `values` differ. The trainer runs a
+    reduction per chunk, so ranks that disagree on how many chunks they train would otherwise wait for ever in a
+    reduction the others never join. One reduction, once per fit call."""
+    if world_size(group) == 1:
+        return
+    names = list(values)
+    mine = [float(values[name]) for name in names]
+    reduced = all_reduce_max(mine + [-v for v in mine], device, group)
+    highest, lowest = reduced[: len(mine)], [-v for v in reduced[len(mine) :]]
+    differ = [f"{name} from {low:g} to {high:g}" for name, high, low in zip(names, highest, lowest) if high != low]
+    if differ:
+        raise ValueError(
+            "under DDP every rank must train the same number of chunks, but the ranks differ in "
+            + ", ".join(differ)
+            + ": give every rank as many batches, each with streams whose longest has the same length on every rank"
+        )

@@ -29,7 +29,7 @@ from torch import nn
 
 from .arguments import check_counts
 from .checkpoint import CHECKPOINT_FORMAT, rng_state, set_rng_state, write_checkpoint
-from .distributed import all_reduce_sums, rank_path, start_flag_reduction
+from .distributed import all_reduce_sums, check_same_on_every_rank, rank_path, start_flag_reduction
 from .history import History
 from .monitor import Monitor
 from .padding import RecurrentLengths, without_padding
@@ -232,6 +232,7 @@ class TBPTTTrainer:
         max_chunks, the live one (values still in flight are read by `trainer.history`)."""
         check_counts(0, epochs=epochs, max_chunks=max_chunks)
         batches = as_batches(data, self.batch_first)
+        self._check_ranks_agree(batches, epochs, max_chunks)
         trained, cursor = 0, self.cursor
         while cursor.epoch < epochs:
             order = self._batch_order(len(batches), cursor.epoch)
@@ -274,6 +275,19 @@ class TBPTTTrainer:
         losses = {name: total / count for name, (total, count) in totals.items()}
         overall = sum(total for total, _ in totals.values()) / sum(count for _, count in totals.values())
         return overall, ({} if None in subsets else losses)
+
+    def _check_ranks_agree(self, batches: list, epochs: int, max_chunks: int | None) -> None:
+        """Under DDP, fail on every rank before the first chunk where the ranks would train different numbers of
+        chunks (a batch trains one chunk per k1 steps of its longest stream)."""
+        device = self._params[0].device if self._params else torch.device("cpu")
+        counts = {
+            "batches": len(batches),
+            "chunks per epoch": sum(-(-streams.longest // self.k1) for streams in batches),
+            "chunks already trained": self._chunks,
+            "epochs": epochs,
+            "max_chunks": -1 if max_chunks is None else max_chunks,
+        }
+        check_same_on_every_rank(counts, device, self.process_group)
 
     # ---- one chunk ----
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -130,3 +131,42 @@ def test_checkpoint_files_are_named_by_global_rank_under_process_subgroups(monke
         written.add(trainer.save_checkpoint(str(tmp_path / "ckpt.pt")))
     assert written == {str(tmp_path / f"ckpt.pt.rank{r}") for r in range(4)}
     assert sorted(os.listdir(tmp_path)) == [f"ckpt.pt.rank{r}" for r in range(4)]
+
+
+def _mismatched_worker(rank, init_file, out_dir):
+    """Rank 1's streams are longer (one chunk more per epoch): both ranks must fail at once, before any chunk."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        net = nn.parallel.DistributedDataParallel(_model())
+        trainer = TBPTTTrainer(net, torch.optim.SGD(net.parameters(), lr=0.1), nn.MSELoss(), k1=3, k2=5)
+        x, y = _data()
+        steps = STEPS if rank == 0 else STEPS + 2  # 5 chunks of 3 steps against 6
+        x, y = torch.nan_to_num(x)[:ROWS_PER_RANK], y[:ROWS_PER_RANK]
+        if steps > STEPS:
+            x, y = torch.cat([x, x[:, :2]], dim=1), torch.cat([y, y[:, :2]], dim=1)
+        try:
+            trainer.fit((x, y), epochs=1)
+            outcome = ("trained", trainer.chunks)
+        except ValueError as error:
+            outcome = ("refused", str(error), trainer.chunks)
+        torch.save(outcome, os.path.join(out_dir, f"mismatch{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_chunk_counts_fail_together_before_training(tmp_path):
+    """Without the check, the rank with more chunks waits in a reduction nobody joins: here it failed once rank 0
+    had finished and closed its connection, and a rank 0 with more to do (another epoch, a validation) would hang."""
+    context = mp.spawn(_mismatched_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung in a reduction")
+    for rank in range(WORLD):
+        outcome = torch.load(tmp_path / f"mismatch{rank}.pt", weights_only=False)
+        assert outcome[0] == "refused", outcome
+        assert "chunks per epoch from 5 to 6" in outcome[1] and outcome[2] == 0
