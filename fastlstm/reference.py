@@ -23,7 +23,8 @@ the recurrence needs, into buffers allocated once (forward: one GEMM and six poi
 four; the GEMM through step_product.py, which picks the faster of two CPU libraries for it). Everything that does
 not depend on the previous step is computed for all steps at once: before the
 backward's loop its gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what
-the loop stored.
+the loop stored. In float32 without lengths, restarts or projection, each step's pointwise ops are one compiled call
+instead (fused_step.py), which in the forward also reduces the step's telemetry while its rows are in cache.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from .reference_telemetry import record_backward, record_forward
+from . import fused_step
+from .reference_telemetry import HIGH, LOW, ForwardReductions, record_backward, record_forward, record_reduced
 from .scratch import scratch
 from .step_product import StepProduct
 
@@ -129,12 +131,18 @@ def recurrence_forward(xw, h0, c0, w_hh, w_hr, lengths, reverse: bool, probe=Non
     out = pre.new_empty(steps, batch, h0.shape[-1])
     gates = pre.new_empty(steps, batch, four_h)
     cells = pre.new_empty(steps, batch, hidden)
-    h_n, c_n = _forward_loop(
-        pre, h0.to(dtype), c0.to(dtype), w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out
-    )
+    h0, c0 = h0.to(dtype), c0.to(dtype)
+    reduced = None
+    fusable = active is None and restarts is None and w_hr is None and pre.numel() > 0
+    if fusable and fused_step.applies(pre, gates, cells, out, c0):
+        h_n, c_n, reduced = _fused_forward_loop(pre, h0, c0, w_hh_t, reverse, gates, cells, out, probe is not None)
+    else:
+        h_n, c_n = _forward_loop(pre, h0, c0, w_hh_t, w_hr_t, active, restarts, reverse, gates, cells, out)
     c_n = c_n.clone()  # it may be a view of `cells`, which is saved for the backward
 
-    if probe is not None:
+    if probe is not None and reduced is not None:
+        record_reduced(probe, xw, reduced, active, reverse)
+    elif probe is not None:
         record_forward(probe, xw, pre, gates, cells, out if w_hr is not None else None, active, reverse)
     # Copies: the final states must not alias `out` (a custom op may not return aliases).
     return ForwardResult(out.to(xw.dtype), h_n.to(xw.dtype, copy=True), c_n.to(xw.dtype), (gates, cells))
@@ -179,6 +187,51 @@ def _forward_loop(pre, h, c, w_hh_t, w_hr_t, active, restarts, reverse, gates, c
         torch.where(keep, h_new, zero, out=out_t[t])
         h = torch.where(keep, h_new, h)
     return h, c
+
+
+def _fused_forward_loop(pre, h, c, w_hh_t, reverse, gates, cells, out, recording: bool):
+    """_forward_loop's loop without lengths, restarts or projection, each step's pointwise work, and with
+    `recording` its telemetry's reductions, one compiled call (fused_step.py): the same arithmetic up to the rounding
+    of its sigmoid. Returns (h_n, c_n, ForwardReductions or None)."""
+    steps, batch, four_h = pre.shape
+    hidden = four_h // 4
+    recurrent = StepProduct(w_hh_t, batch, steps)
+    step = fused_step.library().fastlstm_forward_step
+    stats = fused_step.ForwardStats(steps, LOW, HIGH) if recording else None
+    stats_at = None if stats is None else stats.pointer
+    gate_bytes, state_bytes = batch * four_h * 4, batch * hidden * 4  # one step's rows, float32
+    pre_t, out_t = pre.unbind(0), out.unbind(0)
+    pre_at, gates_at, cells_at, out_at = (t.data_ptr() for t in (pre, gates, cells, out))
+    c_prev = c.data_ptr()
+    for t in time_order(steps, reverse):
+        recurrent(h, pre_t[t], out=pre_t[t])
+        step(
+            pre_at + t * gate_bytes,
+            c_prev,
+            gates_at + t * gate_bytes,
+            cells_at + t * state_bytes,
+            out_at + t * state_bytes,
+            batch,
+            hidden,
+            stats_at,
+            t,
+        )
+        h, c_prev = out_t[t], cells_at + t * state_bytes
+    if steps:
+        c = cells[0 if reverse else -1]
+    if stats is None:
+        return h, c, None
+    elements = torch.tensor(float(steps * batch * hidden), dtype=torch.float64)
+    reduced = ForwardReductions(
+        stats.pre_nonfinite.bool(),
+        stats.cell_nonfinite.bool(),
+        stats.cell_absmax,
+        stats.saturated.double(),
+        elements,
+        stats.forget_sum[0],
+        None,
+    )
+    return h, c, reduced
 
 
 # ---- backward ----
@@ -328,6 +381,8 @@ def _backward_loop(
         return grad_h.clone(), grad_c.clone()
     if keep_t is None:  # later steps get theirs from the previous step's GEMM
         dh = torch.add(grad_out_t[order[0]], grad_h, out=None if dh_t is None else dh_t[order[0]])
+        if restart_t is None and projection is None and _fused_backward_applies(d, grad_c, grad_gates, grad_cell):
+            return _fused_backward_loop(dh, grad_c, d, recurrent, order, grad_out_t, grad_gates, dh_t, grad_cell)
     for k, t in enumerate(order):
         keep = None if keep_t is None else keep_t[t]
         if keep is not None:
@@ -357,3 +412,49 @@ def _backward_loop(
     if restart_t is not None:
         return grad_h0.add_(grad_h), grad_c0.add_(grad_c)
     return grad_h, (grad_c.clone() if keep_t is None else grad_c)  # the padded loop's grad_c is a scratch buffer
+
+
+def _fused_backward_applies(d, grad_c, grad_gates, grad_cell) -> bool:
+    _, batch, four_h = grad_gates.shape
+    tensors = [grad_c, grad_gates, d.from_hidden, d.from_cell, d.output_gate] + (
+        [] if grad_cell is None else [grad_cell]
+    )
+    # The forget gate is read in place, as the f block of the forward's (contiguous) gates.
+    gates_layout = d.forget.stride() == (batch * four_h, four_h, 1) and d.forget.dtype == torch.float32
+    return gates_layout and fused_step.applies(*tensors)
+
+
+def _fused_backward_loop(dh, grad_c, d, recurrent, order, grad_out_t, grad_gates, dh_t, dc_t):
+    """_backward_loop's loop without lengths, restarts or projection, each step's pointwise work one compiled call
+    (fused_step.py): the same products in the same order. Returns (grad_h0, grad_c0)."""
+    steps, batch, four_h = grad_gates.shape
+    hidden = four_h // 4
+    step = fused_step.library().fastlstm_backward_step
+    gate_bytes, state_bytes = batch * four_h * 4, batch * hidden * 4  # one step's rows, float32
+    gates_t = grad_gates.unbind(0)
+    grad_gates_at, forget_at = grad_gates.data_ptr(), d.forget.data_ptr()
+    from_hidden_at, from_cell_at, output_gate_at = (t.data_ptr() for t in (d.from_hidden, d.from_cell, d.output_gate))
+    dc_scratch = None if dc_t is not None else torch.empty_like(grad_c)
+    carries = (torch.empty_like(grad_c), torch.empty_like(grad_c))  # alternated: a step reads one, writes the other
+    carried = grad_c.data_ptr()
+    for k, t in enumerate(order):
+        dc = dc_scratch.data_ptr() if dc_t is None else dc_t.data_ptr() + t * state_bytes
+        carry = carries[k % 2]
+        step(
+            dh.data_ptr(),
+            carried,
+            from_hidden_at + t * state_bytes,
+            from_cell_at + 3 * t * state_bytes,
+            output_gate_at + t * state_bytes,
+            forget_at + t * gate_bytes,
+            dc,
+            grad_gates_at + t * gate_bytes,
+            carry.data_ptr(),
+            batch,
+            hidden,
+        )
+        carried = carry.data_ptr()
+        if k + 1 < steps:
+            after = order[k + 1]
+            dh = recurrent(gates_t[t], grad_out_t[after], out=None if dh_t is None else dh_t[after])
+    return recurrent(gates_t[order[-1]]), carries[(steps - 1) % 2]

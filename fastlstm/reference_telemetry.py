@@ -20,6 +20,8 @@ tensor several times slower than the same work in float).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import constants as C
@@ -27,9 +29,9 @@ from .scratch import scratch
 
 # Saturation thresholds of the four gate blocks (docs/telemetry.md): below LOW[k] or above HIGH is saturated.
 # The candidate g is tanh: |g| > TANH_HIGH is g < -TANH_HIGH or g > TANH_HIGH, and TANH_HIGH == 1 - SIGMOID_LOW.
-_LOW = (C.SIGMOID_LOW, C.SIGMOID_LOW, -C.TANH_HIGH, C.SIGMOID_LOW)
-_HIGH = 1.0 - C.SIGMOID_LOW
-assert C.TANH_HIGH == _HIGH, "one comparison serves all four gates only while the high thresholds agree"
+LOW = (C.SIGMOID_LOW, C.SIGMOID_LOW, -C.TANH_HIGH, C.SIGMOID_LOW)
+HIGH = 1.0 - C.SIGMOID_LOW
+assert C.TANH_HIGH == HIGH, "one comparison serves all four gates only while the high thresholds agree"
 
 
 def record_forward(probe, xw, pre, gates, cells, out, active, reverse: bool) -> None:
@@ -38,22 +40,48 @@ def record_forward(probe, xw, pre, gates, cells, out, active, reverse: bool) -> 
     one step only, may also be a function of a step index tensor [1] returning that step's rows [1, B, 4H]. pre is
     overwritten (its buffer serves as scratch once it has been checked): the callers' pre is theirs to discard."""
     steps, batch, _ = gates.shape
+    if steps * batch == 0:
+        probe.target[C.STAT_LAUNCHES] += 1
+        return
+    pre_bad = _nonfinite_and_absmax(pre, active)[0]
+    saturated, elements, forget_sum = _gate_stats(gates, active, scratch=pre)  # its buffer holds flags from here on
+    cell_bad, cell_absmax = _nonfinite_and_absmax(cells, active)
+    out_bad = None if out is None else _nonfinite_and_absmax(out, active)[0]
+    reduced = ForwardReductions(pre_bad, cell_bad, cell_absmax, saturated, elements, forget_sum, out_bad)
+    record_reduced(probe, xw, reduced, active, reverse)
+
+
+class ForwardReductions(NamedTuple):
+    """What the forward's telemetry keeps of a launch, from record_forward's reductions or from a loop that reduced
+    as it went (reference.py's compiled steps)."""
+
+    pre_bad: torch.Tensor  # [T] bool: a counted pre-activation of step t is NaN/inf
+    cell_bad: torch.Tensor  # [T] bool: likewise a cell state
+    cell_absmax: torch.Tensor  # [T] the largest counted |c_t| (NaN if one is)
+    saturated: torch.Tensor  # [4] float64: saturated elements of each gate block
+    elements: torch.Tensor  # float64: counted elements of one gate block
+    forget_sum: torch.Tensor  # float64: the sum of the counted forget-gate values
+    out_bad: torch.Tensor | None  # [T] bool: likewise the projected output; None without a projection
+
+
+def record_reduced(probe, xw, reduced: ForwardReductions, active, reverse: bool) -> None:
+    """record_forward from its reductions (xw as there)."""
+    steps = reduced.pre_bad.shape[0]
     stats = probe.target
     stats[C.STAT_LAUNCHES] += 1
-    if steps * batch == 0:
-        return
-    order = _launch_order(steps, ascending=not reverse, device=gates.device)
-    key_gates = _first_key(probe, C.STAGE_FORWARD, _nonfinite_and_absmax(pre, active)[0], order, tensor=1)
-    _record_gate_stats(stats, gates, active, scratch=pre)  # pre is read: its buffer holds the flags from here on
-    cell_bad, cell_absmax = _nonfinite_and_absmax(cells, active)
-    stats[C.STAT_CELL_ABSMAX] = torch.maximum(stats[C.STAT_CELL_ABSMAX], cell_absmax.amax().double())
+    order = _launch_order(steps, ascending=not reverse, device=reduced.pre_bad.device)
+    key_gates = _first_key(probe, C.STAGE_FORWARD, reduced.pre_bad, order, tensor=1)
+    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += reduced.saturated
+    stats[C.STAT_ELEMENTS] += reduced.elements
+    stats[C.STAT_FORGET_SUM] += reduced.forget_sum
+    stats[C.STAT_CELL_ABSMAX] = torch.maximum(stats[C.STAT_CELL_ABSMAX], reduced.cell_absmax.amax().double())
     keys = [
         key_gates,
         _earlier_at(key_gates, xw, active, reverse, steps),
-        _first_key(probe, C.STAGE_FORWARD, cell_bad, order, 2),
+        _first_key(probe, C.STAGE_FORWARD, reduced.cell_bad, order, 2),
     ]
-    if out is not None:
-        keys.append(_first_key(probe, C.STAGE_FORWARD, _nonfinite_and_absmax(out, active)[0], order, tensor=3))
+    if reduced.out_bad is not None:
+        keys.append(_first_key(probe, C.STAGE_FORWARD, reduced.out_bad, order, tensor=3))
     _fold(probe, keys)
 
 
@@ -94,12 +122,13 @@ def _squared_norms(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return (norms.double() * scale.double()).square()
 
 
-def _record_gate_stats(stats, gates, active, scratch) -> None:
+def _gate_stats(gates, active, scratch) -> tuple:
+    """(saturated elements of each gate block [4], counted elements of one block, the forget gate's sum), float64."""
     steps, batch, four_h = gates.shape
     hidden = four_h // 4
     rows = gates.view(steps * batch, four_h)
     # Over [T·B, 4H] with one threshold per column: over the [T, B, 4, H] view the same comparison is slower.
-    low = torch.tensor(_LOW, dtype=gates.dtype, device=gates.device).repeat_interleave(hidden)
+    low = torch.tensor(LOW, dtype=gates.dtype, device=gates.device).repeat_interleave(hidden)
     counted = rows.new_ones(rows.shape[0]) if active is None else active.view(-1).to(gates.dtype)
     # The flags are written as 0/1 in the gates' own dtype and counted by a matrix-vector product with the rows'
     # weights (1, or 0 past a sequence's end): on the CPU, comparisons that write bool and reductions of bool or
@@ -107,10 +136,9 @@ def _record_gate_stats(stats, gates, active, scratch) -> None:
     # 10 ms into bool against 3.4 into float32, a column sum 2.4 ms against 1.4 for the product).
     flags = scratch.view(steps * batch, four_h)
     saturated = _per_column_count(torch.lt(rows, low, out=flags), counted)
-    saturated += _per_column_count(torch.gt(rows, _HIGH, out=flags), counted)  # disjoint from the low side
-    stats[C.STAT_SATURATED : C.STAT_SATURATED + 4] += saturated.view(4, hidden).sum(dim=1)
-    stats[C.STAT_ELEMENTS] += counted.sum(dtype=torch.float64) * hidden
-    stats[C.STAT_FORGET_SUM] += (counted @ rows[:, hidden : 2 * hidden]).sum().double()
+    saturated += _per_column_count(torch.gt(rows, HIGH, out=flags), counted)  # disjoint from the low side
+    elements = counted.sum(dtype=torch.float64) * hidden
+    return saturated.view(4, hidden).sum(dim=1), elements, (counted @ rows[:, hidden : 2 * hidden]).sum().double()
 
 
 # A float32 sum of 0/1 values is exact while every partial sum stays below 2**24, whatever the order it adds in:

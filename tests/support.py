@@ -21,10 +21,12 @@ __all__ = [
     "TOLERANCES",
     "Forecaster",
     "HostReadGuard",
+    "assert_float32_parity",
     "assert_module_parity",
     "assert_rel",
     "assert_resets_parity",
     "fast_like",
+    "float32_pair",
     "leaf",
     "lstm_cell_step",
     "make_pair",
@@ -222,6 +224,35 @@ def run_with_grads(module, x, hx=None, weights=None, to_input=None):
     grads = {name: t.grad for name, t in inputs if t.requires_grad}
     grads.update({name: p.grad for name, p in module.named_parameters()})
     return out, h_n, c_n, grads, weights
+
+
+def float32_pair(backend: str, **options):
+    """(float64 nn.LSTM, float32 fastlstm.LSTM) with the same weights: input 6, hidden 12."""
+    ref = nn.LSTM(6, 12, dtype=torch.float64, **options)
+    fast = fastlstm.LSTM(6, 12, dtype=torch.float32, backend=backend, **options)
+    fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    return ref, fast
+
+
+def assert_float32_parity(ref, fast, x, to_input=None):
+    """Outputs, final states and every gradient of fast (float32) against ref (float64), one random loss."""
+    hx = tuple(
+        torch.randn(ref.num_layers * (2 if ref.bidirectional else 1), x.shape[1], size, dtype=torch.float64)
+        for size in (ref.proj_size or ref.hidden_size, ref.hidden_size)
+    )
+    hx = tuple(t.requires_grad_() for t in hx)
+    x = x.requires_grad_()
+    expected = run_with_grads(ref, x, hx, None, to_input)
+    x32 = x.detach().float().requires_grad_()
+    hx32 = tuple(t.detach().float().requires_grad_() for t in hx)
+    weights = tuple(w.float() for w in expected[4])
+    got = run_with_grads(fast, x32, hx32, weights, to_input)
+    for k, name in enumerate(("output", "h_n", "c_n")):
+        want = expected[k].data if k == 0 and to_input is not None else expected[k]
+        have = got[k].data if k == 0 and to_input is not None else got[k]
+        assert_rel(have, want, tolerance(torch.float32), name)
+    for name, grad in expected[3].items():
+        assert_rel(got[3][name], grad, tolerance(torch.float32), f"grad {name}")
 
 
 def assert_module_parity(fast, ref, x, hx=None, tol: float = TOLERANCES["fp64"], *, to_input=None, seed=None):

@@ -17,15 +17,25 @@ from fastlstm import step_product
 from fastlstm.step_product import StepProduct
 
 try:
-    from support import assert_rel, assert_resets_parity, mixed_lengths, pack, random_resets, run_with_grads, tolerance
-except ImportError:  # tests/ turned into a package
-    from tests.support import (
+    from support import (
+        assert_float32_parity,
         assert_rel,
         assert_resets_parity,
+        float32_pair,
         mixed_lengths,
         pack,
         random_resets,
-        run_with_grads,
+        tolerance,
+    )
+except ImportError:  # tests/ turned into a package
+    from tests.support import (
+        assert_float32_parity,
+        assert_rel,
+        assert_resets_parity,
+        float32_pair,
+        mixed_lengths,
+        pack,
+        random_resets,
         tolerance,
     )
 
@@ -77,35 +87,6 @@ def test_the_thresholds_decide_and_only_float32_on_the_cpu_is_reordered():
         assert StepProduct(large, 4, enough).packed is not None
 
 
-def _float32_pair(backend: str, **options):
-    """(float64 nn.LSTM, float32 fastlstm.LSTM) with the same weights."""
-    ref = nn.LSTM(6, 12, dtype=torch.float64, **options)
-    fast = fastlstm.LSTM(6, 12, dtype=torch.float32, backend=backend, **options)
-    fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-    return ref, fast
-
-
-def _assert_float32_parity(ref, fast, x, to_input=None):
-    """Outputs, final states and every gradient of fast (float32) against ref (float64), one random loss."""
-    hx = tuple(
-        torch.randn(ref.num_layers * (2 if ref.bidirectional else 1), x.shape[1], size, dtype=torch.float64)
-        for size in (ref.proj_size or ref.hidden_size, ref.hidden_size)
-    )
-    hx = tuple(t.requires_grad_() for t in hx)
-    x = x.requires_grad_()
-    expected = run_with_grads(ref, x, hx, None, to_input)
-    x32 = x.detach().float().requires_grad_()
-    hx32 = tuple(t.detach().float().requires_grad_() for t in hx)
-    weights = tuple(w.float() for w in expected[4])
-    got = run_with_grads(fast, x32, hx32, weights, to_input)
-    for k, name in enumerate(("output", "h_n", "c_n")):
-        want = expected[k].data if k == 0 and to_input is not None else expected[k]
-        have = got[k].data if k == 0 and to_input is not None else got[k]
-        assert_rel(have, want, F32, name)
-    for name, grad in expected[3].items():
-        assert_rel(got[3][name], grad, F32, f"grad {name}")
-
-
 @needs_onednn
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize(
@@ -120,14 +101,14 @@ def _assert_float32_parity(ref, fast, x, to_input=None):
 )
 def test_loops_through_reordered_weights_match_float64_nn_lstm(packed_everywhere, backend, options, packed):
     torch.manual_seed(0)
-    ref, fast = _float32_pair(backend, **options)
+    ref, fast = float32_pair(backend, **options)
     steps, batch = 9, 4
     x = torch.randn(steps, batch, 6, dtype=torch.float64)
     to_input = None
     if packed:
         lengths = mixed_lengths(steps, batch, sorted_=False)
         to_input = lambda t: pack(t, lengths, False, False)
-    _assert_float32_parity(ref, fast, x, to_input)
+    assert_float32_parity(ref, fast, x, to_input)
     assert packed_everywhere and all(packed_everywhere), "every product of the loops took the reordered weight"
 
 
@@ -148,6 +129,6 @@ def test_restarts_through_reordered_weights_match_float64_nn_lstm(packed_everywh
 
 def test_without_onednn_the_loops_use_the_blas(packed_everywhere, monkeypatch):
     monkeypatch.setattr(step_product, "_packed_ops_available", lambda: False)
-    ref, fast = _float32_pair("reference", bidirectional=True)
-    _assert_float32_parity(ref, fast, torch.randn(9, 4, 6, dtype=torch.float64))
+    ref, fast = float32_pair("reference", bidirectional=True)
+    assert_float32_parity(ref, fast, torch.randn(9, 4, 6, dtype=torch.float64))
     assert packed_everywhere and not any(packed_everywhere)

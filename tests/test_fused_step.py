@@ -1,0 +1,213 @@
+"""The compiled step of the CPU loops (fastlstm/fused_step.py, fastlstm/csrc/fused_step.c): each step's pointwise
+work as one C call in float32 loops without lengths, restarts or projection, PyTorch ops everywhere else.
+
+Held to float64: its sigmoid against float64's over the whole float32 range and at ±inf and NaN; float32 modules
+whose loops take it against a float64 nn.LSTM through autograd; their telemetry against the same modules' with the
+PyTorch-op loops. Also what happens without it: no compiler, a failing compiler, the switch off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastlstm import fused_step, reference
+
+try:
+    from support import assert_float32_parity, float32_pair, mixed_lengths, pack
+except ImportError:  # tests/ turned into a package
+    from tests.support import assert_float32_parity, float32_pair, mixed_lengths, pack
+
+needs_library = pytest.mark.skipif(fused_step.library() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the loops that ran the compiled step, by direction of time ('forward' or 'backward' loop)."""
+    calls = []
+    for name, kind in (("_fused_forward_loop", "forward"), ("_fused_backward_loop", "backward")):
+        original = getattr(reference, name)
+
+        def counting(*args, _original=original, _kind=kind):
+            calls.append(_kind)
+            return _original(*args)
+
+        monkeypatch.setattr(reference, name, counting)
+    return calls
+
+
+@pytest.fixture
+def without_library(monkeypatch):
+    monkeypatch.setattr(fused_step, "library", lambda: None)
+
+
+def _forward_step(pre: torch.Tensor, c_prev: torch.Tensor):
+    """One call of the C forward step on [B, 4H] pre-activations: (gates, c_t, h_t)."""
+    batch, four_h = pre.shape
+    gates, cell, hidden = torch.empty_like(pre), torch.empty_like(c_prev), torch.empty_like(c_prev)
+    fused_step.library().fastlstm_forward_step(
+        pre.data_ptr(),
+        c_prev.data_ptr(),
+        gates.data_ptr(),
+        cell.data_ptr(),
+        hidden.data_ptr(),
+        batch,
+        four_h // 4,
+        None,
+        0,
+    )
+    return gates, cell, hidden
+
+
+@needs_library
+def test_the_sigmoid_is_float64_s_to_a_few_ulp_over_the_float32_range():
+    # Every 97th float32 bit pattern of the finite values in [-120, 120] (past that the sigmoid is 0 or 1 in float32),
+    # and the ends of the range. All four gate blocks hold them; the candidate's block gives 2σ(x) − 1.
+    patterns = torch.arange(0, 2**31, 97, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    values = torch.cat([patterns[patterns.abs() <= 120], -patterns[patterns.abs() <= 120]])
+    hidden = 1024
+    values = values[: values.numel() // (4 * hidden) * 4 * hidden].view(-1, 4 * hidden)
+    gates, _, _ = _forward_step(values, torch.zeros(values.shape[0], hidden))
+    exact = torch.sigmoid(values.double())
+    exact[:, 2 * hidden : 3 * hidden] = 2 * exact[:, 2 * hidden : 3 * hidden] - 1
+    ulp = torch.finfo(torch.float32).eps
+    # Relative to the value, except near tanh's zero, where 2σ(x) − 1 loses digits to cancellation in any method:
+    # there the error is measured against 1 (the scale σ(x) is computed at).
+    scale = exact.abs().clone()
+    scale[:, 2 * hidden : 3 * hidden] = 1.0
+    error = ((gates.double() - exact).abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)).max().item()
+    assert error <= 4 * ulp, f"largest error {error / ulp:.2f} ulp"
+
+
+@needs_library
+def test_the_sigmoid_at_infinities_and_nan_is_pytorch_s():
+    specials = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 89.0, -89.0, 1e-30])
+    pre = specials.repeat(4, 1).t().reshape(2, 16)  # every value in every gate block
+    gates, _, _ = _forward_step(pre, torch.zeros(2, 4))
+    expected = torch.sigmoid(pre)
+    expected.view(2, 4, 4)[:, 2] = 2 * expected.view(2, 4, 4)[:, 2] - 1
+    torch.testing.assert_close(gates, expected, rtol=0, atol=1e-7, equal_nan=True)
+    assert torch.equal(gates.isnan(), pre.isnan())
+
+
+@needs_library
+@pytest.mark.parametrize(
+    "options", [{}, {"bidirectional": True}, {"num_layers": 2, "bidirectional": True}], ids=["plain", "bi", "2-layer"]
+)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_loops_with_the_compiled_step_match_float64_nn_lstm(fused_calls, backend, options):
+    torch.manual_seed(0)
+    ref, fast = float32_pair(backend, **options)
+    assert_float32_parity(ref, fast, torch.randn(9, 4, 6, dtype=torch.float64))
+    directions = 2 if options.get("bidirectional") else 1
+    loops = directions * options.get("num_layers", 1)
+    if backend == "reference":
+        assert fused_calls.count("forward") == loops
+    assert fused_calls.count("backward") == loops  # auto's backward is the reference's (native_recorded.py)
+
+
+@needs_library
+@pytest.mark.parametrize(
+    "dtype,options,packed",
+    [(torch.float64, {}, False), (torch.float32, {"proj_size": 5}, False), (torch.float32, {}, True)],
+    ids=["float64", "projection", "lengths"],
+)
+def test_what_the_compiled_step_does_not_cover_runs_pytorch_ops(fused_calls, dtype, options, packed):
+    torch.manual_seed(1)
+    ref, fast = float32_pair("reference", **options)
+    fast.to(dtype)
+    steps, batch = 9, 4
+    x = torch.randn(steps, batch, 6, dtype=torch.float64)
+    to_input = None
+    if packed:
+        lengths = mixed_lengths(steps, batch, sorted_=False)
+        to_input = lambda t: pack(t, lengths, False, False)
+    if dtype == torch.float32:
+        assert_float32_parity(ref, fast, x, to_input)
+    else:
+        out, _ = fast(x if to_input is None else to_input(x))
+        out.sum().backward()
+    assert fused_calls == []
+
+
+def _telemetry_of_a_pass(x, poison):
+    """The telemetry snapshot of one float32 training pass of the reference backend: x and a random (h0, c0),
+    poisoned where `poison` says (None, "input": a NaN in x[5, 1, 2], "c0": an inf in c0[1, 2, 3])."""
+    torch.manual_seed(2)
+    _, fast = float32_pair("reference", bidirectional=True)
+    x = x.float().clone()
+    h0, c0 = torch.randn(2, x.shape[1], 12), torch.randn(2, x.shape[1], 12)
+    if poison == "input":
+        x[5, 1, 2] = math.nan
+    elif poison == "c0":
+        c0[1, 2, 3] = math.inf
+    out, (h_n, c_n) = fast(x, (h0, c0))
+    (out.square().sum() + h_n.sum() + c_n.sum()).backward()
+    return fast.telemetry.snapshot()
+
+
+@needs_library
+@pytest.mark.parametrize(
+    "poison,where",
+    [(None, None), ("input", (0, 5, "input")), ("c0", (1, 8, "cell"))],  # the reverse direction starts at t = 8
+    ids=["finite", "nan-in-input", "inf-in-c0"],
+)
+def test_telemetry_through_the_compiled_step_is_the_pytorch_loop_s(fused_calls, monkeypatch, poison, where):
+    x = torch.randn(9, 4, 6)
+    fused = _telemetry_of_a_pass(x, poison)
+    assert fused_calls, "the compiled step ran"
+    monkeypatch.setattr(fused_step, "library", lambda: None)
+    plain = _telemetry_of_a_pass(x, poison)
+    assert fused.first_nonfinite == plain.first_nonfinite
+    if where is not None:
+        record = fused.first_nonfinite
+        assert (record.direction, record.timestep, record.tensor, record.stage) == (*where, "forward")
+        return
+    for got, want in zip(fused.layers, plain.layers, strict=True):
+        assert got.elements == want.elements
+        assert got.gate_saturation == pytest.approx(want.gate_saturation, abs=1e-3)
+        assert got.forget_gate_mean == pytest.approx(want.forget_gate_mean, rel=1e-5)
+        assert got.cell_absmax == pytest.approx(want.cell_absmax, rel=1e-5)
+        np.testing.assert_allclose(got.grad_norm_per_step, want.grad_norm_per_step, rtol=1e-5)
+        np.testing.assert_allclose(got.cell_grad_norm_per_step, want.cell_grad_norm_per_step, rtol=1e-5)
+        np.testing.assert_array_equal(got.backward_passes, want.backward_passes)
+
+
+def test_without_the_library_the_loops_run_pytorch_ops(fused_calls, without_library):
+    ref, fast = float32_pair("reference", bidirectional=True)
+    assert_float32_parity(ref, fast, torch.randn(9, 4, 6, dtype=torch.float64))
+    assert fused_calls == []
+
+
+def _fresh_library(monkeypatch, tmp_path, **environment):
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    fused_step.library.cache_clear()
+    try:
+        return fused_step.library()
+    finally:
+        fused_step.library.cache_clear()  # the next caller builds (or finds) the machine's own again
+
+
+def test_a_failing_compiler_warns_and_leaves_the_pytorch_ops(monkeypatch, tmp_path):
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert _fresh_library(monkeypatch, tmp_path, CC="false") is None
+    assert list(tmp_path.glob("*.so")) == []
+
+
+def test_no_compiler_and_the_switch_off_leave_the_pytorch_ops(monkeypatch, tmp_path):
+    assert _fresh_library(monkeypatch, tmp_path, CC="no-such-compiler-here") is None
+    assert _fresh_library(monkeypatch, tmp_path, FASTLSTM_FUSED_STEP="0") is None
+
+
+@needs_library
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    assert _fresh_library(monkeypatch, tmp_path) is not None
+    (built,) = tmp_path.glob("fused_step-*.so")
+    stamp = built.stat().st_mtime_ns
+    assert _fresh_library(monkeypatch, tmp_path) is not None
+    assert built.stat().st_mtime_ns == stamp, "a second load reuses the cached build"
