@@ -101,7 +101,7 @@ def library():
         return None
     lib.fastlstm_forward_step.argtypes = [_FLOAT_P] * 5 + [_INT64] * 2 + [ctypes.c_void_p, _INT64]
     lib.fastlstm_forward_step.restype = None
-    lib.fastlstm_backward_step.argtypes = [_FLOAT_P] * 9 + [_INT64] * 2
+    lib.fastlstm_backward_step.argtypes = [_FLOAT_P] * 8 + [_INT64] * 2 + [ctypes.c_void_p, _INT64]
     lib.fastlstm_backward_step.restype = None
     return lib
 
@@ -145,3 +145,28 @@ class ForwardStats:
     @property
     def cell_absmax(self) -> torch.Tensor:
         return self._cell_absmax_bits.view(torch.float32)
+
+
+class _BackwardStatsStruct(ctypes.Structure):
+    _fields_ = [  # csrc/fused_step.c, backward_stats
+        ("hidden_nonfinite", ctypes.c_void_p),
+        ("cell_nonfinite", ctypes.c_void_p),
+        ("gates_nonfinite", ctypes.c_void_p),
+        ("hidden_sumsq", ctypes.c_void_p),
+        ("cell_sumsq", ctypes.c_void_p),
+    ]
+
+
+class BackwardStats:
+    """What the compiled steps of a recording backward reduce as they go, for reference_telemetry.record_backward:
+    per step whether dL/dh_t, dL/dc_t and the gate gradients are NaN/inf, and the squared norms of dL/dh_t and
+    dL/dc_t (float64)."""
+
+    def __init__(self, steps: int):
+        self.hidden_nonfinite, self.cell_nonfinite, self.gates_nonfinite = (
+            torch.zeros(steps, dtype=torch.int32) for _ in range(3)
+        )
+        self.hidden_sumsq, self.cell_sumsq = (torch.zeros(steps, dtype=torch.float64) for _ in range(2))
+        fields = (self.hidden_nonfinite, self.cell_nonfinite, self.gates_nonfinite, self.hidden_sumsq, self.cell_sumsq)
+        self._struct = _BackwardStatsStruct(*(t.data_ptr() for t in fields))
+        self.pointer = ctypes.addressof(self._struct)

@@ -34,7 +34,16 @@ from typing import NamedTuple
 import torch
 
 from . import fused_step
-from .reference_telemetry import HIGH, LOW, ForwardReductions, record_backward, record_forward, record_reduced
+from .reference_telemetry import (
+    HIGH,
+    LOW,
+    BackwardReductions,
+    ForwardReductions,
+    record_backward,
+    record_backward_reduced,
+    record_forward,
+    record_reduced,
+)
 from .scratch import scratch
 from .step_product import StepProduct
 
@@ -260,10 +269,14 @@ def recurrence_backward(
     active = active_mask(lengths, steps)
     restarts = counted_restarts(restarts, active)
     grad_out = grad_out.to(dtype)
+    grad_gates = gates.new_empty(steps, batch, four_h) if grad_gates is None else grad_gates
+    fusable = active is None and restarts is None and w_hr is None and gates.numel() > 0
+    inputs = (grad_out, grad_hn.to(dtype), grad_cn.to(dtype), c0.to(dtype), gates, cells, grad_gates)
+    if fusable and fused_step.applies(*inputs):
+        return _fused_backward(*inputs, w_hh_c, reverse, probe)
     tanh_c = tanh_via_sigmoid(cells, out=scratch("tanh_c", cells.shape, dtype, cells.device))
     derivatives = _GateDerivatives(gates, cells, tanh_c, c0.to(dtype), reverse, restarts)
 
-    grad_gates = gates.new_empty(steps, batch, four_h) if grad_gates is None else grad_gates
     # dL/dh_t of every step (zero past each sequence's end): dW_hr needs it with a projection (and so it is returned
     # then), telemetry always.
     hidden_shape = (steps, batch, grad_hn.shape[-1])
@@ -381,8 +394,6 @@ def _backward_loop(
         return grad_h.clone(), grad_c.clone()
     if keep_t is None:  # later steps get theirs from the previous step's GEMM
         dh = torch.add(grad_out_t[order[0]], grad_h, out=None if dh_t is None else dh_t[order[0]])
-        if restart_t is None and projection is None and _fused_backward_applies(d, grad_c, grad_gates, grad_cell):
-            return _fused_backward_loop(dh, grad_c, d, recurrent, order, grad_out_t, grad_gates, dh_t, grad_cell)
     for k, t in enumerate(order):
         keep = None if keep_t is None else keep_t[t]
         if keep is not None:
@@ -414,47 +425,53 @@ def _backward_loop(
     return grad_h, (grad_c.clone() if keep_t is None else grad_c)  # the padded loop's grad_c is a scratch buffer
 
 
-def _fused_backward_applies(d, grad_c, grad_gates, grad_cell) -> bool:
-    _, batch, four_h = grad_gates.shape
-    tensors = [grad_c, grad_gates, d.from_hidden, d.from_cell, d.output_gate] + (
-        [] if grad_cell is None else [grad_cell]
-    )
-    # The forget gate is read in place, as the f block of the forward's (contiguous) gates.
-    gates_layout = d.forget.stride() == (batch * four_h, four_h, 1) and d.forget.dtype == torch.float32
-    return gates_layout and fused_step.applies(*tensors)
-
-
-def _fused_backward_loop(dh, grad_c, d, recurrent, order, grad_out_t, grad_gates, dh_t, dc_t):
-    """_backward_loop's loop without lengths, restarts or projection, each step's pointwise work one compiled call
-    (fused_step.py): the same products in the same order. Returns (grad_h0, grad_c0)."""
-    steps, batch, four_h = grad_gates.shape
+def _fused_backward(grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, w_hh, reverse, probe) -> BackwardResult:
+    """recurrence_backward without lengths, restarts or projection, in float32: each step's pointwise work, its gate
+    derivatives and, with a probe, its telemetry's reductions one compiled call (fused_step.py), the matrix product
+    as in _backward_loop. The same arithmetic up to the rounding of the sigmoid that recomputes tanh(c_t)."""
+    steps, batch, four_h = gates.shape
     hidden = four_h // 4
+    recurrent = StepProduct(w_hh, batch, steps)
     step = fused_step.library().fastlstm_backward_step
+    stats = None if probe is None else fused_step.BackwardStats(steps)
+    stats_at = None if stats is None else stats.pointer
     gate_bytes, state_bytes = batch * four_h * 4, batch * hidden * 4  # one step's rows, float32
-    gates_t = grad_gates.unbind(0)
-    grad_gates_at, forget_at = grad_gates.data_ptr(), d.forget.data_ptr()
-    from_hidden_at, from_cell_at, output_gate_at = (t.data_ptr() for t in (d.from_hidden, d.from_cell, d.output_gate))
-    dc_scratch = None if dc_t is not None else torch.empty_like(grad_c)
-    carries = (torch.empty_like(grad_c), torch.empty_like(grad_c))  # alternated: a step reads one, writes the other
-    carried = grad_c.data_ptr()
+    grad_gates_t, grad_out_t = grad_gates.unbind(0), grad_out.unbind(0)
+    gates_at, cells_at, grad_gates_at = gates.data_ptr(), cells.data_ptr(), grad_gates.data_ptr()
+    first = steps - 1 if reverse else 0  # the step whose c_{t-1} is c0
+    before = 1 if reverse else -1  # where c_{t-1} lies from step t
+    dc = torch.empty_like(grad_cn)  # per step, read only by the telemetry
+    dh_next = (torch.empty_like(grad_hn), torch.empty_like(grad_hn))  # alternated: a step reads one, fills the other
+    carries = (torch.empty_like(grad_cn), torch.empty_like(grad_cn))  # likewise dL/dc_{t-1}
+    order = list(time_order(steps, not reverse))
+    dh, carried = torch.add(grad_out_t[order[0]], grad_hn), grad_cn.data_ptr()
     for k, t in enumerate(order):
-        dc = dc_scratch.data_ptr() if dc_t is None else dc_t.data_ptr() + t * state_bytes
+        c_prev = c0.data_ptr() if t == first else cells_at + (t + before) * state_bytes
         carry = carries[k % 2]
         step(
             dh.data_ptr(),
             carried,
-            from_hidden_at + t * state_bytes,
-            from_cell_at + 3 * t * state_bytes,
-            output_gate_at + t * state_bytes,
-            forget_at + t * gate_bytes,
-            dc,
+            gates_at + t * gate_bytes,
+            cells_at + t * state_bytes,
+            c_prev,
+            dc.data_ptr(),
             grad_gates_at + t * gate_bytes,
             carry.data_ptr(),
             batch,
             hidden,
+            stats_at,
+            t,
         )
         carried = carry.data_ptr()
         if k + 1 < steps:
-            after = order[k + 1]
-            dh = recurrent(gates_t[t], grad_out_t[after], out=None if dh_t is None else dh_t[after])
-    return recurrent(gates_t[order[-1]]), carries[(steps - 1) % 2]
+            dh = recurrent(grad_gates_t[t], grad_out_t[order[k + 1]], out=dh_next[k % 2])
+    if stats is not None:
+        reduced = BackwardReductions(
+            stats.hidden_nonfinite.bool(),
+            stats.hidden_sumsq,
+            stats.cell_nonfinite.bool(),
+            stats.cell_sumsq,
+            stats.gates_nonfinite.bool(),
+        )
+        record_backward_reduced(probe, grad_out, reduced, None, reverse)
+    return BackwardResult(grad_gates, recurrent(grad_gates_t[order[-1]]), carries[(steps - 1) % 2], None, None)

@@ -90,25 +90,50 @@ def record_backward(probe, grad_out, grad_hidden, grad_cell, grad_gates, active,
     non-finite value to probe.first. grad_hidden: dL/dh_t, zero past each sequence's end; grad_cell: dL/dc_t as
     the loop carried it (also past the end, where it is not counted, and where it is overwritten with zeros)."""
     steps, batch, _ = grad_gates.shape
-    rows = probe.target
-    rows[C.GRAD_PASSES, :steps] += 1
     if steps * batch == 0:
+        probe.target[C.GRAD_PASSES, :steps] += 1
         return
     if active is not None:
         grad_cell.masked_fill_(~active.unsqueeze(-1), 0.0)
     hidden_bad, hidden_absmax = _nonfinite_and_absmax(grad_hidden, active)
     cell_bad, cell_absmax = _nonfinite_and_absmax(grad_cell, active)
-    rows[C.GRAD_SUMSQ, :steps] += _squared_norms(grad_hidden, hidden_absmax)
-    rows[C.GRAD_CELL_SUMSQ, :steps] += _squared_norms(grad_cell, cell_absmax)
+    reduced = BackwardReductions(
+        hidden_bad,
+        _squared_norms(grad_hidden, hidden_absmax),
+        cell_bad,
+        _squared_norms(grad_cell, cell_absmax),
+        _nonfinite_and_absmax(grad_gates, active)[0],
+    )
+    record_backward_reduced(probe, grad_out, reduced, active, reverse)
+
+
+class BackwardReductions(NamedTuple):
+    """What the backward's telemetry keeps of a launch, from record_backward's reductions or from a loop that
+    reduced as it went (reference.py's compiled steps)."""
+
+    hidden_bad: torch.Tensor  # [T] bool: a counted element of dL/dh_t is NaN/inf
+    hidden_sumsq: torch.Tensor  # [T] float64: the squared norm of dL/dh_t
+    cell_bad: torch.Tensor  # [T] bool: likewise dL/dc_t
+    cell_sumsq: torch.Tensor  # [T] float64
+    gates_bad: torch.Tensor  # [T] bool: likewise the gate gradients
+
+
+def record_backward_reduced(probe, grad_out, reduced: BackwardReductions, active, reverse: bool) -> None:
+    """record_backward from its reductions (grad_out [T, B, P], read at one step only)."""
+    steps = reduced.hidden_bad.shape[0]
+    rows = probe.target
+    rows[C.GRAD_PASSES, :steps] += 1
+    rows[C.GRAD_SUMSQ, :steps] += reduced.hidden_sumsq
+    rows[C.GRAD_CELL_SUMSQ, :steps] += reduced.cell_sumsq
     # The backward walks time in reverse of its forward: ascending for the reverse direction.
-    order = _launch_order(steps, ascending=reverse, device=grad_gates.device)
+    order = _launch_order(steps, ascending=reverse, device=reduced.hidden_bad.device)
     stage = C.STAGE_BACKWARD
-    key_hidden = _first_key(probe, stage, hidden_bad, order, tensor=1)
+    key_hidden = _first_key(probe, stage, reduced.hidden_bad, order, tensor=1)
     keys = [
         key_hidden,
         _earlier_at(key_hidden, grad_out, active, not reverse, steps),
-        _first_key(probe, stage, cell_bad, order, tensor=2),
-        _first_key(probe, stage, _nonfinite_and_absmax(grad_gates, active)[0], order, tensor=3),
+        _first_key(probe, stage, reduced.cell_bad, order, tensor=2),
+        _first_key(probe, stage, reduced.gates_bad, order, tensor=3),
     ]
     _fold(probe, keys)
 

@@ -13,8 +13,9 @@ triton and reference run layer by layer through fastlstm's own ops (function.py)
 records telemetry. Which Triton kernel variant runs is the launcher's choice (kernels/planning.py), not this module's.
 
 backend="auto" pays for fastlstm's own implementations only where they are worth it:
-  * a pass that records telemetry runs the kernels on CUDA (in their dtypes), native-recorded on the CPU where it
-    applies (native_records) and the reference elsewhere;
+  * a pass that records telemetry runs the kernels on CUDA (in their dtypes); on the CPU the reference where its
+    loops take the compiled step (compiled_step_runs), native-recorded where it applies (native_records), and the
+    reference elsewhere;
   * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
     Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
     GPU measurement found the kernels faster (KERNELS_FASTER below), under torch.compile, and under CPU autocast
@@ -38,7 +39,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import constants as C
-from . import reference
+from . import fused_step, reference
 
 BACKENDS = ("auto", "native", "reference", "triton")
 NATIVE_RECORDED = "native-recorded"  # an implementation "auto" picks; not a backend a module can be given
@@ -143,7 +144,9 @@ def choose(
         if resets or _native_unsupported(device):
             return fused
         if records_telemetry:
-            return NATIVE_RECORDED if not kernels and native_records(device, dtype) else fused
+            if kernels or not native_records(device, dtype):
+                return fused
+            return "reference" if compiled_step_runs(dtype, shape) else NATIVE_RECORDED
         if kernels and shape is not None and any(region.covers(dtype, shape()) for region in KERNELS_FASTER):
             return "triton"
         return "native"
@@ -172,6 +175,20 @@ def native_records(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a recording pass under "auto" may run native-recorded: on the CPU (on CUDA the kernels record), in
     NATIVE_RECORDED_DTYPES. A pass with resets never gets here: choose() sends it to the reference first."""
     return device.type == "cpu" and dtype in NATIVE_RECORDED_DTYPES
+
+
+def compiled_step_runs(dtype: torch.dtype, shape: Callable[[], PassShape] | None) -> bool:
+    """Whether every step loop of a recording CPU pass would run the compiled step (fused_step.py: float32, no
+    lengths, no projection), which makes the reference faster than native-recorded there: native-recorded runs
+    PyTorch's op and then the same products again to rebuild the gates, the reference runs the products once.
+    Measured with torch 2.13.0+cpu on a 2-core AMD EPYC machine (AVX-512), two threads, at the CPU targets' four
+    shapes (benchmarks/README.md), time over nn.LSTM's, reference with the compiled step against native-recorded:
+    forward 2.41 / 2.08 / 2.84 / 1.54x against 3.32 / 2.82 / 4.10 / 2.70x, forward+backward 1.89 / 1.41 / 1.20 /
+    1.57x against 2.22 / 1.66 / 1.16 / 1.74x (medians of 5 alternated rounds in one process)."""
+    if dtype != torch.float32 or shape is None:
+        return False
+    pass_shape = shape()
+    return not pass_shape.packed and pass_shape.proj_size == 0 and fused_step.library() is not None
 
 
 def _native_unsupported(device: torch.device) -> bool:

@@ -7,7 +7,7 @@ from torch import nn
 
 import fastlstm
 from fastlstm import constants as C
-from fastlstm import reference, routing
+from fastlstm import fused_step, reference, routing
 
 
 def test_auto_records_natively_on_the_cpu_and_on_the_reference_for_16_bit_and_cuda_float64():
@@ -15,6 +15,26 @@ def test_auto_records_natively_on_the_cpu_and_on_the_reference_for_16_bit_and_cu
     assert routing.choose("auto", torch.device("cpu"), torch.bfloat16) == "reference"
     assert routing.choose("auto", torch.device("cuda"), torch.float64) == "reference"
     assert routing.time_loops("reference") is reference
+
+
+@pytest.mark.parametrize(
+    "dtype,proj_size,packed,library,expected",
+    [
+        (torch.float32, 0, False, True, "reference"),
+        (torch.float32, 0, False, False, routing.NATIVE_RECORDED),
+        (torch.float32, 0, True, True, routing.NATIVE_RECORDED),
+        (torch.float32, 3, False, True, routing.NATIVE_RECORDED),
+        (torch.float64, 0, False, True, routing.NATIVE_RECORDED),
+    ],
+    ids=["compiled-step", "no-library", "lengths", "projection", "float64"],
+)
+def test_auto_records_on_the_cpu_through_the_compiled_step_where_every_loop_takes_it(
+    monkeypatch, dtype, proj_size, packed, library, expected
+):
+    monkeypatch.setattr(fused_step, "library", lambda: object() if library else None)
+    shape = routing.PassShape(8, proj_size, 1, False, packed, 4, 10)
+    assert routing.choose("auto", torch.device("cpu"), dtype, shape=lambda: shape) == expected
+    assert routing.choose("auto", torch.device("cpu"), dtype, records_telemetry=False, shape=lambda: shape) == "native"
 
 
 def test_unknown_backend_name_is_a_value_error():

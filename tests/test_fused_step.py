@@ -28,7 +28,7 @@ needs_library = pytest.mark.skipif(fused_step.library() is None, reason="no C co
 def fused_calls(monkeypatch):
     """Counts the loops that ran the compiled step, by direction of time ('forward' or 'backward' loop)."""
     calls = []
-    for name, kind in (("_fused_forward_loop", "forward"), ("_fused_backward_loop", "backward")):
+    for name, kind in (("_fused_forward_loop", "forward"), ("_fused_backward", "backward")):
         original = getattr(reference, name)
 
         def counting(*args, _original=original, _kind=kind):
@@ -135,7 +135,8 @@ def test_what_the_compiled_step_does_not_cover_runs_pytorch_ops(fused_calls, dty
 
 def _telemetry_of_a_pass(x, poison):
     """The telemetry snapshot of one float32 training pass of the reference backend: x and a random (h0, c0),
-    poisoned where `poison` says (None, "input": a NaN in x[5, 1, 2], "c0": an inf in c0[1, 2, 3])."""
+    poisoned where `poison` says (None, "input": a NaN in x[5, 1, 2], "c0": an inf in c0[1, 2, 3], "loss": a NaN
+    in the loss's gradient at step 6, both directions)."""
     torch.manual_seed(2)
     _, fast = float32_pair("reference", bidirectional=True)
     x = x.float().clone()
@@ -145,15 +146,23 @@ def _telemetry_of_a_pass(x, poison):
     elif poison == "c0":
         c0[1, 2, 3] = math.inf
     out, (h_n, c_n) = fast(x, (h0, c0))
-    (out.square().sum() + h_n.sum() + c_n.sum()).backward()
+    weights = torch.ones_like(out)
+    if poison == "loss":
+        weights[6, 0, 1] = math.nan
+    (weights * out.square()).sum().add(h_n.sum() + c_n.sum()).backward()
     return fast.telemetry.snapshot()
 
 
 @needs_library
 @pytest.mark.parametrize(
     "poison,where",
-    [(None, None), ("input", (0, 5, "input")), ("c0", (1, 8, "cell"))],  # the reverse direction starts at t = 8
-    ids=["finite", "nan-in-input", "inf-in-c0"],
+    [
+        (None, None),
+        ("input", (5, "input", "forward")),
+        ("c0", (8, "cell", "forward")),  # in the reverse direction, which starts at t = 8
+        ("loss", (6, "grad_output", "backward")),
+    ],
+    ids=["finite", "nan-in-input", "inf-in-c0", "nan-in-loss"],
 )
 def test_telemetry_through_the_compiled_step_is_the_pytorch_loop_s(fused_calls, monkeypatch, poison, where):
     x = torch.randn(9, 4, 6)
@@ -164,7 +173,7 @@ def test_telemetry_through_the_compiled_step_is_the_pytorch_loop_s(fused_calls, 
     assert fused.first_nonfinite == plain.first_nonfinite
     if where is not None:
         record = fused.first_nonfinite
-        assert (record.direction, record.timestep, record.tensor, record.stage) == (*where, "forward")
+        assert (record.timestep, record.tensor, record.stage) == where
         return
     for got, want in zip(fused.layers, plain.layers, strict=True):
         assert got.elements == want.elements

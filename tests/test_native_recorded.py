@@ -58,6 +58,15 @@ except ImportError:  # tests/ turned into a package
 
 ROUTE_NODE = "_NativeRecordedLayerBackward"
 REFERENCE_NODE = "_LSTMLayerBackward"
+
+
+@pytest.fixture(autouse=True)
+def _native_recorded_for_float32_too(monkeypatch):
+    """The route under test, for every pass it takes: the float32 passes that "auto" sends to the reference where
+    its loops run the compiled step (routing.compiled_step_runs; tests/test_fused_step.py) stay on it here."""
+    monkeypatch.setattr(routing, "compiled_step_runs", lambda dtype, shape: False)
+
+
 INPUT, HIDDEN, PROJ, STEPS = 4, 5, 3, 6
 CPU = torch.device("cpu")
 pytestmark = [

@@ -119,12 +119,16 @@ def test_an_explicit_backend_still_runs_its_own_implementation_without_telemetry
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_pass_that_records_runs_the_native_recorded_route_on_the_cpu(native_calls):
-    """PyTorch's op layer by layer under fastlstm's own autograd node (tests/test_native_recorded.py tests it)."""
+@pytest.mark.parametrize("compiled_step", [False, True])
+def test_a_pass_that_records_runs_fastlstm_s_own_route_on_the_cpu(native_calls, monkeypatch, compiled_step):
+    """Native-recorded, PyTorch's op layer by layer under fastlstm's own autograd node (tests/test_native_recorded.py
+    tests it); or, where the reference's loops run the compiled step, the reference (tests/test_fused_step.py)."""
+    monkeypatch.setattr(routing, "compiled_step_runs", lambda dtype, shape: compiled_step)
     ref, fast = _pair()
     x, hx = _inputs(ref, packed=False)
     node, _ = _run(fast, x, hx)
-    assert node == "_NativeRecordedLayerBackward" and native_calls == [] and fast.telemetry.snapshot().launches == 2
+    assert node == (FUSED_NODE if compiled_step else "_NativeRecordedLayerBackward")
+    assert native_calls == [] and fast.telemetry.snapshot().launches == 2
 
 
 def test_inference_records_nothing_and_runs_natively_unless_asked_to_record(native_calls):

@@ -130,29 +130,86 @@ void fastlstm_forward_step(const float *restrict pre, const float *restrict c_pr
         stats->saturated[k] += saturated[k];
 }
 
-/* Backward step, as reference._backward_loop's body without lengths, restarts or projection. dh: dL/dh_t;
- * grad_c: the dL/dc carried from step t+1; from_hidden = o (1 - tanh^2 c_t), from_cell [B, 3, H] = the i, f, g
- * factors of dc, output_gate = tanh c_t o (1 - o), forget: f_t, rows 4H apart (the f block of the step's gates).
- * Writes dc = grad_c + dh from_hidden into dc_out, the gate gradients [B, 4H] into grad_gates and dc f_t into
- * carry (which must not be grad_c: the caller alternates two buffers). */
-void fastlstm_backward_step(const float *restrict dh, const float *restrict grad_c, const float *restrict from_hidden,
-                            const float *restrict from_cell, const float *restrict output_gate,
-                            const float *restrict forget, float *restrict dc_out, float *restrict grad_gates,
-                            float *restrict carry, int64_t batch, int64_t units) {
+/* The largest magnitude_bits of x[0..n). */
+static int32_t largest_bits(const float *restrict x, int64_t n) {
+    int32_t largest = 0;
+    for (int64_t j = 0; j < n; j++) {
+        int32_t bits = magnitude_bits(x[j]);
+        largest = bits > largest ? bits : largest;
+    }
+    return largest;
+}
+
+/* The squared norm of x[0..n), whose largest magnitude_bits are `bits`: taken of x / |x|max (so that no square
+ * overflows or underflows in float32, as reference_telemetry._squared_norms does it) and rescaled in double. NaN or
+ * inf in x: not scaled, so that the result is NaN or inf as a double sum of squares would be. */
+static double squared_norm(const float *restrict x, int64_t n, int32_t bits) {
+    float scale = 1.0f;
+    if (bits > 0 && bits < INF_BITS)
+        memcpy(&scale, &bits, sizeof scale);
+    const float inverse = 1.0f / scale;
+    float part[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float v = x[j + l] * inverse;
+            part[l] += v * v;
+        }
+    for (; j < n; j++) {
+        float v = x[j] * inverse;
+        part[0] += v * v;
+    }
+    double total = 0.0;
+    for (int l = 0; l < LANES; l++)
+        total += part[l];
+    return total * (double)scale * (double)scale;
+}
+
+/* What a recording backward reduces from one step (reference_telemetry.py turns it into the telemetry): whether
+ * dL/dh_t, dL/dc_t and the gate gradients are NaN/inf, and the squared norms of dL/dh_t and dL/dc_t. */
+typedef struct {
+    int32_t *hidden_nonfinite; /* [T] */
+    int32_t *cell_nonfinite;   /* [T] */
+    int32_t *gates_nonfinite;  /* [T] */
+    double *hidden_sumsq;      /* [T] */
+    double *cell_sumsq;        /* [T] */
+} backward_stats;
+
+/* Backward step, as reference._backward_loop's body without lengths, restarts or projection, with the gate
+ * derivatives (reference._GateDerivatives) computed here from the forward's gates and cell states instead of for all
+ * steps before the loop. dh: dL/dh_t; grad_c: the dL/dc carried from step t+1; gates: the step's activated gates
+ * (g as tanh); cell, c_prev: c_t, c_{t-1}. Writes dc = grad_c + dh o (1 - tanh^2 c_t) into dc_out, the gate
+ * gradients [B, 4H] into grad_gates and dc f_t into carry (which must not be grad_c: the caller alternates two
+ * buffers); with stats (else NULL), step `step`'s reductions. */
+void fastlstm_backward_step(const float *restrict dh, const float *restrict grad_c, const float *restrict gates,
+                            const float *restrict cell, const float *restrict c_prev, float *restrict dc_out,
+                            float *restrict grad_gates, float *restrict carry, int64_t batch, int64_t units,
+                            const backward_stats *stats, int64_t step) {
     for (int64_t b = 0; b < batch; b++) {
         const int64_t row = b * units;
-        const float *restrict fc = from_cell + 3 * row;
-        const float *restrict f = forget + 4 * row;
-        float *restrict gg = grad_gates + 4 * row;
+        const float *restrict i = gates + 4 * row, *restrict f = i + units, *restrict g = f + units;
+        const float *restrict o = g + units;
+        float *restrict di = grad_gates + 4 * row, *restrict df = di + units, *restrict dg = df + units;
+        float *restrict d_o = dg + units;
         for (int64_t j = 0; j < units; j++) {
+            float tanh_c = 2.0f * sigmoid(2.0f * cell[row + j]) - 1.0f; /* as the forward computed it */
             float d_h = dh[row + j];
-            float dc = grad_c[row + j] + d_h * from_hidden[row + j];
+            float dc = grad_c[row + j] + d_h * (o[j] * (1.0f - tanh_c * tanh_c));
             dc_out[row + j] = dc;
-            gg[j] = dc * fc[j];
-            gg[units + j] = dc * fc[units + j];
-            gg[2 * units + j] = dc * fc[2 * units + j];
-            gg[3 * units + j] = d_h * output_gate[row + j];
+            di[j] = dc * (g[j] * (i[j] * (1.0f - i[j])));
+            df[j] = dc * (c_prev[row + j] * (f[j] * (1.0f - f[j])));
+            dg[j] = dc * (i[j] * (1.0f - g[j] * g[j]));
+            d_o[j] = d_h * (tanh_c * (o[j] * (1.0f - o[j])));
             carry[row + j] = dc * f[j];
         }
     }
+    if (stats == NULL)
+        return;
+    const int64_t n = batch * units;
+    int32_t hidden_bits = largest_bits(dh, n), cell_bits = largest_bits(dc_out, n);
+    stats->hidden_nonfinite[step] = hidden_bits >= INF_BITS;
+    stats->cell_nonfinite[step] = cell_bits >= INF_BITS;
+    stats->gates_nonfinite[step] = largest_bits(grad_gates, 4 * n) >= INF_BITS;
+    stats->hidden_sumsq[step] = squared_norm(dh, n, hidden_bits);
+    stats->cell_sumsq[step] = squared_norm(dc_out, n, cell_bits);
 }
