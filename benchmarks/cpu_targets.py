@@ -2,15 +2,16 @@
 
     python benchmarks/cpu_targets.py [--threads 2] [--rounds 9] [--calls 3] [--json out.json]
 
-The CPU is where many LSTM users train. Under `backend="auto"` a pass there that records telemetry runs the
-native-recorded route (fastlstm/native_recorded.py: PyTorch's op, telemetry rebuilt from its outputs) and a pass
-that records none runs PyTorch's own LSTM op, which is nn.LSTM. Five modules are compared, each first passing the
+The CPU is where many LSTM users train. Under `backend="auto"` a pass there that records telemetry runs, at these
+float32 shapes, the reference backend with its compiled step (fastlstm/fused_step.py; native-recorded,
+fastlstm/native_recorded.py, on a machine without a C compiler) and a pass that records none runs PyTorch's own
+LSTM op, which is nn.LSTM. Five modules are compared, each first passing the
 float64 correctness gate of `fastlstm bench` (fastlstm/bench/providers.py):
 
   nn.LSTM             torch.nn.LSTM
-  auto                fastlstm.LSTM(backend="auto"), telemetry on: native-recorded
+  auto                fastlstm.LSTM(backend="auto"), telemetry on: see above
   auto-off            fastlstm.LSTM(backend="auto", telemetry=False): PyTorch's op through fastlstm's module
-  reference           fastlstm.LSTM(backend="reference"), telemetry on: the step loop (what auto ran before)
+  reference           fastlstm.LSTM(backend="reference"), telemetry on: the step loop
   reference-off       fastlstm.LSTM(backend="reference", telemetry=False)
 
 Modes as in `fastlstm bench`: `forward` (eval, no_grad) and `forward_backward`. Inference records nothing by
