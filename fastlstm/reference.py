@@ -17,14 +17,14 @@ the recurrence's gradient: nothing flows from step t into the state of its previ
 state goes to h0 and c0, whose gradients therefore add up over the first step and every restarted step. The module
 turns the user's `resets` mask into each direction's `restarts` (fastlstm/resets.py).
 
-It is also what `backend="auto"` runs on the CPU for recording float32 passes its compiled step covers (routing.py),
-so it is written for speed the one way eager PyTorch allows. An operation costs a few microseconds whatever its size, so each step issues only what
-the recurrence needs, into buffers allocated once (forward: one GEMM and six pointwise ops; backward: one GEMM and
-four; the GEMM through step_product.py, which picks the faster of two CPU libraries for it). Everything that does
-not depend on the previous step is computed for all steps at once: before the
-backward's loop its gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what
-the loop stored. In float32 without lengths, restarts or projection, each step's pointwise ops are one compiled call
-instead (fused_step.py), which in the forward also reduces the step's telemetry while its rows are in cache.
+It is also what `backend="auto"` runs on the CPU for recording float32 passes its compiled step covers (routing.py), so
+it is written for speed the one way eager PyTorch allows. An operation costs a few microseconds whatever its size, so
+each step issues only what the recurrence needs, into buffers allocated once (forward: one GEMM and six pointwise ops;
+backward: one GEMM and four; the GEMM through step_product.py, which picks the faster of two CPU libraries for it).
+Everything that does not depend on the previous step is computed for all steps at once: before the backward's loop its
+gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what the loop stored. In
+float32 without lengths, restarts or projection, each step's pointwise ops are one compiled call instead
+(fused_step.py), which in the forward also reduces the step's telemetry while its rows are in cache.
 """
 
 from __future__ import annotations
