@@ -24,7 +24,7 @@ backward: one GEMM and four; the GEMM through step_product.py, which picks the f
 Everything that does not depend on the previous step is computed for all steps at once: before the backward's loop its
 gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what the loop stored. In
 float32 without lengths, restarts or projection, each step's pointwise ops are one compiled call instead
-(fused_step.py), which in the forward also reduces the step's telemetry while its rows are in cache.
+(fused_step.py), which also reduces the step's telemetry while its rows are in cache.
 """
 
 from __future__ import annotations
