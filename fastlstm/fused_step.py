@@ -35,8 +35,13 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_step.c"
-# -O3 vectorises the loops; never -ffast-math (the C file says why). -fno-math-errno only lets the compiler skip errno.
-_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-std=c11")
+# -O3 vectorises the loops; never -ffast-math (the C file says why). -fno-math-errno only lets the compiler skip errno;
+# -fno-trapping-math lets it compute both sides of a select (the sigmoid's), which it must to vectorise a loop with
+# one where the vector unit has no masked arithmetic: without it GCC 12 left the sigmoid loops scalar under AVX2, and
+# a forward step at batch 32, hidden 128 took 166 µs instead of 34 µs (2-core AMD EPYC with AVX2 only, 500 calls).
+# It changes no result: NaN and inf propagate as before; only floating-point traps, which nothing here enables, are
+# assumed off.
+_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c11")
 _ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"),
     "AVX2": ("-mavx2", "-mfma"),

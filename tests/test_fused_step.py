@@ -9,6 +9,10 @@ PyTorch-op loops. Also what happens without it: no compiler, a failing compiler,
 from __future__ import annotations
 
 import math
+import os
+import platform
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -220,3 +224,40 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     stamp = built.stat().st_mtime_ns
     assert _fresh_library(monkeypatch, tmp_path) is not None
     assert built.stat().st_mtime_ns == stamp, "a second load reuses the cached build"
+
+
+def _gcc() -> str | None:
+    """The compiler fused_step.py would use, when it is GCC on x86-64 (whose vectoriser reports per loop)."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    version = subprocess.run([compiler, "--version"], check=False, capture_output=True, text=True).stdout
+    return compiler if "GCC" in version or "Free Software Foundation" in version else None
+
+
+def _sigmoid_loops(source: str) -> list[int]:
+    """The line numbers of the `for` loops whose body calls sigmoid (the innermost loop around each call)."""
+    lines = source.splitlines()
+    loops = []
+    for number, line in enumerate(lines, start=1):
+        if "sigmoid(" in line and not line.lstrip().startswith("static"):
+            loop = next(k for k in range(number - 1, 0, -1) if lines[k - 1].lstrip().startswith("for ("))
+            loops.append(loop)
+    return sorted(set(loops))
+
+
+@pytest.mark.skipif(_gcc() is None, reason="needs GCC on x86-64 to report which loops it vectorised")
+def test_the_sigmoid_loops_vectorise_without_masked_arithmetic(tmp_path):
+    # AVX2 has no masked arithmetic, so a loop whose sigmoid selects between two computed values vectorises only if
+    # the compiler may compute both: the flags must allow it (fused_step._BASE_FLAGS says why it matters).
+    flags = fused_step._BASE_FLAGS + fused_step._ISA_FLAGS["AVX2"]
+    report = subprocess.run(
+        [_gcc(), *flags, "-fopt-info-vec-optimized", str(fused_step._SOURCE), "-o", str(tmp_path / "step.so")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    vectorised = {int(line.split(":")[1]) for line in report.splitlines() if "loop vectorized" in line}
+    loops = _sigmoid_loops(fused_step._SOURCE.read_text())
+    assert len(loops) == 3, loops  # the forward's gates and tanh(c_t), the backward's tanh(c_t)
+    assert set(loops) <= vectorised, f"left scalar: lines {sorted(set(loops) - vectorised)}"

@@ -3,8 +3,9 @@
  * Built and loaded by fastlstm/fused_step.py, which says when these run and what they replace.
  *
  * float32, contiguous [B, 4H] gate rows (blocks i, f, g, o) and [B, H] state rows. Written to vectorise under
- * plain -O3 (no -ffast-math: it would let the compiler assume there are no NaN or inf, and the telemetry exists
- * to find them): every operation below propagates NaN, and +-inf gives what PyTorch's sigmoid gives. */
+ * the flags fused_step.py builds with (-O3, no -ffast-math: it would let the compiler assume there are no NaN or
+ * inf, and the telemetry exists to find them): every operation below propagates NaN, and +-inf gives what
+ * PyTorch's sigmoid gives. */
 
 #include <stdint.h>
 #include <string.h>
