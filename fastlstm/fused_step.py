@@ -40,8 +40,10 @@ _SOURCE = Path(__file__).with_name("csrc") / "fused_step.c"
 # one where the vector unit has no masked arithmetic: without it GCC 12 left the sigmoid loops scalar under AVX2, and
 # a forward step at batch 32, hidden 128 took 166 µs instead of 34 µs (2-core AMD EPYC with AVX2 only, 500 calls).
 # It changes no result: NaN and inf propagate as before; only floating-point traps, which nothing here enables, are
-# assumed off.
-_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c11")
+# assumed off. -ffp-contract=fast fuses a multiply and an add into one FMA where the ISA flags allow it (-std=c11
+# alone forbids that): one rounding instead of two, and the forward step 26 -> 20 µs on that machine (interleaved
+# calls, best of 15 rounds of 200).
+_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-std=c11")
 _ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"),
     "AVX2": ("-mavx2", "-mfma"),

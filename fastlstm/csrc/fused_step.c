@@ -105,7 +105,7 @@ void fastlstm_forward_step(const float *restrict pre, const float *restrict c_pr
         for (int k = 0; k < 4; k++) {
             const float *restrict block = g + k * units;
             const float low = stats->low[k], high = stats->high;
-            int64_t count = 0;
+            int32_t count = 0; /* one row: fits, and an int32 count vectorises at the float compares' width */
             for (int64_t j = 0; j < units; j++)
                 count += (block[j] < low) + (block[j] > high);
             saturated[k] += count;
