@@ -17,14 +17,14 @@ the recurrence's gradient: nothing flows from step t into the state of its previ
 state goes to h0 and c0, whose gradients therefore add up over the first step and every restarted step. The module
 turns the user's `resets` mask into each direction's `restarts` (fastlstm/resets.py).
 
-It is also what `backend="auto"` runs on the CPU for recording float32 passes its compiled step covers (routing.py), so
+It is also what `backend="auto"` runs on the CPU for recording float32 passes its compiled loops cover (routing.py), so
 it is written for speed the one way eager PyTorch allows. An operation costs a few microseconds whatever its size, so
 each step issues only what the recurrence needs, into buffers allocated once (forward: one GEMM and six pointwise ops;
 backward: one GEMM and four; the GEMM through step_product.py, which picks the faster of two CPU libraries for it).
 Everything that does not depend on the previous step is computed for all steps at once: before the backward's loop its
 gate derivatives, after either loop the telemetry (reference_telemetry.py), reduced from what the loop stored. In
-float32 without lengths, restarts or projection, each step's pointwise ops are one compiled call instead
-(fused_step.py), which also reduces the step's telemetry while its rows are in cache.
+float32 without lengths, restarts or projection, the whole loop is one compiled call instead (fused_step.py): every
+step's product and pointwise work, split across threads, and the step's telemetry reduced while its rows are in cache.
 """
 
 from __future__ import annotations
@@ -199,35 +199,26 @@ def _forward_loop(pre, h, c, w_hh_t, w_hr_t, active, restarts, reverse, gates, c
 
 
 def _fused_forward_loop(pre, h, c, w_hh_t, reverse, gates, cells, out, recording: bool):
-    """_forward_loop's loop without lengths, restarts or projection, each step's pointwise work, and with
-    `recording` its telemetry's reductions, one compiled call (fused_step.py): the same arithmetic up to the rounding
-    of its sigmoid. Returns (h_n, c_n, ForwardReductions or None)."""
+    """_forward_loop's loop without lengths, restarts or projection as one compiled call (fused_step.py): every
+    step's product and pointwise work and, with `recording`, its telemetry's reductions. The same arithmetic up to
+    the rounding of its sigmoid and the order of the product's sums. Returns (h_n, c_n, ForwardReductions or None)."""
     steps, batch, four_h = pre.shape
     hidden = four_h // 4
-    recurrent = StepProduct(w_hh_t, batch, steps)
-    step = fused_step.library().fastlstm_forward_step
     stats = fused_step.ForwardStats(steps, LOW, HIGH) if recording else None
-    stats_at = None if stats is None else stats.pointer
-    gate_bytes, state_bytes = batch * four_h * 4, batch * hidden * 4  # one step's rows, float32
-    pre_t, out_t = pre.unbind(0), out.unbind(0)
-    pre_at, gates_at, cells_at, out_at = (t.data_ptr() for t in (pre, gates, cells, out))
-    c_prev = c.data_ptr()
-    for t in time_order(steps, reverse):
-        recurrent(h, pre_t[t], out=pre_t[t])
-        step(
-            pre_at + t * gate_bytes,
-            c_prev,
-            gates_at + t * gate_bytes,
-            cells_at + t * state_bytes,
-            out_at + t * state_bytes,
-            batch,
-            hidden,
-            stats_at,
-            t,
-        )
-        h, c_prev = out_t[t], cells_at + t * state_bytes
-    if steps:
-        c = cells[0 if reverse else -1]
+    w_t = w_hh_t.contiguous()  # [H, 4H] row-major, the layout the loop's product reads
+    h, c = h.contiguous(), c.contiguous()
+    status = fused_step.library().fastlstm_forward_loop(
+        *(t.data_ptr() for t in (w_t, pre, h, c, gates, cells, out)),
+        steps,
+        batch,
+        hidden,
+        reverse,
+        torch.get_num_threads(),
+        None if stats is None else stats.pointer,
+    )
+    fused_step.check(status)
+    last = 0 if reverse else -1
+    h, c = out[last], cells[last]
     if stats is None:
         return h, c, None
     elements = torch.tensor(float(steps * batch * hidden), dtype=torch.float64)
@@ -426,45 +417,27 @@ def _backward_loop(
 
 
 def _fused_backward(grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, w_hh, reverse, probe) -> BackwardResult:
-    """recurrence_backward without lengths, restarts or projection, in float32: each step's pointwise work, its gate
-    derivatives and, with a probe, its telemetry's reductions one compiled call (fused_step.py), the matrix product
-    as in _backward_loop. The same arithmetic up to the rounding of the sigmoid that recomputes tanh(c_t)."""
+    """recurrence_backward without lengths, restarts or projection, in float32, as one compiled call (fused_step.py):
+    every step's pointwise work, its gate derivatives, its product and, with a probe, its telemetry's reductions. The
+    same arithmetic up to the rounding of the sigmoid that recomputes tanh(c_t) and the order of the product's sums."""
     steps, batch, four_h = gates.shape
     hidden = four_h // 4
-    recurrent = StepProduct(w_hh, batch, steps)
-    step = fused_step.library().fastlstm_backward_step
     stats = None if probe is None else fused_step.BackwardStats(steps)
-    stats_at = None if stats is None else stats.pointer
-    gate_bytes, state_bytes = batch * four_h * 4, batch * hidden * 4  # one step's rows, float32
-    grad_gates_t, grad_out_t = grad_gates.unbind(0), grad_out.unbind(0)
-    gates_at, cells_at, grad_gates_at = gates.data_ptr(), cells.data_ptr(), grad_gates.data_ptr()
-    first = steps - 1 if reverse else 0  # the step whose c_{t-1} is c0
-    before = 1 if reverse else -1  # where c_{t-1} lies from step t
-    dc = torch.empty_like(grad_cn)  # per step, read only by the telemetry
-    dh_next = (torch.empty_like(grad_hn), torch.empty_like(grad_hn))  # alternated: a step reads one, fills the other
-    carries = (torch.empty_like(grad_cn), torch.empty_like(grad_cn))  # likewise dL/dc_{t-1}
-    order = list(time_order(steps, not reverse))
-    dh, carried = torch.add(grad_out_t[order[0]], grad_hn), grad_cn.data_ptr()
-    for k, t in enumerate(order):
-        c_prev = c0.data_ptr() if t == first else cells_at + (t + before) * state_bytes
-        carry = carries[k % 2]
-        step(
-            dh.data_ptr(),
-            carried,
-            gates_at + t * gate_bytes,
-            cells_at + t * state_bytes,
-            c_prev,
-            dc.data_ptr(),
-            grad_gates_at + t * gate_bytes,
-            carry.data_ptr(),
-            batch,
-            hidden,
-            stats_at,
-            t,
-        )
-        carried = carry.data_ptr()
-        if k + 1 < steps:
-            dh = recurrent(grad_gates_t[t], grad_out_t[order[k + 1]], out=dh_next[k % 2])
+    w = w_hh.contiguous()  # [4H, H]
+    grad_h0, grad_c0 = torch.empty_like(grad_hn), torch.empty_like(grad_cn)
+    dh, dc, carry = torch.empty_like(grad_hn), torch.empty_like(grad_cn), grad_cn.new_empty(2, *grad_cn.shape)
+    status = fused_step.library().fastlstm_backward_loop(
+        *(t.data_ptr() for t in (w, grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, dh, dc, carry)),
+        grad_h0.data_ptr(),
+        grad_c0.data_ptr(),
+        steps,
+        batch,
+        hidden,
+        reverse,
+        torch.get_num_threads(),
+        None if stats is None else stats.pointer,
+    )
+    fused_step.check(status)
     if stats is not None:
         reduced = BackwardReductions(
             stats.hidden_nonfinite.bool(),
@@ -474,4 +447,4 @@ def _fused_backward(grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, w_
             stats.gates_nonfinite.bool(),
         )
         record_backward_reduced(probe, grad_out, reduced, None, reverse)
-    return BackwardResult(grad_gates, recurrent(grad_gates_t[order[-1]]), carries[(steps - 1) % 2], None, None)
+    return BackwardResult(grad_gates, grad_h0, grad_c0, None, None)

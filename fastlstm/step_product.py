@@ -1,11 +1,12 @@
 """The matrix products inside the CPU step loops: the same weight times a few rows, once per time step.
 
-reference.py's loops multiply h_{t-1} by W_hhᵀ (forward) and the gate gradients by W_hh (backward) at every step,
-and with a projection h by W_hrᵀ / dh by W_hr. With a small batch each product is a matrix-vector-like GEMM whose
-cost is reading the weight. torch.mm hands it to the BLAS (MKL in PyTorch's CPU wheels), which reads the weight in
-its plain row-major layout every time. oneDNN, which PyTorch also ships for its own CPU LSTM, can reorder the weight
-once per loop into its blocked layout and then run each step's product from that, reading the weight in the order
-its kernel wants it.
+reference.py's PyTorch-op loops (every loop the compiled ones of fused_step.py do not cover: lengths, restarts, a
+projection, float64, no C compiler) multiply h_{t-1} by W_hhᵀ (forward) and the gate gradients by W_hh (backward) at
+every step, and with a projection h by W_hrᵀ / dh by W_hr. With a small batch each product is a matrix-vector-like
+GEMM whose cost is reading the weight. torch.mm hands it to the BLAS (MKL in PyTorch's CPU wheels), which reads the
+weight in its plain row-major layout every time. oneDNN, which PyTorch also ships for its own CPU LSTM, can reorder
+the weight once per loop into its blocked layout and then run each step's product from that, reading the weight in
+the order its kernel wants it.
 
 Measured with torch 2.13.0+cpu on a 2-core AMD EPYC machine (AVX-512), two threads, best of three runs of 100
 products, rows [B, 4H] times [4H, H] (the backward's shape; the forward's [B, H] times [H, 4H] showed the same

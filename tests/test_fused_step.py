@@ -17,7 +17,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import fastlstm
 from fastlstm import fused_step, reference
 
 try:
@@ -49,20 +51,17 @@ def without_library(monkeypatch):
 
 
 def _forward_step(pre: torch.Tensor, c_prev: torch.Tensor):
-    """One call of the C forward step on [B, 4H] pre-activations: (gates, c_t, h_t)."""
+    """The C forward loop over one step on [B, 4H] pre-activations, with h_{t-1} and W_hh zero (which adds exactly
+    0 to each, so the step sees `pre` as it is): (gates, c_t, h_t)."""
     batch, four_h = pre.shape
+    hidden_size = four_h // 4
+    pre = pre.clone()
     gates, cell, hidden = torch.empty_like(pre), torch.empty_like(c_prev), torch.empty_like(c_prev)
-    fused_step.library().fastlstm_forward_step(
-        pre.data_ptr(),
-        c_prev.data_ptr(),
-        gates.data_ptr(),
-        cell.data_ptr(),
-        hidden.data_ptr(),
-        batch,
-        four_h // 4,
-        None,
-        0,
+    w_t, h_prev = torch.zeros(hidden_size, four_h), torch.zeros(batch, hidden_size)
+    status = fused_step.library().fastlstm_forward_loop(
+        *(t.data_ptr() for t in (w_t, pre, h_prev, c_prev, gates, cell, hidden)), 1, batch, hidden_size, 0, 2, None
     )
+    assert status == 0
     return gates, cell, hidden
 
 
@@ -72,7 +71,7 @@ def test_the_sigmoid_is_float64_s_to_a_few_ulp_over_the_float32_range():
     # and the ends of the range. All four gate blocks hold them; the candidate's block gives 2σ(x) − 1.
     patterns = torch.arange(0, 2**31, 97, dtype=torch.int64).to(torch.int32).view(torch.float32)
     values = torch.cat([patterns[patterns.abs() <= 120], -patterns[patterns.abs() <= 120]])
-    hidden = 1024
+    hidden = 16  # the loop multiplies by a zero W_hh of H² elements per row: small H keeps that cheap
     values = values[: values.numel() // (4 * hidden) * 4 * hidden].view(-1, 4 * hidden)
     gates, _, _ = _forward_step(values, torch.zeros(values.shape[0], hidden))
     exact = torch.sigmoid(values.double())
@@ -189,6 +188,68 @@ def test_telemetry_through_the_compiled_step_is_the_pytorch_loop_s(fused_calls, 
         np.testing.assert_array_equal(got.backward_passes, want.backward_passes)
 
 
+@pytest.fixture
+def threads():
+    """Sets torch's thread count (which the compiled loops split their units over) for one test."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _wide_pair(hidden: int):
+    """(float64 nn.LSTM, float32 reference fastlstm.LSTM), bidirectional, input 6: `hidden` units span several of
+    the loops' column tiles (16 or 32 units) and end in a partial one."""
+    ref = nn.LSTM(6, hidden, bidirectional=True, dtype=torch.float64)
+    fast = fastlstm.LSTM(6, hidden, bidirectional=True, dtype=torch.float32, backend="reference")
+    fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    return ref, fast
+
+
+@needs_library
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_loops_split_across_threads_match_float64_nn_lstm(fused_calls, threads, count):
+    threads(count)
+    torch.manual_seed(3)
+    ref, fast = _wide_pair(hidden=83)
+    assert_float32_parity(ref, fast, torch.randn(6, 7, 6, dtype=torch.float64))  # 7 rows: tiles of 4 and 3
+    assert fused_calls.count("forward") == fused_calls.count("backward") == 2
+
+
+def _threaded_and_plain_telemetry(monkeypatch, x):
+    """Snapshots of one training pass of a wide reference module over x: through the compiled loops, then with the
+    PyTorch-op loops."""
+    torch.manual_seed(4)
+    _, fast = _wide_pair(hidden=83)
+
+    def snapshot():
+        out, _ = fast(x)
+        out.square().sum().backward()
+        return fast.telemetry.snapshot(reset=True)
+
+    compiled = snapshot()
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_step, "library", lambda: None)
+        return compiled, snapshot()
+
+
+@needs_library
+def test_telemetry_of_threaded_loops_is_the_pytorch_loop_s(fused_calls, threads, monkeypatch):
+    threads(3)
+    x = torch.randn(6, 7, 6)
+    compiled, plain = _threaded_and_plain_telemetry(monkeypatch, x)
+    assert fused_calls, "the compiled loops ran"
+    for got, want in zip(compiled.layers, plain.layers, strict=True):
+        assert got.gate_saturation == pytest.approx(want.gate_saturation, abs=1e-3)
+        assert got.forget_gate_mean == pytest.approx(want.forget_gate_mean, rel=1e-5)
+        assert got.cell_absmax == pytest.approx(want.cell_absmax, rel=1e-5)
+        np.testing.assert_allclose(got.grad_norm_per_step, want.grad_norm_per_step, rtol=1e-5)
+        np.testing.assert_allclose(got.cell_grad_norm_per_step, want.cell_grad_norm_per_step, rtol=1e-5)
+    x[4, 2, 1] = math.nan  # reaches every unit of every thread at step 4
+    compiled, plain = _threaded_and_plain_telemetry(monkeypatch, x)
+    assert compiled.first_nonfinite == plain.first_nonfinite
+    assert (compiled.first_nonfinite.timestep, compiled.first_nonfinite.stage) == (4, "forward")
+
+
 def test_without_the_library_the_loops_run_pytorch_ops(fused_calls, without_library):
     ref, fast = float32_pair("reference", bidirectional=True)
     assert_float32_parity(ref, fast, torch.randn(9, 4, 6, dtype=torch.float64))
@@ -252,12 +313,19 @@ def test_the_sigmoid_loops_vectorise_without_masked_arithmetic(tmp_path):
     # the compiler may compute both: the flags must allow it (fused_step._BASE_FLAGS says why it matters).
     flags = fused_step._BASE_FLAGS + fused_step._ISA_FLAGS["AVX2"]
     report = subprocess.run(
-        [_gcc(), *flags, "-fopt-info-vec-optimized", str(fused_step._SOURCE), "-o", str(tmp_path / "step.so")],
+        [
+            _gcc(),
+            *flags,
+            "-fopt-info-vec-optimized",
+            *(str(source) for source in fused_step._SOURCES),
+            "-o",
+            str(tmp_path / "step.so"),
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stderr
     vectorised = {int(line.split(":")[1]) for line in report.splitlines() if "loop vectorized" in line}
-    loops = _sigmoid_loops(fused_step._SOURCE.read_text())
+    loops = _sigmoid_loops(fused_step._SOURCES[0].read_text())
     assert len(loops) == 3, loops  # the forward's gates and tanh(c_t), the backward's tanh(c_t)
     assert set(loops) <= vectorised, f"left scalar: lines {sorted(set(loops) - vectorised)}"

@@ -1,14 +1,17 @@
-/* One time step of the CPU step loops (fastlstm/reference.py), fused: what eager PyTorch issues as six to nine
- * pointwise ops per step, each a pass over memory and a few microseconds of dispatch, as one pass here.
- * Built and loaded by fastlstm/fused_step.py, which says when these run and what they replace.
+/* The pointwise work of one time step of the CPU step loops (fastlstm/reference.py), fused: what eager PyTorch
+ * issues as six to nine pointwise ops per step, each a pass over memory and a few microseconds of dispatch, as one
+ * pass here, over the units a thread of step_loop.c owns. Built and loaded by fastlstm/fused_step.py, which says when
+ * these run and what they replace.
  *
- * float32, contiguous [B, 4H] gate rows (blocks i, f, g, o) and [B, H] state rows. Written to vectorise under
- * the flags fused_step.py builds with (-O3, no -ffast-math: it would let the compiler assume there are no NaN or
- * inf, and the telemetry exists to find them): every operation below propagates NaN, and +-inf gives what
- * PyTorch's sigmoid gives. */
+ * float32, [B, 4H] gate rows (blocks i, f, g, o) and [B, H] state rows, of which a function here takes the `count`
+ * units from the one its pointers point at (rows `stride` units apart). Written to vectorise under the flags
+ * fused_step.py builds with (-O3, no -ffast-math: it would let the compiler assume there are no NaN or inf, and the
+ * telemetry exists to find them): every operation below propagates NaN, and +-inf gives what PyTorch's sigmoid
+ * gives. */
 
-#include <stdint.h>
 #include <string.h>
+
+#include "fused_step.h"
 
 /* e^x for x <= 0 (x may be NaN: the result is NaN). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a
  * degree-6 polynomial for e^r (the coefficients of the Cephes library's expf, whose error is below 1 ulp over that
@@ -51,66 +54,50 @@ static inline int32_t magnitude_bits(float x) {
     return bits & 0x7fffffff;
 }
 
-#define INF_BITS 0x7f800000 /* magnitude_bits(inf): a value is NaN or +-inf exactly when its bits reach this */
 #define LANES 16            /* partial sums kept apart, so that the forget gate's sum vectorises */
 
-/* What a recording forward reduces from one step, accumulated across steps (reference_telemetry.py, which turns it
- * into the telemetry): per step, whether a pre-activation and whether a cell state is NaN/inf, and the largest
- * |c_t| (as magnitude_bits); over all steps, the saturated gates of each block and the sum of the forget gate. */
-typedef struct {
-    int32_t *pre_nonfinite;  /* [T] */
-    int32_t *cell_nonfinite; /* [T] */
-    int32_t *cell_absmax;    /* [T] */
-    int64_t *saturated;      /* [4] */
-    double *forget_sum;      /* [1] */
-    float low[4];            /* below: saturated, per gate block (the candidate's is -TANH_HIGH) */
-    float high;              /* above: saturated, every block */
-} forward_stats;
-
-/* Forward step, as reference._forward_loop's body without lengths, restarts or projection. pre: the step's
- * pre-activations (the candidate's doubled, so that tanh(x) = 2 sigma(2x) - 1 comes from the same sigmoid);
- * c_prev: c_{t-1}. Writes the activated gates (g as tanh), c_t and h_t = o tanh(c_t); with stats (else NULL), adds
- * step `step`'s reductions to them. */
-void fastlstm_forward_step(const float *restrict pre, const float *restrict c_prev, float *restrict gates,
-                           float *restrict cell, float *restrict hidden, int64_t batch, int64_t units,
-                           const forward_stats *stats, int64_t step) {
+void forward_units(const float *restrict pre, const float *restrict c_prev, float *restrict gates,
+                   float *restrict cell, float *restrict hidden, int64_t batch, int64_t stride, int64_t units,
+                   const forward_stats *stats, int64_t step) {
     int32_t pre_bits = 0, cell_bits = 0;
     int64_t saturated[4] = {0, 0, 0, 0};
     float forget[LANES] = {0};
     for (int64_t b = 0; b < batch; b++) {
-        const float *restrict p = pre + b * 4 * units;
-        float *restrict g = gates + b * 4 * units;
-        for (int64_t j = 0; j < 4 * units; j++)
-            g[j] = sigmoid(p[j]);
-        const float *restrict cp = c_prev + b * units;
-        float *restrict c = cell + b * units;
-        float *restrict h = hidden + b * units;
+        const float *restrict p = pre + b * 4 * stride;
+        float *restrict g = gates + b * 4 * stride;
+        for (int k = 0; k < 4; k++)
+            for (int64_t j = 0; j < units; j++)
+                g[k * stride + j] = sigmoid(p[k * stride + j]);
+        const float *restrict cp = c_prev + b * stride;
+        float *restrict c = cell + b * stride;
+        float *restrict h = hidden + b * stride;
         for (int64_t j = 0; j < units; j++) {
-            float candidate = 2.0f * g[2 * units + j] - 1.0f;
-            g[2 * units + j] = candidate;
-            float c_t = g[units + j] * cp[j] + g[j] * candidate;
+            float candidate = 2.0f * g[2 * stride + j] - 1.0f;
+            g[2 * stride + j] = candidate;
+            float c_t = g[stride + j] * cp[j] + g[j] * candidate;
             c[j] = c_t;
-            h[j] = g[3 * units + j] * (2.0f * sigmoid(2.0f * c_t) - 1.0f);
+            h[j] = g[3 * stride + j] * (2.0f * sigmoid(2.0f * c_t) - 1.0f);
         }
         if (stats == NULL)
             continue;
-        for (int64_t j = 0; j < 4 * units; j++) {
-            int32_t bits = magnitude_bits(p[j]);
-            pre_bits = bits > pre_bits ? bits : pre_bits;
-        }
+        for (int k = 0; k < 4; k++)
+            for (int64_t j = 0; j < units; j++) {
+                int32_t bits = magnitude_bits(p[k * stride + j]);
+                pre_bits = bits > pre_bits ? bits : pre_bits;
+            }
         for (int64_t j = 0; j < units; j++) {
             int32_t bits = magnitude_bits(c[j]);
             cell_bits = bits > cell_bits ? bits : cell_bits;
         }
         for (int k = 0; k < 4; k++) {
-            const float *restrict block = g + k * units;
+            const float *restrict block = g + k * stride;
             const float low = stats->low[k], high = stats->high;
             int32_t count = 0; /* one row: fits, and an int32 count vectorises at the float compares' width */
             for (int64_t j = 0; j < units; j++)
                 count += (block[j] < low) + (block[j] > high);
             saturated[k] += count;
         }
-        const float *restrict f = g + units;
+        const float *restrict f = g + stride;
         int64_t j = 0;
         for (; j + LANES <= units; j += LANES)
             for (int l = 0; l < LANES; l++)
@@ -131,34 +118,38 @@ void fastlstm_forward_step(const float *restrict pre, const float *restrict c_pr
         stats->saturated[k] += saturated[k];
 }
 
-/* The largest magnitude_bits of x[0..n). */
-static int32_t largest_bits(const float *restrict x, int64_t n) {
+/* The largest magnitude_bits of `units` elements of each of `rows` rows `stride` apart. */
+static int32_t largest_bits(const float *restrict x, int64_t rows, int64_t stride, int64_t units) {
     int32_t largest = 0;
-    for (int64_t j = 0; j < n; j++) {
-        int32_t bits = magnitude_bits(x[j]);
-        largest = bits > largest ? bits : largest;
-    }
+    for (int64_t b = 0; b < rows; b++)
+        for (int64_t j = 0; j < units; j++) {
+            int32_t bits = magnitude_bits(x[b * stride + j]);
+            largest = bits > largest ? bits : largest;
+        }
     return largest;
 }
 
-/* The squared norm of x[0..n), whose largest magnitude_bits are `bits`: taken of x / |x|max (so that no square
- * overflows or underflows in float32, as reference_telemetry._squared_norms does it) and rescaled in double. NaN or
- * inf in x: not scaled, so that the result is NaN or inf as a double sum of squares would be. */
-static double squared_norm(const float *restrict x, int64_t n, int32_t bits) {
+/* The squared norm of the same elements, whose largest magnitude_bits are `bits`: taken of x / |x|max (so that no
+ * square overflows or underflows in float32, as reference_telemetry._squared_norms does it) and rescaled in double.
+ * NaN or inf in x: not scaled, so that the result is NaN or inf as a double sum of squares would be. */
+static double squared_norm(const float *restrict x, int64_t rows, int64_t stride, int64_t units, int32_t bits) {
     float scale = 1.0f;
     if (bits > 0 && bits < INF_BITS)
         memcpy(&scale, &bits, sizeof scale);
     const float inverse = 1.0f / scale;
     float part[LANES] = {0};
-    int64_t j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float v = x[j + l] * inverse;
-            part[l] += v * v;
+    for (int64_t b = 0; b < rows; b++) {
+        const float *restrict row = x + b * stride;
+        int64_t j = 0;
+        for (; j + LANES <= units; j += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float v = row[j + l] * inverse;
+                part[l] += v * v;
+            }
+        for (; j < units; j++) {
+            float v = row[j] * inverse;
+            part[0] += v * v;
         }
-    for (; j < n; j++) {
-        float v = x[j] * inverse;
-        part[0] += v * v;
     }
     double total = 0.0;
     for (int l = 0; l < LANES; l++)
@@ -166,32 +157,16 @@ static double squared_norm(const float *restrict x, int64_t n, int32_t bits) {
     return total * (double)scale * (double)scale;
 }
 
-/* What a recording backward reduces from one step (reference_telemetry.py turns it into the telemetry): whether
- * dL/dh_t, dL/dc_t and the gate gradients are NaN/inf, and the squared norms of dL/dh_t and dL/dc_t. */
-typedef struct {
-    int32_t *hidden_nonfinite; /* [T] */
-    int32_t *cell_nonfinite;   /* [T] */
-    int32_t *gates_nonfinite;  /* [T] */
-    double *hidden_sumsq;      /* [T] */
-    double *cell_sumsq;        /* [T] */
-} backward_stats;
-
-/* Backward step, as reference._backward_loop's body without lengths, restarts or projection, with the gate
- * derivatives (reference._GateDerivatives) computed here from the forward's gates and cell states instead of for all
- * steps before the loop. dh: dL/dh_t; grad_c: the dL/dc carried from step t+1; gates: the step's activated gates
- * (g as tanh); cell, c_prev: c_t, c_{t-1}. Writes dc = grad_c + dh o (1 - tanh^2 c_t) into dc_out, the gate
- * gradients [B, 4H] into grad_gates and dc f_t into carry (which must not be grad_c: the caller alternates two
- * buffers); with stats (else NULL), step `step`'s reductions. */
-void fastlstm_backward_step(const float *restrict dh, const float *restrict grad_c, const float *restrict gates,
-                            const float *restrict cell, const float *restrict c_prev, float *restrict dc_out,
-                            float *restrict grad_gates, float *restrict carry, int64_t batch, int64_t units,
-                            const backward_stats *stats, int64_t step) {
+void backward_units(const float *restrict dh, const float *restrict grad_c, const float *restrict gates,
+                    const float *restrict cell, const float *restrict c_prev, float *restrict dc_out,
+                    float *restrict grad_gates, float *restrict carry, int64_t batch, int64_t stride, int64_t units,
+                    const backward_stats *stats, int64_t step) {
     for (int64_t b = 0; b < batch; b++) {
-        const int64_t row = b * units;
-        const float *restrict i = gates + 4 * row, *restrict f = i + units, *restrict g = f + units;
-        const float *restrict o = g + units;
-        float *restrict di = grad_gates + 4 * row, *restrict df = di + units, *restrict dg = df + units;
-        float *restrict d_o = dg + units;
+        const int64_t row = b * stride;
+        const float *restrict i = gates + 4 * row, *restrict f = i + stride, *restrict g = f + stride;
+        const float *restrict o = g + stride;
+        float *restrict di = grad_gates + 4 * row, *restrict df = di + stride, *restrict dg = df + stride;
+        float *restrict d_o = dg + stride;
         for (int64_t j = 0; j < units; j++) {
             float tanh_c = 2.0f * sigmoid(2.0f * cell[row + j]) - 1.0f; /* as the forward computed it */
             float d_h = dh[row + j];
@@ -206,11 +181,15 @@ void fastlstm_backward_step(const float *restrict dh, const float *restrict grad
     }
     if (stats == NULL)
         return;
-    const int64_t n = batch * units;
-    int32_t hidden_bits = largest_bits(dh, n), cell_bits = largest_bits(dc_out, n);
+    int32_t hidden_bits = largest_bits(dh, batch, stride, units), cell_bits = largest_bits(dc_out, batch, stride, units);
+    int32_t gate_bits = 0;
+    for (int k = 0; k < 4; k++) {
+        int32_t bits = largest_bits(grad_gates + k * stride, batch, 4 * stride, units);
+        gate_bits = bits > gate_bits ? bits : gate_bits;
+    }
     stats->hidden_nonfinite[step] = hidden_bits >= INF_BITS;
     stats->cell_nonfinite[step] = cell_bits >= INF_BITS;
-    stats->gates_nonfinite[step] = largest_bits(grad_gates, 4 * n) >= INF_BITS;
-    stats->hidden_sumsq[step] = squared_norm(dh, n, hidden_bits);
-    stats->cell_sumsq[step] = squared_norm(dc_out, n, cell_bits);
+    stats->gates_nonfinite[step] = gate_bits >= INF_BITS;
+    stats->hidden_sumsq[step] = squared_norm(dh, batch, stride, units, hidden_bits);
+    stats->cell_sumsq[step] = squared_norm(dc_out, batch, stride, units, cell_bits);
 }

@@ -1,0 +1,407 @@
+/* The CPU step loops' time loops (fastlstm/reference.py), whole: every step's recurrent product and its pointwise
+ * work (fused_step.c), split across threads by hidden unit, one call for all T steps. Built and loaded by
+ * fastlstm/fused_step.py, which says when these run.
+ *
+ * Why a product of its own. Each step multiplies a few rows by the same weight: [B, H] by W_hh^T [H, 4H] forward,
+ * [B, 4H] by W_hh [4H, H] backward. Through PyTorch that is one BLAS call per step, a few microseconds of dispatch
+ * and a GEMM that handles a short matrix poorly (its threads split the rows, of which there are few), after which
+ * the pointwise work runs on one thread. Here each thread owns a slice of the hidden units: per step it computes its
+ * units' columns of the product (for all four gates), then their pointwise work, and then waits once for the
+ * others, whose h_t (forward) or gate gradients (backward) the next step's product reads in full.
+ *
+ * The threads are OpenMP's, and so PyTorch's own: its CPU wheels ship libgomp, which a library built with -fopenmp
+ * binds to once PyTorch has loaded it (one soname). Threads of our own lost to them: after every parallel PyTorch op
+ * its pool spins for milliseconds waiting for the next one, on the cores our threads needed (on 2 cores, input 32,
+ * hidden 128, batch 32, 100 steps, a training pass took 1.29x the time of the per-step BLAS loop with threads of our
+ * own, and 0.66x with PyTorch's pool made to sleep at once, OMP_WAIT_POLICY=PASSIVE). Built without OpenMP (a
+ * compiler without it), the loops run on the calling thread. */
+
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fused_step.h"
+
+#if defined(__AVX512F__)
+#define VEC 16
+#elif defined(__AVX__)
+#define VEC 8
+#else
+#define VEC 4 /* SSE, NEON */
+#endif
+/* The product's register tile: TILE_ROWS rows by two vectors of columns, 2 * TILE_ROWS accumulators (12 of the 16
+ * vector registers of AVX2), enough independent FMAs in flight to cover their latency. */
+#define TILE_ROWS 6
+#define TILE_COLUMNS (2 * VEC)
+#define MAX_THREADS 256
+/* Polls of the step barrier before a waiting thread yields its core: a step takes microseconds, so a wait is
+ * normally over within the spin; a thread whose partner was descheduled (more threads than free cores) yields
+ * instead of burning the core the partner needs. */
+#define SPINS_BEFORE_YIELD 4096
+
+typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+
+static inline vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v); /* an unaligned vector load */
+    return v;
+}
+
+static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+/* x in every lane: x - 0 is x for every float, so this compiles to one broadcast. */
+static inline vfloat splat(float x) { return x - (vfloat){0}; }
+
+/* out[r, 0:TILE_COLUMNS] = sum_k a[r, k] w[k, ...] + addend[r, ...] (0 without one) for r < rows. `rows` is a
+ * constant at every call (tile_rows), so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void tile(const float *restrict a, int64_t lda, const float *restrict w,
+                                                       int64_t ldw, int64_t depth, const float *addend, float *out,
+                                                       int64_t ldo, const int rows) {
+    vfloat low[TILE_ROWS], high[TILE_ROWS];
+    for (int r = 0; r < rows; r++) {
+        low[r] = high[r] = (vfloat){0};
+        /* The addend is added last and fetched now: loaded first, its cache misses (a fresh step's rows of the input
+         * projection) would stall every accumulator before its first FMA. */
+        if (addend) {
+            __builtin_prefetch(addend + r * ldo);
+            __builtin_prefetch(addend + r * ldo + TILE_COLUMNS - 1);
+        }
+    }
+    for (int64_t k = 0; k < depth; k++) {
+        vfloat w_low = load(w + k * ldw), w_high = load(w + k * ldw + VEC);
+        for (int r = 0; r < rows; r++) {
+            vfloat x = splat(a[r * lda + k]);
+            low[r] += x * w_low;
+            high[r] += x * w_high;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        if (addend) {
+            low[r] += load(addend + r * ldo);
+            high[r] += load(addend + r * ldo + VEC);
+        }
+        store(out + r * ldo, low[r]);
+        store(out + r * ldo + VEC, high[r]);
+    }
+}
+
+static void tile_rows(const float *a, int64_t lda, const float *w, int64_t ldw, int64_t depth, const float *addend,
+                      float *out, int64_t ldo, int rows) {
+    switch (rows) {
+    case 6:
+        tile(a, lda, w, ldw, depth, addend, out, ldo, 6);
+        break;
+    case 5:
+        tile(a, lda, w, ldw, depth, addend, out, ldo, 5);
+        break;
+    case 4:
+        tile(a, lda, w, ldw, depth, addend, out, ldo, 4);
+        break;
+    case 3:
+        tile(a, lda, w, ldw, depth, addend, out, ldo, 3);
+        break;
+    case 2:
+        tile(a, lda, w, ldw, depth, addend, out, ldo, 2);
+        break;
+    default:
+        tile(a, lda, w, ldw, depth, addend, out, ldo, 1);
+    }
+}
+
+/* out[b, c] = addend[b, c] (0 without one) + sum_k a[b, k] w[k, c] for every row b < batch and column c in
+ * [first, end): a [batch, depth] (rows lda apart), w [depth, *] (ldw), addend and out (ldo; they may be the same).
+ * Whole tiles of columns, each over the rows in blocks of at most TILE_ROWS (spread evenly: 8 rows are 4 + 4, not
+ * 6 + 2), which reuse the tile's weight columns from L1; the columns past the last whole tile one at a time. */
+static void product(const float *a, int64_t lda, const float *w, int64_t ldw, int64_t depth, const float *addend,
+                    float *out, int64_t ldo, int64_t batch, int64_t first, int64_t end) {
+    const int64_t blocks = (batch + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t c = first;
+    for (; c + TILE_COLUMNS <= end; c += TILE_COLUMNS)
+        for (int64_t block = 0, b = 0; block < blocks; block++) {
+            const int rows = (int)(batch / blocks + (block < batch % blocks));
+            tile_rows(a + b * lda, lda, w + c, ldw, depth, addend ? addend + b * ldo + c : NULL, out + b * ldo + c,
+                      ldo, rows);
+            b += rows;
+        }
+    for (; c < end; c++)
+        for (int64_t b = 0; b < batch; b++) {
+            float sum = addend ? addend[b * ldo + c] : 0.0f;
+            for (int64_t k = 0; k < depth; k++)
+                sum += a[b * lda + k] * w[k * ldw + c];
+            out[b * ldo + c] = sum;
+        }
+}
+
+/* ---- the team of threads and its step barrier ---- */
+
+typedef struct {
+    atomic_int arrived;
+    atomic_int generation;
+} step_barrier;
+
+static void barrier_wait(step_barrier *barrier, int parties) {
+    if (parties == 1)
+        return;
+    const int generation = atomic_load_explicit(&barrier->generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&barrier->arrived, 1, memory_order_acq_rel) == parties - 1) {
+        atomic_store_explicit(&barrier->arrived, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&barrier->generation, 1, memory_order_release);
+        return;
+    }
+    int spins = 0;
+    while (atomic_load_explicit(&barrier->generation, memory_order_acquire) == generation)
+        if (++spins == SPINS_BEFORE_YIELD) {
+            sched_yield();
+            spins = 0;
+        }
+}
+
+/* The hidden units [first, end) of thread `part` of `parts`: whole column tiles, as evenly as they go. */
+static void units_of(int64_t units, int part, int parts, int64_t *first, int64_t *end) {
+    const int64_t tiles = (units + TILE_COLUMNS - 1) / TILE_COLUMNS;
+    const int64_t begin = tiles * part / parts, stop = tiles * (part + 1) / parts;
+    *first = begin * TILE_COLUMNS < units ? begin * TILE_COLUMNS : units;
+    *end = stop * TILE_COLUMNS < units ? stop * TILE_COLUMNS : units;
+}
+
+/* Threads to use: no more than asked, than MAX_THREADS, or than there are column tiles to share. */
+static int team_size(int64_t threads, int64_t units) {
+    const int64_t tiles = (units + TILE_COLUMNS - 1) / TILE_COLUMNS;
+    int64_t n = threads < tiles ? threads : tiles;
+    n = n < MAX_THREADS ? n : MAX_THREADS;
+    return n < 1 ? 1 : (int)n;
+}
+
+/* Runs body(loop, part, parts) on every thread of a team of at most `size` (OpenMP may grant fewer; the body splits
+ * the work by what it was granted) and returns how many there were. */
+static int run_team(void (*body)(void *, int, int), void *loop, int size) {
+    int granted = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(size)
+    {
+        const int parts = omp_get_num_threads();
+        if (omp_get_thread_num() == 0)
+            granted = parts;
+        body(loop, omp_get_thread_num(), parts);
+    }
+#else
+    (void)size;
+    body(loop, 0, 1);
+#endif
+    return granted;
+}
+
+/* ---- forward ---- */
+
+typedef struct forward_partial forward_partial;
+
+typedef struct {
+    const float *w_t; /* [H, 4H]: W_hh^T with the candidate's columns doubled */
+    float *pre;       /* [T, B, 4H]: the input projection; each step adds h_{t-1} W_hh^T in place */
+    const float *h0, *c0;
+    float *gates, *cells, *hidden;
+    int64_t steps, batch, units, reverse;
+    const forward_stats *stats; /* thread 0's reductions (the caller's), or NULL */
+    forward_partial *partials;  /* those of threads 1, 2, ... */
+    step_barrier barrier;
+} forward_loop;
+
+static const forward_stats *partial_forward_stats(forward_loop *loop, int part);
+
+static void forward_part(void *argument, int part, int parts) {
+    forward_loop *loop = argument;
+    const int64_t batch = loop->batch, units = loop->units, four = 4 * units;
+    int64_t first, end;
+    units_of(units, part, parts, &first, &end);
+    const forward_stats *stats = partial_forward_stats(loop, part);
+    for (int64_t k = 0; k < loop->steps; k++) {
+        const int64_t t = loop->reverse ? loop->steps - 1 - k : k;
+        const int64_t before = loop->reverse ? t + 1 : t - 1;
+        const float *h_prev = k == 0 ? loop->h0 : loop->hidden + before * batch * units;
+        const float *c_prev = k == 0 ? loop->c0 : loop->cells + before * batch * units;
+        float *pre = loop->pre + t * batch * four;
+        if (end > first) {
+            for (int gate = 0; gate < 4; gate++)
+                product(h_prev, units, loop->w_t, four, units, pre, pre, four, batch, gate * units + first,
+                        gate * units + end);
+            forward_units(pre + first, c_prev + first, loop->gates + t * batch * four + first,
+                          loop->cells + t * batch * units + first, loop->hidden + t * batch * units + first, batch,
+                          units, end - first, stats, t);
+        }
+        barrier_wait(&loop->barrier, parts); /* h_t is whole: the next step's product reads all of it */
+    }
+}
+
+/* Per-thread reductions, merged into the caller's after the loop (each thread reduces its own units). */
+struct forward_partial {
+    forward_stats view;
+    int64_t saturated[4];
+    double forget_sum;
+};
+
+static const forward_stats *partial_forward_stats(forward_loop *loop, int part) {
+    if (loop->stats == NULL || part == 0)
+        return loop->stats;
+    return &loop->partials[part - 1].view;
+}
+
+static int forward_partials(forward_partial *partials, int count, const forward_stats *stats, int64_t steps) {
+    for (int n = 0; n < count; n++) {
+        int32_t *flags = calloc((size_t)(3 * steps + 1), sizeof(int32_t));
+        if (flags == NULL) {
+            while (n-- > 0)
+                free(partials[n].view.pre_nonfinite);
+            return -1;
+        }
+        partials[n] = (forward_partial){.saturated = {0, 0, 0, 0}, .forget_sum = 0.0};
+        partials[n].view = *stats;
+        partials[n].view.pre_nonfinite = flags;
+        partials[n].view.cell_nonfinite = flags + steps;
+        partials[n].view.cell_absmax = flags + 2 * steps;
+        partials[n].view.saturated = partials[n].saturated;
+        partials[n].view.forget_sum = &partials[n].forget_sum;
+    }
+    return 0;
+}
+
+/* Merges the reductions of the threads that ran (`used`) into the caller's and frees all `allocated`. */
+static void merge_forward(const forward_stats *stats, forward_partial *partials, int used, int allocated,
+                          int64_t steps) {
+    for (int n = 0; n < allocated; n++) {
+        const forward_stats *p = &partials[n].view;
+        for (int64_t t = 0; t < (n < used ? steps : 0); t++) {
+            stats->pre_nonfinite[t] |= p->pre_nonfinite[t];
+            stats->cell_nonfinite[t] |= p->cell_nonfinite[t];
+            stats->cell_absmax[t] = p->cell_absmax[t] > stats->cell_absmax[t] ? p->cell_absmax[t] : stats->cell_absmax[t];
+        }
+        for (int k = 0; k < 4; k++)
+            stats->saturated[k] += partials[n].saturated[k]; /* 0 for a thread that did not run */
+        *stats->forget_sum += partials[n].forget_sum;
+        free(p->pre_nonfinite);
+    }
+}
+
+/* All T steps of one layer-direction forward (see forward_loop's fields); stats NULL when not recording. threads:
+ * how many to use at most. Returns 0, or -1 when memory for the per-thread reductions ran out (nothing computed). */
+int fastlstm_forward_loop(const float *w_t, float *pre, const float *h0, const float *c0, float *gates, float *cells,
+                          float *hidden, int64_t steps, int64_t batch, int64_t units, int64_t reverse,
+                          int64_t threads, const forward_stats *stats) {
+    const int size = team_size(threads, units);
+    forward_partial partials[MAX_THREADS];
+    if (stats != NULL && forward_partials(partials, size - 1, stats, steps) != 0)
+        return -1;
+    forward_loop loop = {w_t, pre, h0, c0, gates, cells, hidden, steps, batch, units, reverse, stats, partials, {0, 0}};
+    const int parts = run_team(forward_part, &loop, size);
+    if (stats != NULL)
+        merge_forward(stats, partials, parts - 1, size - 1, steps);
+    return 0;
+}
+
+/* ---- backward ---- */
+
+typedef struct {
+    backward_stats view;
+} backward_partial;
+
+typedef struct {
+    const float *w;        /* [4H, H]: W_hh */
+    const float *grad_out; /* [T, B, H]: dL/dh_t from above */
+    const float *grad_hn, *grad_cn, *c0, *gates, *cells;
+    float *grad_gates;        /* [T, B, 4H] */
+    float *dh, *dc, *carry;   /* [B, H], [B, H], [2, B, H]: scratch (dc is read only by the reductions) */
+    float *grad_h0, *grad_c0; /* [B, H] */
+    int64_t steps, batch, units, reverse;
+    const backward_stats *stats;
+    backward_partial *partials;
+    step_barrier barrier;
+} backward_loop;
+
+static void backward_part(void *argument, int part, int parts) {
+    backward_loop *loop = argument;
+    const int64_t batch = loop->batch, units = loop->units, four = 4 * units, state = batch * units;
+    int64_t first, end;
+    units_of(units, part, parts, &first, &end);
+    const backward_stats *stats = loop->stats == NULL || part == 0 ? loop->stats : &loop->partials[part - 1].view;
+    const int64_t own = end - first, steps = loop->steps;
+    const int64_t earliest = loop->reverse ? steps - 1 : 0; /* the step whose c_{t-1} is c0 */
+    const int64_t latest = loop->reverse ? 0 : steps - 1;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t j = first; j < end; j++)
+            loop->dh[b * units + j] = loop->grad_out[latest * state + b * units + j] + loop->grad_hn[b * units + j];
+    const float *carried = loop->grad_cn;
+    for (int64_t k = 0; k < steps; k++) {
+        const int64_t t = loop->reverse ? k : steps - 1 - k;
+        const float *c_prev = t == earliest ? loop->c0 : loop->cells + (loop->reverse ? t + 1 : t - 1) * state;
+        float *carry = loop->carry + (k % 2) * state;
+        float *grad_gates = loop->grad_gates + t * batch * four;
+        if (own > 0)
+            backward_units(loop->dh + first, carried + first, loop->gates + t * batch * four + first,
+                           loop->cells + t * state + first, c_prev + first, loop->dc + first, grad_gates + first,
+                           carry + first, batch, units, own, stats, t);
+        carried = carry;
+        barrier_wait(&loop->barrier, parts); /* every unit's gate gradients of step t are in */
+        if (own == 0)
+            continue;
+        if (k + 1 < steps) {
+            const int64_t next = loop->reverse ? t + 1 : t - 1;
+            product(grad_gates, four, loop->w, units, four, loop->grad_out + next * state, loop->dh, units, batch,
+                    first, end);
+        } else {
+            product(grad_gates, four, loop->w, units, four, NULL, loop->grad_h0, units, batch, first, end);
+            for (int64_t b = 0; b < batch; b++)
+                memcpy(loop->grad_c0 + b * units + first, carried + b * units + first, (size_t)own * sizeof(float));
+        }
+    }
+}
+
+static int backward_partials(backward_partial *partials, int count, int64_t steps) {
+    for (int n = 0; n < count; n++) {
+        void *memory = calloc((size_t)(5 * steps + 1), sizeof(double)); /* 3 int32 and 2 double arrays fit */
+        if (memory == NULL) {
+            while (n-- > 0)
+                free(partials[n].view.hidden_sumsq);
+            return -1;
+        }
+        double *sums = memory;
+        int32_t *flags = (int32_t *)(sums + 2 * steps);
+        partials[n].view = (backward_stats){flags, flags + steps, flags + 2 * steps, sums, sums + steps};
+    }
+    return 0;
+}
+
+static void merge_backward(const backward_stats *stats, backward_partial *partials, int used, int allocated,
+                           int64_t steps) {
+    for (int n = 0; n < allocated; n++) {
+        const backward_stats *p = &partials[n].view;
+        for (int64_t t = 0; t < (n < used ? steps : 0); t++) {
+            stats->hidden_nonfinite[t] |= p->hidden_nonfinite[t];
+            stats->cell_nonfinite[t] |= p->cell_nonfinite[t];
+            stats->gates_nonfinite[t] |= p->gates_nonfinite[t];
+            stats->hidden_sumsq[t] += p->hidden_sumsq[t];
+            stats->cell_sumsq[t] += p->cell_sumsq[t];
+        }
+        free(p->hidden_sumsq);
+    }
+}
+
+/* All T steps of one layer-direction backward (see backward_loop's fields), in the reverse of the forward's order;
+ * stats NULL when not recording. Returns 0, or -1 when memory for the per-thread reductions ran out. */
+int fastlstm_backward_loop(const float *w, const float *grad_out, const float *grad_hn, const float *grad_cn,
+                           const float *c0, const float *gates, const float *cells, float *grad_gates, float *dh,
+                           float *dc, float *carry, float *grad_h0, float *grad_c0, int64_t steps, int64_t batch,
+                           int64_t units, int64_t reverse, int64_t threads, const backward_stats *stats) {
+    const int size = team_size(threads, units);
+    backward_partial partials[MAX_THREADS];
+    if (stats != NULL && backward_partials(partials, size - 1, steps) != 0)
+        return -1;
+    backward_loop loop = {w,     grad_out, grad_hn, grad_cn, c0,    gates,   cells, grad_gates, dh,       dc,
+                          carry, grad_h0,  grad_c0, steps,   batch, units, reverse, stats,      partials, {0, 0}};
+    const int parts = run_team(backward_part, &loop, size);
+    if (stats != NULL)
+        merge_backward(stats, partials, parts - 1, size - 1, steps);
+    return 0;
+}
