@@ -178,8 +178,8 @@ def native_records(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def compiled_step_runs(dtype: torch.dtype, shape: Callable[[], PassShape] | None) -> bool:
-    """Whether every step loop of a recording CPU pass would run the compiled step (fused_step.py: float32, no
-    lengths, no projection), which makes the reference faster than native-recorded there: native-recorded runs
+    """Whether every step loop of a recording CPU pass would run compiled (fused_step.py: float32, no lengths, no
+    projection), which makes the reference faster than native-recorded there: native-recorded runs
     PyTorch's op and then the same products again to rebuild the gates, the reference runs the products once.
     Measured with torch 2.13.0+cpu on a 2-core AMD EPYC machine (AVX-512), two threads, at the CPU targets' four
     shapes (benchmarks/README.md), time over nn.LSTM's, reference with the compiled step against native-recorded:

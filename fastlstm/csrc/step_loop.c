@@ -180,6 +180,10 @@ static int team_size(int64_t threads, int64_t units) {
  * the work by what it was granted) and returns how many there were. */
 static int run_team(void (*body)(void *, int, int), void *loop, int size) {
     int granted = 1;
+    if (size == 1) { /* the calling thread alone: no parallel region to enter */
+        body(loop, 0, 1);
+        return 1;
+    }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(size)
     {
