@@ -196,9 +196,13 @@ def threads():
     torch.set_num_threads(before)
 
 
+# Hidden sizes on either side of step_loop.c's ROW_SPLIT_MAX_WEIGHT_BYTES: 83 units, the threads share the sequences;
+# 190, they share the units, several of the loops' column tiles (16 or 32 units) each, the last one partial.
+SHARES = pytest.mark.parametrize("hidden", [83, 190], ids=["by-sequence", "by-unit"])
+
+
 def _wide_pair(hidden: int):
-    """(float64 nn.LSTM, float32 reference fastlstm.LSTM), bidirectional, input 6: `hidden` units span several of
-    the loops' column tiles (16 or 32 units) and end in a partial one."""
+    """(float64 nn.LSTM, float32 reference fastlstm.LSTM), bidirectional, input 6."""
     ref = nn.LSTM(6, hidden, bidirectional=True, dtype=torch.float64)
     fast = fastlstm.LSTM(6, hidden, bidirectional=True, dtype=torch.float32, backend="reference")
     fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
@@ -206,20 +210,21 @@ def _wide_pair(hidden: int):
 
 
 @needs_library
+@SHARES
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_loops_split_across_threads_match_float64_nn_lstm(fused_calls, threads, count):
+def test_loops_split_across_threads_match_float64_nn_lstm(fused_calls, threads, count, hidden):
     threads(count)
     torch.manual_seed(3)
-    ref, fast = _wide_pair(hidden=83)
+    ref, fast = _wide_pair(hidden)
     assert_float32_parity(ref, fast, torch.randn(6, 7, 6, dtype=torch.float64))  # 7 rows: tiles of 4 and 3
     assert fused_calls.count("forward") == fused_calls.count("backward") == 2
 
 
-def _threaded_and_plain_telemetry(monkeypatch, x):
+def _threaded_and_plain_telemetry(monkeypatch, x, hidden):
     """Snapshots of one training pass of a wide reference module over x: through the compiled loops, then with the
     PyTorch-op loops."""
     torch.manual_seed(4)
-    _, fast = _wide_pair(hidden=83)
+    _, fast = _wide_pair(hidden)
 
     def snapshot():
         out, _ = fast(x)
@@ -233,10 +238,11 @@ def _threaded_and_plain_telemetry(monkeypatch, x):
 
 
 @needs_library
-def test_telemetry_of_threaded_loops_is_the_pytorch_loop_s(fused_calls, threads, monkeypatch):
+@SHARES
+def test_telemetry_of_threaded_loops_is_the_pytorch_loop_s(fused_calls, threads, monkeypatch, hidden):
     threads(3)
     x = torch.randn(6, 7, 6)
-    compiled, plain = _threaded_and_plain_telemetry(monkeypatch, x)
+    compiled, plain = _threaded_and_plain_telemetry(monkeypatch, x, hidden)
     assert fused_calls, "the compiled loops ran"
     for got, want in zip(compiled.layers, plain.layers, strict=True):
         assert got.gate_saturation == pytest.approx(want.gate_saturation, abs=1e-3)
@@ -245,7 +251,7 @@ def test_telemetry_of_threaded_loops_is_the_pytorch_loop_s(fused_calls, threads,
         np.testing.assert_allclose(got.grad_norm_per_step, want.grad_norm_per_step, rtol=1e-5)
         np.testing.assert_allclose(got.cell_grad_norm_per_step, want.cell_grad_norm_per_step, rtol=1e-5)
     x[4, 2, 1] = math.nan  # reaches every unit of every thread at step 4
-    compiled, plain = _threaded_and_plain_telemetry(monkeypatch, x)
+    compiled, plain = _threaded_and_plain_telemetry(monkeypatch, x, hidden)
     assert compiled.first_nonfinite == plain.first_nonfinite
     assert (compiled.first_nonfinite.timestep, compiled.first_nonfinite.stage) == (4, "forward")
 

@@ -1,13 +1,15 @@
 /* The CPU step loops' time loops (fastlstm/reference.py), whole: every step's recurrent product and its pointwise
- * work (fused_step.c), split across threads by hidden unit, one call for all T steps. Built and loaded by
- * fastlstm/fused_step.py, which says when these run.
+ * work (fused_step.c), shared between threads by sequence or by hidden unit (share_of), one call for all T steps.
+ * Built and loaded by fastlstm/fused_step.py, which says when these run.
  *
  * Why a product of its own. Each step multiplies a few rows by the same weight: [B, H] by W_hh^T [H, 4H] forward,
  * [B, 4H] by W_hh [4H, H] backward. Through PyTorch that is one BLAS call per step, a few microseconds of dispatch
  * and a GEMM that handles a short matrix poorly (its threads split the rows, of which there are few), after which
- * the pointwise work runs on one thread. Here each thread owns a slice of the hidden units: per step it computes its
- * units' columns of the product (for all four gates), then their pointwise work, and then waits once for the
- * others, whose h_t (forward) or gate gradients (backward) the next step's product reads in full.
+ * the pointwise work runs on one thread. Here each thread owns some of the sequences, which it runs through every
+ * step on its own, or, when W_hh is too large for each thread to read all of it every step, a slice of the hidden
+ * units: per step it computes its units' columns of the product (for all four gates), then their pointwise work,
+ * and then waits once for the others, whose h_t (forward) or gate gradients (backward) the next step's product reads
+ * in full.
  *
  * The threads are OpenMP's, and so PyTorch's own: its CPU wheels ship libgomp, which a library built with -fopenmp
  * binds to once PyTorch has loaded it (one soname). Threads of our own lost to them: after every parallel PyTorch op
@@ -160,18 +162,41 @@ static void barrier_wait(step_barrier *barrier, int parties) {
         }
 }
 
-/* The hidden units [first, end) of thread `part` of `parts`: whole column tiles, as evenly as they go. */
-static void units_of(int64_t units, int part, int parts, int64_t *first, int64_t *end) {
-    const int64_t tiles = (units + TILE_COLUMNS - 1) / TILE_COLUMNS;
-    const int64_t begin = tiles * part / parts, stop = tiles * (part + 1) / parts;
-    *first = begin * TILE_COLUMNS < units ? begin * TILE_COLUMNS : units;
-    *end = stop * TILE_COLUMNS < units ? stop * TILE_COLUMNS : units;
+/* How a loop is shared. By sequence (rows of the batch): each thread runs its own sequences through every step, with
+ * nothing to wait for, but each reads all of W_hh every step, so only while W_hh stays in its core's cache. By hidden
+ * unit otherwise: each thread reads its slice of W_hh, and the threads wait for each other once a step. */
+typedef struct {
+    int by_rows;
+    int64_t row_first, row_end, unit_first, unit_end;
+} share;
+
+/* W_hh's float32 bytes up to which the loops split by sequence: half a MiB, the L2 of a core on most x86 parts this
+ * runs on (AMD Zen 2 and 3, Intel's client cores; more on newer servers). 256 units and beyond split by unit. */
+#define ROW_SPLIT_MAX_WEIGHT_BYTES (512 * 1024)
+
+static int split_by_rows(int64_t batch, int64_t units) {
+    return batch > 1 && 16 * units * units <= ROW_SPLIT_MAX_WEIGHT_BYTES;
 }
 
-/* Threads to use: no more than asked, than MAX_THREADS, or than there are column tiles to share. */
-static int team_size(int64_t threads, int64_t units) {
+/* Thread `part` of `parts`' share: its sequences, or its units in whole column tiles, as evenly as they go. */
+static share share_of(int64_t batch, int64_t units, int part, int parts) {
+    share mine = {split_by_rows(batch, units), 0, batch, 0, units};
+    if (mine.by_rows) {
+        mine.row_first = batch * part / parts;
+        mine.row_end = batch * (part + 1) / parts;
+        return mine;
+    }
     const int64_t tiles = (units + TILE_COLUMNS - 1) / TILE_COLUMNS;
-    int64_t n = threads < tiles ? threads : tiles;
+    const int64_t begin = tiles * part / parts, stop = tiles * (part + 1) / parts;
+    mine.unit_first = begin * TILE_COLUMNS < units ? begin * TILE_COLUMNS : units;
+    mine.unit_end = stop * TILE_COLUMNS < units ? stop * TILE_COLUMNS : units;
+    return mine;
+}
+
+/* Threads to use: no more than asked, than MAX_THREADS, or than there are sequences or column tiles to share. */
+static int team_size(int64_t threads, int64_t batch, int64_t units) {
+    const int64_t shares = split_by_rows(batch, units) ? batch : (units + TILE_COLUMNS - 1) / TILE_COLUMNS;
+    int64_t n = threads < shares ? threads : shares;
     n = n < MAX_THREADS ? n : MAX_THREADS;
     return n < 1 ? 1 : (int)n;
 }
@@ -219,28 +244,29 @@ static const forward_stats *partial_forward_stats(forward_loop *loop, int part);
 static void forward_part(void *argument, int part, int parts) {
     forward_loop *loop = argument;
     const int64_t batch = loop->batch, units = loop->units, four = 4 * units;
-    int64_t first, end;
-    units_of(units, part, parts, &first, &end);
+    const share mine = share_of(batch, units, part, parts);
+    const int64_t rows = mine.row_end - mine.row_first, first = mine.unit_first, own = mine.unit_end - first;
+    const int64_t gate_row = mine.row_first * four, state_row = mine.row_first * units; /* where its rows start */
     const forward_stats *stats = partial_forward_stats(loop, part);
     for (int64_t k = 0; k < loop->steps; k++) {
         const int64_t t = loop->reverse ? loop->steps - 1 - k : k;
         const int64_t before = loop->reverse ? t + 1 : t - 1;
-        const float *h_prev = k == 0 ? loop->h0 : loop->hidden + before * batch * units;
-        const float *c_prev = k == 0 ? loop->c0 : loop->cells + before * batch * units;
-        float *pre = loop->pre + t * batch * four;
-        if (end > first) {
+        const float *h_prev = (k == 0 ? loop->h0 : loop->hidden + before * batch * units) + state_row;
+        const float *c_prev = (k == 0 ? loop->c0 : loop->cells + before * batch * units) + state_row;
+        float *pre = loop->pre + t * batch * four + gate_row;
+        if (rows > 0 && own > 0) {
             for (int gate = 0; gate < 4; gate++)
-                product(h_prev, units, loop->w_t, four, units, pre, pre, four, batch, gate * units + first,
-                        gate * units + end);
-            forward_units(pre + first, c_prev + first, loop->gates + t * batch * four + first,
-                          loop->cells + t * batch * units + first, loop->hidden + t * batch * units + first, batch,
-                          units, end - first, stats, t);
+                product(h_prev, units, loop->w_t, four, units, pre, pre, four, rows, gate * units + first,
+                        gate * units + mine.unit_end);
+            forward_units(pre + first, c_prev + first, loop->gates + t * batch * four + gate_row + first,
+                          loop->cells + t * batch * units + state_row + first,
+                          loop->hidden + t * batch * units + state_row + first, rows, units, own, stats, t);
         }
-        barrier_wait(&loop->barrier, parts); /* h_t is whole: the next step's product reads all of it */
+        if (!mine.by_rows)
+            barrier_wait(&loop->barrier, parts); /* h_t is whole: the next step's product reads all of it */
     }
 }
 
-/* Per-thread reductions, merged into the caller's after the loop (each thread reduces its own units). */
 struct forward_partial {
     forward_stats view;
     int64_t saturated[4];
@@ -294,7 +320,7 @@ static void merge_forward(const forward_stats *stats, forward_partial *partials,
 int fastlstm_forward_loop(const float *w_t, float *pre, const float *h0, const float *c0, float *gates, float *cells,
                           float *hidden, int64_t steps, int64_t batch, int64_t units, int64_t reverse,
                           int64_t threads, const forward_stats *stats) {
-    const int size = team_size(threads, units);
+    const int size = team_size(threads, batch, units);
     forward_partial partials[MAX_THREADS];
     if (stats != NULL && forward_partials(partials, size - 1, stats, steps) != 0)
         return -1;
@@ -327,37 +353,44 @@ typedef struct {
 static void backward_part(void *argument, int part, int parts) {
     backward_loop *loop = argument;
     const int64_t batch = loop->batch, units = loop->units, four = 4 * units, state = batch * units;
-    int64_t first, end;
-    units_of(units, part, parts, &first, &end);
+    const share mine = share_of(batch, units, part, parts);
+    const int64_t rows = mine.row_end - mine.row_first, first = mine.unit_first, own = mine.unit_end - first;
+    const int64_t gate_row = mine.row_first * four, state_row = mine.row_first * units;
     const backward_stats *stats = loop->stats == NULL || part == 0 ? loop->stats : &loop->partials[part - 1].view;
-    const int64_t own = end - first, steps = loop->steps;
-    const int64_t earliest = loop->reverse ? steps - 1 : 0; /* the step whose c_{t-1} is c0 */
+    const int64_t steps = loop->steps, earliest = loop->reverse ? steps - 1 : 0; /* the step whose c_{t-1} is c0 */
     const int64_t latest = loop->reverse ? 0 : steps - 1;
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t j = first; j < end; j++)
-            loop->dh[b * units + j] = loop->grad_out[latest * state + b * units + j] + loop->grad_hn[b * units + j];
+    float *dh = loop->dh + state_row;
+    for (int64_t b = 0; b < rows; b++)
+        for (int64_t j = first; j < mine.unit_end; j++)
+            dh[b * units + j] = loop->grad_out[latest * state + state_row + b * units + j] +
+                                loop->grad_hn[state_row + b * units + j];
     const float *carried = loop->grad_cn;
     for (int64_t k = 0; k < steps; k++) {
         const int64_t t = loop->reverse ? k : steps - 1 - k;
         const float *c_prev = t == earliest ? loop->c0 : loop->cells + (loop->reverse ? t + 1 : t - 1) * state;
         float *carry = loop->carry + (k % 2) * state;
-        float *grad_gates = loop->grad_gates + t * batch * four;
-        if (own > 0)
-            backward_units(loop->dh + first, carried + first, loop->gates + t * batch * four + first,
-                           loop->cells + t * state + first, c_prev + first, loop->dc + first, grad_gates + first,
-                           carry + first, batch, units, own, stats, t);
+        float *grad_gates = loop->grad_gates + t * batch * four + gate_row;
+        const int work = rows > 0 && own > 0;
+        if (work)
+            backward_units(dh + first, carried + state_row + first, loop->gates + t * batch * four + gate_row + first,
+                           loop->cells + t * state + state_row + first, c_prev + state_row + first,
+                           loop->dc + state_row + first, grad_gates + first, carry + state_row + first, rows, units,
+                           own, stats, t);
         carried = carry;
-        barrier_wait(&loop->barrier, parts); /* every unit's gate gradients of step t are in */
-        if (own == 0)
+        if (!mine.by_rows)
+            barrier_wait(&loop->barrier, parts); /* every unit's gate gradients of step t are in */
+        if (!work)
             continue;
         if (k + 1 < steps) {
             const int64_t next = loop->reverse ? t + 1 : t - 1;
-            product(grad_gates, four, loop->w, units, four, loop->grad_out + next * state, loop->dh, units, batch,
-                    first, end);
+            product(grad_gates, four, loop->w, units, four, loop->grad_out + next * state + state_row, dh, units,
+                    rows, first, mine.unit_end);
         } else {
-            product(grad_gates, four, loop->w, units, four, NULL, loop->grad_h0, units, batch, first, end);
-            for (int64_t b = 0; b < batch; b++)
-                memcpy(loop->grad_c0 + b * units + first, carried + b * units + first, (size_t)own * sizeof(float));
+            product(grad_gates, four, loop->w, units, four, NULL, loop->grad_h0 + state_row, units, rows, first,
+                    mine.unit_end);
+            for (int64_t b = 0; b < rows; b++)
+                memcpy(loop->grad_c0 + state_row + b * units + first, carried + state_row + b * units + first,
+                       (size_t)own * sizeof(float));
         }
     }
 }
@@ -398,7 +431,7 @@ int fastlstm_backward_loop(const float *w, const float *grad_out, const float *g
                            const float *c0, const float *gates, const float *cells, float *grad_gates, float *dh,
                            float *dc, float *carry, float *grad_h0, float *grad_c0, int64_t steps, int64_t batch,
                            int64_t units, int64_t reverse, int64_t threads, const backward_stats *stats) {
-    const int size = team_size(threads, units);
+    const int size = team_size(threads, batch, units);
     backward_partial partials[MAX_THREADS];
     if (stats != NULL && backward_partials(partials, size - 1, steps) != 0)
         return -1;
