@@ -6,11 +6,12 @@ over the step's rows, and the BLAS splits a product of a few rows poorly between
 2.13.0+cpu on a 2-core AMD EPYC machine (AVX-512), two threads, input 32, hidden 128, batch 32, 100 steps, the
 forward loop's pointwise ops took about 150 µs a step and its product 40 µs. The compiled loop runs every step's
 product (its own register-tiled one) and pointwise work, and with telemetry the step's reductions while its rows are
-in cache, split by hidden unit across PyTorch's OpenMP threads (step_loop.c says why those): on a 2-core AMD EPYC
-with AVX2 only, a training pass at that shape took 0.82x the time of the per-step loop around one compiled call for
-the pointwise work (9 alternated rounds in one process, medians of the round ratios; 0.83x at input 64, hidden 256,
-two layers, batch 16, 200 steps; 0.95x at input 8, hidden 64, batch 64, 500 steps; 0.94x at input 128, hidden 512,
-batch 8, 100 steps).
+in cache, shared by sequence or by hidden unit across PyTorch's OpenMP threads (step_loop.c says why those and how):
+on a 2-core AMD EPYC with AVX2 only, a training pass at that shape took 0.71x the time of the per-step loop around
+one compiled call for the pointwise work (9 alternated rounds in one process, medians of the round ratios; 0.83x at
+input 64, hidden 256, two layers, batch 16, 200 steps; 0.59x at input 8, hidden 64, batch 64, 500 steps; 0.96x at
+input 128, hidden 512, batch 8, 100 steps; 0.53-0.59x at batch 1-4; 1.05x at hidden 1024, batch 16, where the
+per-step loop's products ran through oneDNN's reordered weight: benchmarks/README.md, "On a fourth machine").
 
 The C sources are compiled on first use with the machine's C compiler (`cc`, or $CC) into a cache folder
 ($FASTLSTM_CACHE_DIR, else fastlstm/ under $XDG_CACHE_HOME or ~/.cache), named by a hash of the sources, compiler
