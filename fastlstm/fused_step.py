@@ -138,8 +138,19 @@ def library():
     return lib
 
 
-def check(status: int) -> None:
-    """Raise what a loop's status says went wrong (it returns before computing anything)."""
+def run_loop(loop, tensors, steps: int, batch: int, hidden: int, reverse: bool, stats) -> None:
+    """Calls a compiled loop (the library's fastlstm_forward_loop or fastlstm_backward_loop) on the memory of
+    `tensors`, in the order of its C arguments, with torch's thread count and `stats` (ForwardStats, BackwardStats or
+    None); raises MemoryError when it could not allocate its per-thread reductions (it then computed nothing)."""
+    status = loop(
+        *(t.data_ptr() for t in tensors),
+        steps,
+        batch,
+        hidden,
+        reverse,
+        torch.get_num_threads(),
+        None if stats is None else stats.pointer,
+    )
     if status != 0:
         raise MemoryError("fastlstm: the compiled CPU loop could not allocate its per-thread reductions")
 

@@ -207,16 +207,8 @@ def _fused_forward_loop(pre, h, c, w_hh_t, reverse, gates, cells, out, recording
     stats = fused_step.ForwardStats(steps, LOW, HIGH) if recording else None
     w_t = w_hh_t.contiguous()  # [H, 4H] row-major, the layout the loop's product reads
     h, c = h.contiguous(), c.contiguous()
-    status = fused_step.library().fastlstm_forward_loop(
-        *(t.data_ptr() for t in (w_t, pre, h, c, gates, cells, out)),
-        steps,
-        batch,
-        hidden,
-        reverse,
-        torch.get_num_threads(),
-        None if stats is None else stats.pointer,
-    )
-    fused_step.check(status)
+    loop = fused_step.library().fastlstm_forward_loop
+    fused_step.run_loop(loop, (w_t, pre, h, c, gates, cells, out), steps, batch, hidden, reverse, stats)
     last = 0 if reverse else -1
     h, c = out[last], cells[last]
     if stats is None:
@@ -426,18 +418,8 @@ def _fused_backward(grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, w_
     w = w_hh.contiguous()  # [4H, H]
     grad_h0, grad_c0 = torch.empty_like(grad_hn), torch.empty_like(grad_cn)
     dh, dc, carry = torch.empty_like(grad_hn), torch.empty_like(grad_cn), grad_cn.new_empty(2, *grad_cn.shape)
-    status = fused_step.library().fastlstm_backward_loop(
-        *(t.data_ptr() for t in (w, grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, dh, dc, carry)),
-        grad_h0.data_ptr(),
-        grad_c0.data_ptr(),
-        steps,
-        batch,
-        hidden,
-        reverse,
-        torch.get_num_threads(),
-        None if stats is None else stats.pointer,
-    )
-    fused_step.check(status)
+    memory = (w, grad_out, grad_hn, grad_cn, c0, gates, cells, grad_gates, dh, dc, carry, grad_h0, grad_c0)
+    fused_step.run_loop(fused_step.library().fastlstm_backward_loop, memory, steps, batch, hidden, reverse, stats)
     if stats is not None:
         reduced = BackwardReductions(
             stats.hidden_nonfinite.bool(),

@@ -58,10 +58,8 @@ def _forward_step(pre: torch.Tensor, c_prev: torch.Tensor):
     pre = pre.clone()
     gates, cell, hidden = torch.empty_like(pre), torch.empty_like(c_prev), torch.empty_like(c_prev)
     w_t, h_prev = torch.zeros(hidden_size, four_h), torch.zeros(batch, hidden_size)
-    status = fused_step.library().fastlstm_forward_loop(
-        *(t.data_ptr() for t in (w_t, pre, h_prev, c_prev, gates, cell, hidden)), 1, batch, hidden_size, 0, 2, None
-    )
-    assert status == 0
+    loop = fused_step.library().fastlstm_forward_loop
+    fused_step.run_loop(loop, (w_t, pre, h_prev, c_prev, gates, cell, hidden), 1, batch, hidden_size, False, None)
     return gates, cell, hidden
 
 
