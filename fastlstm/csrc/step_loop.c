@@ -171,7 +171,7 @@ typedef struct {
 } share;
 
 /* W_hh's float32 bytes up to which the loops split by sequence: half a MiB, the L2 of a core on most x86 parts this
- * runs on (AMD Zen 2 and 3, Intel's client cores; more on newer servers). 256 units and beyond split by unit. */
+ * runs on (AMD Zen 2 and 3, Intel's client cores; more on newer servers): 181 units or fewer split by sequence. */
 #define ROW_SPLIT_MAX_WEIGHT_BYTES (512 * 1024)
 
 static int split_by_rows(int64_t batch, int64_t units) {
@@ -306,7 +306,8 @@ static void merge_forward(const forward_stats *stats, forward_partial *partials,
         for (int64_t t = 0; t < (n < used ? steps : 0); t++) {
             stats->pre_nonfinite[t] |= p->pre_nonfinite[t];
             stats->cell_nonfinite[t] |= p->cell_nonfinite[t];
-            stats->cell_absmax[t] = p->cell_absmax[t] > stats->cell_absmax[t] ? p->cell_absmax[t] : stats->cell_absmax[t];
+            if (p->cell_absmax[t] > stats->cell_absmax[t])
+                stats->cell_absmax[t] = p->cell_absmax[t];
         }
         for (int k = 0; k < 4; k++)
             stats->saturated[k] += partials[n].saturated[k]; /* 0 for a thread that did not run */
