@@ -181,7 +181,8 @@ void backward_units(const float *restrict dh, const float *restrict grad_c, cons
     }
     if (stats == NULL)
         return;
-    int32_t hidden_bits = largest_bits(dh, batch, stride, units), cell_bits = largest_bits(dc_out, batch, stride, units);
+    const int32_t hidden_bits = largest_bits(dh, batch, stride, units);
+    const int32_t cell_bits = largest_bits(dc_out, batch, stride, units);
     int32_t gate_bits = 0;
     for (int k = 0; k < 4; k++) {
         int32_t bits = largest_bits(grad_gates + k * stride, batch, 4 * stride, units);
