@@ -114,26 +114,60 @@ static void tile_rows(const float *a, int64_t lda, const float *w, int64_t ldw, 
     }
 }
 
-/* out[b, c] = addend[b, c] (0 without one) + sum_k a[b, k] w[k, c] for every row b < batch and column c in
- * [first, end): a [batch, depth] (rows lda apart), w [depth, *] (ldw), addend and out (ldo; they may be the same).
- * Whole tiles of columns, each over the rows in blocks of at most TILE_ROWS (spread evenly: 8 rows are 4 + 4, not
- * 6 + 2), which reuse the tile's weight columns from L1; the columns past the last whole tile one at a time. */
-static void product(const float *a, int64_t lda, const float *w, int64_t ldw, int64_t depth, const float *addend,
-                    float *out, int64_t ldo, int64_t batch, int64_t first, int64_t end) {
-    const int64_t blocks = (batch + TILE_ROWS - 1) / TILE_ROWS;
+/* The weight of a loop's products, [depth, *] row-major (`plain`, rows `ldw` apart), as `blocks` blocks of
+ * `block_width` columns (the forward's four gates; the backward's one), and a copy in which each whole tile of
+ * TILE_COLUMNS columns of a block is contiguous, its `depth` rows one after another. Read from the plain layout a
+ * tile's rows lie `ldw` floats apart, a page or more for 256 units and beyond: every row a TLB entry and the end of
+ * the hardware prefetcher's stream. The copy is made once a loop, and read once a step. */
+typedef struct {
+    const float *plain;
+    float *tiles;
+    int64_t ldw, depth, block_width, tiles_per_block;
+} packed_weight;
+
+static int pack_weight(packed_weight *w, const float *plain, int64_t ldw, int64_t depth, int blocks,
+                       int64_t block_width) {
+    *w = (packed_weight){plain, NULL, ldw, depth, block_width, block_width / TILE_COLUMNS};
+    const size_t tile_floats = (size_t)(depth * TILE_COLUMNS);
+    if (w->tiles_per_block == 0)
+        return 0;
+    w->tiles = malloc((size_t)(blocks * w->tiles_per_block) * tile_floats * sizeof(float));
+    if (w->tiles == NULL)
+        return -1;
+    for (int block = 0; block < blocks; block++)
+        for (int64_t j = 0; j < w->tiles_per_block; j++) {
+            float *tile = w->tiles + (size_t)(block * w->tiles_per_block + j) * tile_floats;
+            const float *source = plain + block * block_width + j * TILE_COLUMNS;
+            for (int64_t k = 0; k < depth; k++)
+                memcpy(tile + k * TILE_COLUMNS, source + k * ldw, TILE_COLUMNS * sizeof(float));
+        }
+    return 0;
+}
+
+/* out[b, c] = addend[b, c] (0 without one) + sum_k a[b, k] w[k, c] for every row b < batch and column c of block
+ * `block` in [first, end) (first a multiple of TILE_COLUMNS): a [batch, depth] (rows lda apart), addend and out (ldo,
+ * pointing at the block's column 0; they may be the same). Whole tiles of columns from the packed copy, each over
+ * the rows in blocks of at most TILE_ROWS (spread evenly: 8 rows are 4 + 4, not 6 + 2), which reuse the tile's
+ * weight from L1; the columns past the last whole tile one at a time from the plain layout. */
+static void product(const float *a, int64_t lda, const packed_weight *w, int block, const float *addend, float *out,
+                    int64_t ldo, int64_t batch, int64_t first, int64_t end) {
+    const int64_t blocks = (batch + TILE_ROWS - 1) / TILE_ROWS, depth = w->depth;
     int64_t c = first;
-    for (; c + TILE_COLUMNS <= end; c += TILE_COLUMNS)
-        for (int64_t block = 0, b = 0; block < blocks; block++) {
-            const int rows = (int)(batch / blocks + (block < batch % blocks));
-            tile_rows(a + b * lda, lda, w + c, ldw, depth, addend ? addend + b * ldo + c : NULL, out + b * ldo + c,
-                      ldo, rows);
+    for (; c + TILE_COLUMNS <= end; c += TILE_COLUMNS) {
+        const float *tile = w->tiles + (block * w->tiles_per_block + c / TILE_COLUMNS) * depth * TILE_COLUMNS;
+        for (int64_t row_block = 0, b = 0; row_block < blocks; row_block++) {
+            const int rows = (int)(batch / blocks + (row_block < batch % blocks));
+            tile_rows(a + b * lda, lda, tile, TILE_COLUMNS, depth, addend ? addend + b * ldo + c : NULL,
+                      out + b * ldo + c, ldo, rows);
             b += rows;
         }
+    }
+    const float *plain = w->plain + block * w->block_width;
     for (; c < end; c++)
         for (int64_t b = 0; b < batch; b++) {
             float sum = addend ? addend[b * ldo + c] : 0.0f;
             for (int64_t k = 0; k < depth; k++)
-                sum += a[b * lda + k] * w[k * ldw + c];
+                sum += a[b * lda + k] * plain[k * w->ldw + c];
             out[b * ldo + c] = sum;
         }
 }
@@ -229,7 +263,7 @@ static int run_team(void (*body)(void *, int, int), void *loop, int size) {
 typedef struct forward_partial forward_partial;
 
 typedef struct {
-    const float *w_t; /* [H, 4H]: W_hh^T with the candidate's columns doubled */
+    packed_weight w_t; /* [H, 4H]: W_hh^T with the candidate's columns doubled, four blocks of H */
     float *pre;       /* [T, B, 4H]: the input projection; each step adds h_{t-1} W_hh^T in place */
     const float *h0, *c0;
     float *gates, *cells, *hidden;
@@ -256,8 +290,8 @@ static void forward_part(void *argument, int part, int parts) {
         float *pre = loop->pre + t * batch * four + gate_row;
         if (rows > 0 && own > 0) {
             for (int gate = 0; gate < 4; gate++)
-                product(h_prev, units, loop->w_t, four, units, pre, pre, four, rows, gate * units + first,
-                        gate * units + mine.unit_end);
+                product(h_prev, units, &loop->w_t, gate, pre + gate * units, pre + gate * units, four, rows, first,
+                        mine.unit_end);
             forward_units(pre + first, c_prev + first, loop->gates + t * batch * four + gate_row + first,
                           loop->cells + t * batch * units + state_row + first,
                           loop->hidden + t * batch * units + state_row + first, rows, units, own, stats, t);
@@ -323,12 +357,18 @@ int fastlstm_forward_loop(const float *w_t, float *pre, const float *h0, const f
                           int64_t threads, const forward_stats *stats) {
     const int size = team_size(threads, batch, units);
     forward_partial partials[MAX_THREADS];
-    if (stats != NULL && forward_partials(partials, size - 1, stats, steps) != 0)
+    packed_weight packed;
+    if (pack_weight(&packed, w_t, 4 * units, units, 4, units) != 0)
         return -1;
-    forward_loop loop = {w_t, pre, h0, c0, gates, cells, hidden, steps, batch, units, reverse, stats, partials, {0, 0}};
+    if (stats != NULL && forward_partials(partials, size - 1, stats, steps) != 0) {
+        free(packed.tiles);
+        return -1;
+    }
+    forward_loop loop = {packed, pre, h0, c0, gates, cells, hidden, steps, batch, units, reverse, stats, partials, {0, 0}};
     const int parts = run_team(forward_part, &loop, size);
     if (stats != NULL)
         merge_forward(stats, partials, parts - 1, size - 1, steps);
+    free(packed.tiles);
     return 0;
 }
 
@@ -339,7 +379,7 @@ typedef struct {
 } backward_partial;
 
 typedef struct {
-    const float *w;        /* [4H, H]: W_hh */
+    packed_weight w;       /* [4H, H]: W_hh, one block of H */
     const float *grad_out; /* [T, B, H]: dL/dh_t from above */
     const float *grad_hn, *grad_cn, *c0, *gates, *cells;
     float *grad_gates;        /* [T, B, 4H] */
@@ -384,11 +424,10 @@ static void backward_part(void *argument, int part, int parts) {
             continue;
         if (k + 1 < steps) {
             const int64_t next = loop->reverse ? t + 1 : t - 1;
-            product(grad_gates, four, loop->w, units, four, loop->grad_out + next * state + state_row, dh, units,
-                    rows, first, mine.unit_end);
-        } else {
-            product(grad_gates, four, loop->w, units, four, NULL, loop->grad_h0 + state_row, units, rows, first,
+            product(grad_gates, four, &loop->w, 0, loop->grad_out + next * state + state_row, dh, units, rows, first,
                     mine.unit_end);
+        } else {
+            product(grad_gates, four, &loop->w, 0, NULL, loop->grad_h0 + state_row, units, rows, first, mine.unit_end);
             for (int64_t b = 0; b < rows; b++)
                 memcpy(loop->grad_c0 + state_row + b * units + first, carried + state_row + b * units + first,
                        (size_t)own * sizeof(float));
@@ -434,12 +473,18 @@ int fastlstm_backward_loop(const float *w, const float *grad_out, const float *g
                            int64_t units, int64_t reverse, int64_t threads, const backward_stats *stats) {
     const int size = team_size(threads, batch, units);
     backward_partial partials[MAX_THREADS];
-    if (stats != NULL && backward_partials(partials, size - 1, steps) != 0)
+    packed_weight packed;
+    if (pack_weight(&packed, w, units, 4 * units, 1, units) != 0)
         return -1;
-    backward_loop loop = {w,     grad_out, grad_hn, grad_cn, c0,    gates,   cells, grad_gates, dh,       dc,
-                          carry, grad_h0,  grad_c0, steps,   batch, units, reverse, stats,      partials, {0, 0}};
+    if (stats != NULL && backward_partials(partials, size - 1, steps) != 0) {
+        free(packed.tiles);
+        return -1;
+    }
+    backward_loop loop = {packed, grad_out, grad_hn, grad_cn, c0,    gates,   cells, grad_gates, dh,       dc,
+                          carry,  grad_h0,  grad_c0, steps,   batch, units, reverse, stats,      partials, {0, 0}};
     const int parts = run_team(backward_part, &loop, size);
     if (stats != NULL)
         merge_backward(stats, partials, parts - 1, size - 1, steps);
+    free(packed.tiles);
     return 0;
 }
