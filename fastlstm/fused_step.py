@@ -10,8 +10,9 @@ in cache, shared by sequence or by hidden unit across PyTorch's OpenMP threads (
 on a 2-core AMD EPYC with AVX2 only, a training pass at that shape took 0.71x the time of the per-step loop around
 one compiled call for the pointwise work (9 alternated rounds in one process, medians of the round ratios; 0.83x at
 input 64, hidden 256, two layers, batch 16, 200 steps; 0.59x at input 8, hidden 64, batch 64, 500 steps; 0.96x at
-input 128, hidden 512, batch 8, 100 steps; 0.53-0.59x at batch 1-4; 1.05x at hidden 1024, batch 16, where the
-per-step loop's products ran through oneDNN's reordered weight: benchmarks/README.md, "On a fourth machine").
+input 128, hidden 512, batch 8, 100 steps, 0.74x with W_hh read tile by tile; 0.53-0.59x at batch 1-4; 0.43x at
+hidden 1024, batch 16, where the per-step loop's products ran through oneDNN's reordered weight: benchmarks/README.md,
+"On a fourth machine").
 
 The C sources are compiled on first use with the machine's C compiler (`cc`, or $CC) into a cache folder
 ($FASTLSTM_CACHE_DIR, else fastlstm/ under $XDG_CACHE_HOME or ~/.cache), named by a hash of the sources, compiler
