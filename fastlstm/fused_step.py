@@ -157,7 +157,7 @@ def run_loop(loop, tensors, steps: int, batch: int, hidden: int, reverse: bool, 
 
 
 def applies(*tensors) -> bool:
-    """Whether the compiled step can take a loop over these tensors: real float32 CPU tensors, contiguous (their
+    """Whether the compiled loops can take a loop over these tensors: real float32 CPU tensors, contiguous (their
     memory is handed to C as it is), and the library built."""
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or is_fake(t):
@@ -178,7 +178,7 @@ class _ForwardStatsStruct(ctypes.Structure):
 
 
 class ForwardStats:
-    """What the compiled steps of a recording forward reduce as they go, for reference_telemetry.record_reduced:
+    """What a recording compiled forward loop reduces as it goes, for reference_telemetry.record_reduced:
     per step whether a pre-activation and whether a cell state is NaN/inf and the largest |c_t|, over all steps the
     saturated gates of each block (below low[k] or above high) and the sum of the forget gate."""
 
@@ -208,7 +208,7 @@ class _BackwardStatsStruct(ctypes.Structure):
 
 
 class BackwardStats:
-    """What the compiled steps of a recording backward reduce as they go, for reference_telemetry.record_backward:
+    """What a recording compiled backward loop reduces as it goes, for reference_telemetry.record_backward:
     per step whether dL/dh_t, dL/dc_t and the gate gradients are NaN/inf, and the squared norms of dL/dh_t and
     dL/dc_t (float64)."""
 

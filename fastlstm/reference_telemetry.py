@@ -53,7 +53,7 @@ def record_forward(probe, xw, pre, gates, cells, out, active, reverse: bool) -> 
 
 class ForwardReductions(NamedTuple):
     """What the forward's telemetry keeps of a launch, from record_forward's reductions or from a loop that reduced
-    as it went (reference.py's compiled steps)."""
+    as it went (reference.py's compiled loops)."""
 
     pre_bad: torch.Tensor  # [T] bool: a counted pre-activation of step t is NaN/inf
     cell_bad: torch.Tensor  # [T] bool: likewise a cell state
@@ -109,7 +109,7 @@ def record_backward(probe, grad_out, grad_hidden, grad_cell, grad_gates, active,
 
 class BackwardReductions(NamedTuple):
     """What the backward's telemetry keeps of a launch, from record_backward's reductions or from a loop that
-    reduced as it went (reference.py's compiled steps)."""
+    reduced as it went (reference.py's compiled loops)."""
 
     hidden_bad: torch.Tensor  # [T] bool: a counted element of dL/dh_t is NaN/inf
     hidden_sumsq: torch.Tensor  # [T] float64: the squared norm of dL/dh_t

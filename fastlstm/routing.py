@@ -14,7 +14,7 @@ records telemetry. Which Triton kernel variant runs is the launcher's choice (ke
 
 backend="auto" pays for fastlstm's own implementations only where they are worth it:
   * a pass that records telemetry runs the kernels on CUDA (in their dtypes); on the CPU the reference where its
-    loops take the compiled step (compiled_step_runs), native-recorded where it applies (native_records), and the
+    loops run compiled (compiled_step_runs), native-recorded where it applies (native_records), and the
     reference elsewhere;
   * a pass that records none (telemetry=False, `telemetry.enabled = False`, an uninstrumented step of a sampling
     Monitor, an inference pass: Telemetry.records) runs natively, as nn.LSTM would, to the bit; except where a
