@@ -142,7 +142,7 @@ def library():
 def run_loop(loop, tensors, steps: int, batch: int, hidden: int, reverse: bool, stats) -> None:
     """Calls a compiled loop (the library's fastlstm_forward_loop or fastlstm_backward_loop) on the memory of
     `tensors`, in the order of its C arguments, with torch's thread count and `stats` (ForwardStats, BackwardStats or
-    None); raises MemoryError when it could not allocate its per-thread reductions (it then computed nothing)."""
+    None); raises MemoryError when it could not allocate its working memory (it then computed nothing)."""
     status = loop(
         *(t.data_ptr() for t in tensors),
         steps,
@@ -153,7 +153,9 @@ def run_loop(loop, tensors, steps: int, batch: int, hidden: int, reverse: bool, 
         None if stats is None else stats.pointer,
     )
     if status != 0:
-        raise MemoryError("fastlstm: the compiled CPU loop could not allocate its per-thread reductions")
+        raise MemoryError(
+            "fastlstm: the compiled CPU loop could not allocate its copy of W_hh or its per-thread reductions"
+        )
 
 
 def applies(*tensors) -> bool:

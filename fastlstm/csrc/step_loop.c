@@ -351,7 +351,8 @@ static void merge_forward(const forward_stats *stats, forward_partial *partials,
 }
 
 /* All T steps of one layer-direction forward (see forward_loop's fields); stats NULL when not recording. threads:
- * how many to use at most. Returns 0, or -1 when memory for the per-thread reductions ran out (nothing computed). */
+ * how many to use at most. Returns 0, or -1 when memory for the weight's tile copy or the per-thread reductions ran
+ * out (nothing computed). */
 int fastlstm_forward_loop(const float *w_t, float *pre, const float *h0, const float *c0, float *gates, float *cells,
                           float *hidden, int64_t steps, int64_t batch, int64_t units, int64_t reverse,
                           int64_t threads, const forward_stats *stats) {
@@ -364,7 +365,8 @@ int fastlstm_forward_loop(const float *w_t, float *pre, const float *h0, const f
         free(packed.tiles);
         return -1;
     }
-    forward_loop loop = {packed, pre, h0, c0, gates, cells, hidden, steps, batch, units, reverse, stats, partials, {0, 0}};
+    forward_loop loop = {packed, pre,   h0,    c0,      gates, cells, hidden,
+                         steps,  batch, units, reverse, stats, partials, {0, 0}};
     const int parts = run_team(forward_part, &loop, size);
     if (stats != NULL)
         merge_forward(stats, partials, parts - 1, size - 1, steps);
@@ -466,7 +468,8 @@ static void merge_backward(const backward_stats *stats, backward_partial *partia
 }
 
 /* All T steps of one layer-direction backward (see backward_loop's fields), in the reverse of the forward's order;
- * stats NULL when not recording. Returns 0, or -1 when memory for the per-thread reductions ran out. */
+ * stats NULL when not recording. Returns 0, or -1 when memory for the weight's tile copy or the per-thread reductions
+ * ran out. */
 int fastlstm_backward_loop(const float *w, const float *grad_out, const float *grad_hn, const float *grad_cn,
                            const float *c0, const float *gates, const float *cells, float *grad_gates, float *dh,
                            float *dc, float *carry, float *grad_h0, float *grad_c0, int64_t steps, int64_t batch,
